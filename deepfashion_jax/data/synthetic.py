@@ -1,0 +1,493 @@
+"""Writes a synthetic DeepFashion folder in the benchmark's exact on-disk format.
+
+DeepFashion cannot be downloaded on the project's machines, so every path of the project
+(parsing, pipeline, training, evaluation, prediction) runs on folders this module writes:
+the real 50 categories, 1,000 attributes in the five types, all seven lists with their
+headers, `Img/img/<Product_Title_Category>/img_XXXXXXXX.jpg` JPEGs whose long side is
+300 px, and an official-style partition.
+
+The data is learnable, and not trivially: a garment's category follows from its silhouette
+(its geometry: sleeves, length, flare, neckline, legs or skirt), never from its colour;
+colours, background, clutter, position and scale are random; the box is the drawn garment's
+exact extent. The texture attributes named in `VISIBLE_TEXTURES` are painted in the
+garment's fill; all other attributes are random, sparse and skewed, with unknowns, as in the
+real lists. `--quirks` adds the real release's hazards for robustness tests.
+
+  python -m deepfashion_jax.data.synthetic --root DIR --num_images N --seed S [--quirks]
+"""
+
+import dataclasses
+import itertools
+import os
+from typing import Optional
+
+from absl import app
+from absl import flags
+import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+
+from deepfashion_jax.data import annotations
+from deepfashion_jax.data import vocabulary
+
+IMAGE_LONG_SIDE = 300
+# Texture attributes drawn into the garment's fill: the first texture attributes written.
+VISIBLE_TEXTURES = ('solid', 'striped', 'dotted', 'plaid', 'diagonal stripe')
+# Official partition sizes of the real release: 209,222 / 40,000 / 40,000.
+PARTITION_FRACTIONS = (209222 / 289222, 40000 / 289222, 40000 / 289222)
+# The real release has no image of these four categories; --quirks does the same.
+EMPTY_CATEGORIES = ('Cape', 'Nightdress', 'Shirtdress', 'Sundress')
+QUIRKS = ('grayscale', 'cmyk', 'truncated', 'png_as_jpg', 'missing')
+
+_ATTRIBUTE_WORDS = (
+    ('abstract', 'animal', 'argyle', 'baroque', 'bird', 'camo', 'check', 'chevron', 'cross',
+     'diamond', 'ditsy', 'dot', 'floral', 'geo', 'graphic', 'grid', 'heart', 'houndstooth',
+     'ikat', 'leaf', 'leopard', 'marble', 'medallion', 'mosaic', 'ombre', 'paisley', 'palm',
+     'print', 'scale', 'snake', 'speckle', 'star', 'stripe', 'swirl', 'tartan', 'tile'),
+    ('cotton', 'denim', 'lace', 'leather', 'linen', 'silk', 'satin', 'chiffon', 'knit', 'wool',
+     'fleece', 'jersey', 'velvet', 'suede', 'mesh', 'tweed', 'crochet', 'corduroy', 'sheer',
+     'chambray', 'faux-fur', 'organza', 'poplin', 'ribbed', 'sequin', 'terry', 'twill'),
+    ('a-line', 'bodycon', 'boxy', 'cropped', 'flared', 'fitted', 'maxi', 'midi', 'mini',
+     'oversized', 'pleated', 'skinny', 'slim', 'straight', 'wide-leg', 'wrap', 'peplum',
+     'shift', 'skater', 'tiered', 'longline', 'draped', 'relaxed', 'tapered'),
+    ('button', 'collar', 'cuff', 'drawstring', 'hem', 'hood', 'pocket', 'sleeve', 'strap',
+     'zipper', 'v-neck', 'crew-neck', 'cowl', 'ruffle', 'fringe', 'belt', 'lace-up', 'cutout',
+     'keyhole', 'off-shoulder', 'racerback', 'split', 'tie-front', 'yoke'),
+    ('boho', 'casual', 'classic', 'chic', 'edgy', 'festival', 'glam', 'grunge', 'minimalist',
+     'preppy', 'retro', 'romantic', 'sporty', 'street', 'vintage', 'western', 'workwear',
+     'party', 'beach', 'lounge', 'office', 'holiday', 'folk', 'utility'),
+)
+_TITLE_WORDS = ('Sheer', 'Pleated-Front', 'Striped', 'Floral', 'Classic', 'Cropped', 'Knit',
+                'Faux_Leather', 'Lace', 'Denim', 'Relaxed', 'Slim', 'Boxy', 'Longline',
+                'Ribbed', 'Crinkled', 'Satin', 'Embroidered', 'Sleek', 'Crochet', 'Boho',
+                'Classic_Fit', 'Marled', 'Drapey', 'Quilted', 'Paisley', 'Woven')
+
+
+def attribute_vocabulary():
+  """1,000 attribute names (many with spaces, as in the real list) and 0-based types."""
+  names, types = [], []
+  for attribute_type, (count, words) in enumerate(
+      zip(vocabulary.ATTRIBUTE_TYPE_COUNTS, _ATTRIBUTE_WORDS)):
+    fixed = VISIBLE_TEXTURES if attribute_type == 0 else ()
+    pairs = (f'{a} {b}' for a, b in itertools.permutations(words, 2))
+    candidates = itertools.chain(fixed, words, pairs)
+    chosen = list(dict.fromkeys(itertools.islice(candidates, count + len(fixed))))[:count]
+    names += chosen
+    types += [attribute_type] * count
+  return names, np.array(types, np.int8)
+
+
+# ----------------------------------------------------------------------------- silhouettes
+
+# A silhouette is a list of polygons in a unit frame (x right, y down), built from a few
+# geometric parameters per category: that geometry is the only signal of the category.
+
+
+def _torso(neck: str, length: float, flare: float):
+  top, hem = 0.12, 0.12 + 0.8 * length
+  half_hem = 0.2 * flare
+  neck_depth = {'round': 0.06, 'v': 0.2, 'high': -0.08, 'hood': -0.12}[neck]
+  points = [(0.3, top), (0.42, top)]
+  if neck == 'hood':
+    points += [(0.38, top - 0.1), (0.5, top - 0.14), (0.62, top - 0.1)]
+  else:
+    points += [(0.5, top + neck_depth)]
+  points += [(0.58, top), (0.7, top), (0.69, top + 0.3), (0.5 + half_hem, hem),
+             (0.5 - half_hem, hem), (0.31, top + 0.3)]
+  return [points]
+
+
+def _sleeves(length: float):
+  if length <= 0:
+    return []
+  reach = 0.45 * length
+  right = [(0.7, 0.12), (0.7 + 0.5 * reach, 0.12 + reach), (0.7 + 0.5 * reach - 0.09,
+                                                            0.12 + reach + 0.04), (0.69, 0.3)]
+  left = [(1.0 - x, y) for x, y in right]
+  return [right, left]
+
+
+def _legs(top: float, length: float, width: float):
+  hem = top + length
+  crotch = top + min(0.2, 0.5 * length)
+  return [[(0.3, top), (0.7, top), (0.72 + width, hem), (0.52, hem), (0.5, crotch),
+           (0.48, hem), (0.28 - width, hem)]]
+
+
+def _skirt(top: float, length: float, flare: float):
+  hem = top + length
+  return [[(0.32, top), (0.68, top), (0.5 + 0.18 * flare, hem), (0.5 - 0.18 * flare, hem)]]
+
+
+def _upper_body(c: int):
+  sleeve = (0.0, 0.3, 0.6, 1.0)[c % 4]
+  length, flare, neck = ((0.6, 1.0, 'round'), (0.85, 1.0, 'v'), (1.0, 1.35, 'round'),
+                         (0.85, 0.85, 'high'), (1.0, 1.0, 'hood'))[c // 4]
+  return _torso(neck, length, flare) + _sleeves(sleeve)
+
+
+def _lower_body(c: int):
+  length = (0.3, 0.5, 0.75, 1.0)[c % 4]
+  if c < 8:
+    return _legs(0.0, length, (0.0, 0.08)[c // 4])
+  return _skirt(0.0, length, (1.1, 1.8)[(c - 8) // 4])
+
+
+def _full_body(c: int):
+  sleeve = (0.0, 0.35, 1.0)[c % 3]
+  lower = c // 3
+  top = _torso('v' if lower % 2 else 'round', 0.45, 0.9) + _sleeves(sleeve)
+  waist = 0.12 + 0.8 * 0.45 - 0.02
+  bottom = (_skirt(waist, 0.3, 1.3), _skirt(waist, 0.7, 1.9), _legs(waist, 0.7, 0.03),
+            _legs(waist, 0.25, 0.05), _skirt(waist, 0.6, 1.0))[lower]
+  return top + bottom
+
+
+def silhouette(category: int):
+  """The polygons of a category's garment, normalised to span [0, 1] on both axes."""
+  garment_type = vocabulary.CATEGORY_TYPES[category]
+  first = vocabulary.CATEGORY_TYPES.index(garment_type)
+  build = (_upper_body, _lower_body, _full_body)[garment_type]
+  polygons = [np.array(p, np.float64) for p in build(category - first)]
+  everything = np.concatenate(polygons)
+  low, high = everything.min(axis=0), everything.max(axis=0)
+  return [(p - low) / (high - low) for p in polygons], (high - low)
+
+
+def _landmark_points(garment_type: int):
+  """Landmarks in the normalised frame: collars, sleeves, waist and hems, by garment type."""
+  upper = [(0.42, 0.0), (0.58, 0.0), (0.15, 0.35), (0.85, 0.35), (0.3, 1.0), (0.7, 1.0)]
+  lower = [(0.3, 0.0), (0.7, 0.0), (0.25, 1.0), (0.75, 1.0)]
+  full = [(0.42, 0.0), (0.58, 0.0), (0.15, 0.25), (0.85, 0.25), (0.35, 0.45), (0.65, 0.45),
+          (0.25, 1.0), (0.75, 1.0)]
+  return np.array((upper, lower, full)[garment_type], np.float64)
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _random_colour(rng):
+  return tuple(int(v) for v in rng.integers(0, 256, 3))
+
+
+def _background(rng, width, height):
+  """A two-colour gradient with noise: no colour or brightness tells the category."""
+  a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+  t = np.linspace(0.0, 1.0, height)[:, None, None]
+  image = (1 - t) * a + t * b + rng.normal(0, 8, (height, 1, 3))
+  image = np.broadcast_to(image, (height, width, 3)) + rng.normal(0, 6, (height, width, 3))
+  return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+
+
+def _draw_clutter(rng, image):
+  draw = ImageDraw.Draw(image)
+  width, height = image.size
+  for _ in range(rng.integers(1, 5)):
+    x0, y0 = rng.integers(0, width), rng.integers(0, height)
+    x1, y1 = x0 + rng.integers(10, width // 2), y0 + rng.integers(10, height // 2)
+    shape = rng.integers(0, 3)
+    if shape == 0:
+      draw.ellipse((x0, y0, x1, y1), fill=_random_colour(rng))
+    elif shape == 1:
+      draw.rectangle((x0, y0, x1, y1), fill=_random_colour(rng))
+    else:
+      draw.line((x0, y0, x1, y1), fill=_random_colour(rng), width=int(rng.integers(2, 8)))
+
+
+def _texture(rng, texture: str, width: int, height: int):
+  """The garment's fill: two random colours in the texture's pattern."""
+  yy, xx = np.mgrid[0:height, 0:width]
+  period = int(rng.integers(7, 15))
+  phase = int(rng.integers(0, period))
+  if texture == 'solid':
+    pattern = np.zeros((height, width), bool)
+  elif texture == 'striped':
+    pattern = (yy + phase) % period < period // 2
+  elif texture == 'dotted':
+    dy, dx = (yy + phase) % period - period / 2, (xx + phase) % period - period / 2
+    pattern = dy * dy + dx * dx < (period / 3.5) ** 2
+  elif texture == 'plaid':
+    pattern = ((yy + phase) % period < period // 3) | ((xx + phase) % period < period // 3)
+  elif texture == 'diagonal stripe':
+    pattern = (xx + yy + phase) % period < period // 2
+  else:
+    raise ValueError(f'no drawing for texture {texture!r}')
+  first, second = np.array(_random_colour(rng)), np.array(_random_colour(rng))
+  while np.abs(first - second).sum() < 120:  # keep the pattern visible
+    second = np.array(_random_colour(rng))
+  fill = np.where(pattern[..., None], second, first).astype(np.uint8)
+  return Image.fromarray(fill)
+
+
+@dataclasses.dataclass
+class DrawnGarment:
+  image: Image.Image
+  bbox: tuple  # x1, y1, x2, y2 pixels; x2, y2 exclusive (one past the last garment pixel)
+  landmarks: np.ndarray  # (k, 3) int: visibility, x, y
+
+
+def draw_image(rng, category: int, texture: str) -> DrawnGarment:
+  """One photo: background, clutter, then the category's silhouette filled with a texture."""
+  short = int(rng.integers(180, IMAGE_LONG_SIDE + 1))
+  width, height = ((short, IMAGE_LONG_SIDE) if rng.random() < 0.7
+                   else (IMAGE_LONG_SIDE, short))
+  image = _background(rng, width, height)
+  _draw_clutter(rng, image)
+
+  polygons, natural_size = silhouette(category)
+  aspect = natural_size[0] / natural_size[1] * rng.uniform(0.9, 1.1)  # width / height
+  fraction = rng.uniform(0.45, 0.9)  # of the image the garment may fill
+  garment_h = min(fraction * height, fraction * width / aspect)
+  garment_w = garment_h * aspect
+  x0 = rng.uniform(0, width - garment_w)
+  y0 = rng.uniform(0, height - garment_h)
+  to_pixels = lambda p: p * (garment_w, garment_h) + (x0, y0)
+
+  mask = Image.new('L', (width, height), 0)
+  mask_draw = ImageDraw.Draw(mask)
+  for polygon in polygons:
+    jitter = rng.uniform(-0.01, 0.01, polygon.shape)
+    mask_draw.polygon([tuple(p) for p in to_pixels(polygon + jitter)], fill=255)
+  image.paste(_texture(rng, texture, width, height), mask=mask)
+  rows, cols = np.nonzero(np.asarray(mask))
+  bbox = (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
+
+  points = np.round(to_pixels(_landmark_points(vocabulary.CATEGORY_TYPES[category])))
+  points = np.clip(points, 0, (width - 1, height - 1)).astype(int)
+  visibility = (rng.random(len(points)) < 0.1).astype(int)  # a few occluded
+  return DrawnGarment(image, bbox, np.column_stack([visibility, points]))
+
+
+# ----------------------------------------------------------------------------- lists
+
+
+@dataclasses.dataclass
+class ListContents:
+  """Everything the seven lists say, as arrays; 0-based labels like `DeepFashionIndex`."""
+  image_paths: list  # 'img/<Product>/img_XXXXXXXX.jpg'
+  category: np.ndarray  # (N,) int
+  attribute_values: np.ndarray  # (N, 1000) int8 in {1, -1, 0}
+  bbox: np.ndarray  # (N, 4) int
+  split: np.ndarray  # (N,) int 0 train, 1 val, 2 test
+  landmarks: Optional[list] = None  # per image a (k, 3) int array: visibility, x, y
+
+
+def _write_list(path: str, column_names: str, rows: list):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(f'{len(rows)}\n{column_names}\n')
+    f.writelines(row + '\n' for row in rows)
+
+
+def _padded(paths, width):
+  return [p.ljust(width) for p in paths]
+
+
+def _write_attr_img(path: str, image_paths, values: np.ndarray, width: int):
+  """Writes list_attr_img.txt as the release does: each value right-aligned in 3 columns.
+
+  Built with NumPy a block of rows at a time: the full-size file is ~870 MB.
+  """
+  tokens = np.frombuffer(b' -1  0  1', np.uint8).reshape(3, 3)  # rows for -1, 0, 1
+  with open(path, 'wb') as f:
+    f.write(f'{len(image_paths)}\nimage_name  attribute_labels\n'.encode())
+    for start in range(0, len(image_paths), 8192):
+      block = values[start:start + 8192]
+      names = np.array(_padded(image_paths[start:start + 8192], width), dtype=f'S{width}')
+      text = np.empty((len(block), width + 3 * values.shape[1] + 1), np.uint8)
+      text[:, :width] = names.view(np.uint8).reshape(len(block), width)
+      text[:, width:-1] = tokens[block.astype(np.int64) + 1].reshape(len(block), -1)
+      text[:, -1] = ord('\n')
+      f.write(text.tobytes())
+
+
+def write_lists(root: str, contents: ListContents, attribute_names, attribute_types):
+  """Writes the seven list files of DEEPFASHION.md, headers and all, under `root`."""
+  anno = os.path.join(root, 'Anno')
+  os.makedirs(anno, exist_ok=True)
+  paths = contents.image_paths
+  width = max(len(p) for p in paths) + 2
+  column = _padded(paths, width)
+  _write_list(os.path.join(anno, 'list_category_cloth.txt'), 'category_name  category_type',
+              [f'{name:<26}{t + 1}' for name, t in
+               zip(vocabulary.CATEGORY_NAMES, vocabulary.CATEGORY_TYPES)])
+  _write_list(os.path.join(anno, 'list_category_img.txt'), 'image_name  category_label',
+              [f'{p}{c + 1}' for p, c in zip(column, contents.category.tolist())])
+  _write_list(os.path.join(anno, 'list_attr_cloth.txt'), 'attribute_name  attribute_type',
+              [f'{name:<44}{t + 1}' for name, t in zip(attribute_names, attribute_types)])
+  _write_attr_img(os.path.join(anno, 'list_attr_img.txt'), paths, contents.attribute_values,
+                  width)
+  _write_list(os.path.join(anno, 'list_bbox.txt'), 'image_name  x_1  y_1  x_2  y_2',
+              [f'{p}{x1:03d} {y1:03d} {x2:03d} {y2:03d}'
+               for p, (x1, y1, x2, y2) in zip(column, contents.bbox.tolist())])
+  split_names = vocabulary.SPLIT_NAMES
+  _write_list(os.path.join(root, 'Eval', 'list_eval_partition.txt'),
+              'image_name  evaluation_status',
+              [f'{p}{split_names[s]}' for p, s in zip(column, contents.split.tolist())])
+  if contents.landmarks is not None:
+    header = 'image_name  clothes_type  ' + '  '.join(
+        f'landmark_visibility_{i}  landmark_location_x_{i}  landmark_location_y_{i}'
+        for i in range(1, vocabulary.MAX_LANDMARKS + 1))
+    rows = [f'{p}{vocabulary.CATEGORY_TYPES[c] + 1}  ' + ' '.join(
+        f'{v} {x:03d} {y:03d}' for v, x, y in points.tolist())
+            for p, c, points in zip(column, contents.category.tolist(), contents.landmarks)]
+    _write_list(os.path.join(anno, 'list_landmarks.txt'), header, rows)
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+def _product_folders(rng, categories: np.ndarray):
+  """Groups images into product folders of 1 to 6 images whose title ends in the category."""
+  folders, used = [], set()
+  start = 0
+  while start < len(categories):
+    size = int(rng.integers(1, 7))
+    category = categories[start]
+    end = start
+    while end < len(categories) and end - start < size and categories[end] == category:
+      end += 1
+    name = vocabulary.CATEGORY_NAMES[category]
+    while True:
+      words = rng.choice(_TITLE_WORDS, size=2, replace=False)
+      title = f'{words[0]}_{words[1]}_{name}'
+      if title not in used:
+        break
+      title = f'{words[0]}_{words[1]}_{rng.integers(2, 99)}_{name}'
+      if title not in used:
+        break
+    used.add(title)
+    folders += [(title, number) for number in range(1, end - start + 1)]
+    start = end
+  return [f'img/{title}/img_{number:08d}.jpg' for title, number in folders]
+
+
+def _partition(rng, n: int) -> np.ndarray:
+  counts = np.round(np.array(PARTITION_FRACTIONS) * n).astype(int)
+  counts[0] = n - counts[1:].sum()
+  return rng.permutation(np.repeat(np.arange(3), counts)).astype(np.int8)
+
+
+def _attributes(rng, texture_index: int, num_attributes: int, popularity: np.ndarray,
+                visible: np.ndarray) -> np.ndarray:
+  """One image's values: its visible texture positive, sparse skewed positives, unknowns."""
+  values = np.full(num_attributes, -1, np.int8)
+  hidden = np.flatnonzero(~visible)
+  weights = popularity[hidden] / popularity[hidden].sum()
+  count = min(int(rng.poisson(2.5)), 12)
+  values[rng.choice(hidden, size=count, replace=False, p=weights)] = 1
+  unknown = rng.choice(hidden, size=int(rng.poisson(4)), replace=False)
+  values[unknown[values[unknown] == -1]] = 0
+  values[texture_index] = 1
+  return values
+
+
+def write_synthetic_deepfashion(root: str, num_images: int, seed: int = 0,
+                                quirks: bool = False) -> dict:
+  """Writes a complete synthetic DeepFashion folder under `root`; returns a summary.
+
+  With `quirks`, also: the four categories of the real release without images get none;
+  one grayscale, one CMYK and one truncated JPEG, one PNG saved as `.jpg`, one listed image
+  whose file is missing, and one of the release's known-unreadable images (a file of
+  garbage, listed as the real one is). The summary's 'quirks' maps each to its list path.
+  """
+  rng = np.random.default_rng(seed)
+  attribute_names, attribute_types = attribute_vocabulary()
+  names = list(vocabulary.CATEGORY_NAMES)
+  allowed = [c for c in range(vocabulary.NUM_CATEGORIES)
+             if not (quirks and names[c] in EMPTY_CATEGORIES)]
+  categories = np.sort(rng.permutation(np.resize(allowed, num_images)), kind='stable')
+  image_paths = _product_folders(rng, categories)
+  textures = rng.integers(0, len(VISIBLE_TEXTURES), num_images)
+  visible = np.zeros(len(attribute_names), bool)
+  visible[:len(VISIBLE_TEXTURES)] = True
+  popularity = 1.0 / (rng.permutation(len(attribute_names)) + 5.0)
+
+  image_dir = os.path.join(root, 'Img')
+  bboxes, landmarks, values = [], [], []
+  image_seeds = np.random.SeedSequence(seed).spawn(num_images)
+  for path, category, texture, image_seed in zip(image_paths, categories, textures,
+                                                 image_seeds):
+    image_rng = np.random.default_rng(image_seed)
+    drawn = draw_image(image_rng, int(category), VISIBLE_TEXTURES[texture])
+    file_path = os.path.join(image_dir, path)
+    os.makedirs(os.path.dirname(file_path), exist_ok=True)
+    drawn.image.save(file_path, format='JPEG', quality=90)
+    bboxes.append(drawn.bbox)
+    landmarks.append(drawn.landmarks)
+    values.append(_attributes(image_rng, int(texture), len(attribute_names), popularity,
+                              visible))
+
+  contents = ListContents(image_paths=image_paths, category=categories,
+                          attribute_values=np.stack(values), bbox=np.array(bboxes),
+                          split=_partition(rng, num_images), landmarks=landmarks)
+  quirk_paths = _add_quirks(rng, root, contents) if quirks else {}
+  write_lists(root, contents, attribute_names, attribute_types)
+  return dict(root=os.path.abspath(root), num_images=len(contents.image_paths),
+              num_categories_with_images=len(np.unique(contents.category)),
+              split_sizes={name: int(np.sum(contents.split == i))
+                           for i, name in enumerate(vocabulary.SPLIT_NAMES)},
+              quirks=quirk_paths)
+
+
+def _add_quirks(rng, root: str, contents: ListContents) -> dict:
+  """Damages five written images in place and lists one known-unreadable image."""
+  chosen = rng.choice(len(contents.image_paths), size=len(QUIRKS), replace=False)
+  quirk_paths = {}
+  for quirk, i in zip(QUIRKS, chosen.tolist()):
+    path = contents.image_paths[i]
+    file_path = os.path.join(root, 'Img', path)
+    quirk_paths[quirk] = path
+    if quirk == 'missing':
+      os.remove(file_path)
+      continue
+    with Image.open(file_path) as image:
+      image.load()
+    if quirk == 'grayscale':
+      image.convert('L').save(file_path, format='JPEG', quality=90)
+    elif quirk == 'cmyk':
+      image.convert('CMYK').save(file_path, format='JPEG', quality=90)
+    elif quirk == 'png_as_jpg':
+      image.save(file_path, format='PNG')
+    elif quirk == 'truncated':
+      with open(file_path, 'rb') as f:
+        data = f.read()
+      with open(file_path, 'wb') as f:
+        f.write(data[:len(data) * 2 // 5])
+  # A known-unreadable image of the real release, listed like any other Skirt.
+  path = vocabulary.KNOWN_UNREADABLE_IMAGES[0]
+  file_path = os.path.join(root, 'Img', path)
+  os.makedirs(os.path.dirname(file_path), exist_ok=True)
+  with open(file_path, 'wb') as f:
+    f.write(b'\xff\xd8\xff\xe0 this is not a JPEG')
+  skirt = vocabulary.CATEGORY_NAMES.index('Skirt')
+  contents.image_paths.append(path)
+  contents.category = np.append(contents.category, skirt)
+  contents.attribute_values = np.concatenate(
+      [contents.attribute_values, contents.attribute_values[:1]])
+  contents.bbox = np.concatenate([contents.bbox, [[10, 10, 100, 200]]])
+  contents.split = np.append(contents.split, np.int8(0))
+  contents.landmarks.append(np.array([[0, 20, 20], [0, 90, 20], [0, 20, 190], [0, 90, 190]]))
+  quirk_paths['known_unreadable'] = path
+  return quirk_paths
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('root', None, 'Folder to write the synthetic DeepFashion into.')
+flags.DEFINE_integer('num_images', 1000, 'Number of images.')
+flags.DEFINE_integer('seed', 0, 'Seed: the same seed writes the same folder.')
+flags.DEFINE_bool('quirks', False, 'Add the real release\'s hazards (bad files, empty classes).')
+
+
+def main(argv):
+  del argv
+  if not FLAGS.root:
+    raise app.UsageError('--root is required')
+  summary = write_synthetic_deepfashion(FLAGS.root, FLAGS.num_images, FLAGS.seed, FLAGS.quirks)
+  print(annotations.read_deepfashion(FLAGS.root).summary())
+  if summary['quirks']:
+    print('quirks: ' + ', '.join(f'{k} {v}' for k, v in summary['quirks'].items()))
+
+
+if __name__ == '__main__':
+  app.run(main)
