@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tempfile
+import zipfile
 from typing import Optional
 
 from absl import logging
@@ -231,6 +232,12 @@ def _read_category_img(root: str, num_categories: int):
   paths = np.array([row[0] for row in table.rows])
   labels = _int_column(table, [row[1] for row in table.rows], 'category label', 1,
                        num_categories) - 1
+  if len(np.unique(paths)) != len(paths):
+    seen = set()
+    for i, p in enumerate(paths.tolist()):
+      if p in seen:
+        raise AnnotationError(f'{table.where(i)}: image {p} is listed twice')
+      seen.add(p)
   return table, paths, labels
 
 
@@ -271,19 +278,22 @@ def _read_landmarks(root: str):
   garment_type = _int_column(table, [row[1] for row in table.rows], 'clothes type', 1, 3) - 1
   visibility = np.full((n, vocabulary.MAX_LANDMARKS), -1, np.int8)
   xy = np.zeros((n, vocabulary.MAX_LANDMARKS, 2), np.int16)
-  for i, row in enumerate(table.rows):
-    values = row[lead:]
-    if len(values) % 3:
-      raise AnnotationError(f'{table.where(i)}: expected (visibility, x, y) triples after '
-                            f'the clothes type, found {len(values)} values')
-    try:
-      triples = np.array(values, dtype=np.int32).reshape(-1, 3)
-    except ValueError:
-      raise AnnotationError(f'{table.where(i)}: landmark values must be integers') from None
-    if not np.isin(triples[:, 0], (0, 1, 2)).all():
-      raise AnnotationError(f'{table.where(i)}: landmark visibility must be 0, 1 or 2')
-    visibility[i, :len(triples)] = triples[:, 0]
-    xy[i, :len(triples)] = triples[:, 1:]
+  widths = np.array([len(row) for row in table.rows]) - lead
+  odd = np.flatnonzero(widths % 3)
+  if len(odd):
+    raise AnnotationError(f'{table.where(odd[0])}: expected (visibility, x, y) triples after '
+                          f'the clothes type, found {widths[odd[0]]} values')
+  for width in np.unique(widths).tolist():  # rows of one width convert as one array
+    rows = np.flatnonzero(widths == width)
+    subtable = dataclasses.replace(table, line_numbers=[table.line_numbers[i] for i in rows],
+                                   rows=[table.rows[i] for i in rows])
+    triples = _int_matrix(subtable, slice(lead, None), 'landmark values').reshape(
+        len(rows), -1, 3)
+    bad = np.flatnonzero(~np.isin(triples[:, :, 0], (0, 1, 2)).all(axis=1))
+    if len(bad):
+      raise AnnotationError(f'{subtable.where(bad[0])}: landmark visibility must be 0, 1 or 2')
+    visibility[rows, :width // 3] = triples[:, :, 0]
+    xy[rows, :width // 3] = triples[:, :, 1:]
   return table, garment_type.astype(np.int8), visibility, xy
 
 
@@ -383,29 +393,29 @@ def _read_attr_img(root: str, num_attributes: int):
 # ----------------------------------------------------------------------------- joining
 
 
-def _align(master: np.ndarray, paths: np.ndarray, file_name: str, master_name: str,
+def _align(master: _Table, master_paths: np.ndarray, paths: np.ndarray, file_name: str,
            line_numbers=None) -> Optional[np.ndarray]:
   """Row order that maps a list onto the master list; None when it already matches.
 
   Every image must appear exactly once in both lists: an image in one list and not in the
-  other is an error that names both files.
+  other is an error that names the file and line where it is listed.
   """
-  if len(master) == len(paths) and np.array_equal(master, paths):
+  if len(master_paths) == len(paths) and np.array_equal(master_paths, paths):
     return None
   where = lambda i: f'line {line_numbers[i]}' if line_numbers else f'row {i + 1}'
-  position = {}
+  position = {p: i for i, p in enumerate(master_paths.tolist())}
+  order = np.full(len(master_paths), -1, np.int64)
   for i, p in enumerate(paths.tolist()):
-    if p in position:
+    j = position.get(p)
+    if j is None:
+      raise AnnotationError(f'{file_name}, {where(i)}: image {p} is absent from {master.path}')
+    if order[j] >= 0:
       raise AnnotationError(f'{file_name}, {where(i)}: image {p} is listed twice')
-    position[p] = i
-  order = np.empty(len(master), np.int64)
-  for i, p in enumerate(master.tolist()):
-    if p not in position:
-      raise AnnotationError(f'{master_name}, row {i + 1}: image {p} is absent from {file_name}')
-    order[i] = position.pop(p)
-  if position:
-    p, i = next(iter(position.items()))
-    raise AnnotationError(f'{file_name}, {where(i)}: image {p} is absent from {master_name}')
+    order[j] = i
+  missing = np.flatnonzero(order < 0)
+  if len(missing):
+    j = missing[0]
+    raise AnnotationError(f'{master.where(j)}: image {master_paths[j]} is absent from {file_name}')
   return order
 
 
@@ -427,8 +437,7 @@ def read_deepfashion(root: str) -> DeepFashionIndex:
                 attribute_types=attribute_types)
 
   def join(file_name, other_paths, line_numbers=None):
-    return _align(paths, other_paths, os.path.join(root, file_name),
-                  os.path.join(root, CATEGORY_IMG), line_numbers)
+    return _align(master, paths, other_paths, os.path.join(root, file_name), line_numbers)
 
   attr_paths, positive, unknown = _read_attr_img(root, len(attribute_names))
   order = join(ATTR_IMG, attr_paths)
@@ -581,7 +590,7 @@ def load_deepfashion(root: str, cache_dir: Optional[str] = None,
       index = _load_cache(path)
       logging.info('Loaded the DeepFashion index from the cache %s', path)
       return with_split(index, split)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
       logging.warning('Could not read the annotation cache %s (%s); parsing the lists again',
                       path, e)
   index = read_deepfashion(root)

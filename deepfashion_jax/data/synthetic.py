@@ -120,7 +120,7 @@ def _skirt(top: float, length: float, flare: float):
 
 
 def _upper_body(c: int):
-  sleeve = (0.0, 0.3, 0.6, 1.0)[c % 4]
+  sleeve = (0.0, 0.4, 0.7, 1.0)[c % 4]
   length, flare, neck = ((0.6, 1.0, 'round'), (0.85, 1.0, 'v'), (1.0, 1.35, 'round'),
                          (0.85, 0.85, 'high'), (1.0, 1.0, 'hood'))[c // 4]
   return _torso(neck, length, flare) + _sleeves(sleeve)
@@ -134,7 +134,7 @@ def _lower_body(c: int):
 
 
 def _full_body(c: int):
-  sleeve = (0.0, 0.35, 1.0)[c % 3]
+  sleeve = (0.0, 0.5, 1.0)[c % 3]
   lower = c // 3
   top = _torso('v' if lower % 2 else 'round', 0.45, 0.9) + _sleeves(sleeve)
   waist = 0.12 + 0.8 * 0.45 - 0.02

@@ -1,0 +1,173 @@
+"""The synthetic writer: format checked independently of the writer and the reader."""
+
+import filecmp
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from deepfashion_jax.data import annotations
+from deepfashion_jax.data import synthetic
+from deepfashion_jax.data import vocabulary
+
+
+def _rows(root, name):
+  """A list file's header count, column names and rows, split the plainest way."""
+  with open(os.path.join(root, name)) as f:
+    lines = f.read().splitlines()
+  return int(lines[0]), lines[1].split(), [line.split() for line in lines[2:]]
+
+
+def test_format_checked_independently(synthetic_folder):
+  root, summary = synthetic_folder
+  n = summary['num_images']
+  count, columns, rows = _rows(root, 'Anno/list_category_cloth.txt')
+  assert (count, columns) == (50, ['category_name', 'category_type'])
+  assert [r[0] for r in rows] == list(vocabulary.CATEGORY_NAMES)
+  assert [int(r[1]) for r in rows] == [t + 1 for t in vocabulary.CATEGORY_TYPES]
+
+  count, columns, rows = _rows(root, 'Anno/list_attr_cloth.txt')
+  assert (count, len(rows), columns) == (1000, 1000, ['attribute_name', 'attribute_type'])
+  types = [int(r[-1]) for r in rows]
+  assert [types.count(t) for t in range(1, 6)] == list(vocabulary.ATTRIBUTE_TYPE_COUNTS)
+  assert len({' '.join(r[:-1]) for r in rows}) == 1000
+
+  expected_columns = {'Anno/list_category_img.txt': 2, 'Anno/list_bbox.txt': 5,
+                      'Anno/list_attr_img.txt': 1001, 'Eval/list_eval_partition.txt': 2}
+  first_columns = {}
+  for name, width in expected_columns.items():
+    count, _, rows = _rows(root, name)
+    assert count == len(rows) == n, name
+    assert all(len(r) == width for r in rows), name
+    first_columns[name] = [r[0] for r in rows]
+  assert len({tuple(v) for v in first_columns.values()}) == 1  # same images, same order
+  paths = first_columns['Anno/list_bbox.txt']
+
+  _, _, rows = _rows(root, 'Anno/list_category_img.txt')
+  labels = [int(r[1]) for r in rows]
+  assert set(labels) == set(range(1, 51))  # every category has images
+  for path, label in zip(paths, labels):  # img/<Product_Title_Category>/img_XXXXXXXX.jpg
+    prefix, folder, file_name = path.split('/')
+    assert prefix == 'img' and folder.split('_')[-1] == vocabulary.CATEGORY_NAMES[label - 1]
+    assert len(file_name) == len('img_00000001.jpg') and file_name.startswith('img_')
+
+  _, _, rows = _rows(root, 'Anno/list_attr_img.txt')
+  values = np.array([r[1:] for r in rows], int)
+  assert set(np.unique(values)) == {-1, 0, 1}
+  assert 1 <= (values == 1).sum(axis=1).mean() <= 8  # sparse positives
+
+  _, _, rows = _rows(root, 'Eval/list_eval_partition.txt')
+  splits = [r[1] for r in rows]
+  assert set(splits) == {'train', 'val', 'test'}
+  assert abs(splits.count('train') / n - 0.72) < 0.03
+
+  _, _, rows = _rows(root, 'Anno/list_bbox.txt')
+  for path, row in zip(paths, rows):
+    x1, y1, x2, y2 = map(int, row[1:])
+    with Image.open(os.path.join(root, 'Img', path)) as image:
+      assert image.format == 'JPEG' and image.mode == 'RGB'
+      width, height = image.size
+    assert max(width, height) == 300
+    assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height, path
+
+  count, columns, rows = _rows(root, 'Anno/list_landmarks.txt')
+  assert count == n and columns[:2] == ['image_name', 'clothes_type']
+  for label, row in zip(labels, rows):
+    garment_type = int(row[1])
+    assert garment_type == vocabulary.CATEGORY_TYPES[label - 1] + 1
+    triples = np.array(row[2:], int).reshape(-1, 3)
+    assert len(triples) == vocabulary.LANDMARKS_PER_GARMENT_TYPE[garment_type - 1]
+    assert set(triples[:, 0]) <= {0, 1, 2}
+
+
+def test_reader_reads_the_writer(synthetic_folder):
+  root, summary = synthetic_folder
+  index = annotations.read_deepfashion(root)
+  assert len(index) == summary['num_images']
+  assert {name: len(index.split_indices(name)) for name in vocabulary.SPLIT_NAMES} == \
+      summary['split_sizes']
+  # The visible texture is always one positive among the first few texture attributes.
+  visible = index.attribute_positive[:, :len(synthetic.VISIBLE_TEXTURES)]
+  np.testing.assert_array_equal(visible.sum(axis=1), 1)
+  assert index.attribute_unknown.any()
+
+
+def test_the_same_seed_writes_the_same_folder(tmp_path):
+  first, second, other = (str(tmp_path / name) for name in ('a', 'b', 'c'))
+  synthetic.write_synthetic_deepfashion(first, num_images=12, seed=3)
+  synthetic.write_synthetic_deepfashion(second, num_images=12, seed=3)
+  synthetic.write_synthetic_deepfashion(other, num_images=12, seed=4)
+  comparison = filecmp.dircmp(first, second)
+  for name in ('Anno/list_attr_img.txt', 'Anno/list_bbox.txt', 'Eval/list_eval_partition.txt'):
+    assert filecmp.cmp(os.path.join(first, name), os.path.join(second, name), shallow=False)
+    assert not filecmp.cmp(os.path.join(first, name), os.path.join(other, name), shallow=False)
+  for path in annotations.read_deepfashion(first).image_paths:
+    assert filecmp.cmp(os.path.join(first, 'Img', path), os.path.join(second, 'Img', path),
+                       shallow=False)
+  assert not comparison.left_only and not comparison.right_only
+
+
+def _silhouette_mask(category, size=48):
+  """The category's garment at its natural aspect ratio, as drawn before random jitter."""
+  from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
+  polygons, natural_size = synthetic.silhouette(category)
+  mask = Image.new('L', (size, size), 0)
+  draw = ImageDraw.Draw(mask)
+  for polygon in polygons:
+    draw.polygon([tuple(p) for p in polygon * natural_size / natural_size.max() * (size - 1)],
+                 fill=1)
+  return np.asarray(mask, bool)
+
+
+def test_every_category_has_its_own_silhouette():
+  """No two garments overlap by more than 96% (the closest pair differs by its sleeves)."""
+  masks = [_silhouette_mask(c) for c in range(vocabulary.NUM_CATEGORIES)]
+  for a in range(len(masks)):
+    for b in range(a + 1, len(masks)):
+      iou = (masks[a] & masks[b]).sum() / (masks[a] | masks[b]).sum()
+      assert iou < 0.96, (vocabulary.CATEGORY_NAMES[a], vocabulary.CATEGORY_NAMES[b], iou)
+
+
+def _between_category_spread(colours, category):
+  means = np.array([colours[category == c].mean(axis=0) for c in np.unique(category)])
+  return means.var(axis=0).sum()
+
+
+def test_colour_does_not_tell_the_category(synthetic_folder):
+  """Garment colours spread between categories no more than under shuffled labels."""
+  root, _ = synthetic_folder
+  index = annotations.read_deepfashion(root)
+  colours = []
+  for path, (x1, y1, x2, y2) in zip(index.image_paths, index.bbox):
+    with Image.open(os.path.join(root, 'Img', path)) as image:
+      pixels = np.asarray(image.convert('RGB'))[y1:y2, x1:x2]
+    colours.append(pixels.reshape(-1, 3).mean(axis=0))
+  colours = np.array(colours)
+  observed = _between_category_spread(colours, index.category)
+  rng = np.random.default_rng(0)
+  shuffled = [_between_category_spread(colours, rng.permutation(index.category))
+              for _ in range(200)]
+  assert observed < np.quantile(shuffled, 0.99)
+
+
+def test_quirks(quirky_folder):
+  root, summary = quirky_folder
+  quirks = summary['quirks']
+  assert set(quirks) == set(synthetic.QUIRKS) | {'known_unreadable'}
+  image = lambda name: os.path.join(root, 'Img', quirks[name])
+  with Image.open(image('grayscale')) as im:
+    assert (im.format, im.mode) == ('JPEG', 'L')
+  with Image.open(image('cmyk')) as im:
+    assert (im.format, im.mode) == ('JPEG', 'CMYK')
+  with Image.open(image('png_as_jpg')) as im:
+    assert im.format == 'PNG' and quirks['png_as_jpg'].endswith('.jpg')
+  with pytest.raises(OSError):
+    with Image.open(image('truncated')) as im:
+      im.load()
+  assert not os.path.exists(image('missing'))
+  index = annotations.read_deepfashion(root)
+  assert quirks['missing'] in index.image_paths.tolist()  # listed, though absent
+  present = {index.category_names[c] for c in np.unique(index.category)}
+  assert present.isdisjoint(synthetic.EMPTY_CATEGORIES)
+  assert len(present) == 46
