@@ -150,7 +150,7 @@ def _replace_token(position, value):
     (annotations.BBOX, 5, lambda line: ' '.join(line.split()[:-1]),
      'list_bbox.txt, line 5: expected 5 columns, found 4'),
     (annotations.ATTR_IMG, 7, _replace_token(10, '2'),
-     'list_attr_img.txt, line 7: expected values 1, -1 or 0'),
+     'list_attr_img.txt, line 7: expected values 1, -1 or 0 separated by blanks, found \'2\''),
     (annotations.ATTR_IMG, 4, lambda line: line.rsplit(' ', 1)[0],
      'list_attr_img.txt, line 4: expected the image path and 1000 values, found 999'),
     (annotations.ATTR_IMG, 9, _replace_token(3, '-0'),
