@@ -1,0 +1,135 @@
+"""ResNet-18/34/50/101/152, layer for layer torchvision's architecture, in Flax NNX (NHWC).
+
+Names follow torchvision's state-dict keys (`conv1`, `bn1`, `layer1[0].conv1`,
+`layer2[0].downsample_conv`, ...) so that torchvision and baseline weights map one to one
+(see `convert_torch.py`). Padding is explicit, as in PyTorch: 'SAME' would pad stride-2
+convolutions asymmetrically and shift every feature map by half a pixel.
+
+Activations run in `dtype` (float32, bfloat16 or float16); parameters and batch-norm
+statistics stay float32.
+"""
+
+import dataclasses
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+# torchvision's initialisation: He normal over fan-out for convolutions.
+_conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  block: str  # 'basic' (two 3x3 convolutions) or 'bottleneck' (1x1, 3x3, 1x1)
+  blocks_per_stage: tuple
+
+
+ARCHITECTURES = {
+    18: Architecture('basic', (2, 2, 2, 2)),
+    34: Architecture('basic', (3, 4, 6, 3)),
+    50: Architecture('bottleneck', (3, 4, 6, 3)),
+    101: Architecture('bottleneck', (3, 4, 23, 3)),
+    152: Architecture('bottleneck', (3, 8, 36, 3)),
+}
+STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4')
+
+
+def conv(in_features, out_features, kernel, stride, dtype, rngs):
+  """A bias-free convolution padded like PyTorch's (kernel // 2 on every side)."""
+  pad = kernel // 2
+  return nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
+                  padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+                  param_dtype=jnp.float32, kernel_init=_conv_init, rngs=rngs)
+
+
+def batch_norm(features, dtype, rngs):
+  # PyTorch's momentum 0.1 is Flax's 0.9 (the weight of the running value).
+  return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                       param_dtype=jnp.float32, rngs=rngs)
+
+
+class BasicBlock(nnx.Module):
+  expansion = 1
+
+  def __init__(self, in_features, planes, stride, dtype, rngs):
+    self.conv1 = conv(in_features, planes, 3, stride, dtype, rngs)
+    self.bn1 = batch_norm(planes, dtype, rngs)
+    self.conv2 = conv(planes, planes, 3, 1, dtype, rngs)
+    self.bn2 = batch_norm(planes, dtype, rngs)
+    self.downsample_conv, self.downsample_bn = _downsample(
+        in_features, planes * self.expansion, stride, dtype, rngs)
+
+  def __call__(self, x):
+    y = jax.nn.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    return jax.nn.relu(y + _shortcut(self, x))
+
+
+class Bottleneck(nnx.Module):
+  """torchvision's ResNet v1.5 bottleneck: the stride sits on the 3x3 convolution."""
+  expansion = 4
+
+  def __init__(self, in_features, planes, stride, dtype, rngs):
+    self.conv1 = conv(in_features, planes, 1, 1, dtype, rngs)
+    self.bn1 = batch_norm(planes, dtype, rngs)
+    self.conv2 = conv(planes, planes, 3, stride, dtype, rngs)
+    self.bn2 = batch_norm(planes, dtype, rngs)
+    self.conv3 = conv(planes, planes * self.expansion, 1, 1, dtype, rngs)
+    self.bn3 = batch_norm(planes * self.expansion, dtype, rngs)
+    self.downsample_conv, self.downsample_bn = _downsample(
+        in_features, planes * self.expansion, stride, dtype, rngs)
+
+  def __call__(self, x):
+    y = jax.nn.relu(self.bn1(self.conv1(x)))
+    y = jax.nn.relu(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    return jax.nn.relu(y + _shortcut(self, x))
+
+
+def _downsample(in_features, out_features, stride, dtype, rngs):
+  """torchvision's `downsample` (1x1 conv + BN) where the shape changes, else (None, None)."""
+  if stride == 1 and in_features == out_features:
+    return None, None
+  return (conv(in_features, out_features, 1, stride, dtype, rngs),
+          batch_norm(out_features, dtype, rngs))
+
+
+def _shortcut(block, x):
+  if block.downsample_conv is None:
+    return x
+  return block.downsample_bn(block.downsample_conv(x))
+
+
+class ResNet(nnx.Module):
+  """The backbone without avgpool and fc; returns every stage's output by name."""
+
+  def __init__(self, depth: int, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    if depth not in ARCHITECTURES:
+      raise ValueError(f'ResNet depth must be one of {sorted(ARCHITECTURES)}, got {depth}')
+    architecture = ARCHITECTURES[depth]
+    block = BasicBlock if architecture.block == 'basic' else Bottleneck
+    self.depth = depth
+    self.conv1 = conv(3, 64, 7, 2, dtype, rngs)
+    self.bn1 = batch_norm(64, dtype, rngs)
+    in_features = 64
+    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512),
+                                                 architecture.blocks_per_stage)):
+      layer = []
+      for i in range(blocks):
+        stride = 2 if stage > 0 and i == 0 else 1
+        layer.append(block(in_features, planes, stride, dtype, rngs))
+        in_features = planes * block.expansion
+      setattr(self, f'layer{stage + 1}', nnx.List(layer))
+    self.out_features = in_features
+
+  def __call__(self, x) -> dict:
+    x = jax.nn.relu(self.bn1(self.conv1(x)))
+    x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    outputs = {'stem': x}
+    for name in STAGES[1:]:
+      for block in getattr(self, name):
+        x = block(x)
+      outputs[name] = x
+    return outputs
