@@ -1,0 +1,124 @@
+"""The DeepFashion network: ResNet features, a box branch, local features pooled from the
+predicted box, and category and attribute heads (see shared/BASELINE.md, Model).
+
+Outputs, all float32 whatever the activation dtype:
+  category_logits (B, 50), attribute_logits (B, 1000), box (B, 4) as (x1, y1, x2, y2) in
+  units of the input side (x2 and y2 can reach 2, as in the baseline);
+  with category_head='per_garment_type' also garment_type_logits (B, 3) and
+  category_logits_within_type (B, 50): each type's classifier over its own categories, the
+  other entries -inf. category_logits is then log p(type) + log p(category | type), so a
+  softmax over it is the 50-way distribution p(type) x p(category | type).
+"""
+
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepfashion_jax.models import resnet
+from deepfashion_jax.models import roi
+
+BOX_CHANNELS = 32  # the baseline's reduce_1x1 output channels
+ROI_POOLS = ('align', 'baseline_max')
+CATEGORY_HEADS = ('single', 'per_garment_type')
+
+
+def normalize_images(images, dtype):
+  """uint8 RGB in [0, 255] -> (x / 255 - 0.5) / 0.5, the baseline's input scaling."""
+  return images.astype(dtype) * (2.0 / 255.0) - 1.0
+
+
+class FashionNet(nnx.Module):
+  """The baseline's FashionResnet, with options where it had bugs or shortcuts."""
+
+  def __init__(self, *, backbone: int = 18, image_size: int = 224, num_categories: int = 50,
+               num_attributes: int = 1000, roi_pool: str = 'align', roi_output_size: int = 3,
+               roi_sampling_ratio: int = 2, roi_aligned: bool = True,
+               box_gradient_into_roi: bool = False, category_head: str = 'single',
+               category_types=None, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    if roi_pool not in ROI_POOLS:
+      raise ValueError(f'roi_pool must be one of {ROI_POOLS}, got {roi_pool!r}')
+    if category_head not in CATEGORY_HEADS:
+      raise ValueError(f'category_head must be one of {CATEGORY_HEADS}, got {category_head!r}')
+    self.backbone = resnet.ResNet(backbone, dtype=dtype, rngs=rngs)
+    channels = self.backbone.out_features
+    self.feature_size = -(-image_size // 32)  # every stride-2 layer rounds up
+    self.roi_pool, self.roi_output_size = roi_pool, roi_output_size
+    self.roi_sampling_ratio, self.roi_aligned = roi_sampling_ratio, roi_aligned
+    self.box_gradient_into_roi = box_gradient_into_roi
+    self.dtype = dtype
+    linear = lambda n_in, n_out: nnx.Linear(n_in, n_out, dtype=dtype, param_dtype=jnp.float32,
+                                            rngs=rngs)
+    self.reduce_1x1 = nnx.Conv(channels, BOX_CHANNELS, (1, 1), dtype=dtype,
+                               param_dtype=jnp.float32, rngs=rngs)
+    flat = BOX_CHANNELS * self.feature_size ** 2
+    self.fc_bbox_xy = linear(flat, 2)
+    self.fc_bbox_offset = linear(flat, 2)
+    joined = channels * (1 + roi_output_size ** 2)
+    self.fc_bin = linear(joined, num_attributes)
+    self.category_head = category_head
+    if category_head == 'single':
+      self.fc_cls = linear(joined, num_categories)
+    else:
+      if category_types is None:
+        raise ValueError("category_head='per_garment_type' needs each category's garment type")
+      types = np.asarray(category_types)
+      self.num_categories = len(types)
+      # Static: the categories (columns of the 50-way logits) of each garment type.
+      self.type_columns = tuple(tuple(np.flatnonzero(types == t).tolist())
+                                for t in range(int(types.max()) + 1))
+      self.fc_garment_type = linear(joined, len(self.type_columns))
+      self.fc_cls_per_type = nnx.List([linear(joined, len(c)) for c in self.type_columns])
+
+  def predict_box(self, features):
+    """The baseline's box branch; flattens in PyTorch's NCHW order so its weights map."""
+    reduced = self.reduce_1x1(features)
+    flat = jnp.transpose(reduced, (0, 3, 1, 2)).reshape(reduced.shape[0], -1)
+    xy = jax.nn.sigmoid(self.fc_bbox_xy(flat).astype(jnp.float32))
+    offset = jax.nn.sigmoid(self.fc_bbox_offset(flat).astype(jnp.float32))
+    return jnp.concatenate([xy, xy + offset], axis=-1)
+
+  def local_features(self, features, box):
+    """(B, C * S * S) features pooled from the box, flattened channel-major like PyTorch."""
+    if not self.box_gradient_into_roi:
+      box = jax.lax.stop_gradient(box)
+    if self.roi_pool == 'baseline_max':
+      pooled = roi.baseline_max_pool(features, box, self.roi_output_size)
+    else:
+      height, width = features.shape[1:3]
+      pooled = roi.roi_align(features, box * jnp.array([width, height, width, height]),
+                             output_size=self.roi_output_size,
+                             sampling_ratio=self.roi_sampling_ratio, aligned=self.roi_aligned)
+    return jnp.transpose(pooled, (0, 3, 1, 2)).reshape(pooled.shape[0], -1)
+
+  def __call__(self, images) -> dict:
+    """images: (B, H, W, 3) uint8, or floats already normalised like `normalize_images`."""
+    if images.dtype == jnp.uint8:
+      images = normalize_images(images, self.dtype)
+    features = self.backbone(images.astype(self.dtype))['layer4']
+    box = self.predict_box(features)
+    global_features = features.mean(axis=(1, 2))
+    joined = jnp.concatenate([global_features, self.local_features(features, box)], axis=-1)
+    outputs = {'box': box,
+               'attribute_logits': self.fc_bin(joined).astype(jnp.float32)}
+    if self.category_head == 'single':
+      outputs['category_logits'] = self.fc_cls(joined).astype(jnp.float32)
+    else:
+      outputs.update(self._per_garment_type(joined))
+    return outputs
+
+  def _per_garment_type(self, joined) -> dict:
+    """A garment-type head and one classifier per type, combined into 50-way logits."""
+    type_logits = self.fc_garment_type(joined).astype(jnp.float32)
+    log_type = jax.nn.log_softmax(type_logits)
+    within = jnp.full((joined.shape[0], self.num_categories), -jnp.inf, jnp.float32)
+    category = within
+    for t, (head, columns) in enumerate(zip(self.fc_cls_per_type, self.type_columns)):
+      logits = head(joined).astype(jnp.float32)
+      columns = np.asarray(columns)
+      within = within.at[:, columns].set(logits)
+      category = category.at[:, columns].set(log_type[:, t:t + 1] + jax.nn.log_softmax(logits))
+    return {'garment_type_logits': type_logits, 'category_logits_within_type': within,
+            'category_logits': category}

@@ -1,0 +1,108 @@
+"""The Flax ResNet and FashionNet: architecture, dtypes, heads and the box-gradient option."""
+
+import os
+import sys
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepfashion_jax.data import vocabulary
+from deepfashion_jax.models import fashion_net
+from deepfashion_jax.models import resnet
+
+# torchvision's published parameter counts (with fc) minus fc (512 or 2048 x 1000 + 1000).
+TORCHVISION_BACKBONE_PARAMETERS = {
+    18: 11_689_512 - 513_000, 34: 21_797_672 - 513_000, 50: 25_557_032 - 2_049_000,
+    101: 44_549_160 - 2_049_000, 152: 60_192_808 - 2_049_000}
+
+
+def _parameter_count(module):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+@pytest.mark.parametrize('depth', sorted(TORCHVISION_BACKBONE_PARAMETERS))
+def test_parameter_counts_equal_torchvision(depth):
+  model = nnx.eval_shape(lambda: resnet.ResNet(depth, rngs=nnx.Rngs(0)))
+  assert _parameter_count(model) == TORCHVISION_BACKBONE_PARAMETERS[depth]
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+def test_parameter_counts_equal_the_torch_reference(depth):
+  torch = pytest.importorskip('torch')
+  sys.path.insert(0, os.path.dirname(__file__))
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  model = nnx.eval_shape(lambda: fashion_net.FashionNet(backbone=depth, rngs=nnx.Rngs(0)))
+  reference = torch_reference.FashionResnet(depth, 7)
+  assert _parameter_count(model) == sum(p.numel() for p in reference.parameters())
+  del torch
+
+
+def test_backbone_returns_every_stage_by_name():
+  model = resnet.ResNet(18, rngs=nnx.Rngs(0))
+  outputs = model(jnp.zeros((1, 64, 64, 3)))
+  assert {name: outputs[name].shape for name in resnet.STAGES} == {
+      'stem': (1, 16, 16, 64), 'layer1': (1, 16, 16, 64), 'layer2': (1, 8, 8, 128),
+      'layer3': (1, 4, 4, 256), 'layer4': (1, 2, 2, 512)}
+
+
+def test_unknown_depth_is_refused():
+  with pytest.raises(ValueError, match='ResNet depth must be one of'):
+    resnet.ResNet(26, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_activations_in_dtype_parameters_and_outputs_in_float32(dtype):
+  model = fashion_net.FashionNet(image_size=64, dtype=dtype, rngs=nnx.Rngs(0))
+  stages = model.backbone(jnp.zeros((1, 64, 64, 3), dtype))
+  assert stages['layer4'].dtype == dtype
+  dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Any(nnx.Param,
+                                                                      nnx.BatchStat)))}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  outputs = model(jnp.zeros((2, 64, 64, 3), jnp.uint8))
+  assert all(v.dtype == jnp.float32 for v in outputs.values())
+  assert all(bool(jnp.isfinite(v).all()) for v in outputs.values())
+
+
+def test_uint8_images_are_normalised_like_the_baseline():
+  images = jnp.array([[[[0, 128, 255]]]], jnp.uint8)
+  np.testing.assert_allclose(fashion_net.normalize_images(images, jnp.float32),
+                             [[[[-1.0, 128 / 255 * 2 - 1, 1.0]]]], atol=1e-6)
+
+
+def test_per_garment_type_head_is_type_times_category_given_type():
+  model = fashion_net.FashionNet(image_size=64, category_head='per_garment_type',
+                                 category_types=vocabulary.CATEGORY_TYPES, rngs=nnx.Rngs(0))
+  images = jax.random.randint(jax.random.PRNGKey(0), (3, 64, 64, 3), 0, 256).astype(jnp.uint8)
+  outputs = model(images)
+  p_type = jax.nn.softmax(outputs['garment_type_logits'])
+  p_category = jax.nn.softmax(outputs['category_logits'])
+  np.testing.assert_allclose(p_category.sum(axis=1), 1.0, rtol=1e-5)
+  types = np.array(vocabulary.CATEGORY_TYPES)
+  for t in range(3):
+    columns = np.flatnonzero(types == t)
+    within = jax.nn.softmax(outputs['category_logits_within_type'][:, columns])
+    np.testing.assert_allclose(p_category[:, columns], p_type[:, t:t + 1] * within, rtol=1e-5)
+    np.testing.assert_allclose(p_category[:, columns].sum(axis=1), p_type[:, t], rtol=1e-5)
+
+
+@pytest.mark.parametrize('flows', [False, True])
+def test_box_gradient_into_roi_is_an_option(flows):
+  model = fashion_net.FashionNet(image_size=64, box_gradient_into_roi=flows, rngs=nnx.Rngs(0))
+  images = jax.random.randint(jax.random.PRNGKey(1), (2, 64, 64, 3), 0, 256).astype(jnp.uint8)
+
+  def category_loss(model):  # reaches the box branch only through the pooled box
+    return model(images)['category_logits'].sum()
+
+  grads = nnx.grad(category_loss)(model)
+  box_grad = jnp.abs(grads.fc_bbox_xy.kernel[...]).sum()
+  assert (box_grad > 0) == flows
+
+
+def test_bad_options_are_refused():
+  with pytest.raises(ValueError, match='roi_pool must be one of'):
+    fashion_net.FashionNet(image_size=64, roi_pool='max', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='category_head must be one of'):
+    fashion_net.FashionNet(image_size=64, category_head='tree', rngs=nnx.Rngs(0))

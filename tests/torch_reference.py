@@ -1,0 +1,111 @@
+"""A PyTorch reference of the baseline's FashionResnet, written from shared/BASELINE.md.
+
+Plain torch modules named so that the state-dict keys are the baseline's (`basemodel.0.weight`,
+`basemodel.4.0.conv1.weight`, ..., `reduce_1x1.*`, `fc_bbox_xy.*`, `fc_cls.*`, `fc_bin.*`);
+torchvision is not needed. Used only by the tests, to check the conversion and the model.
+"""
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+BLOCKS = {18: ('basic', (2, 2, 2, 2)), 34: ('basic', (3, 4, 6, 3)),
+          50: ('bottleneck', (3, 4, 6, 3))}
+
+
+class BasicBlock(nn.Module):
+  expansion = 1
+
+  def __init__(self, inplanes, planes, stride, downsample):
+    super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.downsample = downsample
+
+  def forward(self, x):
+    y = F.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    return F.relu(y + (self.downsample(x) if self.downsample is not None else x))
+
+
+class Bottleneck(nn.Module):
+  expansion = 4
+
+  def __init__(self, inplanes, planes, stride, downsample):
+    super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.downsample = downsample
+
+  def forward(self, x):
+    y = F.relu(self.bn1(self.conv1(x)))
+    y = F.relu(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    return F.relu(y + (self.downsample(x) if self.downsample is not None else x))
+
+
+def resnet_layers(depth):
+  """torchvision's ResNet as a list: conv1, bn1, relu, maxpool, layer1..layer4."""
+  kind, counts = BLOCKS[depth]
+  block = BasicBlock if kind == 'basic' else Bottleneck
+  layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.MaxPool2d(3, 2, 1)]
+  inplanes = 64
+  for stage, (planes, count) in enumerate(zip((64, 128, 256, 512), counts)):
+    blocks = []
+    for i in range(count):
+      stride = 2 if stage > 0 and i == 0 else 1
+      downsample = None
+      if stride != 1 or inplanes != planes * block.expansion:
+        downsample = nn.Sequential(
+            nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
+            nn.BatchNorm2d(planes * block.expansion))
+      blocks.append(block(inplanes, planes, stride, downsample))
+      inplanes = planes * block.expansion
+    layers.append(nn.Sequential(*blocks))
+  return layers, inplanes
+
+
+class FashionResnet(nn.Module):
+  """The baseline model: box branch, integer-box max-pooled local features, two heads."""
+
+  def __init__(self, depth=18, feature_size=7):
+    super().__init__()
+    layers, channels = resnet_layers(depth)
+    self.basemodel = nn.Sequential(*layers)
+    self.reduce_1x1 = nn.Conv2d(channels, 32, 1)
+    self.fc_bbox_xy = nn.Linear(32 * feature_size ** 2, 2)
+    self.fc_bbox_offset = nn.Linear(32 * feature_size ** 2, 2)
+    self.fc_cls = nn.Linear(10 * channels, 50)
+    self.fc_bin = nn.Linear(10 * channels, 1000)
+
+  def forward(self, x):
+    features = self.basemodel(x)
+    flat = self.reduce_1x1(features).flatten(1)
+    xy = torch.sigmoid(self.fc_bbox_xy(flat))
+    box = torch.cat([xy, xy + torch.sigmoid(self.fc_bbox_offset(flat))], 1)
+    side = features.shape[-1] - 1
+    local = []
+    for b in range(x.shape[0]):
+      x1, y1, x2, y2 = (int(v) for v in (box[b] * side).tolist())
+      crop = features[b:b + 1, :, y1:y2 + 1, x1:x2 + 1]
+      local.append(F.adaptive_max_pool2d(crop, 3).flatten(1))
+    joined = torch.cat([features.mean(dim=(2, 3)), torch.cat(local, 0)], 1)
+    return self.fc_cls(joined), self.fc_bin(joined), box
+
+
+def randomise_batch_norm(model, generator):
+  """Non-trivial running statistics and affine terms, so that a wrong mapping shows."""
+  for module in model.modules():
+    if isinstance(module, nn.BatchNorm2d):
+      n = module.num_features
+      module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+      module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+      module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+      module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
