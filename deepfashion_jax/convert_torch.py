@@ -165,13 +165,9 @@ def _load(model: nnx.Module, named_arrays: dict, path: str, only_prefix: tuple =
 
 def _check_depth(names, model, path):
   depth = depth_of(names)
-  if depth != model_depth(model):
+  if depth != model.backbone.depth:
     raise CheckpointError(f'{path} holds a ResNet-{depth} backbone; the configured model is '
-                          f'ResNet-{model_depth(model)} (config.model.backbone)')
-
-
-def model_depth(model) -> int:
-  return model.backbone.depth
+                          f'ResNet-{model.backbone.depth} (config.model.backbone)')
 
 
 def _remap_category_head(arrays: dict) -> dict:

@@ -269,11 +269,8 @@ def _read_landmarks(root: str):
 
   Some releases add a `variation_type` column after `clothes_type`; line 2 says which.
   """
-  path = os.path.join(root, LANDMARKS)
-  with open(path, encoding='utf-8') as f:
-    header = [f.readline(), f.readline()]
-  lead = 3 if 'variation_type' in header[1] else 2
-  table = _read_table(path, lead, lead + 3 * vocabulary.MAX_LANDMARKS)
+  table = _read_table(os.path.join(root, LANDMARKS), 2, 3 + 3 * vocabulary.MAX_LANDMARKS)
+  lead = 3 if 'variation_type' in table.columns else 2
   n = len(table.rows)
   garment_type = _int_column(table, [row[1] for row in table.rows], 'clothes type', 1, 3) - 1
   visibility = np.full((n, vocabulary.MAX_LANDMARKS), -1, np.int8)
