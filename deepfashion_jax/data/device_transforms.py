@@ -1,0 +1,56 @@
+"""The pixel half of the augmentation, on the device: resize, crop and flip from the canvas.
+
+The host sends each image as decoded, at the top-left of a fixed canvas, with the crop's
+region and flip (`transforms.py`). Here each output row and column is a weighted sum of
+canvas rows and columns with PIL's bilinear weights (a triangle filter widened by the
+downscaling factor, clipped to the image and renormalised), a horizontal pass rounded to
+8 bits and then a vertical one. The result is the baseline's PIL resize bit for bit for
+most crops; the installed Pillow does some crops vertical pass first, and those differ by
+one grey level on a few percent of pixels. Two small matrix products per image.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def pil_bilinear_weights(start, end, image_extent, out_size: int, canvas_size: int):
+  """(out_size, canvas_size) weights resampling [start, end) of an axis of image_extent pixels."""
+  scale = (end - start) / out_size
+  filter_scale = jnp.maximum(scale, 1.0)
+  centres = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
+  pixel_centres = jnp.arange(canvas_size, dtype=jnp.float32) + 0.5
+  weights = jnp.maximum(0.0, 1.0 - jnp.abs(pixel_centres[None, :] - centres[:, None])
+                        / filter_scale)
+  weights = weights * (jnp.arange(canvas_size) < image_extent)[None, :]
+  total = weights.sum(axis=1, keepdims=True)
+  return jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def _one_image(canvas, image_size, region, flip, out_size):
+  canvas_size = canvas.shape[0]
+  rows = pil_bilinear_weights(region[1], region[3], image_size[0], out_size, canvas_size)
+  cols = pil_bilinear_weights(region[0], region[2], image_size[1], out_size, canvas_size)
+  cols = jnp.where(flip, cols[::-1], cols)
+  # Like PIL: the horizontal pass first, rounded to 8 bits, then the vertical pass.
+  to_8_bits = lambda x: jnp.clip(jnp.floor(x + 0.5), 0, 255)
+  highest = jax.lax.Precision.HIGHEST
+  horizontal = to_8_bits(jnp.einsum('hwc,qw->hqc', canvas.astype(jnp.float32), cols,
+                                    precision=highest))
+  return to_8_bits(jnp.einsum('ph,hqc->pqc', rows, horizontal,
+                              precision=highest)).astype(jnp.uint8)
+
+
+def crop_resize_flip(canvas, image_size, region, flip, out_size: int):
+  """(B, S, S, 3) uint8 canvases -> (B, out_size, out_size, 3) uint8 crops.
+
+  image_size: (B, 2) int, each image's (height, width) inside its canvas; region: (B, 4)
+  float (x0, y0, x1, y1) pixels of the image to resample; flip: (B,) bool.
+  """
+  return jax.vmap(lambda c, s, r, f: _one_image(c, s, r, f, out_size))(
+      canvas, image_size, region, flip)
+
+
+def batch_images(batch: dict, out_size: int):
+  """The model's input images of a pipeline batch (see pipeline.py)."""
+  return crop_resize_flip(batch['canvas'], batch['image_size'], batch['region'],
+                          batch['flip'], out_size)

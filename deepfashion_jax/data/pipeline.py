@@ -1,0 +1,161 @@
+"""The input pipeline: grain datasets of DeepFashion batches, for training and evaluation.
+
+Why grain's `MapDataset` (and not `DataLoader` with an `IndexSampler`): each step of the
+chain is a small, separately testable dataset (source -> process shard -> per-epoch shuffle
+-> per-example random transform -> batch); randomness comes from `random_map`, which seeds
+each element from the pipeline seed and the element's position, so the batches do not
+depend on the number of worker processes; and the resulting iterator's state (a position)
+is what orbax saves with the model, through `grain.checkpoint`.
+
+Host work per image is decoding and copying into a fixed canvas; the random crop and flip
+are drawn here but applied to the pixels on the device (`device_transforms.batch_images`).
+
+A batch is a dict of NumPy arrays, B = the per-process batch size:
+  canvas (B, S, S, 3) uint8: each decoded image at the top-left of an S x S canvas
+  image_size (B, 2) int32: (height, width) of the image inside its canvas
+  region (B, 4) float32, flip (B,) bool: what to resample (see transforms.py)
+  bbox (B, 4) float32: the ground-truth box in [0, 1] coordinates of the crop
+  category, category_type (B,) int32; attribute_positive, attribute_unknown (B, 1000) bool
+  index (B,) int32: the example's row in the annotation index (-1 for padding)
+  valid (B,) bool: False for evaluation padding and for unreadable evaluation images
+  skipped (B,) int32: unreadable files met for this example (replaced in training,
+    masked out in evaluation)
+"""
+
+import dataclasses
+import math
+
+from absl import flags
+from absl import logging
+import grain
+import numpy as np
+
+from deepfashion_jax.data import transforms
+
+# Give up on a training example after this many unreadable files in a row.
+_MAX_CONSECUTIVE_BAD_FILES = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageOptions:
+  canvas_size: int = 300  # side of the canvas the host sends (DeepFashion's long side)
+  img_size: int = 256  # training: resize to img_size x img_size, then
+  crop_size: int = 224  # a random crop_size crop; the model's input side
+  eval_crop: str = 'resize'  # 'resize' to crop_size (baseline) or 'center_crop'
+  strict: bool = False  # raise on an unreadable image instead of skipping it
+
+
+def _decode(record: dict, strict: bool):
+  """The decoded image, or None (logged, or raised when strict) when it cannot be read."""
+  try:
+    if record['image_bytes'] is None:
+      raise transforms.ImageDecodeError('file not found')
+    return transforms.decode_image(record['image_bytes'])
+  except transforms.ImageDecodeError as e:
+    if strict:
+      raise transforms.ImageDecodeError(f'{record["path"]}: {e}') from None
+    logging.warning('Skipping unreadable image %s: %s', record['path'], e)
+    return None
+
+
+def _example(record: dict, image: np.ndarray, crop: transforms.Crop, options: ImageOptions,
+             valid: bool, skipped: int) -> dict:
+  image, bbox = transforms.fit_to_canvas(image, record['bbox'], options.canvas_size)
+  return dict(canvas=transforms.pad_to_canvas(image, options.canvas_size),
+              image_size=np.array(image.shape[:2], np.int32), region=crop.region,
+              flip=np.bool_(crop.flip), bbox=transforms.crop_box(bbox, crop),
+              category=np.int32(record['category']),
+              category_type=np.int32(record['category_type']),
+              attribute_positive=record['attribute_positive'],
+              attribute_unknown=record['attribute_unknown'],
+              index=np.int32(record['index']), valid=np.bool_(valid), skipped=np.int32(skipped))
+
+
+class TrainExample(grain.transforms.RandomMap):
+  """Decodes a record and draws its crop; an unreadable image is replaced by the next
+  readable one of the source (and counted in `skipped`)."""
+
+  def __init__(self, source, options: ImageOptions):
+    self.source, self.options = source, options
+
+  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    for skipped in range(_MAX_CONSECUTIVE_BAD_FILES):
+      if skipped:
+        record = self.source[(record['position'] + 1) % len(self.source)]
+      image = _decode(record, self.options.strict)
+      if image is not None:
+        break
+    else:
+      raise RuntimeError(f'{_MAX_CONSECUTIVE_BAD_FILES} unreadable images in a row, the '
+                         f'last {record["path"]}: is the image folder complete?')
+    height, width = image.shape[:2]
+    crop = transforms.random_train_crop(rng, height, width, self.options.img_size,
+                                        self.options.crop_size)
+    return _example(record, image, crop, self.options, valid=True, skipped=skipped)
+
+
+class EvalExample(grain.transforms.Map):
+  """Position p of the padded evaluation set: a real example, or padding (valid False)."""
+
+  def __init__(self, source, positions: np.ndarray, options: ImageOptions):
+    self.source, self.positions, self.options = source, positions, options
+
+  def map(self, p: int) -> dict:
+    if p >= len(self.positions):
+      return self._invalid(self.source[int(self.positions[0])], skipped=0)
+    record = self.source[int(self.positions[p])]
+    image = _decode(record, self.options.strict)
+    if image is None:
+      return self._invalid(record, skipped=1)
+    height, width = image.shape[:2]
+    crop = transforms.eval_crop(height, width, self.options.img_size, self.options.crop_size,
+                                self.options.eval_crop)
+    return _example(record, image, crop, self.options, valid=True, skipped=0)
+
+  def _invalid(self, record: dict, skipped: int) -> dict:
+    blank = np.zeros((1, 1, 3), np.uint8)
+    crop = transforms.eval_crop(1, 1, self.options.img_size, self.options.crop_size, 'resize')
+    example = _example(record, blank, crop, self.options, valid=False, skipped=skipped)
+    example['index'] = np.int32(-1)
+    return example
+
+
+def train_dataset(source, *, batch_size: int, seed: int, options: ImageOptions,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Endless training batches of this process's shard; a new permutation every epoch.
+
+  batch_size is the per-process batch (the global batch / process count).
+  """
+  dataset = grain.MapDataset.source(source)[process_index::process_count]
+  if len(dataset) < batch_size:
+    raise ValueError(f'the training split of this process has {len(dataset)} images, fewer '
+                     f'than one batch of {batch_size}')
+  dataset = dataset.shuffle(seed=seed).repeat()
+  dataset = dataset.random_map(TrainExample(source, options), seed=seed)
+  return dataset.batch(batch_size, drop_remainder=True)
+
+
+def eval_dataset(source, *, batch_size: int, options: ImageOptions, process_index: int = 0,
+                 process_count: int = 1) -> grain.MapDataset:
+  """One pass over this process's shard, padded to whole batches.
+
+  Every process gets the same number of batches (the most any shard needs), so that the
+  processes step together; across processes every example is seen exactly once.
+  """
+  positions = np.arange(len(source))[process_index::process_count]
+  num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
+  dataset = grain.MapDataset.range(num_batches * batch_size)
+  dataset = dataset.map(EvalExample(source, positions, options))
+  return dataset.batch(batch_size)
+
+
+def iterate(dataset: grain.MapDataset, num_workers: int = 0, prefetch: int = 2):
+  """A checkpointable iterator; with num_workers > 0, examples are made in worker processes."""
+  iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                           prefetch_buffer_size=prefetch))
+  if num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside main.py
+      flags.FLAGS.mark_as_parsed()  # (tests, notebooks) take their defaults
+    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=prefetch))
+  return iter(iter_dataset)
