@@ -14,4 +14,11 @@ def get_config():
   config.data.synthetic_images = 0  # > 0 and data_dir empty: write a synthetic folder of this size
   config.data.synthetic_seed = 0  # seed of the synthetic folder
   config.data.synthetic_quirks = False  # add the real release's bad files to the synthetic folder
+  config.data.img_size = 256  # training: resize to img_size x img_size, then ...
+  config.data.crop_size = 224  # ... a random crop_size crop (and flip); the model's input side
+  config.data.canvas_size = 300  # side of the uint8 canvas each decoded image is sent in
+  config.data.eval_crop = 'resize'  # evaluation: 'resize' to crop_size (baseline) or 'center_crop'
+  config.data.strict = False  # raise on an unreadable image instead of skipping it
+  config.data.threads = 2  # decoding threads per process (libjpeg-turbo releases the GIL)
+  config.data.processes = 0  # grain worker processes (0: decode in the main process)
   return config

@@ -123,9 +123,6 @@ def test_large_images_are_shrunk_into_the_canvas():
   np.testing.assert_allclose(box, [30, 20, 300, 200])
   small = _photo(100, 80)
   assert transforms.fit_to_canvas(small, np.zeros(4), 300)[0] is small
-  canvas = transforms.pad_to_canvas(small, 300)
-  np.testing.assert_array_equal(canvas[:100, :80], small)
-  assert canvas[100:].sum() == 0 and canvas[:, 80:].sum() == 0
 
 
 def test_device_resampling_matches_pil():
@@ -140,7 +137,9 @@ def test_device_resampling_matches_pil():
     image = _photo(height, width, seed)
     crop = (transforms.random_train_crop(np.random.default_rng(seed), height, width, 256, 224)
             if seed % 2 else transforms.eval_crop(height, width, 256, 224, 'resize'))
-    canvases.append(transforms.pad_to_canvas(image, canvas_size))
+    canvas = np.zeros((canvas_size, canvas_size, 3), np.uint8)
+    canvas[:height, :width] = image
+    canvases.append(canvas)
     sizes.append((height, width))
     regions.append(crop.region)
     flips.append(crop.flip)

@@ -61,14 +61,12 @@ def _decode(record: dict, strict: bool):
 def _example(record: dict, image: np.ndarray, crop: transforms.Crop, options: ImageOptions,
              valid: bool, skipped: int) -> dict:
   image, bbox = transforms.fit_to_canvas(image, record['bbox'], options.canvas_size)
-  return dict(canvas=transforms.pad_to_canvas(image, options.canvas_size),
-              image_size=np.array(image.shape[:2], np.int32), region=crop.region,
-              flip=np.bool_(crop.flip), bbox=transforms.crop_box(bbox, crop),
-              category=np.int32(record['category']),
-              category_type=np.int32(record['category_type']),
-              attribute_positive=record['attribute_positive'],
-              attribute_unknown=record['attribute_unknown'],
-              index=np.int32(record['index']), valid=np.bool_(valid), skipped=np.int32(skipped))
+  return dict(image=image, image_size=image.shape[:2], region=crop.region, flip=crop.flip,
+              bbox=transforms.crop_box(bbox, crop),
+              category=record['category'], category_type=record['category_type'],
+              attribute_positive_bits=record['attribute_positive_bits'],
+              attribute_unknown_bits=record['attribute_unknown_bits'],
+              index=record['index'], valid=valid, skipped=skipped)
 
 
 class TrainExample(grain.transforms.RandomMap):
@@ -116,8 +114,45 @@ class EvalExample(grain.transforms.Map):
     blank = np.zeros((1, 1, 3), np.uint8)
     crop = transforms.eval_crop(1, 1, self.options.img_size, self.options.crop_size, 'resize')
     example = _example(record, blank, crop, self.options, valid=False, skipped=skipped)
-    example['index'] = np.int32(-1)
+    example['index'] = -1
     return example
+
+
+class Collate:
+  """Stacks examples into a batch; images go straight into one zeroed canvas array.
+
+  Copying each image once into the batch's canvas, rather than padding it to a canvas of
+  its own and then stacking, saves two full-canvas copies per image on the host; labels
+  are converted once per batch rather than once per example.
+  """
+
+  def __init__(self, canvas_size: int, num_attributes: int):
+    self.canvas_size, self.num_attributes = canvas_size, num_attributes
+
+  def __call__(self, examples: list) -> dict:
+    canvas = np.zeros((len(examples), self.canvas_size, self.canvas_size, 3), np.uint8)
+    for i, example in enumerate(examples):
+      height, width = example['image'].shape[:2]
+      canvas[i, :height, :width] = example['image']
+    stack = lambda key, dtype=None: np.array([e[key] for e in examples], dtype)
+    unpack = lambda key: np.unpackbits(stack(key + '_bits'), axis=1,
+                                       count=self.num_attributes).view(bool)
+    return dict(canvas=canvas, image_size=stack('image_size', np.int32), region=stack('region'),
+                flip=stack('flip', bool), bbox=stack('bbox'),
+                category=stack('category', np.int32),
+                category_type=stack('category_type', np.int32),
+                attribute_positive=unpack('attribute_positive'),
+                attribute_unknown=unpack('attribute_unknown'),
+                index=stack('index', np.int32), valid=stack('valid', bool),
+                skipped=stack('skipped', np.int32))
+
+
+def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
+  """Each process loads its share of the global batch; it must divide evenly."""
+  if global_batch_size % process_count:
+    raise ValueError(f'config.batch_size={global_batch_size} must be a multiple of the '
+                     f'number of processes ({process_count})')
+  return global_batch_size // process_count
 
 
 def train_dataset(source, *, batch_size: int, seed: int, options: ImageOptions,
@@ -132,7 +167,8 @@ def train_dataset(source, *, batch_size: int, seed: int, options: ImageOptions,
                      f'than one batch of {batch_size}')
   dataset = dataset.shuffle(seed=seed).repeat()
   dataset = dataset.random_map(TrainExample(source, options), seed=seed)
-  return dataset.batch(batch_size, drop_remainder=True)
+  return dataset.batch(batch_size, drop_remainder=True,
+                       batch_fn=Collate(options.canvas_size, source.num_attributes))
 
 
 def eval_dataset(source, *, batch_size: int, options: ImageOptions, process_index: int = 0,
@@ -146,16 +182,24 @@ def eval_dataset(source, *, batch_size: int, options: ImageOptions, process_inde
   num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
   dataset = grain.MapDataset.range(num_batches * batch_size)
   dataset = dataset.map(EvalExample(source, positions, options))
-  return dataset.batch(batch_size)
+  return dataset.batch(batch_size,
+                       batch_fn=Collate(options.canvas_size, source.num_attributes))
 
 
-def iterate(dataset: grain.MapDataset, num_workers: int = 0, prefetch: int = 2):
-  """A checkpointable iterator; with num_workers > 0, examples are made in worker processes."""
-  iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1,
+def iterate(dataset: grain.MapDataset, threads: int = 2, processes: int = 0,
+            prefetch: int = 4):
+  """A checkpointable iterator over a dataset's batches.
+
+  `threads` decode in parallel within a process: libjpeg-turbo releases the GIL, and with
+  no copy between processes this is the fastest layout on a few cores (RESULTS.md).
+  `processes` > 0 adds grain worker processes, each with `threads` threads, for hosts with
+  many cores, where the Python work per image would otherwise contend for one GIL.
+  """
+  iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                            prefetch_buffer_size=prefetch))
-  if num_workers > 0:
+  if processes > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside main.py
       flags.FLAGS.mark_as_parsed()  # (tests, notebooks) take their defaults
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=prefetch))
+        num_workers=processes, per_worker_buffer_size=prefetch))
   return iter(iter_dataset)

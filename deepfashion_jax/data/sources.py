@@ -2,7 +2,8 @@
 
 A source's record is what the transforms need and nothing decoded: the image file's bytes
 as stored (None when the file is missing), its path for messages, the example's row in the
-annotation index, its position in the source, the labels and the box in pixels. Any source
+annotation index, its position in the source, the labels (the 1,000 attribute flags
+bit-packed, `np.packbits` order) and the box in pixels. Any source
 that yields these records (the TFDS ArrayRecord source of a later issue, say) plugs into
 `pipeline.py` unchanged.
 """
@@ -42,12 +43,11 @@ class FolderSource:
         image_bytes = f.read()
     except OSError:
       image_bytes = None
-    unpack = lambda bits: np.unpackbits(bits, count=self.num_attributes).astype(bool)
     return dict(image_bytes=image_bytes, path=path, index=int(self.rows[position]),
                 position=position, category=self.category[position],
                 category_type=self.category_type[position],
-                attribute_positive=unpack(self.attribute_positive[position]),
-                attribute_unknown=unpack(self.attribute_unknown[position]),
+                attribute_positive_bits=self.attribute_positive[position],
+                attribute_unknown_bits=self.attribute_unknown[position],
                 bbox=self.bbox[position])
 
   def __repr__(self):

@@ -59,13 +59,6 @@ def fit_to_canvas(image: np.ndarray, bbox: np.ndarray, canvas_size: int):
   return resized, bbox * factors
 
 
-def pad_to_canvas(image: np.ndarray, canvas_size: int) -> np.ndarray:
-  """The image at the top-left of a zero canvas_size x canvas_size x 3 array."""
-  canvas = np.zeros((canvas_size, canvas_size, 3), np.uint8)
-  canvas[:image.shape[0], :image.shape[1]] = image
-  return canvas
-
-
 @dataclasses.dataclass(frozen=True)
 class Crop:
   region: np.ndarray  # (4,) float32: x0, y0, x1, y1 in original-image pixels

@@ -1,0 +1,164 @@
+"""Input pipeline throughput against the decode ceiling and the PyTorch baseline's loader.
+
+On the same files and cores:
+  decode_ceiling_img_s  JPEG decoding alone (bytes already in memory), one core, tight loop
+  pipeline_img_s        this project's grain pipeline, W decoding threads, training transforms,
+                        batches of 32 (and, for comparison, W worker processes)
+  torch_baseline_img_s  torch DataLoader, W workers, what the baseline does per image (PIL
+                        open, RGB, resize 256, random 224 crop, flip, to float, normalise)
+The pipeline's host part decodes and pads; resize, crop and flip run in the jitted step on
+the accelerator. That device part is timed here too (`device_part_img_s`, on this machine's
+JAX device) and reported apart.
+
+  python benchmarks/input_pipeline.py [--data_dir DIR] [--workers 2] [--json OUT]
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from deepfashion_jax.data import annotations  # pylint: disable=g-import-not-at-top
+from deepfashion_jax.data import device_transforms
+from deepfashion_jax.data import pipeline
+from deepfashion_jax.data import sources
+from deepfashion_jax.data import synthetic
+from deepfashion_jax.data import transforms
+
+BATCH = 32
+
+
+def decode_ceiling(files, seconds=3.0):
+  """Images per second that one core decodes, bytes already in memory."""
+  blobs = []
+  for path in files:
+    with open(path, 'rb') as f:
+      blobs.append(f.read())
+  count, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    for blob in blobs:
+      transforms.decode_image(blob)
+    count += len(blobs)
+  return count / (time.perf_counter() - start)
+
+
+def time_batches(iterator, batches, warmup=3):
+  for _ in range(warmup):
+    next(iterator)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  return batches * BATCH / (time.perf_counter() - start)
+
+
+def pipeline_rate(index, batches, threads, processes=0):
+  source = sources.FolderSource(index, np.arange(len(index)))
+  dataset = pipeline.train_dataset(source, batch_size=BATCH, seed=0,
+                                   options=pipeline.ImageOptions())
+  iterator = pipeline.iterate(dataset, threads=threads, processes=processes)
+  rate = time_batches(iterator, batches)
+  return rate, next(iterator)
+
+
+def device_part_rate(batch, repeats=10):
+  """The jitted resize-crop-flip on this machine's JAX device (an accelerator in training)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  step = jax.jit(lambda b: device_transforms.batch_images(b, 224))
+  arrays = {k: batch[k] for k in ('canvas', 'image_size', 'region', 'flip')}
+  device_batch = jax.device_put(arrays)
+  step(device_batch).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    step(device_batch).block_until_ready()
+  return repeats * BATCH / (time.perf_counter() - start), str(jax.devices()[0])
+
+
+class BaselineDataset:
+  """What the baseline's dataset does per training image, without torchvision."""
+
+  def __init__(self, files):
+    self.files = files
+
+  def __len__(self):
+    return len(self.files)
+
+  def __getitem__(self, i):
+    import torch  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng()
+    with Image.open(self.files[i]) as image:
+      image = image.convert('RGB').resize((256, 256), Image.BILINEAR)
+    top, left = rng.integers(0, 33, 2)
+    image = image.crop((left, top, left + 224, top + 224))
+    if rng.random() < 0.5:
+      image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
+    return (tensor - 0.5) / 0.5, i
+
+
+def torch_rate(files, workers, batches):
+  import torch  # pylint: disable=g-import-not-at-top
+  dataset = BaselineDataset(files)
+  sampler = torch.utils.data.RandomSampler(dataset, replacement=True,
+                                           num_samples=(batches + 3) * BATCH)
+  loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, sampler=sampler,
+                                       num_workers=workers)
+  return time_batches(iter(loader), batches)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--data_dir', default='', help='a DeepFashion folder (default: write 512 '
+                      'synthetic images)')
+  parser.add_argument('--workers', type=int, default=2)
+  parser.add_argument('--batches', type=int, default=80)
+  parser.add_argument('--json', default='')
+  args = parser.parse_args()
+
+  with tempfile.TemporaryDirectory() as scratch:
+    root = args.data_dir
+    if not root:
+      root = os.path.join(scratch, 'deepfashion')
+      synthetic.write_synthetic_deepfashion(root, num_images=512, seed=0)
+    index = annotations.read_deepfashion(root)
+    files = [os.path.join(index.image_dir(), p) for p in index.image_paths]
+    cores = min(args.workers, os.cpu_count())
+    figures = dict(images=len(files), workers=args.workers, cores_used=cores)
+    figures['decode_ceiling_img_s'] = decode_ceiling(files[:256])
+    # W workers: W decoding threads in one process (the default layout), and for
+    # comparison W worker processes of one thread each.
+    figures['pipeline_img_s'], batch = pipeline_rate(index, args.batches, args.workers)
+    figures['pipeline_processes_img_s'], _ = pipeline_rate(index, args.batches, 1,
+                                                           args.workers)
+    figures['torch_baseline_img_s'] = torch_rate(files, args.workers, args.batches)
+    figures['device_part_img_s'], figures['device'] = device_part_rate(batch)
+
+  ceiling = figures['decode_ceiling_img_s'] * cores
+  figures['pipeline_vs_torch'] = figures['pipeline_img_s'] / figures['torch_baseline_img_s']
+  figures['pipeline_vs_decode_ceiling'] = figures['pipeline_img_s'] / ceiling
+  print(f'input pipeline, {len(files)} images, {args.workers} workers on {cores} cores, '
+        f'batches of {BATCH}')
+  print(f'{"measure":<34}{"img/s":>10}')
+  print(f'{"decode ceiling, one core":<34}{figures["decode_ceiling_img_s"]:>10.0f}')
+  print(f'{f"decode ceiling x {cores} cores":<34}{ceiling:>10.0f}')
+  print(f'{f"pipeline, {args.workers} threads":<34}{figures["pipeline_img_s"]:>10.0f}'
+        f'   {figures["pipeline_vs_decode_ceiling"]:.0%} of ceiling (target >= 45%)')
+  print(f'{f"pipeline, {args.workers} processes":<34}{figures["pipeline_processes_img_s"]:>10.0f}'
+        f'   (grain worker processes instead of threads)')
+  print(f'{"torch baseline DataLoader":<34}{figures["torch_baseline_img_s"]:>10.0f}'
+        f'   pipeline is {figures["pipeline_vs_torch"]:.1f}x (target >= 3x)')
+  print(f'{"device part (resize/crop/flip)":<34}{figures["device_part_img_s"]:>10.0f}'
+        f'   on {figures["device"]}, inside the jitted step')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(figures, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()

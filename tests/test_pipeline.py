@@ -1,0 +1,150 @@
+"""The grain pipeline: batch contents, determinism, epochs, sharding, resume, bad images."""
+
+import re
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from deepfashion_jax.data import annotations
+from deepfashion_jax.data import pipeline
+from deepfashion_jax.data import sources
+from deepfashion_jax.data import transforms
+
+OPTIONS = pipeline.ImageOptions()
+
+
+@pytest.fixture(scope='module')
+def index(synthetic_folder):
+  return annotations.read_deepfashion(synthetic_folder[0])
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_same_batches(first, second):
+  assert len(first) == len(second)
+  for a, b in zip(first, second):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_batches_hold_the_documented_fields(index):
+  source = sources.FolderSource(index, index.split_indices('train'))
+  batch = next(pipeline.iterate(pipeline.train_dataset(source, batch_size=4, seed=0,
+                                                       options=OPTIONS)))
+  expected = dict(canvas=((4, 300, 300, 3), np.uint8), image_size=((4, 2), np.int32),
+                  region=((4, 4), np.float32), flip=((4,), np.bool_),
+                  bbox=((4, 4), np.float32), category=((4,), np.int32),
+                  category_type=((4,), np.int32), attribute_positive=((4, 1000), np.bool_),
+                  attribute_unknown=((4, 1000), np.bool_), index=((4,), np.int32),
+                  valid=((4,), np.bool_), skipped=((4,), np.int32))
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+  rows = batch['index']
+  np.testing.assert_array_equal(batch['category'], index.category[rows])
+  np.testing.assert_array_equal(batch['attribute_positive'], index.attribute_positive[rows])
+  np.testing.assert_array_equal(batch['attribute_unknown'], index.attribute_unknown[rows])
+  assert batch['valid'].all() and not batch['skipped'].any()
+  assert (batch['bbox'] >= 0).all() and (batch['bbox'] <= 1).all()
+  for i, row in enumerate(rows):  # the box is the index's box moved with the crop
+    crop = transforms.Crop(batch['region'][i], bool(batch['flip'][i]))
+    np.testing.assert_allclose(batch['bbox'][i], transforms.crop_box(index.bbox[row], crop),
+                               atol=1e-6)
+
+
+def test_the_same_seed_gives_the_same_batches_whatever_the_workers(index):
+  source = sources.FolderSource(index, index.split_indices('train'))
+  dataset = pipeline.train_dataset(source, batch_size=4, seed=7, options=OPTIONS)
+  one_thread = _take(pipeline.iterate(dataset, threads=1), 3)
+  _assert_same_batches(one_thread, _take(pipeline.iterate(dataset, threads=3), 3))
+  _assert_same_batches(one_thread, _take(pipeline.iterate(dataset, processes=2), 3))
+  other = next(pipeline.iterate(pipeline.train_dataset(source, batch_size=4, seed=8,
+                                                       options=OPTIONS)))
+  assert not np.array_equal(other['index'], one_thread[0]['index'])
+
+
+def test_each_epoch_is_a_new_permutation_of_the_shard(index):
+  rows = index.split_indices('train')[:16]
+  source = sources.FolderSource(index, rows)
+  epochs = {}
+  for process in range(2):
+    dataset = pipeline.train_dataset(source, batch_size=2, seed=0, options=OPTIONS,
+                                     process_index=process, process_count=2)
+    seen = np.concatenate([b['index'] for b in _take(pipeline.iterate(dataset), 8)])
+    epochs[process] = seen[:8], seen[8:]
+    assert sorted(seen[:8]) == sorted(seen[8:])  # both epochs cover the shard
+    assert not np.array_equal(seen[:8], seen[8:])  # in another order
+  assert set(epochs[0][0]).isdisjoint(epochs[1][0])
+  assert set(epochs[0][0]) | set(epochs[1][0]) == set(rows)
+
+
+def test_evaluation_sees_every_example_exactly_once_across_processes(index):
+  rows = index.split_indices('val')
+  source = sources.FolderSource(index, rows)
+  seen, batches = [], []
+  for process in range(2):
+    dataset = pipeline.eval_dataset(source, batch_size=4, options=OPTIONS,
+                                    process_index=process, process_count=2)
+    batches.append(len(dataset))
+    for batch in dataset:
+      seen += batch['index'][batch['valid']].tolist()
+      assert (batch['index'][~batch['valid']] == -1).all()
+  assert batches[0] == batches[1]  # the processes step together
+  assert sorted(seen) == sorted(rows.tolist())
+
+
+def test_a_restored_iterator_continues_exactly(index, tmp_path):
+  source = sources.FolderSource(index, index.split_indices('train'))
+  dataset = pipeline.train_dataset(source, batch_size=4, seed=3, options=OPTIONS)
+  for workers in (0, 2):
+    uninterrupted = _take(pipeline.iterate(dataset, processes=workers), 6)
+    iterator = pipeline.iterate(dataset, processes=workers)
+    _take(iterator, 3)
+    manager = ocp.CheckpointManager(tmp_path / f'workers_{workers}')
+    manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+    restored = pipeline.iterate(dataset, processes=workers)
+    manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    _assert_same_batches(_take(restored, 3), uninterrupted[3:])
+
+
+def test_bad_images_are_replaced_in_training_and_masked_in_evaluation(quirky_folder):
+  root, summary = quirky_folder
+  quirky = annotations.read_deepfashion(root)
+  rows = np.arange(len(quirky))
+  source = sources.FolderSource(quirky, rows)
+  bad = {quirky.image_paths.tolist().index(summary['quirks'][name])
+         for name in ('truncated', 'missing')}
+  readable = {quirky.image_paths.tolist().index(summary['quirks'][name])
+              for name in ('grayscale', 'cmyk', 'png_as_jpg')}
+
+  evaluated = list(pipeline.eval_dataset(source, batch_size=8, options=OPTIONS))
+  valid = np.concatenate([b['index'][b['valid']] for b in evaluated])
+  assert set(valid) == set(rows) - bad  # readable oddities decode; bad ones are masked
+  assert sum(int(b['skipped'].sum()) for b in evaluated) == len(bad)
+  assert readable <= set(valid)
+
+  dataset = pipeline.train_dataset(source, batch_size=len(rows) // 2, seed=0, options=OPTIONS)
+  epoch = _take(pipeline.iterate(dataset), 2)
+  assert sum(int(b['skipped'].sum()) for b in epoch) == len(bad)
+  assert all(b['valid'].all() for b in epoch)
+  assert bad.isdisjoint(np.concatenate([b['index'] for b in epoch]))
+
+
+def test_strict_mode_names_the_unreadable_file(quirky_folder):
+  root, summary = quirky_folder
+  quirky = annotations.read_deepfashion(root)
+  source = sources.FolderSource(quirky, np.arange(len(quirky)))
+  strict = pipeline.ImageOptions(strict=True)
+  names = '|'.join(re.escape(summary['quirks'][name]) for name in ('truncated', 'missing'))
+  with pytest.raises(transforms.ImageDecodeError, match=f'({names}): '):
+    list(pipeline.eval_dataset(source, batch_size=8, options=strict))
+
+
+def test_per_process_batch_must_divide_the_global_batch():
+  assert pipeline.per_process_batch_size(64, 4) == 16
+  with pytest.raises(ValueError, match='config.batch_size=30 must be a multiple'):
+    pipeline.per_process_batch_size(30, 4)
