@@ -148,3 +148,36 @@ def test_per_process_batch_must_divide_the_global_batch():
   assert pipeline.per_process_batch_size(64, 4) == 16
   with pytest.raises(ValueError, match='config.batch_size=30 must be a multiple'):
     pipeline.per_process_batch_size(30, 4)
+
+
+class _OneImageSource:
+  """A source of one record whose image is larger than the canvas."""
+  num_attributes = 8
+
+  def __init__(self, image_bytes):
+    self.record = dict(image_bytes=image_bytes, path='big.jpg', index=0, position=0,
+                       category=1, category_type=0,
+                       attribute_positive_bits=np.packbits(np.ones(8, bool)),
+                       attribute_unknown_bits=np.packbits(np.zeros(8, bool)),
+                       bbox=np.array([60, 40, 600, 400], np.float32))
+
+  def __len__(self):
+    return 1
+
+  def __getitem__(self, position):
+    return self.record
+
+
+def test_images_larger_than_the_canvas_are_shrunk_with_their_crop_and_box():
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  Image.new('RGB', (600, 400), (200, 30, 30)).save(buffer, format='JPEG')
+  source = _OneImageSource(buffer.getvalue())
+  batch = pipeline.eval_dataset(source, batch_size=1, options=OPTIONS)[0]
+  np.testing.assert_array_equal(batch['image_size'], [[200, 300]])
+  np.testing.assert_allclose(batch['region'], [[0, 0, 300, 200]])
+  np.testing.assert_allclose(batch['bbox'], [[0.1, 0.1, 1.0, 1.0]], atol=1e-6)
+  assert batch['attribute_positive'].all() and batch['valid'].all()
+  train = pipeline.train_dataset(source, batch_size=1, seed=0, options=OPTIONS)[0]
+  assert (train['region'][0, 2:] <= [300, 200]).all()  # a crop of the shrunk image

@@ -4,7 +4,7 @@ Why grain's `MapDataset` (and not `DataLoader` with an `IndexSampler`): each ste
 chain is a small, separately testable dataset (source -> process shard -> per-epoch shuffle
 -> per-example random transform -> batch); randomness comes from `random_map`, which seeds
 each element from the pipeline seed and the element's position, so the batches do not
-depend on the number of worker processes; and the resulting iterator's state (a position)
+depend on the number of worker threads or processes; and the resulting iterator's state (a position)
 is what orbax saves with the model, through `grain.checkpoint`.
 
 Host work per image is decoding and copying into a fixed canvas; the random crop and flip
@@ -58,9 +58,9 @@ def _decode(record: dict, strict: bool):
     return None
 
 
-def _example(record: dict, image: np.ndarray, crop: transforms.Crop, options: ImageOptions,
+def _example(record: dict, image: np.ndarray, bbox: np.ndarray, crop: transforms.Crop,
              valid: bool, skipped: int) -> dict:
-  image, bbox = transforms.fit_to_canvas(image, record['bbox'], options.canvas_size)
+  """One example; image, bbox and crop are those of the image as it fits in the canvas."""
   return dict(image=image, image_size=image.shape[:2], region=crop.region, flip=crop.flip,
               bbox=transforms.crop_box(bbox, crop),
               category=record['category'], category_type=record['category_type'],
@@ -86,10 +86,11 @@ class TrainExample(grain.transforms.RandomMap):
     else:
       raise RuntimeError(f'{_MAX_CONSECUTIVE_BAD_FILES} unreadable images in a row, the '
                          f'last {record["path"]}: is the image folder complete?')
+    image, bbox = transforms.fit_to_canvas(image, record['bbox'], self.options.canvas_size)
     height, width = image.shape[:2]
     crop = transforms.random_train_crop(rng, height, width, self.options.img_size,
                                         self.options.crop_size)
-    return _example(record, image, crop, self.options, valid=True, skipped=skipped)
+    return _example(record, image, bbox, crop, valid=True, skipped=skipped)
 
 
 class EvalExample(grain.transforms.Map):
@@ -105,15 +106,17 @@ class EvalExample(grain.transforms.Map):
     image = _decode(record, self.options.strict)
     if image is None:
       return self._invalid(record, skipped=1)
+    image, bbox = transforms.fit_to_canvas(image, record['bbox'], self.options.canvas_size)
     height, width = image.shape[:2]
     crop = transforms.eval_crop(height, width, self.options.img_size, self.options.crop_size,
                                 self.options.eval_crop)
-    return _example(record, image, crop, self.options, valid=True, skipped=0)
+    return _example(record, image, bbox, crop, valid=True, skipped=0)
 
   def _invalid(self, record: dict, skipped: int) -> dict:
-    blank = np.zeros((1, 1, 3), np.uint8)
+    """A masked-out example: a 1-pixel black image; its labels are never counted."""
     crop = transforms.eval_crop(1, 1, self.options.img_size, self.options.crop_size, 'resize')
-    example = _example(record, blank, crop, self.options, valid=False, skipped=skipped)
+    example = _example(record, np.zeros((1, 1, 3), np.uint8), np.array([0, 0, 1, 1], np.float32),
+                       crop, valid=False, skipped=skipped)
     example['index'] = -1
     return example
 
