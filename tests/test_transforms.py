@@ -1,7 +1,6 @@
 """Host transforms (pure NumPy) and the device resampling, against plain PIL references."""
 
 import io
-import os
 
 import jax
 import numpy as np

@@ -102,7 +102,7 @@ class DeepFashionIndex:
         f'  categories: {self.num_categories}, images per category '
         f'min {per_category.min()} / median {int(np.median(per_category))} / max {per_category.max()}'
         + (f'; without images: {", ".join(empty)}' if empty else ''),
-        f'  garment types: ' + ', '.join(
+        '  garment types: ' + ', '.join(
             f'{name} {np.sum(self.category_type == t):,}'
             for t, name in enumerate(vocabulary.GARMENT_TYPE_NAMES)),
         f'  attributes: {self.num_attributes}, positives per image mean {positives.mean():.2f}, '
