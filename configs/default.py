@@ -6,6 +6,29 @@ import ml_collections
 def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0  # seeds initialisation, data order and augmentation
+  config.dtype = 'float32'  # activations: float32 | bfloat16 | float16 (parameters stay float32)
+  config.batch_size = 32  # global batch, split over processes and devices
+  config.num_train_steps = 1_300_000  # the baseline's 200 epochs of 209,222 images at batch 32
+  config.optimizer = 'adam'  # 'adam' (the baseline's) or 'sgd' (momentum)
+  config.learning_rate = 2e-4  # peak learning rate
+  config.adam_eps = 1e-8  # Adam's epsilon
+  config.momentum = 0.9  # SGD momentum
+  config.weight_decay = 0.0  # decoupled weight decay (the baseline has none)
+  config.schedule = 'constant'  # 'constant' (the baseline's) or 'cosine' decay
+  config.warmup_steps = 0  # linear warm-up from 0 to learning_rate
+
+  config.model = ml_collections.ConfigDict()
+  config.model.backbone = 18  # ResNet depth: 18, 34, 50, 101 or 152
+  config.model.roi_pool = 'align'  # 'align' (ROI-Align) or 'baseline_max' (the baseline's)
+  config.model.roi_sampling_ratio = 2  # ROI-Align samples per bin and axis (<= 0: adaptive)
+  config.model.roi_aligned = True  # ROI-Align's half-pixel alignment (torchvision `aligned`)
+  config.model.box_gradient_into_roi = False  # let the local features train the box branch
+  config.model.category_head = 'single'  # 'single' 50-way, or 'per_garment_type'
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.attribute = 'bce'  # 'bce' or 'hinge'
+  config.loss.reduce_sum = True  # sum attribute losses over attributes (baseline --reduce_sum)
+  config.loss.beta = 0.001  # weight of the box loss
 
   config.data = ml_collections.ConfigDict()
   config.data.data_dir = ''  # DeepFashion folder holding Anno/, Eval/ and Img/ (or img/)

@@ -6,4 +6,9 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.data.synthetic_images = 60
+  config.batch_size = 8
+  config.num_train_steps = 6
+  config.data.img_size = 72
+  config.data.crop_size = 64
+  config.data.threads = 1
   return config

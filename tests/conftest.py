@@ -5,6 +5,9 @@ import sys
 
 import pytest
 
+# Four CPU devices, so that sharded steps are tested on one machine (before JAX starts).
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from deepfashion_jax.data import synthetic  # pylint: disable=g-import-not-at-top
