@@ -1,35 +1,60 @@
 """deepfashion-jax entry point: flags in, one call per mode.
 
+  python main.py --config=configs/demo.py --workdir=runs/demo            # train (or resume)
+  python main.py --config=configs/demo.py --workdir=runs/demo --mode=evaluate
+  python main.py --config=configs/default.py --workdir=DIR --mode=convert \\
+      --torch_checkpoint=epoch_200.pth --config.model.roi_pool=baseline_max
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=describe
 """
+
+import logging as python_logging
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from deepfashion_jax import evaluate
+from deepfashion_jax import train
 from deepfashion_jax.data import folder
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and generated data.')
-flags.DEFINE_enum('mode', 'describe', ['describe'],
-                  'describe: load (or write) the dataset and print its summary.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'convert', 'describe'],
+                  'train: train and evaluate, resuming from the newest checkpoint; '
+                  'evaluate: a checkpoint on config.eval.split; convert: a PyTorch checkpoint '
+                  'into the workdir; describe: load (or write) the dataset and summarise it.')
+flags.DEFINE_string('torch_checkpoint', None, '--mode=convert: the .pth file to convert.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def describe(config, workdir: str):
   """Loads the configured DeepFashion folder (writing the synthetic one if need be)."""
-  index = folder.load_index(config.data, workdir)
-  print(index.summary())
+  print(folder.load_index(config.data, workdir).summary())
+
+
+def _quiet_checkpointing_logs(record) -> bool:
+  """Orbax logs a dozen INFO lines per save; keep its warnings and errors only."""
+  return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  if FLAGS.mode == 'describe':
-    describe(FLAGS.config, FLAGS.workdir)
+  logging.get_absl_handler().addFilter(_quiet_checkpointing_logs)
+  config, workdir = FLAGS.config, FLAGS.workdir
+  if FLAGS.mode == 'train':
+    train.train_and_evaluate(config, workdir)
+  elif FLAGS.mode == 'evaluate':
+    evaluate.evaluate_checkpoint(config, workdir)
+  elif FLAGS.mode == 'convert':
+    if not FLAGS.torch_checkpoint:
+      raise app.UsageError('--mode=convert needs --torch_checkpoint=FILE.pth')
+    train.convert(config, workdir, FLAGS.torch_checkpoint)
+  else:
+    describe(config, workdir)
 
 
 if __name__ == '__main__':

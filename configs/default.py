@@ -16,6 +16,17 @@ def get_config():
   config.weight_decay = 0.0  # decoupled weight decay (the baseline has none)
   config.schedule = 'constant'  # 'constant' (the baseline's) or 'cosine' decay
   config.warmup_steps = 0  # linear warm-up from 0 to learning_rate
+  config.log_every_steps = 100  # train metrics to TensorBoard and the console
+  config.eval_every_steps = 10_000  # evaluate on config.eval.split (and at the end)
+  config.checkpoint_every_steps = 10_000  # save (and at the end); a multiple of log_every_steps
+  config.keep_checkpoints = 3  # the newest kept, besides the best by config.best_metric
+  config.best_metric = 'category_top3'  # evaluation metric that names the best checkpoint
+  config.num_box_images = 8  # validation images drawn with their boxes at each evaluation
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.split = 'val'  # 'val' or 'test'
+  config.eval.batch_size = 64  # global evaluation batch
+  config.eval.checkpoint = ''  # --mode=evaluate: '' newest, 'best', or a step number
 
   config.model = ml_collections.ConfigDict()
   config.model.backbone = 18  # ResNet depth: 18, 34, 50, 101 or 152
@@ -24,6 +35,7 @@ def get_config():
   config.model.roi_aligned = True  # ROI-Align's half-pixel alignment (torchvision `aligned`)
   config.model.box_gradient_into_roi = False  # let the local features train the box branch
   config.model.category_head = 'single'  # 'single' 50-way, or 'per_garment_type'
+  config.model.init_from = ''  # a baseline epoch_N.pth (whole model) or torchvision .pth (backbone)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.attribute = 'bce'  # 'bce' or 'hinge'

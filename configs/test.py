@@ -11,4 +11,9 @@ def get_config():
   config.data.img_size = 72
   config.data.crop_size = 64
   config.data.threads = 1
+  config.log_every_steps = 2
+  config.eval_every_steps = 3
+  config.checkpoint_every_steps = 2
+  config.eval.batch_size = 8
+  config.num_box_images = 2
   return config

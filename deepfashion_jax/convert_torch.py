@@ -181,9 +181,31 @@ def _remap_category_head(arrays: dict) -> dict:
   return arrays
 
 
+def load_into(model: nnx.Module, path: str) -> str:
+  """Loads a baseline checkpoint (the whole model) or a torchvision ResNet state dict (the
+  backbone), whichever the file is; returns 'baseline' or 'torchvision'."""
+  content = read_pth(path)
+  if isinstance(content, dict) and 'model' in content:
+    _load_baseline(model, content, path)
+    return 'baseline'
+  _load_torchvision(model, content, path)
+  return 'torchvision'
+
+
 def load_baseline_into(model: nnx.Module, path: str) -> int:
   """Loads a baseline `epoch_N.pth` into a FashionNet (category_head='single'); returns N."""
-  checkpoint = read_pth(path)
+  return _load_baseline(model, read_pth(path), path)
+
+
+def load_torchvision_backbone_into(model: nnx.Module, path: str):
+  """Initialises the backbone from a torchvision ResNet state dict (its fc is dropped)."""
+  state_dict = read_pth(path)
+  if isinstance(state_dict, dict) and 'model' in state_dict:
+    raise CheckpointError(f'{path} is a baseline checkpoint, not a torchvision state dict')
+  _load_torchvision(model, state_dict, path)
+
+
+def _load_baseline(model: nnx.Module, checkpoint, path: str) -> int:
   if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
     raise CheckpointError(f"{path}: expected the baseline's {{'model', 'optim', 'epoch'}} "
                           f'dict, found {type(checkpoint).__name__} '
@@ -203,11 +225,9 @@ def load_baseline_into(model: nnx.Module, path: str) -> int:
   return int(checkpoint.get('epoch', 0))
 
 
-def load_torchvision_backbone_into(model: nnx.Module, path: str):
-  """Initialises the backbone from a torchvision ResNet state dict (its fc is dropped)."""
-  state_dict = read_pth(path)
-  if isinstance(state_dict, dict) and 'model' in state_dict:
-    raise CheckpointError(f'{path} is a baseline checkpoint, not a torchvision state dict')
+def _load_torchvision(model: nnx.Module, state_dict, path: str):
+  if not isinstance(state_dict, dict):
+    raise CheckpointError(f'{path}: expected a state dict, found {type(state_dict).__name__}')
   arrays = {k: np.asarray(v) for k, v in state_dict.items()
             if not k.startswith('fc.') and not k.endswith('num_batches_tracked')}
   _check_depth([k for k in arrays if k.startswith('layer')], model, path)

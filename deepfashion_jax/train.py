@@ -1,161 +1,131 @@
-"""The training state and the jitted, sharded train and evaluation steps.
+"""The main job: train, evaluate every `eval_every_steps`, checkpoint, resume by itself.
 
-This is where data and model meet (DESIGN.md). The model is split once into a static
-graph definition and pure pytrees (parameters, batch-norm statistics), so the jitted step
-is a pure function of (state, batch): no Python work per step, and the state is donated.
-Data parallelism: one mesh axis `data` over every device; the batch is split along it and
-the state is replicated, so XLA inserts the gradient and batch-norm reductions.
+Started again on the same workdir, a run continues from its newest checkpoint (model,
+optimiser, step and the data iterator's position), so that N steps in one go and k steps,
+a restart and N - k more give the same parameters and the same logged metrics.
 """
 
-import dataclasses
-import functools
-from typing import Any
+import os
 
-import flax
-from flax import nnx
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
 import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
 import numpy as np
-import optax
 
-from deepfashion_jax import losses
-from deepfashion_jax import metrics
-from deepfashion_jax.data import device_transforms
+from deepfashion_jax import checkpoints
+from deepfashion_jax import config_checks
+from deepfashion_jax import evaluate
+from deepfashion_jax import sharding
+from deepfashion_jax import steps
+from deepfashion_jax.data import folder
+from deepfashion_jax.data import pipeline
+from deepfashion_jax.data import sources
 from deepfashion_jax.data import vocabulary
-from deepfashion_jax.models import fashion_net
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any  # nnx.State of nnx.Param
-  batch_stats: Any  # nnx.State of nnx.BatchStat
-  opt_state: Any
+def _train_dataset(config, index):
+  """This process's share of the endless, shuffled training batches."""
+  process_count = jax.process_count()
+  return pipeline.train_dataset(
+      sources.FolderSource(index, index.split_indices('train')),
+      batch_size=pipeline.per_process_batch_size(config.batch_size, process_count),
+      seed=config.seed, options=pipeline.image_options(config.data),
+      process_index=jax.process_index(), process_count=process_count)
 
 
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-  """The static part of a step: what the compiled function closes over."""
-  graphdef: Any
-  optimizer: optax.GradientTransformation
-  crop_size: int
-  beta: float
-  attribute_loss: str
-  reduce_sum: bool
-  attribute_types: np.ndarray
+def _box_images(predict_step, state, eval_data, mesh, count: int):
+  """The first `count` evaluation images with their true and predicted boxes."""
+  batch = eval_data[0]
+  outputs = predict_step(state, sharding.global_batch(batch, mesh))
+  outputs = jax.tree.map(np.asarray, outputs)
+  return evaluate.box_figure(outputs['images'][:count], batch['bbox'][:count],
+                             outputs['box'][:count])
 
 
-def create_model(config, rngs: nnx.Rngs) -> fashion_net.FashionNet:
-  model = config.model
-  return fashion_net.FashionNet(
-      backbone=model.backbone, image_size=config.data.crop_size,
-      roi_pool=model.roi_pool, roi_sampling_ratio=model.roi_sampling_ratio,
-      roi_aligned=model.roi_aligned, box_gradient_into_roi=model.box_gradient_into_roi,
-      category_head=model.category_head, category_types=vocabulary.CATEGORY_TYPES,
-      dtype=DTYPES[config.dtype], rngs=rngs)
+def _evaluate_and_report(config, workdir, writer, evaluators, state, eval_data, mesh, step,
+                         skipped_in_training):
+  eval_step, predict_step = evaluators
+  results, skipped = evaluate.evaluate(eval_step, state, eval_data, mesh,
+                                       f'evaluating step {step}')
+  logging.info('Step %d: %d unreadable images skipped in training since the last '
+               'evaluation, %d in this evaluation', step, skipped_in_training, skipped)
+  results.update(skipped_images_train=skipped_in_training, skipped_images_eval=skipped)
+  writer.write_scalars(step, {f'eval_{k}': v for k, v in results.items()})
+  if config.num_box_images:
+    writer.write_images(step, {'eval_boxes': _box_images(predict_step, state, eval_data,
+                                                         mesh, config.num_box_images)})
+  if jax.process_index() == 0:
+    evaluate.append_jsonl(workdir, step, results)
+  return results
 
 
-def create_optimizer(config) -> optax.GradientTransformation:
-  """Adam (the baseline's) or SGD with momentum; optional warm-up, cosine decay, decay."""
-  peak = config.learning_rate
-  if config.schedule == 'cosine':
-    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(config.warmup_steps, 1),
-                                                  max(config.num_train_steps, 2))
-  elif config.warmup_steps > 0:
-    schedule = optax.linear_schedule(0.0, peak, config.warmup_steps)
-  else:
-    schedule = peak
-  if config.optimizer == 'adam':
-    return optax.adamw(schedule, eps=config.adam_eps, weight_decay=config.weight_decay)
-  return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.sgd(schedule, momentum=config.momentum))
+def train_and_evaluate(config, workdir: str):
+  """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics."""
+  config_checks.check(config)
+  os.makedirs(workdir, exist_ok=True)
+  index = folder.load_index(config.data, workdir)
+  mesh = sharding.make_mesh()
+  step_config, state = steps.create_train_state(config, mesh, index.attribute_types)
+  train_step, eval_step, predict_step = steps.jit_steps(step_config, mesh)
+  eval_data = evaluate.eval_dataset(config, index)
+  train_iterator = pipeline.iterate(_train_dataset(config, index), threads=config.data.threads,
+                                    processes=config.data.processes)
+
+  manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
+  if manager.latest_step() is not None:
+    logging.info('Resuming from the checkpoint of step %d in %s', manager.latest_step(), workdir)
+    state = checkpoints.restore(manager, manager.latest_step(),
+                                checkpoints.abstract_like(state), train_iterator)
+  elif config.model.init_from:
+    state = steps.with_torch_weights(step_config, state, config.model.init_from, mesh)
+  first_step = int(state.step) + 1
+
+  writer = metric_writers.create_default_writer(workdir,
+                                                just_logging=jax.process_index() > 0)
+  if first_step == 1:
+    writer.write_hparams({k: v for k, v in config.items() if not hasattr(v, 'items')})
+  report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                                    writer=writer)
+  train_metrics, skipped, results = None, 0, {}
+  for step in range(first_step, config.num_train_steps + 1):
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      batch = next(train_iterator)
+      skipped += int(batch['skipped'].sum())
+      state, batch_metrics = train_step(state, sharding.global_batch(batch, mesh))
+    train_metrics = batch_metrics if train_metrics is None else train_metrics.merge(batch_metrics)
+    report_progress(step)
+    last = step == config.num_train_steps
+    if step % config.log_every_steps == 0 or last:
+      writer.write_scalars(step, {f'train_{k}': float(v)
+                                  for k, v in train_metrics.compute().items()})
+      train_metrics = None
+    if step % config.eval_every_steps == 0 or last:
+      with report_progress.timed('eval'):
+        results = _evaluate_and_report(config, workdir, writer, (eval_step, predict_step),
+                                       state, eval_data, mesh, step, skipped)
+      skipped = 0
+    if step % config.checkpoint_every_steps == 0 or last:
+      with report_progress.timed('checkpoint'):
+        evaluated = step % config.eval_every_steps == 0 or last
+        checkpoints.save(manager, step, state, train_iterator,
+                         metrics=results if evaluated else None)
+  writer.flush()
+  manager.wait_until_finished()
+  return results
 
 
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """One axis, `data`, over the given devices (all of them by default)."""
-  devices = np.array(jax.devices() if devices is None else devices)
-  return jax.sharding.Mesh(devices, ('data',))
-
-
-def create_train_state(config, mesh, attribute_types: np.ndarray):
-  """(StepConfig, TrainState): the state is initialised by a jitted function whose outputs
-  land already replicated on the mesh (shapes first, then shardings, then values).
-
-  attribute_types: (A,) type of each attribute, as the dataset's list_attr_cloth.txt says.
-  """
-  optimizer = create_optimizer(config)
-
-  def init():
-    model = create_model(config, nnx.Rngs(config.seed))
-    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=optimizer.init(params))
-
-  abstract_model = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(config.seed)))
-  graphdef = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)[0]
-  replicated = NamedSharding(mesh, PartitionSpec())
-  shardings = jax.tree.map(lambda _: replicated, jax.eval_shape(init))
-  state = jax.jit(init, out_shardings=shardings)()
-  step_config = StepConfig(
-      graphdef=graphdef, optimizer=optimizer, crop_size=config.data.crop_size,
-      beta=config.loss.beta, attribute_loss=config.loss.attribute,
-      reduce_sum=config.loss.reduce_sum, attribute_types=np.asarray(attribute_types))
-  return step_config, state
-
-
-def _forward(step_config: StepConfig, params, batch_stats, batch, train: bool):
-  # copy: fresh Variables in this trace (the state's own belong to the caller's trace).
-  model = nnx.merge(step_config.graphdef, params, batch_stats, copy=True)
-  if train:
-    model.train()
-  else:
-    model.eval()
-  outputs = model(device_transforms.batch_images(batch, step_config.crop_size))
-  loss, parts = losses.total_loss(outputs, batch, beta=step_config.beta,
-                                  attribute_kind=step_config.attribute_loss,
-                                  reduce_sum=step_config.reduce_sum)
-  return loss, (outputs, parts, nnx.state(model, nnx.BatchStat))
-
-
-def train_step(step_config: StepConfig, state: TrainState, batch: dict):
-  """One optimiser step on a global batch; returns the new state and the batch's metrics."""
-  grad_fn = jax.value_and_grad(
-      lambda params: _forward(step_config, params, state.batch_stats, batch, train=True),
-      has_aux=True)
-  (loss, (outputs, parts, batch_stats)), grads = grad_fn(state.params)
-  updates, opt_state = step_config.optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state)
-  batch_metrics = metrics.batch_metrics(outputs, batch, dict(parts, loss=loss),
-                                        jnp.asarray(step_config.attribute_types))
-  return new_state, batch_metrics
-
-
-def eval_step(step_config: StepConfig, state: TrainState, batch: dict):
-  """The metrics of one evaluation batch (batch-norm in inference mode)."""
-  loss, (outputs, parts, _) = _forward(step_config, state.params, state.batch_stats, batch,
-                                       train=False)
-  return metrics.batch_metrics(outputs, batch, dict(parts, loss=loss),
-                               jnp.asarray(step_config.attribute_types))
-
-
-def jit_steps(step_config: StepConfig, mesh):
-  """The train and eval steps compiled for the mesh: batch split on `data`, state
-  replicated and, for training, donated."""
-  replicated = NamedSharding(mesh, PartitionSpec())
-  train = jax.jit(functools.partial(train_step, step_config), donate_argnums=0,
-                  out_shardings=replicated)
-  evaluate = jax.jit(functools.partial(eval_step, step_config), out_shardings=replicated)
-  return train, evaluate
-
-
-def global_batch(batch: dict, mesh) -> dict:
-  """This process's share of a batch -> global arrays split along the mesh's `data` axis."""
-  sharding = NamedSharding(mesh, PartitionSpec('data'))
-  return {key: jax.make_array_from_process_local_data(sharding, value)
-          for key, value in batch.items()}
+def convert(config, workdir: str, torch_checkpoint: str) -> int:
+  """Writes a PyTorch baseline (or torchvision) checkpoint as this project's step-0
+  checkpoint in `workdir`, for `--mode=evaluate` and prediction; returns the step."""
+  config_checks.check(config)
+  mesh = sharding.make_mesh()
+  # Attribute types only matter to the metrics, which converting does not compute.
+  step_config, state = steps.create_train_state(config, mesh,
+                                                np.zeros(vocabulary.NUM_ATTRIBUTES, np.int8))
+  state = steps.with_torch_weights(step_config, state, torch_checkpoint, mesh)
+  manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
+  checkpoints.save(manager, 0, state)
+  manager.wait_until_finished()
+  logging.info('Wrote %s as the step-0 checkpoint of %s', torch_checkpoint, workdir)
+  return 0

@@ -45,6 +45,13 @@ class ImageOptions:
   strict: bool = False  # raise on an unreadable image instead of skipping it
 
 
+def image_options(data_config) -> ImageOptions:
+  """The image options of a config's `data` section."""
+  return ImageOptions(canvas_size=data_config.canvas_size, img_size=data_config.img_size,
+                      crop_size=data_config.crop_size, eval_crop=data_config.eval_crop,
+                      strict=data_config.strict)
+
+
 def _decode(record: dict, strict: bool):
   """The decoded image, or None (logged, or raised when strict) when it cannot be read."""
   try:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from deepfashion_jax import train
+from deepfashion_jax import sharding
+from deepfashion_jax import steps
 from deepfashion_jax.data import annotations
 from deepfashion_jax.data import pipeline
 from deepfashion_jax.data import sources
@@ -23,12 +24,12 @@ def _batches(root, config, count):
 
 
 def _train(config, index, batches, devices):
-  mesh = train.make_mesh(devices)
-  step_config, state = train.create_train_state(config, mesh, index.attribute_types)
-  train_step, _ = train.jit_steps(step_config, mesh)
+  mesh = sharding.make_mesh(devices)
+  step_config, state = steps.create_train_state(config, mesh, index.attribute_types)
+  train_step, _, _ = steps.jit_steps(step_config, mesh)
   history = []
   for batch in batches:
-    state, batch_metrics = train_step(state, train.global_batch(batch, mesh))
+    state, batch_metrics = train_step(state, sharding.global_batch(batch, mesh))
     history.append({k: float(v) for k, v in batch_metrics.compute().items()})
   return state, history
 

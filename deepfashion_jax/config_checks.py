@@ -1,0 +1,57 @@
+"""Checks a configuration at start, so that a wrong value fails in a second, not in an hour.
+
+Every message names the field (`config.x.y`) and what it accepts.
+"""
+
+import jax
+
+from deepfashion_jax.models import resnet
+
+_CHOICES = {
+    'dtype': ('float32', 'bfloat16', 'float16'),
+    'optimizer': ('adam', 'sgd'),
+    'schedule': ('constant', 'cosine'),
+    'model.roi_pool': ('align', 'baseline_max'),
+    'model.category_head': ('single', 'per_garment_type'),
+    'loss.attribute': ('bce', 'hinge'),
+    'data.split': ('official', 'baseline'),
+    'data.eval_crop': ('resize', 'center_crop'),
+    'eval.split': ('val', 'test'),
+}
+_POSITIVE = ('batch_size', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
+             'checkpoint_every_steps', 'keep_checkpoints', 'eval.batch_size', 'data.img_size',
+             'data.crop_size', 'data.canvas_size', 'data.threads')
+
+
+def _get(config, name):
+  value = config
+  for part in name.split('.'):
+    value = value[part]
+  return value
+
+
+def check(config):
+  """Raises ValueError naming the first field with a wrong value."""
+  for name, choices in _CHOICES.items():
+    if _get(config, name) not in choices:
+      raise ValueError(f'config.{name}={_get(config, name)!r}: expected one of {choices}')
+  for name in _POSITIVE:
+    value = _get(config, name)
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f'config.{name}={value!r}: expected a positive integer')
+  if config.model.backbone not in resnet.ARCHITECTURES:
+    raise ValueError(f'config.model.backbone={config.model.backbone!r}: expected one of '
+                     f'{sorted(resnet.ARCHITECTURES)}')
+  if config.data.crop_size > config.data.img_size:
+    raise ValueError(f'config.data.crop_size={config.data.crop_size} is larger than '
+                     f'config.data.img_size={config.data.img_size}')
+  for name in ('batch_size', 'eval.batch_size'):
+    if _get(config, name) % jax.device_count():
+      raise ValueError(f'config.{name}={_get(config, name)} must be a multiple of the number '
+                       f'of devices ({jax.device_count()})')
+  if config.checkpoint_every_steps % config.log_every_steps:
+    raise ValueError(f'config.checkpoint_every_steps={config.checkpoint_every_steps} must be a '
+                     f'multiple of config.log_every_steps={config.log_every_steps}, so that '
+                     'a resumed run logs the same training metrics')
+  if config.learning_rate <= 0:
+    raise ValueError(f'config.learning_rate={config.learning_rate}: expected a positive number')

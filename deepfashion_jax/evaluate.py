@@ -1,0 +1,123 @@
+"""Evaluation over a whole split, every example exactly once, and its reports.
+
+The loop merges the clu metrics of every padded batch (padding and unreadable images carry
+`valid` False and count nowhere) and counts the unreadable images met. Reports: a console
+table, `eval_<split>_<step>.json`, one line per evaluation in `metrics.jsonl`, and an image
+of ground-truth (green) and predicted (red) boxes on a few images for TensorBoard.
+"""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+import tqdm
+
+from deepfashion_jax import checkpoints
+from deepfashion_jax import config_checks
+from deepfashion_jax import sharding
+from deepfashion_jax import steps
+from deepfashion_jax.data import folder
+from deepfashion_jax.data import pipeline
+from deepfashion_jax.data import sources
+
+
+def eval_dataset(config, index):
+  """This process's share of config.eval.split, padded to whole batches."""
+  process_count = jax.process_count()
+  return pipeline.eval_dataset(
+      sources.FolderSource(index, index.split_indices(config.eval.split)),
+      batch_size=pipeline.per_process_batch_size(config.eval.batch_size, process_count),
+      options=pipeline.image_options(config.data), process_index=jax.process_index(),
+      process_count=process_count)
+
+
+def evaluate(eval_step, state, dataset, mesh, description: str = 'evaluating'):
+  """(metrics as floats, number of unreadable images) over one pass of `dataset`."""
+  merged, skipped = None, 0
+  iterator = pipeline.iterate(dataset)
+  for batch in tqdm.tqdm(iterator, total=len(dataset), desc=description, leave=False,
+                         disable=jax.process_index() > 0):
+    skipped += int(batch['skipped'].sum())
+    batch_metrics = eval_step(state, sharding.global_batch(batch, mesh))
+    merged = batch_metrics if merged is None else merged.merge(batch_metrics)
+  return {name: float(value) for name, value in merged.compute().items()}, skipped
+
+
+def box_figure(images: np.ndarray, true_boxes: np.ndarray, predicted_boxes: np.ndarray):
+  """(N, S, S, 3) uint8: each image with its true box in green and the predicted in red."""
+  drawn = []
+  for image, true_box, predicted in zip(images, true_boxes, predicted_boxes):
+    picture = Image.fromarray(np.asarray(image))
+    draw = ImageDraw.Draw(picture)
+    side = picture.size[0]
+    for box, colour in ((true_box, (0, 220, 0)), (predicted, (230, 0, 0))):
+      x1, y1, x2, y2 = (float(v) * side for v in box)
+      draw.rectangle((x1, y1, max(x1, x2), max(y1, y2)), outline=colour, width=2)
+    drawn.append(np.asarray(picture))
+  return np.stack(drawn)
+
+
+def format_table(results: dict, title: str) -> str:
+  """The metrics as an aligned two-column table."""
+  width = max(len(name) for name in results)
+  lines = [title] + [f'  {name:<{width}}  {value:.4f}' for name, value in results.items()]
+  return '\n'.join(lines)
+
+
+def _json_values(results: dict) -> dict:
+  """NaN (a recall over no positive at all, say) becomes null: JSON has no NaN."""
+  return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in results.items()}
+
+
+def write_json(workdir: str, split: str, step: int, results: dict) -> str:
+  path = os.path.join(workdir, f'eval_{split}_{step}.json')
+  with open(path, 'w') as f:
+    json.dump(dict(step=step, split=split, **_json_values(results)), f, indent=2,
+              allow_nan=False)
+  return path
+
+
+def append_jsonl(workdir: str, step: int, results: dict):
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write(json.dumps(dict(step=step, **_json_values(results)), allow_nan=False) + '\n')
+
+
+def _checkpoint_step(manager, choice: str) -> int:
+  """config.eval.checkpoint: '' the newest, 'best', or a step number."""
+  if choice == 'best':
+    step = manager.best_step()
+  elif choice:
+    if not choice.isdigit() or int(choice) not in manager.all_steps():
+      raise ValueError(f'config.eval.checkpoint={choice!r}: expected \'\', \'best\' or one of '
+                       f'the saved steps {manager.all_steps()}')
+    step = int(choice)
+  else:
+    step = manager.latest_step()
+  if step is None:
+    raise ValueError(f'no checkpoint in {manager.directory}: train first, or write one '
+                     'with --mode=convert')
+  return step
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+  """--mode=evaluate: a checkpoint of the workdir on config.eval.split; prints a table and
+  writes eval_<split>_<step>.json."""
+  config_checks.check(config)
+  index = folder.load_index(config.data, workdir)
+  mesh = sharding.make_mesh()
+  step_config, state = steps.create_train_state(config, mesh, index.attribute_types)
+  _, eval_step, _ = steps.jit_steps(step_config, mesh)
+  manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric,
+                                       read_only=True)
+  step = _checkpoint_step(manager, config.eval.checkpoint)
+  state = checkpoints.restore(manager, step, checkpoints.abstract_like(state))
+  results, skipped = evaluate(eval_step, state, eval_dataset(config, index), mesh)
+  results['skipped_images_eval'] = skipped
+  if jax.process_index() == 0:
+    print(format_table(results, f'{config.eval.split} split, checkpoint of step {step}:'))
+    print('written to', write_json(workdir, config.eval.split, step, results))
+  return results

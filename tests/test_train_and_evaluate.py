@@ -1,0 +1,94 @@
+"""The main job end to end on the tiny config: train, evaluate, convert, and exact resume."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(workdir, data_dir, *flags):
+  command = [sys.executable, os.path.join(ROOT, 'main.py'), '--config=configs/test.py',
+             f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *flags]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def _scalars(workdir):
+  """(step, tag) -> value of every scalar in the workdir's TensorBoard event files."""
+  from tensorflow.compat.v1 import train as tf_train  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  values = {}
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    for event in tf_train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == 'scalars':
+          values[(event.step, value.tag)] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
+def _final_state(workdir, step):
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                                  item_names=('state', 'data'))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored['state']
+
+
+def _jsonl(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {line['step']: line for line in map(json.loads, f)}
+
+
+def test_resumed_run_equals_uninterrupted_run_bit_for_bit(synthetic_folder, tmp_path):
+  data_dir = synthetic_folder[0]
+  straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+  _main(straight, data_dir)  # 6 steps
+  _main(split, data_dir, '--config.num_train_steps=4')
+  resumed = _main(split, data_dir)  # a new process: steps 5 and 6
+  assert 'Resuming from the checkpoint of step 4' in resumed.stderr
+
+  import jax  # pylint: disable=g-import-not-at-top
+  for a, b in zip(jax.tree.leaves(_final_state(straight, 6)),
+                  jax.tree.leaves(_final_state(split, 6))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  straight_scalars, split_scalars = _scalars(straight), _scalars(split)
+  train_tags = [key for key in straight_scalars if key[1].startswith('train_')]
+  assert {step for step, _ in train_tags} == {2, 4, 6}
+  eval_tags = [key for key in straight_scalars if key[1].startswith('eval_')]
+  assert {step for step, _ in eval_tags} == {3, 6}
+  for key in train_tags + [key for key in eval_tags if key[0] == 6]:
+    np.testing.assert_equal(split_scalars[key], straight_scalars[key], err_msg=str(key))
+  assert _jsonl(split)[6] == _jsonl(straight)[6]  # the evaluation logged at the end
+
+
+def test_evaluate_mode_writes_the_table_and_json(synthetic_folder, tmp_path):
+  data_dir, workdir = synthetic_folder[0], str(tmp_path / 'run')
+  _main(workdir, data_dir)
+  result = _main(workdir, data_dir, '--mode=evaluate')
+  with open(os.path.join(workdir, 'eval_val_6.json')) as f:
+    written = json.load(f)
+  expected_keys = {'category_top1', 'category_top3', 'category_top5', 'attr_recall_top3',
+                   'attr_recall_top5', 'attr_recall_top3_texture', 'attr_recall_top5_style',
+                   'baseline_attr_recall_top3_texture', 'bbox_iou', 'loss'}
+  assert expected_keys <= set(written) and written['step'] == 6
+  assert 'category_top1' in result.stdout and 'eval_val_6.json' in result.stdout
+  logged = _jsonl(workdir)[6]  # the training run's own evaluation of step 6
+  for key in expected_keys:
+    assert written[key] == pytest.approx(logged[key], rel=1e-5, abs=1e-7, nan_ok=True), key
+  assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+
+
+def test_a_wrong_config_value_is_refused_naming_the_field(synthetic_folder, tmp_path):
+  command = [sys.executable, os.path.join(ROOT, 'main.py'), '--config=configs/test.py',
+             f'--workdir={tmp_path}', '--config.dtype=float8']
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "config.dtype='float8': expected one of ('float32', 'bfloat16', 'float16')" in \
+      result.stderr
