@@ -20,7 +20,7 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(PY)
 	touch $(VENV)/.runtime $@
 
 demo: $(VENV)/.runtime
-	$(PY) main.py --config=configs/demo.py --workdir=$(WORKDIR) --mode=describe
+	$(PY) main.py --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q tests

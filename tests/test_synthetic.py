@@ -108,25 +108,26 @@ def test_the_same_seed_writes_the_same_folder(tmp_path):
   assert not comparison.left_only and not comparison.right_only
 
 
-def _silhouette_mask(category, size=48):
+def _silhouette_mask(category, size=96):
   """The category's garment at its natural aspect ratio, as drawn before random jitter."""
   from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
   polygons, natural_size = synthetic.silhouette(category)
   mask = Image.new('L', (size, size), 0)
   draw = ImageDraw.Draw(mask)
-  for polygon in polygons:
+  for polygon, hole in sorted(polygons, key=lambda part: part[1]):
     draw.polygon([tuple(p) for p in polygon * natural_size / natural_size.max() * (size - 1)],
-                 fill=1)
+                 fill=0 if hole else 1)
   return np.asarray(mask, bool)
 
 
 def test_every_category_has_its_own_silhouette():
-  """No two garments overlap by more than 96% (the closest pair differs by its sleeves)."""
+  """No two garments overlap by more than 98%: the closest pairs differ by a zigzag hem, a
+  neckline or a belt slot, a few percent of the garment."""
   masks = [_silhouette_mask(c) for c in range(vocabulary.NUM_CATEGORIES)]
   for a in range(len(masks)):
     for b in range(a + 1, len(masks)):
       iou = (masks[a] & masks[b]).sum() / (masks[a] | masks[b]).sum()
-      assert iou < 0.96, (vocabulary.CATEGORY_NAMES[a], vocabulary.CATEGORY_NAMES[b], iou)
+      assert iou < 0.98, (vocabulary.CATEGORY_NAMES[a], vocabulary.CATEGORY_NAMES[b], iou)
 
 
 def _between_category_spread(colours, category):

@@ -68,9 +68,10 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(synthetic_folder, tmp_
   assert _jsonl(split)[6] == _jsonl(straight)[6]  # the evaluation logged at the end
 
 
-def test_evaluate_mode_writes_the_table_and_json(synthetic_folder, tmp_path):
-  data_dir, workdir = synthetic_folder[0], str(tmp_path / 'run')
-  _main(workdir, data_dir)
+def test_evaluate_mode_writes_the_table_and_json(quirky_folder, tmp_path):
+  """On the folder with bad images: the run completes and counts what it skipped."""
+  data_dir, workdir = quirky_folder[0], str(tmp_path / 'run')
+  trained = _main(workdir, data_dir)
   result = _main(workdir, data_dir, '--mode=evaluate')
   with open(os.path.join(workdir, 'eval_val_6.json')) as f:
     written = json.load(f)
@@ -83,6 +84,12 @@ def test_evaluate_mode_writes_the_table_and_json(synthetic_folder, tmp_path):
   for key in expected_keys:
     assert written[key] == pytest.approx(logged[key], rel=1e-5, abs=1e-7, nan_ok=True), key
   assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  quirks = quirky_folder[1]['quirks']
+  with open(os.path.join(data_dir, 'Eval', 'list_eval_partition.txt')) as f:
+    split_of = dict(line.split() for line in f.read().splitlines()[2:])
+  bad_in_val = sum(split_of[quirks[name]] == 'val' for name in ('truncated', 'missing'))
+  assert written['skipped_images_eval'] == logged['skipped_images_eval'] == bad_in_val
+  assert 'unreadable images skipped in training since the last evaluation' in trained.stderr
 
 
 def test_a_wrong_config_value_is_refused_naming_the_field(synthetic_folder, tmp_path):
@@ -92,3 +99,22 @@ def test_a_wrong_config_value_is_refused_naming_the_field(synthetic_folder, tmp_
   assert result.returncode != 0
   assert "config.dtype='float8': expected one of ('float32', 'bfloat16', 'float16')" in \
       result.stderr
+
+
+def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path):
+  torch = pytest.importorskip('torch')
+  sys.path.insert(0, os.path.dirname(__file__))
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from deepfashion_jax import train  # pylint: disable=g-import-not-at-top
+  reference = torch_reference.FashionResnet(18, feature_size=2)
+  path = str(tmp_path / 'epoch_3.pth')
+  torch.save({'model': reference.state_dict(), 'optim': {}, 'epoch': 3}, path)
+  config = test_config.get_config()
+  config.model.roi_pool = 'baseline_max'
+  workdir = str(tmp_path / 'converted')
+  assert train.convert(config, workdir, path) == 0
+  state = _final_state(workdir, 0)
+  kernel = np.asarray(state['params']['backbone']['conv1']['kernel']['value'])
+  np.testing.assert_array_equal(
+      kernel, reference.state_dict()['basemodel.0.weight'].numpy().transpose(2, 3, 1, 0))

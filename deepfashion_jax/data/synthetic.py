@@ -79,79 +79,99 @@ def attribute_vocabulary():
 
 # ----------------------------------------------------------------------------- silhouettes
 
-# A silhouette is a list of polygons in a unit frame (x right, y down), built from a few
-# geometric parameters per category: that geometry is the only signal of the category.
+# A silhouette is a list of (polygon, hole) pairs in a unit frame (x right, y down); holes
+# are cut out of the garment. Each category has its own combination of features that
+# survive the anisotropic resizing of the pipeline: sleeves (none, short, long), neckline
+# (round, V, high collar, hood), hem (straight or zigzag), legs or skirt, length (short
+# or long), a belt slot cut through the waist. That geometry is the only signal of the
+# category.
+
+_TORSO_TOP, _TORSO_HEM = 0.12, 0.92
 
 
-def _torso(neck: str, length: float, flare: float):
-  top, hem = 0.12, 0.12 + 0.8 * length
-  half_hem = 0.2 * flare
-  neck_depth = {'round': 0.06, 'v': 0.2, 'high': -0.08, 'hood': -0.12}[neck]
+def _hem(x_from: float, x_to: float, y: float, zigzag: bool):
+  """The hem from x_from to x_to at height y: its two ends, or a zigzag between them."""
+  if not zigzag:
+    return [(x_from, y), (x_to, y)]
+  xs = np.linspace(x_from, x_to, 13)
+  return [(x, y - 0.07 * (i % 2)) for i, x in enumerate(xs)]
+
+
+def _torso(neck: str, hem_y: float, zigzag: bool):
+  top = _TORSO_TOP
   points = [(0.3, top), (0.42, top)]
   if neck == 'hood':
     points += [(0.38, top - 0.1), (0.5, top - 0.14), (0.62, top - 0.1)]
+  elif neck == 'high':
+    points += [(0.42, top - 0.08), (0.58, top - 0.08)]
   else:
-    points += [(0.5, top + neck_depth)]
-  points += [(0.58, top), (0.7, top), (0.69, top + 0.3), (0.5 + half_hem, hem),
-             (0.5 - half_hem, hem), (0.31, top + 0.3)]
-  return [points]
+    points += [(0.5, top + (0.22 if neck == 'v' else 0.07))]
+  points += [(0.58, top), (0.7, top), (0.69, top + 0.3)]
+  points += _hem(0.7, 0.3, hem_y, zigzag)
+  points += [(0.31, top + 0.3)]
+  return [(points, False)]
 
 
 def _sleeves(length: float):
   if length <= 0:
     return []
   reach = 0.45 * length
-  right = [(0.7, 0.12), (0.7 + 0.5 * reach, 0.12 + reach), (0.7 + 0.5 * reach - 0.09,
-                                                            0.12 + reach + 0.04), (0.69, 0.3)]
+  right = [(0.7, 0.12), (0.7 + 0.5 * reach, 0.12 + reach),
+           (0.7 + 0.5 * reach - 0.09, 0.12 + reach + 0.04), (0.69, 0.3)]
   left = [(1.0 - x, y) for x, y in right]
-  return [right, left]
+  return [(right, False), (left, False)]
 
 
-def _legs(top: float, length: float, width: float):
+def _legs(top: float, length: float, zigzag: bool):
   hem = top + length
   crotch = top + min(0.2, 0.5 * length)
-  return [[(0.3, top), (0.7, top), (0.72 + width, hem), (0.52, hem), (0.5, crotch),
-           (0.48, hem), (0.28 - width, hem)]]
+  points = [(0.3, top), (0.7, top)] + _hem(0.74, 0.52, hem, zigzag) + [(0.5, crotch)]
+  points += _hem(0.48, 0.26, hem, zigzag)
+  return [(points, False)]
 
 
-def _skirt(top: float, length: float, flare: float):
+def _skirt(top: float, length: float, zigzag: bool):
   hem = top + length
-  return [[(0.32, top), (0.68, top), (0.5 + 0.18 * flare, hem), (0.5 - 0.18 * flare, hem)]]
+  return [([(0.32, top), (0.68, top)] + _hem(0.78, 0.22, hem, zigzag), False)]
+
+
+def _belt_slot(top: float):
+  return [([(0.34, top + 0.04), (0.66, top + 0.04), (0.66, top + 0.11), (0.34, top + 0.11)],
+           True)]
+
+
+_SLEEVES = (0.0, 0.4, 1.0)
 
 
 def _upper_body(c: int):
-  sleeve = (0.0, 0.4, 0.7, 1.0)[c % 4]
-  length, flare, neck = ((0.6, 1.0, 'round'), (0.85, 1.0, 'v'), (1.0, 1.35, 'round'),
-                         (0.85, 0.85, 'high'), (1.0, 1.0, 'hood'))[c // 4]
-  return _torso(neck, length, flare) + _sleeves(sleeve)
+  neck = ('round', 'v', 'high', 'hood')[(c // 3) % 4]
+  return _torso(neck, _TORSO_HEM, zigzag=c >= 12) + _sleeves(_SLEEVES[c % 3])
 
 
 def _lower_body(c: int):
-  length = (0.3, 0.5, 0.75, 1.0)[c % 4]
-  if c < 8:
-    return _legs(0.0, length, (0.0, 0.08)[c // 4])
-  return _skirt(0.0, length, (1.1, 1.8)[(c - 8) // 4])
+  length, zigzag, slot, legs = (0.35, 1.0)[c % 2], bool((c // 2) % 2), bool((c // 4) % 2), c < 8
+  garment = _legs(0.0, length, zigzag) if legs else _skirt(0.0, length, zigzag)
+  return garment + (_belt_slot(0.0) if slot else [])
 
 
 def _full_body(c: int):
-  sleeve = (0.0, 0.5, 1.0)[c % 3]
-  lower = c // 3
-  top = _torso('v' if lower % 2 else 'round', 0.45, 0.9) + _sleeves(sleeve)
-  waist = 0.12 + 0.8 * 0.45 - 0.02
-  bottom = (_skirt(waist, 0.3, 1.3), _skirt(waist, 0.7, 1.9), _legs(waist, 0.7, 0.03),
-            _legs(waist, 0.25, 0.05), _skirt(waist, 0.6, 1.0))[lower]
-  return top + bottom
+  legs, slot, zigzag = bool((c // 3) % 2), bool((c // 6) % 2), c >= 12
+  waist = 0.5
+  top = _torso('round', waist + 0.02, zigzag=False) + _sleeves(_SLEEVES[c % 3])
+  bottom = _legs(waist, 0.75, zigzag) if legs else _skirt(waist, 0.75, zigzag)
+  return top + bottom + (_belt_slot(waist - 0.02) if slot else [])
 
 
 def silhouette(category: int):
-  """The polygons of a category's garment, normalised to span [0, 1] on both axes."""
+  """The (polygon, hole) pairs of a category's garment, normalised so that the garment
+  spans [0, 1] on both axes, and the garment's natural (width, height) before that."""
   garment_type = vocabulary.CATEGORY_TYPES[category]
   first = vocabulary.CATEGORY_TYPES.index(garment_type)
   build = (_upper_body, _lower_body, _full_body)[garment_type]
-  polygons = [np.array(p, np.float64) for p in build(category - first)]
-  everything = np.concatenate(polygons)
-  low, high = everything.min(axis=0), everything.max(axis=0)
-  return [(p - low) / (high - low) for p in polygons], (high - low)
+  parts = [(np.array(p, np.float64), hole) for p, hole in build(category - first)]
+  outline = np.concatenate([p for p, hole in parts if not hole])
+  low, high = outline.min(axis=0), outline.max(axis=0)
+  return [((p - low) / (high - low), hole) for p, hole in parts], (high - low)
 
 
 def _landmark_points(garment_type: int):
@@ -245,9 +265,9 @@ def draw_image(rng, category: int, texture: str) -> DrawnGarment:
 
   mask = Image.new('L', (width, height), 0)
   mask_draw = ImageDraw.Draw(mask)
-  for polygon in polygons:
+  for polygon, hole in sorted(polygons, key=lambda part: part[1]):  # holes last
     jitter = rng.uniform(-0.01, 0.01, polygon.shape)
-    mask_draw.polygon([tuple(p) for p in to_pixels(polygon + jitter)], fill=255)
+    mask_draw.polygon([tuple(p) for p in to_pixels(polygon + jitter)], fill=0 if hole else 255)
   image.paste(_texture(rng, texture, width, height), mask=mask)
   rows, cols = np.nonzero(np.asarray(mask))
   bbox = (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
