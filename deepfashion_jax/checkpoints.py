@@ -2,7 +2,8 @@
 
 One checkpoint per saved step under `<workdir>/checkpoints/<step>/`, with two items:
 `state` (parameters, batch-norm statistics, optimiser state, step) and `data` (the grain
-iterator's position, absent from converted checkpoints). Saving is asynchronous; the
+iterator's position). Step 0 is reserved for converted PyTorch checkpoints, which have no
+`data`: training never saves before its first step. Saving is asynchronous; the
 newest few are kept, plus the best by the configured evaluation metric.
 """
 

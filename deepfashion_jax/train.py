@@ -73,13 +73,18 @@ def train_and_evaluate(config, workdir: str):
                                     processes=config.data.processes)
 
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
-  if manager.latest_step() is not None:
-    logging.info('Resuming from the checkpoint of step %d in %s', manager.latest_step(), workdir)
-    state = checkpoints.restore(manager, manager.latest_step(),
-                                checkpoints.abstract_like(state), train_iterator)
+  latest = manager.latest_step()
+  if latest is not None:
+    logging.info('Resuming from the checkpoint of step %d in %s', latest, workdir)
+    # Step 0 is a converted checkpoint: weights only, the data starts from the beginning.
+    state = checkpoints.restore(manager, latest, checkpoints.abstract_like(state),
+                                train_iterator if latest > 0 else None)
   elif config.model.init_from:
     state = steps.with_torch_weights(step_config, state, config.model.init_from, mesh)
   first_step = int(state.step) + 1
+  if first_step > config.num_train_steps:
+    logging.info('%s is already trained to step %d (config.num_train_steps); nothing to do. '
+                 'Evaluate it with --mode=evaluate.', workdir, first_step - 1)
 
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=jax.process_index() > 0)
