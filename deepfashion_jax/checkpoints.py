@@ -46,10 +46,6 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None,
   manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
 
 
-def best_step(manager: ocp.CheckpointManager) -> Optional[int]:
-  return manager.best_step()
-
-
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
   """The state saved at `step`, placed like `abstract_state` (a tree of
   jax.ShapeDtypeStruct with shardings); restores the data iterator in place if given."""
