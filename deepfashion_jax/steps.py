@@ -1,4 +1,4 @@
-"""The training state and the jitted, sharded train and evaluation steps.
+"""The training state and the jitted, sharded train, evaluation and prediction steps.
 
 This is where data and model meet (DESIGN.md). The model is split once into a static
 graph definition and pure pytrees (parameters, batch-norm statistics), so the jitted step

@@ -1,7 +1,7 @@
 """Writes a synthetic DeepFashion folder in the benchmark's exact on-disk format.
 
 DeepFashion cannot be downloaded on the project's machines, so every path of the project
-(parsing, pipeline, training, evaluation, prediction) runs on folders this module writes:
+(parsing, pipeline, training, evaluation) runs on folders this module writes:
 the real 50 categories, 1,000 attributes in the five types, all seven lists with their
 headers, `Img/img/<Product_Title_Category>/img_XXXXXXXX.jpg` JPEGs whose long side is
 300 px, and an official-style partition.

@@ -5,7 +5,7 @@ the host decodes the JPEG and copies it into a fixed-size canvas; it also draws 
 crop and flip and moves the box accordingly. The resize, crop and flip of the pixels happen
 on the device, in the jitted step (`device_transforms.py`), as two small matrix products per
 image. `resize_crop_flip` here is the same resampling done by PIL on the host: the
-baseline's own operation, used as the reference in the tests and by prediction.
+baseline's own operation, used as the reference in the tests.
 
 A crop is described by its *region*: the rectangle (x0, y0, x1, y1) of the original image,
 in pixels, that lands on the output square. Resizing to img_size x img_size and then
