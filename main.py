@@ -4,10 +4,13 @@
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=evaluate
   python main.py --config=configs/default.py --workdir=DIR --mode=convert \\
       --torch_checkpoint=epoch_200.pth --config.model.roi_pool=baseline_max
+  python main.py --config=configs/demo.py --workdir=runs/demo --mode=predict \\
+      --images=photo.jpg,more_photos/ --output_dir=predictions
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=describe
 """
 
 import logging as python_logging
+import sys
 
 from absl import app
 from absl import flags
@@ -15,17 +18,23 @@ from absl import logging
 from ml_collections import config_flags
 
 from deepfashion_jax import evaluate
+from deepfashion_jax import predict
 from deepfashion_jax import train
 from deepfashion_jax.data import folder
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and generated data.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'convert', 'describe'],
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'convert', 'predict', 'describe'],
                   'train: train and evaluate, resuming from the newest checkpoint; '
                   'evaluate: a checkpoint on config.eval.split; convert: a PyTorch checkpoint '
-                  'into the workdir; describe: load (or write) the dataset and summarise it.')
+                  'into the workdir; predict: a checkpoint on your own photos; describe: load '
+                  '(or write) the dataset and summarise it.')
 flags.DEFINE_string('torch_checkpoint', None, '--mode=convert: the .pth file to convert.')
+flags.DEFINE_string('images', None, '--mode=predict: comma-separated image files and/or '
+                    'folders (searched recursively for images).')
+flags.DEFINE_string('output_dir', None, '--mode=predict: where predictions.jsonl and the '
+                    'figures go.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -46,13 +55,21 @@ def main(argv):
   logging.get_absl_handler().addFilter(_quiet_checkpointing_logs)
   config, workdir = FLAGS.config, FLAGS.workdir
   if FLAGS.mode == 'train':
-    train.train_and_evaluate(config, workdir)
+    try:
+      train.train_and_evaluate(config, workdir)
+    except train.Preempted as e:
+      logging.error('%s', e)
+      sys.exit(train.Preempted.EXIT_STATUS)
   elif FLAGS.mode == 'evaluate':
     evaluate.evaluate_checkpoint(config, workdir)
   elif FLAGS.mode == 'convert':
     if not FLAGS.torch_checkpoint:
       raise app.UsageError('--mode=convert needs --torch_checkpoint=FILE.pth')
     train.convert(config, workdir, FLAGS.torch_checkpoint)
+  elif FLAGS.mode == 'predict':
+    if FLAGS.images is None or not FLAGS.output_dir:
+      raise app.UsageError('--mode=predict needs --images=PATHS and --output_dir=DIR')
+    print('written to', predict.predict(config, workdir, FLAGS.images, FLAGS.output_dir))
   else:
     describe(config, workdir)
 

@@ -6,7 +6,7 @@ import ml_collections
 def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0  # seeds initialisation, data order and augmentation
-  config.dtype = 'float32'  # activations: float32 | bfloat16 | float16 (parameters stay float32)
+  config.dtype = 'float32'  # activations: float32 | bfloat16 | float16 (dynamic loss scale); params float32
   config.batch_size = 32  # global batch, split over processes and devices
   config.num_train_steps = 1_300_000  # the baseline's 200 epochs of 209,222 images at batch 32
   config.optimizer = 'adam'  # 'adam' (the baseline's) or 'sgd' (momentum)
@@ -16,6 +16,7 @@ def get_config():
   config.weight_decay = 0.0  # decoupled weight decay (the baseline has none)
   config.schedule = 'constant'  # 'constant' (the baseline's) or 'cosine' decay
   config.warmup_steps = 0  # linear warm-up from 0 to learning_rate
+  config.max_nonfinite_in_a_row = 25  # float16: stop after more skipped steps in a row
   config.log_every_steps = 100  # train metrics to TensorBoard and the console
   config.eval_every_steps = 10_000  # evaluate on config.eval.split (and at the end)
   config.checkpoint_every_steps = 10_000  # save (and at the end); a multiple of log_every_steps
@@ -28,6 +29,12 @@ def get_config():
   config.eval.batch_size = 64  # global evaluation batch
   config.eval.checkpoint = ''  # --mode=evaluate: '' newest, 'best', or a step number
 
+  config.predict = ml_collections.ConfigDict()
+  config.predict.ten_crop = True  # average ten crops (the baseline's), else one centre crop
+  config.predict.temperature = 1.0  # category softmax temperature
+  config.predict.top_k_attributes = 5  # attributes listed per type
+  config.predict.batch_size = 16  # images per jitted batch
+
   config.model = ml_collections.ConfigDict()
   config.model.backbone = 18  # ResNet depth: 18, 34, 50, 101 or 152
   config.model.roi_pool = 'align'  # 'align' (ROI-Align) or 'baseline_max' (the baseline's)
@@ -35,11 +42,13 @@ def get_config():
   config.model.roi_aligned = True  # ROI-Align's half-pixel alignment (torchvision `aligned`)
   config.model.box_gradient_into_roi = False  # let the local features train the box branch
   config.model.category_head = 'single'  # 'single' 50-way, or 'per_garment_type'
+  config.model.dropout = 0.0  # dropout on the joined features before the heads (baseline: none)
   config.model.init_from = ''  # a baseline epoch_N.pth (whole model) or torchvision .pth (backbone)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.attribute = 'bce'  # 'bce' or 'hinge'
   config.loss.reduce_sum = True  # sum attribute losses over attributes (baseline --reduce_sum)
+  config.loss.pos_weights_scale = 0.0  # > 0: BCE weights positives by negatives/positives, max this
   config.loss.beta = 0.001  # weight of the box loss
 
   config.data = ml_collections.ConfigDict()

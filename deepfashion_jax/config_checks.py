@@ -19,8 +19,10 @@ _CHOICES = {
     'eval.split': ('val', 'test'),
 }
 _POSITIVE = ('batch_size', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
-             'checkpoint_every_steps', 'keep_checkpoints', 'eval.batch_size', 'data.img_size',
-             'data.crop_size', 'data.canvas_size', 'data.threads')
+             'checkpoint_every_steps', 'keep_checkpoints', 'max_nonfinite_in_a_row',
+             'eval.batch_size', 'predict.top_k_attributes', 'predict.batch_size',
+             'data.img_size', 'data.crop_size', 'data.canvas_size',
+             'data.threads')
 
 
 def _get(config, name):
@@ -55,3 +57,14 @@ def check(config):
                      'a resumed run logs the same training metrics')
   if config.learning_rate <= 0:
     raise ValueError(f'config.learning_rate={config.learning_rate}: expected a positive number')
+  if not 0.0 <= config.model.dropout < 1.0:
+    raise ValueError(f'config.model.dropout={config.model.dropout}: expected a rate in [0, 1)')
+  if config.loss.pos_weights_scale < 0:
+    raise ValueError(f'config.loss.pos_weights_scale={config.loss.pos_weights_scale}: expected '
+                     '0 (no weighting) or a positive number')
+  if config.loss.pos_weights_scale and config.loss.attribute != 'bce':
+    raise ValueError('config.loss.pos_weights_scale weights the BCE loss; it has no meaning '
+                     f'with config.loss.attribute={config.loss.attribute!r}')
+  if not config.predict.temperature > 0:
+    raise ValueError(f'config.predict.temperature={config.predict.temperature}: expected a '
+                     'positive number')

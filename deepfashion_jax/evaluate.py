@@ -86,7 +86,7 @@ def append_jsonl(workdir: str, step: int, results: dict):
     f.write(json.dumps(dict(step=step, **_json_values(results)), allow_nan=False) + '\n')
 
 
-def _checkpoint_step(manager, choice: str) -> int:
+def checkpoint_step(manager, choice: str) -> int:
   """config.eval.checkpoint: '' the newest, 'best', or a step number."""
   if choice == 'best':
     step = manager.best_step()
@@ -109,12 +109,14 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   config_checks.check(config)
   index = folder.load_index(config.data, workdir)
   mesh = sharding.make_mesh()
-  step_config, state = steps.create_train_state(config, mesh, index.attribute_types)
+  step_config, state = steps.create_train_state(config, mesh, index.attribute_types,
+                                                steps.train_pos_weight(config, index))
   _, eval_step, _ = steps.jit_steps(step_config, mesh)
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric,
                                        read_only=True)
-  step = _checkpoint_step(manager, config.eval.checkpoint)
-  state = checkpoints.restore(manager, step, checkpoints.abstract_like(state))
+  step = checkpoint_step(manager, config.eval.checkpoint)
+  state = checkpoints.restore_checked(manager, step, checkpoints.abstract_like(state),
+                                      config=config)
   results, skipped = evaluate(eval_step, state, eval_dataset(config, index), mesh)
   results['skipped_images_eval'] = skipped
   if jax.process_index() == 0:

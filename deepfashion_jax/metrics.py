@@ -11,12 +11,16 @@ so batches merge exactly and a split is summarised once, whatever its batching:
   have a positive of that type (without the baseline's masking bug);
 - bbox_iou, bbox_l1: mean IoU and mean absolute error of the predicted box;
 - loss and its parts.
+Training adds loss_scale (float16's dynamic loss scale at the last step; 1 otherwise) and
+nonfinite_steps (steps skipped for a non-finite loss or gradient), with the first such
+step and the longest run of them, which the training loop acts on.
 """
 
 import flax
 from clu import metrics
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from deepfashion_jax.data import vocabulary
 
@@ -105,3 +109,47 @@ def batch_metrics(outputs, batch, losses, attribute_types) -> metrics.Collection
   """One batch's metrics, to `merge` with the others and `compute` at log time."""
   return EvalMetrics.single_from_model_output(
       **metric_values(outputs, batch, losses, attribute_types))
+
+
+
+def _reduced(name: str, reduce):
+  """A clu Metric holding one value per step, merged by `reduce` (a sum, min or max)."""
+
+  @flax.struct.dataclass
+  class Reduced(metrics.Metric):
+    value: jnp.ndarray
+
+    @classmethod
+    def from_model_output(cls, **outputs):
+      return cls(value=jnp.asarray(outputs[name]))
+
+    def merge(self, other):
+      return type(self)(value=reduce(self.value, other.value))
+
+    def compute(self):
+      return self.value
+
+  return Reduced
+
+
+NO_STEP = np.iinfo(np.int32).max  # first_nonfinite_step when every step was finite
+
+TrainMetrics = metrics.Collection.create(
+    **{n: _named_average(n) for n in metric_names()},
+    loss_scale=metrics.LastValue.from_output('loss_scale'),
+    nonfinite_steps=_reduced('nonfinite_steps', jnp.add),
+    first_nonfinite_step=_reduced('first_nonfinite_step', jnp.minimum),
+    nonfinite_in_a_row=_reduced('nonfinite_in_a_row', jnp.maximum))
+
+
+def train_batch_metrics(outputs, batch, losses, attribute_types, *, step, nonfinite,
+                        nonfinite_in_a_row, loss_scale) -> metrics.Collection:
+  """One training step's metrics: those of `batch_metrics`, the loss scale, and whether
+  the step was skipped for a non-finite loss or gradient (merged: how many were, the
+  first, and the longest run of them in a row)."""
+  return TrainMetrics.single_from_model_output(
+      **metric_values(outputs, batch, losses, attribute_types),
+      loss_scale=jnp.asarray(loss_scale, jnp.float32),
+      nonfinite_steps=nonfinite.astype(jnp.int32),
+      first_nonfinite_step=jnp.where(nonfinite, step, NO_STEP).astype(jnp.int32),
+      nonfinite_in_a_row=nonfinite_in_a_row)

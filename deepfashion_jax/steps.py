@@ -5,15 +5,20 @@ graph definition and pure pytrees (parameters, batch-norm statistics), so the ji
 is a pure function of (state, batch): no Python work per step, and the state is donated.
 Data parallelism: one mesh axis `data` over every device; the batch is split along it and
 the state is replicated, so XLA inserts the gradient and batch-norm reductions.
+
+A step whose loss or gradients are not finite changes nothing but the step count: in
+float16 that is dynamic loss scaling's normal skip (the scale halves); in float32 and
+bfloat16 the training loop stops on it (see train.py).
 """
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
 import flax
 from flax import nnx
+from flax.training import dynamic_scale as dynamic_scale_lib
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,12 +35,19 @@ from deepfashion_jax.models import fashion_net
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
+# float16 starts its loss scale at 2^15 and doubles it after 2,000 finite steps in a row.
+INITIAL_LOSS_SCALE = 2.0 ** 15
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
   params: Any  # nnx.State of nnx.Param
   batch_stats: Any  # nnx.State of nnx.BatchStat
   opt_state: Any
+  rng: jax.Array  # raw key; step s uses fold_in(rng, s)
+  nonfinite_in_a_row: jax.Array  # steps skipped in a row up to this one
+  dynamic_scale: Optional[dynamic_scale_lib.DynamicScale]  # float16 only, else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +60,7 @@ class StepConfig:
   attribute_loss: str
   reduce_sum: bool
   attribute_types: np.ndarray
+  pos_weight: Optional[np.ndarray]  # (A,) BCE weight of positives, or None
 
 
 def create_model(config, rngs: nnx.Rngs) -> fashion_net.FashionNet:
@@ -57,7 +70,7 @@ def create_model(config, rngs: nnx.Rngs) -> fashion_net.FashionNet:
       roi_pool=model.roi_pool, roi_sampling_ratio=model.roi_sampling_ratio,
       roi_aligned=model.roi_aligned, box_gradient_into_roi=model.box_gradient_into_roi,
       category_head=model.category_head, category_types=vocabulary.CATEGORY_TYPES,
-      dtype=DTYPES[config.dtype], rngs=rngs)
+      dropout=model.dropout, dtype=DTYPES[config.dtype], rngs=rngs)
 
 
 def create_optimizer(config) -> optax.GradientTransformation:
@@ -76,19 +89,40 @@ def create_optimizer(config) -> optax.GradientTransformation:
                      optax.sgd(schedule, momentum=config.momentum))
 
 
-def create_train_state(config, mesh, attribute_types: np.ndarray):
+def train_pos_weight(config, index) -> Optional[np.ndarray]:
+  """The baseline's BCE pos_weight from the training split's positives, scaled so that its
+  largest is config.loss.pos_weights_scale; None when that is 0 (no weighting)."""
+  if not config.loss.pos_weights_scale:
+    return None
+  train = index.split_indices('train')
+  positives = np.zeros(index.num_attributes, np.int64)
+  for start in range(0, len(train), 8192):  # a few MB at a time, not a copy of the split
+    positives += index.attribute_positive[train[start:start + 8192]].sum(axis=0)
+  return losses.attribute_pos_weight(positives, len(train), config.loss.pos_weights_scale)
+
+
+def create_train_state(config, mesh, attribute_types: np.ndarray,
+                       pos_weight: Optional[np.ndarray] = None):
   """(StepConfig, TrainState): the state is initialised by a jitted function whose outputs
   land already replicated on the mesh (shapes first, then shardings, then values).
 
-  attribute_types: (A,) type of each attribute, as the dataset's list_attr_cloth.txt says.
+  attribute_types: (A,) type of each attribute, as the dataset's list_attr_cloth.txt says;
+  pos_weight: (A,) BCE weight of each attribute's positives (`losses.attribute_pos_weight`).
   """
   optimizer = create_optimizer(config)
 
   def init():
     model = create_model(config, nnx.Rngs(config.seed))
     _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    dynamic_scale = None
+    if config.dtype == 'float16':
+      dynamic_scale = dynamic_scale_lib.DynamicScale(
+          fin_steps=jnp.zeros((), jnp.int32), scale=jnp.asarray(INITIAL_LOSS_SCALE, jnp.float32))
+    # Its own stream: the parameters' initialisation used nnx.Rngs(seed).
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=optimizer.init(params))
+                      opt_state=optimizer.init(params), rng=rng,
+                      nonfinite_in_a_row=jnp.zeros((), jnp.int32), dynamic_scale=dynamic_scale)
 
   abstract_model = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(config.seed)))
   graphdef = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)[0]
@@ -97,36 +131,66 @@ def create_train_state(config, mesh, attribute_types: np.ndarray):
   step_config = StepConfig(
       graphdef=graphdef, optimizer=optimizer, crop_size=config.data.crop_size,
       beta=config.loss.beta, attribute_loss=config.loss.attribute,
-      reduce_sum=config.loss.reduce_sum, attribute_types=np.asarray(attribute_types))
+      reduce_sum=config.loss.reduce_sum, attribute_types=np.asarray(attribute_types),
+      pos_weight=None if pos_weight is None else np.asarray(pos_weight, np.float32))
   return step_config, state
 
 
-def _forward(step_config: StepConfig, params, batch_stats, batch, train: bool):
+def _forward(step_config: StepConfig, params, batch_stats, batch, train: bool,
+             dropout_rng=None):
   # copy: fresh Variables in this trace (the state's own belong to the caller's trace).
   model = nnx.merge(step_config.graphdef, params, batch_stats, copy=True)
   if train:
     model.train()
   else:
     model.eval()
-  outputs = model(device_transforms.batch_images(batch, step_config.crop_size))
+  outputs = model(device_transforms.batch_images(batch, step_config.crop_size), dropout_rng)
+  pos_weight = None if step_config.pos_weight is None else jnp.asarray(step_config.pos_weight)
   loss, parts = losses.total_loss(outputs, batch, beta=step_config.beta,
                                   attribute_kind=step_config.attribute_loss,
-                                  reduce_sum=step_config.reduce_sum)
+                                  reduce_sum=step_config.reduce_sum, pos_weight=pos_weight)
   return loss, (outputs, parts, nnx.state(model, nnx.BatchStat))
 
 
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _gradients(state: TrainState, loss_fn):
+  """(dynamic_scale, finite, (loss, aux), grads) of loss_fn at state.params, through the
+  float16 loss scale when the state has one."""
+  if state.dynamic_scale is not None:
+    return state.dynamic_scale.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return None, jnp.isfinite(loss) & _all_finite(grads), (loss, aux), grads
+
+
 def train_step(step_config: StepConfig, state: TrainState, batch: dict):
-  """One optimiser step on a global batch; returns the new state and the batch's metrics."""
-  grad_fn = jax.value_and_grad(
-      lambda params: _forward(step_config, params, state.batch_stats, batch, train=True),
-      has_aux=True)
-  (loss, (outputs, parts, batch_stats)), grads = grad_fn(state.params)
+  """One optimiser step on a global batch; returns the new state and the batch's metrics.
+
+  Randomness (dropout) comes from fold_in(state.rng, step): the same at every restart.
+  """
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+  loss_fn = lambda params: _forward(step_config, params, state.batch_stats, batch,
+                                    train=True, dropout_rng=dropout_rng)
+  dynamic_scale, finite, (loss, (outputs, parts, batch_stats)), grads = _gradients(
+      state, loss_fn)
   updates, opt_state = step_config.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state)
-  batch_metrics = metrics.batch_metrics(outputs, batch, dict(parts, loss=loss),
-                                        jnp.asarray(step_config.attribute_types))
+  # A non-finite step (its loss, a gradient, or an update that overflows a parameter)
+  # leaves the model and the optimiser as they were: the state never holds a NaN or inf.
+  finite &= _all_finite(params)
+  keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1, params=keep_old(params, state.params),
+      batch_stats=keep_old(batch_stats, state.batch_stats),
+      opt_state=keep_old(opt_state, state.opt_state), dynamic_scale=dynamic_scale,
+      nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1))
+  batch_metrics = metrics.train_batch_metrics(
+      outputs, batch, dict(parts, loss=loss), jnp.asarray(step_config.attribute_types),
+      step=new_state.step, nonfinite=~finite,
+      nonfinite_in_a_row=new_state.nonfinite_in_a_row,
+      loss_scale=1.0 if dynamic_scale is None else dynamic_scale.scale)
   return new_state, batch_metrics
 
 
@@ -165,6 +229,6 @@ def with_torch_weights(step_config: StepConfig, state: TrainState, path: str, me
   logging.info('Initialised %s from the %s checkpoint %s',
                'the model' if kind == 'baseline' else 'the backbone', kind, path)
   _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  new_state = TrainState(step=state.step, params=params, batch_stats=batch_stats,
-                         opt_state=step_config.optimizer.init(params))
+  new_state = state.replace(params=params, batch_stats=batch_stats,
+                            opt_state=step_config.optimizer.init(params))
   return jax.device_put(new_state, sharding.replicated(mesh))

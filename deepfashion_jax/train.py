@@ -6,11 +6,15 @@ a restart and N - k more give the same parameters and the same logged metrics.
 """
 
 import os
+import signal
+import tempfile
+import threading
 
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from deepfashion_jax import checkpoints
@@ -60,25 +64,103 @@ def _evaluate_and_report(config, workdir, writer, evaluators, state, eval_data, 
   return results
 
 
+class Preempted(Exception):
+  """Training stopped on SIGTERM or SIGINT after saving a checkpoint; run again to resume."""
+
+  EXIT_STATUS = 75  # EX_TEMPFAIL: a temporary failure, to be retried
+
+
+class _StopSignals:
+  """Turns the first SIGTERM or SIGINT into a request the loop honours after the current
+  step (a second one acts as usual: Ctrl-C twice interrupts at once)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.received = signal.Signals(signum).name
+    signal.signal(signum, self._previous[signum])
+    logging.warning('%s received: stopping after this step, with a checkpoint.', self.received)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def requested(self) -> bool:
+    """Whether any process received a stop signal (all processes must stop together)."""
+    if jax.process_count() == 1:
+      return self.received is not None
+    flags = multihost_utils.process_allgather(np.array(self.received is not None))
+    return bool(np.any(flags))
+
+
+# Read by the loop, not logged: steps are not values to plot.
+_NONFINITE_BOOKKEEPING = ('first_nonfinite_step', 'nonfinite_in_a_row')
+
+
+def _stop_if_diverged(config, train_metrics: dict, manager):
+  """Raises FloatingPointError when steps since the last log had a non-finite loss or
+  gradient: any in float32 or bfloat16; in float16, whose loss scaling skips a few steps as
+  a matter of course, more than config.max_nonfinite_in_a_row in a row. Those steps left
+  the model as it was, and nothing has been saved since."""
+  skipped = int(train_metrics['nonfinite_steps'])
+  if not skipped:
+    return
+  first = int(train_metrics['first_nonfinite_step'])
+  in_a_row = int(train_metrics['nonfinite_in_a_row'])
+  if config.dtype == 'float16' and in_a_row <= config.max_nonfinite_in_a_row:
+    logging.warning('float16: %d steps skipped for a non-finite loss or gradient since the '
+                    'last log (the first at step %d); the loss scale is now %g', skipped,
+                    first, train_metrics['loss_scale'])
+    return
+  last_good = manager.latest_step()
+  kept = ('no checkpoint was written before it' if last_good is None else
+          f'the last good checkpoint, step {last_good}, is kept in {manager.directory}')
+  reason = (f'{in_a_row} float16 steps in a row were skipped (more than '
+            f'config.max_nonfinite_in_a_row={config.max_nonfinite_in_a_row})'
+            if config.dtype == 'float16' else f'{skipped} step(s) since the last log')
+  raise FloatingPointError(f'Step {first}: the loss or a gradient is not finite; {reason}. '
+                           f'Training stops; {kept}.')
+
+
+def _check_writable(workdir: str):
+  """Fails at start, not at the first save an hour in, when the workdir cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.writable-'):
+      pass
+  except OSError as e:
+    raise OSError(f'--workdir={workdir} is not a writable folder: {e}') from e
+
+
 def train_and_evaluate(config, workdir: str):
   """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics."""
   config_checks.check(config)
-  os.makedirs(workdir, exist_ok=True)
+  _check_writable(workdir)
   index = folder.load_index(config.data, workdir)
   mesh = sharding.make_mesh()
-  step_config, state = steps.create_train_state(config, mesh, index.attribute_types)
+  step_config, state = steps.create_train_state(config, mesh, index.attribute_types,
+                                                steps.train_pos_weight(config, index))
   train_step, eval_step, predict_step = steps.jit_steps(step_config, mesh)
   eval_data = evaluate.eval_dataset(config, index)
   train_iterator = pipeline.iterate(_train_dataset(config, index), threads=config.data.threads,
                                     processes=config.data.processes)
 
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
-  latest = manager.latest_step()
+  # Step 0 is a converted checkpoint: weights only, the data starts from the beginning.
+  latest, restored = checkpoints.restore_newest_intact(
+      manager, checkpoints.abstract_like(state), train_iterator, config)
   if latest is not None:
     logging.info('Resuming from the checkpoint of step %d in %s', latest, workdir)
-    # Step 0 is a converted checkpoint: weights only, the data starts from the beginning.
-    state = checkpoints.restore(manager, latest, checkpoints.abstract_like(state),
-                                train_iterator if latest > 0 else None)
+    state = restored
   elif config.model.init_from:
     state = steps.with_torch_weights(step_config, state, config.model.init_from, mesh)
   first_step = int(state.step) + 1
@@ -90,34 +172,58 @@ def train_and_evaluate(config, workdir: str):
                                                 just_logging=jax.process_index() > 0)
   if first_step == 1:
     writer.write_hparams({k: v for k, v in config.items() if not hasattr(v, 'items')})
+  try:
+    with _StopSignals() as stop:
+      return _train_loop(config, workdir, writer, manager, state, train_iterator,
+                         (train_step, eval_step, predict_step), eval_data, mesh, stop)
+  finally:  # what was logged and saved before an error or a signal is kept
+    writer.flush()
+    manager.wait_until_finished()
+
+
+def _train_loop(config, workdir, writer, manager, state, train_iterator, jitted, eval_data,
+                mesh, stop):
+  """Steps from the state's step + 1 to config.num_train_steps, with the periodic logs,
+  evaluations and checkpoints; returns the last evaluation's metrics."""
+  train_step, eval_step, predict_step = jitted
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=writer)
   train_metrics, skipped, results = None, 0, {}
-  for step in range(first_step, config.num_train_steps + 1):
+  for step in range(int(state.step) + 1, config.num_train_steps + 1):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       batch = next(train_iterator)
       skipped += int(batch['skipped'].sum())
       state, batch_metrics = train_step(state, sharding.global_batch(batch, mesh))
-    train_metrics = batch_metrics if train_metrics is None else train_metrics.merge(batch_metrics)
+    train_metrics = (batch_metrics if train_metrics is None
+                     else train_metrics.merge(batch_metrics))
     report_progress(step)
-    last = step == config.num_train_steps
-    if step % config.log_every_steps == 0 or last:
-      writer.write_scalars(step, {f'train_{k}': float(v)
-                                  for k, v in train_metrics.compute().items()})
+    last, stopping = step == config.num_train_steps, stop.requested()
+    if step % config.log_every_steps == 0 or last or stopping:
+      _write_train_metrics(config, writer, manager, step, train_metrics)
       train_metrics = None
-    if step % config.eval_every_steps == 0 or last:
+    evaluated = step % config.eval_every_steps == 0 or last
+    if evaluated:
       with report_progress.timed('eval'):
         results = _evaluate_and_report(config, workdir, writer, (eval_step, predict_step),
                                        state, eval_data, mesh, step, skipped)
       skipped = 0
-    if step % config.checkpoint_every_steps == 0 or last:
+    if step % config.checkpoint_every_steps == 0 or last or stopping:
       with report_progress.timed('checkpoint'):
-        evaluated = step % config.eval_every_steps == 0 or last
         checkpoints.save(manager, step, state, train_iterator,
-                         metrics=results if evaluated else None)
-  writer.flush()
-  manager.wait_until_finished()
+                         metrics=results if evaluated else None, config=config)
+    if stopping and not last:
+      raise Preempted(f'Pre-empted by {stop.received or "another process"} after step '
+                      f'{step}: saved its checkpoint in {manager.directory}. Run the same '
+                      'command again to resume from it.')
   return results
+
+
+def _write_train_metrics(config, writer, manager, step: int, train_metrics):
+  """Logs the training metrics merged since the last log, after checking their steps."""
+  computed = {k: float(v) for k, v in train_metrics.compute().items()}
+  _stop_if_diverged(config, computed, manager)
+  writer.write_scalars(step, {f'train_{k}': v for k, v in computed.items()
+                              if k not in _NONFINITE_BOOKKEEPING})
 
 
 def convert(config, workdir: str, torch_checkpoint: str) -> int:
@@ -130,7 +236,7 @@ def convert(config, workdir: str, torch_checkpoint: str) -> int:
                                                 np.zeros(vocabulary.NUM_ATTRIBUTES, np.int8))
   state = steps.with_torch_weights(step_config, state, torch_checkpoint, mesh)
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
-  checkpoints.save(manager, 0, state)
+  checkpoints.save(manager, 0, state, config=config)
   manager.wait_until_finished()
   logging.info('Wrote %s as the step-0 checkpoint of %s', torch_checkpoint, workdir)
   return 0

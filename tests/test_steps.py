@@ -58,6 +58,7 @@ def test_one_and_four_devices_give_the_same_parameters(synthetic_folder):
   config = test_config.get_config()
   config.optimizer, config.learning_rate, config.momentum = 'sgd', 1e-3, 0.0
   config.loss.reduce_sum = False
+  config.model.dropout = 0.0  # its masks: test_dropout_masks_do_not_depend_on_the_devices
   index, batches = _batches(synthetic_folder[0], config, 3)
   one, _ = _train(config, index, batches, jax.devices()[:1])
   four, _ = _train(config, index, batches, jax.devices()[:4])
@@ -66,3 +67,123 @@ def test_one_and_four_devices_give_the_same_parameters(synthetic_folder):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
   for a, b in zip(jax.tree.leaves(one.batch_stats), jax.tree.leaves(four.batch_stats)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def _one_step(config, index, batch, state_change):
+  """The state before and after one jitted step from the state `state_change` returns."""
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  step_config, state = steps.create_train_state(config, mesh, index.attribute_types)
+  state = state_change(state)
+  before = jax.tree.map(np.asarray, state)
+  train_step, _, _ = steps.jit_steps(step_config, mesh)
+  after, batch_metrics = train_step(state, sharding.global_batch(batch, mesh))
+  return before, jax.tree.map(np.asarray, after), batch_metrics.compute()
+
+
+def _assert_same_model(a, b):
+  for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
+                  jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_float16_skips_an_overflowing_step_and_halves_the_loss_scale(synthetic_folder):
+  config = test_config.get_config()
+  config.dtype = 'float16'
+  index, batches = _batches(synthetic_folder[0], config, 1)
+  huge = lambda state: state.replace(dynamic_scale=state.dynamic_scale.replace(
+      scale=jax.numpy.asarray(2.0 ** 100, jax.numpy.float32)))  # float16 gradients overflow
+  before, after, computed = _one_step(config, index, batches[0], huge)
+  _assert_same_model(before, after)
+  assert int(after.step) == 1 and int(after.nonfinite_in_a_row) == 1
+  assert float(after.dynamic_scale.scale) == 2.0 ** 99
+  assert int(computed['nonfinite_steps']) == 1 and int(computed['first_nonfinite_step']) == 1
+
+  # From the initial scale, the summed attribute loss overflows float16 a few times; each
+  # skipped step halves the scale until a step is finite and changes every parameter.
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  step_config, state = steps.create_train_state(config, mesh, index.attribute_types)
+  train_step, _, _ = steps.jit_steps(step_config, mesh)
+  for skipped in range(20):
+    before = jax.tree.map(np.asarray, state.params)
+    state, batch_metrics = train_step(state, sharding.global_batch(batches[0], mesh))
+    if not int(batch_metrics.compute()['nonfinite_steps']):
+      break
+  assert float(state.dynamic_scale.scale) == steps.INITIAL_LOSS_SCALE / 2 ** skipped
+  assert np.isfinite(float(batch_metrics.compute()['loss']))
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+    assert np.all(np.isfinite(y)) and not np.array_equal(x, y)
+
+
+def test_a_nonfinite_float32_step_changes_nothing_but_the_step(synthetic_folder):
+  config = test_config.get_config()
+  index, batches = _batches(synthetic_folder[0], config, 1)
+
+  def poisoned(state):  # a NaN box weight: the loss and every gradient are NaN
+    params = jax.tree.map(lambda x: x, state.params)
+    params['fc_bbox_xy']['bias'][...] = jax.numpy.full((2,), jax.numpy.nan)
+    return state.replace(params=params)
+
+  before, after, computed = _one_step(config, index, batches[0], poisoned)
+  _assert_same_model(before, after)
+  assert int(after.step) == 1 and int(computed['nonfinite_steps']) == 1
+  assert int(computed['first_nonfinite_step']) == 1 and float(computed['loss_scale']) == 1.0
+
+
+def test_dropout_draws_a_new_mask_each_step_and_the_same_one_on_a_restart(synthetic_folder):
+  config = test_config.get_config()
+  config.model.dropout = 0.5
+  index, batches = _batches(synthetic_folder[0], config, 1)
+  at_step = lambda s: lambda state: state.replace(step=jax.numpy.asarray(s, jax.numpy.int32))
+  losses = [float(_one_step(config, index, batches[0], at_step(s))[2]['loss'])
+            for s in (3, 3, 4)]
+  assert losses[0] == losses[1] != losses[2], losses
+
+
+def test_pos_weight_follows_the_training_split(synthetic_folder):
+  config = test_config.get_config()
+  index = annotations.read_deepfashion(synthetic_folder[0])
+  assert steps.train_pos_weight(config, index) is None
+  config.loss.pos_weights_scale = 5.0
+  weight = steps.train_pos_weight(config, index)
+  train = index.split_indices('train')
+  positives = np.maximum(index.attribute_positive[train].sum(axis=0), 1)
+  expected = (len(train) - positives) / positives
+  np.testing.assert_allclose(weight, 5.0 * expected / expected.max(), rtol=1e-6)
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason='needs 4 devices (conftest forces 4 CPUs)')
+def test_dropout_masks_do_not_depend_on_the_devices(synthetic_folder):
+  """The training forward pass with dropout on 1 and on 4 devices: the same outputs (the
+  key is replicated and random bits are generated per global index, not per shard)."""
+  config = test_config.get_config()
+  config.model.dropout = 0.5
+  index, batches = _batches(synthetic_folder[0], config, 1)
+  outputs = []
+  for count in (1, 4):
+    mesh = sharding.make_mesh(jax.devices()[:count])
+    step_config, state = steps.create_train_state(config, mesh, index.attribute_types)
+    forward = jax.jit(lambda state, batch: steps._forward(  # pylint: disable=protected-access
+        step_config, state.params, state.batch_stats, batch, train=True,
+        dropout_rng=jax.random.fold_in(state.rng, 7))[1][0])
+    outputs.append(forward(state, sharding.global_batch(batches[0], mesh)))
+  for name in ('attribute_logits', 'category_logits'):
+    np.testing.assert_allclose(outputs[0][name], outputs[1][name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_float16_state_survives_a_checkpoint(synthetic_folder, tmp_path):
+  from deepfashion_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.dtype = 'float16'
+  index = annotations.read_deepfashion(synthetic_folder[0])
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  _, state = steps.create_train_state(config, mesh, index.attribute_types)
+  state = state.replace(dynamic_scale=state.dynamic_scale.replace(
+      scale=jax.numpy.asarray(4.0, jax.numpy.float32)))
+  manager = checkpoints.create_manager(str(tmp_path), best_metric='')
+  checkpoints.save(manager, 0, state)
+  manager.wait_until_finished()
+  restored = checkpoints.restore(manager, 0, checkpoints.abstract_like(state))
+  assert float(restored.dynamic_scale.scale) == 4.0
+  assert restored.dynamic_scale.growth_interval == state.dynamic_scale.growth_interval
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

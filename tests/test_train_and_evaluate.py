@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
+from PIL import Image
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +108,7 @@ def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path):
   import torch_reference  # pylint: disable=g-import-not-at-top
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
   from deepfashion_jax import train  # pylint: disable=g-import-not-at-top
-  reference = torch_reference.FashionResnet(18, feature_size=2)
+  reference = torch_reference.FashionResnet(18, feature_size=3)  # 72 px
   path = str(tmp_path / 'epoch_3.pth')
   torch.save({'model': reference.state_dict(), 'optim': {}, 'epoch': 3}, path)
   config = test_config.get_config()
@@ -118,3 +119,10 @@ def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path):
   kernel = np.asarray(state['params']['backbone']['conv1']['kernel']['value'])
   np.testing.assert_array_equal(
       kernel, reference.state_dict()['basemodel.0.weight'].numpy().transpose(2, 3, 1, 0))
+  # Prediction uses the converted checkpoint directly.
+  from deepfashion_jax import predict  # pylint: disable=g-import-not-at-top
+  photo = str(tmp_path / 'photo.jpg')
+  Image.new('RGB', (120, 200), (200, 30, 30)).save(photo)
+  with open(predict.predict(config, workdir, photo, str(tmp_path / 'out'))) as f:
+    line = json.loads(f.readline())
+  assert line['path'] == photo and len(line['categories']) == 5 and os.path.isfile(line['figure'])

@@ -211,14 +211,14 @@ def _int_matrix(table: _Table, columns: slice, what: str) -> np.ndarray:
     raise
 
 
-def _read_category_cloth(root: str):
+def read_category_cloth(root: str):
   table = _read_table(os.path.join(root, CATEGORY_CLOTH), 2)
   names = np.array([row[0] for row in table.rows])
   types = _int_column(table, [row[1] for row in table.rows], 'category type', 1, 3) - 1
   return names, types.astype(np.int8)
 
 
-def _read_attr_cloth(root: str):
+def read_attr_cloth(root: str):
   """Attribute names contain spaces ('abstract chevron print'): the type is the last token."""
   table = _read_table(os.path.join(root, ATTR_CLOTH), 2, 64)
   names = np.array([' '.join(row[:-1]) for row in table.rows])
@@ -425,8 +425,8 @@ def read_deepfashion(root: str) -> DeepFashionIndex:
   root = os.path.abspath(root)
   for name in REQUIRED_FILES:
     _check_exists(os.path.join(root, name))
-  category_names, category_types = _read_category_cloth(root)
-  attribute_names, attribute_types = _read_attr_cloth(root)
+  category_names, category_types = read_category_cloth(root)
+  attribute_names, attribute_types = read_attr_cloth(root)
   master, paths, category = _read_category_img(root, len(category_names))
   fields = dict(root=root, image_paths=paths, category=category,
                 category_type=category_types[category], category_names=category_names,

@@ -202,7 +202,7 @@ def _background(rng, width, height):
 def _draw_clutter(rng, image):
   draw = ImageDraw.Draw(image)
   width, height = image.size
-  for _ in range(rng.integers(1, 5)):
+  for _ in range(rng.integers(0, 3)):
     x0, y0 = rng.integers(0, width), rng.integers(0, height)
     x1, y1 = x0 + rng.integers(10, width // 2), y0 + rng.integers(10, height // 2)
     shape = rng.integers(0, 3)
@@ -256,7 +256,7 @@ def draw_image(rng, category: int, texture: str) -> DrawnGarment:
 
   polygons, natural_size = silhouette(category)
   aspect = natural_size[0] / natural_size[1] * rng.uniform(0.9, 1.1)  # width / height
-  fraction = rng.uniform(0.45, 0.9)  # of the image the garment may fill
+  fraction = rng.uniform(0.6, 0.95)  # of the image the garment may fill
   garment_h = min(fraction * height, fraction * width / aspect)
   garment_w = garment_h * aspect
   x0 = rng.uniform(0, width - garment_w)

@@ -37,7 +37,8 @@ class FashionNet(nnx.Module):
                num_attributes: int = 1000, roi_pool: str = 'align', roi_output_size: int = 3,
                roi_sampling_ratio: int = 2, roi_aligned: bool = True,
                box_gradient_into_roi: bool = False, category_head: str = 'single',
-               category_types=None, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               category_types=None, dropout: float = 0.0, dtype: Any = jnp.float32,
+               rngs: nnx.Rngs):
     if roi_pool not in ROI_POOLS:
       raise ValueError(f'roi_pool must be one of {ROI_POOLS}, got {roi_pool!r}')
     if category_head not in CATEGORY_HEADS:
@@ -57,6 +58,8 @@ class FashionNet(nnx.Module):
     self.fc_bbox_xy = linear(flat, 2)
     self.fc_bbox_offset = linear(flat, 2)
     joined = channels * (1 + roi_output_size ** 2)
+    # Not in the baseline (0 by default); its randomness comes from the step's rng.
+    self.dropout = nnx.Dropout(dropout)
     self.fc_bin = linear(joined, num_attributes)
     self.category_head = category_head
     if category_head == 'single':
@@ -93,14 +96,16 @@ class FashionNet(nnx.Module):
                              sampling_ratio=self.roi_sampling_ratio, aligned=self.roi_aligned)
     return jnp.transpose(pooled, (0, 3, 1, 2)).reshape(pooled.shape[0], -1)
 
-  def __call__(self, images) -> dict:
-    """images: (B, H, W, 3) uint8, or floats already normalised like `normalize_images`."""
+  def __call__(self, images, dropout_rng=None) -> dict:
+    """images: (B, H, W, 3) uint8, or floats already normalised like `normalize_images`;
+    dropout_rng: a key for the dropout on the joined features (training with dropout > 0)."""
     if images.dtype == jnp.uint8:
       images = normalize_images(images, self.dtype)
     features = self.backbone(images.astype(self.dtype))['layer4']
     box = self.predict_box(features)
     global_features = features.mean(axis=(1, 2))
     joined = jnp.concatenate([global_features, self.local_features(features, box)], axis=-1)
+    joined = self.dropout(joined, rngs=dropout_rng)
     outputs = {'box': box,
                'attribute_logits': self.fc_bin(joined).astype(jnp.float32)}
     if self.category_head == 'single':

@@ -1,0 +1,153 @@
+"""--mode=predict: JSON lines, figures, boxes in the original image's pixels, bad files."""
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import test as test_config
+from deepfashion_jax import checkpoints
+from deepfashion_jax import predict
+from deepfashion_jax import sharding
+from deepfashion_jax import steps
+from deepfashion_jax import train
+from deepfashion_jax.data import annotations
+from deepfashion_jax.data import transforms
+from deepfashion_jax.data import vocabulary
+
+
+def _config(data_dir):
+  config = test_config.get_config()
+  config.data.data_dir = data_dir
+  config.predict.batch_size = 2
+  config.predict.top_k_attributes = 3
+  return config
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(synthetic_folder, tmp_path_factory):
+  """A workdir holding a tiny model trained for two steps on the synthetic folder."""
+  workdir = str(tmp_path_factory.mktemp('predict_run'))
+  config = _config(synthetic_folder[0])
+  config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps = 2, 2, 2
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def photos(synthetic_folder, tmp_path_factory):
+  """Two of the folder's photos, one of them also at twice its size (larger than the
+  canvas), in a nested folder; a text file called .jpg; a README the folder walk skips."""
+  root = synthetic_folder[0]
+  index = annotations.read_deepfashion(root)
+  folder = tmp_path_factory.mktemp('photos')
+  nested = folder / 'more' / 'nested'
+  nested.mkdir(parents=True)
+  small = [os.path.join(index.image_dir(), p) for p in index.image_paths[:2]]
+  with Image.open(small[0]) as image:
+    image.resize((image.width * 2, image.height * 2), Image.BILINEAR).save(nested / 'big.png')
+  (folder / 'not_an_image.jpg').write_text('hello')
+  (folder / 'README.txt').write_text('not a photo')
+  return dict(small=small, big=str(nested / 'big.png'), folder=str(folder),
+              text=str(folder / 'not_an_image.jpg'))
+
+
+def _lines(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_finds_files_and_recurses_folders(photos):
+  found = predict.find_images(f"{photos['small'][0]}, {photos['folder']}")
+  assert found == [photos['small'][0], photos['big'], photos['text']]
+  with pytest.raises(ValueError, match='names no image'):
+    predict.find_images(' , ')
+
+
+@pytest.mark.parametrize('ten_crop', [True, False])
+def test_a_box_maps_back_to_the_original_pixels(ten_crop):
+  """The crop's [0, 1] box of a pixel box, mapped back, is that pixel box: for every crop
+  (mirrored ones too) of an image that was shrunk 2x into the canvas."""
+  config = _config('')
+  config.predict.ten_crop = ten_crop
+  original = np.array([150.0, 120.0, 420.0, 500.0])  # in a 600 x 540 photo
+  scale = 2.0  # the photo's canvas copy is 300 x 270
+  image_crops = predict.crops(270, 300, config)
+  assert len(image_crops) == (10 if ten_crop else 1)
+  for crop in image_crops:
+    inside = np.array([*np.maximum(crop.region[:2], original[:2] / scale),
+                       *np.minimum(crop.region[2:], original[2:] / scale)])
+    in_crop = transforms.crop_box(inside, crop)
+    np.testing.assert_allclose(predict.box_in_pixels(in_crop, crop, scale), inside * scale,
+                               rtol=1e-5, atol=1e-3)
+
+
+def test_predictions_and_figures(trained_workdir, photos, synthetic_folder, tmp_path,
+                                 monkeypatch):
+  config = _config(synthetic_folder[0])
+  compiled = []
+  jit_steps = steps.jit_steps
+
+  def capture(*args):
+    jitted = jit_steps(*args)
+    compiled.append(jitted[2])
+    return jitted
+
+  monkeypatch.setattr(steps, 'jit_steps', capture)
+  images = ','.join(photos['small'] + [photos['folder']])
+  path = predict.predict(config, trained_workdir, images, str(tmp_path))
+  lines = _lines(path)
+  assert [line['path'] for line in lines] == photos['small'] + [photos['big'], photos['text']]
+  assert 'error' in lines[3] and 'figure' not in lines[3]
+
+  names = set(annotations.read_category_cloth(synthetic_folder[0])[0])
+  for line in lines[:3]:
+    probabilities = [c['probability'] for c in line['categories']]
+    assert len(probabilities) == 5 and {c['name'] for c in line['categories']} <= names
+    assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1
+    assert list(line['attributes']) == list(vocabulary.ATTRIBUTE_TYPE_NAMES)
+    assert all(len(entries) == 3 for entries in line['attributes'].values())
+    x1, y1, x2, y2 = line['box']
+    assert 0 <= x1 <= x2 <= line['width'] and 0 <= y1 <= y2 <= line['height']
+    with Image.open(line['figure']) as figure:
+      assert figure.size == (1120, 560)
+  # The photo at twice its size (shrunk into the canvas): the same box, in its own pixels.
+  assert (lines[2]['width'], lines[2]['height']) == (2 * lines[0]['width'],
+                                                     2 * lines[0]['height'])
+  np.testing.assert_allclose(lines[2]['box'], 2 * np.array(lines[0]['box']), atol=4.0)
+  # Two batches (2 photos, then 1 photo and 1 unreadable file), one compiled step.
+  assert compiled[0]._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_centre_crop_temperature_and_the_per_garment_type_head(synthetic_folder, photos,
+                                                               tmp_path):
+  """A step-0 checkpoint with the per-garment-type head (as --mode=convert writes)."""
+  config = _config(synthetic_folder[0])
+  config.model.category_head = 'per_garment_type'
+  config.predict.ten_crop = False
+  workdir = str(tmp_path / 'run')
+  mesh = sharding.make_mesh()
+  _, state = steps.create_train_state(config, mesh, np.zeros(vocabulary.NUM_ATTRIBUTES))
+  manager = checkpoints.create_manager(workdir)
+  checkpoints.save(manager, 0, state)
+  manager.wait_until_finished()
+
+  top = []
+  for temperature in (1.0, 100.0):
+    config.predict.temperature = temperature
+    line = _lines(predict.predict(config, workdir, photos['small'][0],
+                                  str(tmp_path / f'out_{temperature}')))[0]
+    assert line['garment_type']['name'] in vocabulary.GARMENT_TYPE_NAMES
+    top.append(line['categories'][0]['probability'])
+  assert top[1] < top[0]  # a high temperature flattens the distribution
+
+
+def test_without_a_data_folder_the_built_in_names(tmp_path):
+  config = _config('')
+  config.data.synthetic_images = 0
+  words = predict.load_vocabulary(config, str(tmp_path))
+  assert words.category_names == vocabulary.CATEGORY_NAMES
+  assert [name for name, _ in words.attribute_groups] == ['attributes']
+  assert len(words.attribute_groups[0][1]) == vocabulary.NUM_ATTRIBUTES
