@@ -7,6 +7,8 @@
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=predict \\
       --images=photo.jpg,more_photos/ --output_dir=predictions
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=describe
+  python main.py --config=... --workdir=SHARED_DIR --coordinator_address=host0:1234 \\
+      --num_processes=2 --process_id=0    # and =1 on the second host (README: Multi-host)
 """
 
 import logging as python_logging
@@ -19,6 +21,7 @@ from ml_collections import config_flags
 
 from deepfashion_jax import evaluate
 from deepfashion_jax import predict
+from deepfashion_jax import sharding
 from deepfashion_jax import train
 from deepfashion_jax.data import folder
 
@@ -35,6 +38,10 @@ flags.DEFINE_string('images', None, '--mode=predict: comma-separated image files
                     'folders (searched recursively for images).')
 flags.DEFINE_string('output_dir', None, '--mode=predict: where predictions.jsonl and the '
                     'figures go.')
+flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0, where '
+                    "JAX's coordinator listens (with --num_processes and --process_id).")
+flags.DEFINE_integer('num_processes', None, 'Multi-host: how many processes in all.')
+flags.DEFINE_integer('process_id', None, 'Multi-host: this process, from 0.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -53,6 +60,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_quiet_checkpointing_logs)
+  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
   config, workdir = FLAGS.config, FLAGS.workdir
   if FLAGS.mode == 'train':
     try:

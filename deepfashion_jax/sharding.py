@@ -21,3 +21,27 @@ def global_batch(batch: dict, mesh) -> dict:
   sharding = NamedSharding(mesh, PartitionSpec('data'))
   return {key: jax.make_array_from_process_local_data(sharding, value)
           for key, value in batch.items()}
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+  """Starts JAX's multi-controller runtime: with the given coordinator, process count and
+  id when they are given; on its own in a cluster JAX recognises (SLURM, Open MPI); not at
+  all on a single host without them. CPU collectives (tests, CPU clusters) go through gloo."""
+  given = (coordinator_address, num_processes, process_id)
+  if any(value is not None for value in given):
+    if any(value is None for value in given):
+      raise ValueError('--coordinator_address, --num_processes and --process_id go '
+                       'together: give all three, or none in a cluster JAX recognises')
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif _cluster_detected():
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize()
+
+
+def _cluster_detected() -> bool:
+  """Whether the environment variables of a SLURM or Open MPI job are set, by JAX's own
+  tests (its cluster registry is private; the cloud TPU and Kubernetes ones would reach
+  for the network, so only these two are asked)."""
+  from jax._src import clusters  # pylint: disable=g-import-not-at-top
+  return clusters.SlurmCluster.is_env_present() or clusters.OmpiCluster.is_env_present()

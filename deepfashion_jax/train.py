@@ -1,8 +1,10 @@
 """The main job: train, evaluate every `eval_every_steps`, checkpoint, resume by itself.
 
-Started again on the same workdir, a run continues from its newest checkpoint (model,
-optimiser, step and the data iterator's position), so that N steps in one go and k steps,
-a restart and N - k more give the same parameters and the same logged metrics.
+Started again on the same workdir, a run continues from its newest intact checkpoint
+(model, optimiser, step, rng and the data iterator's position), so that N steps in one go
+and k steps, a restart and N - k more give the same parameters and the same logged
+metrics. SIGTERM or SIGINT stops it after the current step with a checkpoint (`Preempted`);
+a non-finite step stops it at the next log without saving (`_stop_if_diverged`).
 """
 
 import os
@@ -145,6 +147,10 @@ def train_and_evaluate(config, workdir: str):
   """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics."""
   config_checks.check(config)
   _check_writable(workdir)
+  if jax.process_count() > 1:  # process 0 writes the synthetic folder (if any), once
+    if jax.process_index() == 0:
+      folder.data_root(config.data, workdir)
+    multihost_utils.sync_global_devices('data folder ready')
   index = folder.load_index(config.data, workdir)
   mesh = sharding.make_mesh()
   step_config, state = steps.create_train_state(config, mesh, index.attribute_types,

@@ -154,3 +154,27 @@ def test_a_failed_save_says_so_and_keeps_the_checkpoints_before_it(
                                     r'steps \[2\]'):
     train.train_and_evaluate(_config(synthetic_folder[0]), workdir)
   assert len(_params(workdir, 2)) > 0
+
+
+class _Manager:
+  directory = '/runs/x/checkpoints'
+
+  def latest_step(self):
+    return 40
+
+
+@pytest.mark.parametrize('dtype, in_a_row, stops', [
+    ('float32', 1, True), ('bfloat16', 3, True), ('float16', 3, False),
+    ('float16', 25, False), ('float16', 26, True)])
+def test_float16_tolerates_a_few_skipped_steps_in_a_row_and_stops_on_many(
+    dtype, in_a_row, stops):
+  config = test_config.get_config()
+  config.dtype = dtype  # config.max_nonfinite_in_a_row = 25
+  logged = dict(nonfinite_steps=in_a_row, first_nonfinite_step=43,
+                nonfinite_in_a_row=in_a_row, loss_scale=2.0 ** 10)
+  if not stops:
+    train._stop_if_diverged(config, logged, _Manager())  # pylint: disable=protected-access
+    return
+  with pytest.raises(FloatingPointError, match='Step 43: .* the last good checkpoint, '
+                                               'step 40, is kept in /runs/x/checkpoints'):
+    train._stop_if_diverged(config, logged, _Manager())  # pylint: disable=protected-access

@@ -66,19 +66,29 @@ def test_the_same_seed_gives_the_same_batches_whatever_the_workers(index):
   assert not np.array_equal(other['index'], one_thread[0]['index'])
 
 
-def test_each_epoch_is_a_new_permutation_of_the_shard(index):
+def test_each_epoch_is_a_new_permutation_of_the_split(index):
   rows = index.split_indices('train')[:16]
   source = sources.FolderSource(index, rows)
-  epochs = {}
-  for process in range(2):
-    dataset = pipeline.train_dataset(source, batch_size=2, seed=0, options=OPTIONS,
-                                     process_index=process, process_count=2)
-    seen = np.concatenate([b['index'] for b in _take(pipeline.iterate(dataset), 8)])
-    epochs[process] = seen[:8], seen[8:]
-    assert sorted(seen[:8]) == sorted(seen[8:])  # both epochs cover the shard
-    assert not np.array_equal(seen[:8], seen[8:])  # in another order
-  assert set(epochs[0][0]).isdisjoint(epochs[1][0])
-  assert set(epochs[0][0]) | set(epochs[1][0]) == set(rows)
+  dataset = pipeline.train_dataset(source, batch_size=4, seed=0, options=OPTIONS)
+  seen = np.concatenate([b['index'] for b in _take(pipeline.iterate(dataset), 8)])
+  first, second = seen[:16], seen[16:]
+  assert sorted(first) == sorted(second) == sorted(rows)  # both epochs cover the split
+  assert not np.array_equal(first, second)  # in another order
+
+
+def test_processes_load_their_rows_of_the_same_global_batches(index):
+  """Two processes with batches of 2 load, between them, exactly the batches of 4 that one
+  process loads: the same images, crops and flips, in the same order."""
+  source = sources.FolderSource(index, index.split_indices('train')[:16])
+  alone = _take(pipeline.iterate(pipeline.train_dataset(source, batch_size=4, seed=3,
+                                                        options=OPTIONS)), 6)
+  shares = [_take(pipeline.iterate(pipeline.train_dataset(
+      source, batch_size=2, seed=3, options=OPTIONS, process_index=p, process_count=2)), 6)
+            for p in range(2)]
+  for step, batch in enumerate(alone):
+    for key, value in batch.items():
+      np.testing.assert_array_equal(
+          np.concatenate([shares[0][step][key], shares[1][step][key]]), value, err_msg=key)
 
 
 def test_evaluation_sees_every_example_exactly_once_across_processes(index):

@@ -1,5 +1,9 @@
 """The jitted step: the loss falls, nothing is non-finite, 1 and 4 devices agree."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -48,7 +52,22 @@ def test_the_loss_falls_on_a_repeated_batch(synthetic_folder):
   assert 0 <= history[-1]['category_top5'] <= 1 and 0 <= history[-1]['bbox_iou'] <= 1
 
 
-@pytest.mark.skipif(jax.device_count() < 4, reason='needs 4 devices (conftest forces 4 CPUs)')
+FOUR_DEVICE_CHECKS = 'one_and_four_devices or dropout_masks_do_not_depend'
+
+
+def test_the_sharded_checks_pass_on_four_cpu_devices():
+  """Runs the two checks below in a fresh process with 4 forced CPU devices (XLA_FLAGS
+  only counts before JAX starts; this suite runs on one device, see conftest.py)."""
+  if jax.device_count() >= 4:
+    pytest.skip('this process has 4 devices: the checks below run in it directly')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+                           __file__, '-k', FOUR_DEVICE_CHECKS], env=env, capture_output=True,
+                          text=True, timeout=900)
+  assert result.returncode == 0 and '2 passed' in result.stdout, result.stdout[-3000:]
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason='run by the test above, on 4 devices')
 def test_one_and_four_devices_give_the_same_parameters(synthetic_folder):
   """Devices change only the order of float32 reductions. Gentle steps (plain SGD, small
   learning rate, mean losses) keep those rounding differences at float32 size: with Adam
@@ -58,7 +77,10 @@ def test_one_and_four_devices_give_the_same_parameters(synthetic_folder):
   config = test_config.get_config()
   config.optimizer, config.learning_rate, config.momentum = 'sgd', 1e-3, 0.0
   config.loss.reduce_sum = False
-  config.model.dropout = 0.0  # its masks: test_dropout_masks_do_not_depend_on_the_devices
+  # At 64 px (2 x 2 maps in the last stage) the differences stay at 1e-6 after 3 steps; at
+  # 72 px this tiny model amplifies them faster (3% of one batch-norm bias's update by
+  # step 3, measured), which would make the tolerance meaningless.
+  config.data.img_size, config.data.crop_size = 72, 64
   index, batches = _batches(synthetic_folder[0], config, 3)
   one, _ = _train(config, index, batches, jax.devices()[:1])
   four, _ = _train(config, index, batches, jax.devices()[:4])
@@ -151,7 +173,7 @@ def test_pos_weight_follows_the_training_split(synthetic_folder):
   np.testing.assert_allclose(weight, 5.0 * expected / expected.max(), rtol=1e-6)
 
 
-@pytest.mark.skipif(jax.device_count() < 4, reason='needs 4 devices (conftest forces 4 CPUs)')
+@pytest.mark.skipif(jax.device_count() < 4, reason='run by the test above, on 4 devices')
 def test_dropout_masks_do_not_depend_on_the_devices(synthetic_folder):
   """The training forward pass with dropout on 1 and on 4 devices: the same outputs (the
   key is replicated and random bits are generated per global index, not per shard)."""
@@ -167,7 +189,8 @@ def test_dropout_masks_do_not_depend_on_the_devices(synthetic_folder):
         dropout_rng=jax.random.fold_in(state.rng, 7))[1][0])
     outputs.append(forward(state, sharding.global_batch(batches[0], mesh)))
   for name in ('attribute_logits', 'category_logits'):
-    np.testing.assert_allclose(outputs[0][name], outputs[1][name], rtol=1e-4, atol=1e-5)
+    # Same masks: a different one would move these logits by ~1; rounding moves them 1e-5.
+    np.testing.assert_allclose(outputs[0][name], outputs[1][name], rtol=1e-3, atol=1e-4)
 
 
 def test_a_float16_state_survives_a_checkpoint(synthetic_folder, tmp_path):

@@ -165,20 +165,40 @@ def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
+class _ShareOfGlobalBatches(grain.transforms.Map):
+  """Element j of process p's sequence -> its element of the global sequence: rows
+  [p * b, (p + 1) * b) of each global batch of process_count * b."""
+
+  def __init__(self, examples: grain.MapDataset, batch_size: int, process_index: int,
+               process_count: int):
+    self.examples, self.batch_size = examples, batch_size
+    self.process_index, self.process_count = process_index, process_count
+
+  def map(self, j: int) -> dict:
+    batch, row = divmod(j, self.batch_size)
+    return self.examples[(batch * self.process_count + self.process_index) * self.batch_size
+                         + row]
+
+
 def train_dataset(source, *, batch_size: int, seed: int, options: ImageOptions,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """Endless training batches of this process's shard; a new permutation every epoch.
+  """Endless training batches: this process's share of each global batch.
 
-  batch_size is the per-process batch (the global batch / process count).
+  The global sequence (a new permutation of the split every epoch, each example's crop and
+  flip drawn from its position in it) is the same whatever the number of processes, and
+  each process decodes only its own rows of each global batch: P processes train on
+  exactly the batches one process would. batch_size is the per-process batch (the global
+  batch / process count).
   """
-  dataset = grain.MapDataset.source(source)[process_index::process_count]
-  if len(dataset) < batch_size:
-    raise ValueError(f'the training split of this process has {len(dataset)} images, fewer '
-                     f'than one batch of {batch_size}')
-  dataset = dataset.shuffle(seed=seed).repeat()
-  dataset = dataset.random_map(TrainExample(source, options), seed=seed)
-  return dataset.batch(batch_size, drop_remainder=True,
-                       batch_fn=Collate(options.canvas_size, source.num_attributes))
+  if len(source) < batch_size * process_count:
+    raise ValueError(f'the training split has {len(source)} images, fewer than one batch of '
+                     f'{batch_size * process_count}')
+  examples = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  examples = examples.random_map(TrainExample(source, options), seed=seed)
+  share = grain.MapDataset.range(len(examples) // process_count)
+  share = share.map(_ShareOfGlobalBatches(examples, batch_size, process_index, process_count))
+  return share.batch(batch_size, drop_remainder=True,
+                     batch_fn=Collate(options.canvas_size, source.num_attributes))
 
 
 def eval_dataset(source, *, batch_size: int, options: ImageOptions, process_index: int = 0,
