@@ -158,11 +158,12 @@ def _all_finite(tree) -> jax.Array:
 
 def _gradients(state: TrainState, loss_fn):
   """(dynamic_scale, finite, (loss, aux), grads) of loss_fn at state.params, through the
-  float16 loss scale when the state has one."""
+  float16 loss scale when the state has one. Without one, `finite` says only that the
+  loss is: a non-finite gradient shows in the updated parameters, checked after."""
   if state.dynamic_scale is not None:
     return state.dynamic_scale.value_and_grad(loss_fn, has_aux=True)(state.params)
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  return None, jnp.isfinite(loss) & _all_finite(grads), (loss, aux), grads
+  return None, jnp.isfinite(loss), (loss, aux), grads
 
 
 def train_step(step_config: StepConfig, state: TrainState, batch: dict):
@@ -177,8 +178,9 @@ def train_step(step_config: StepConfig, state: TrainState, batch: dict):
       state, loss_fn)
   updates, opt_state = step_config.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  # A non-finite step (its loss, a gradient, or an update that overflows a parameter)
-  # leaves the model and the optimiser as they were: the state never holds a NaN or inf.
+  # A non-finite step (its loss, a gradient, or an update that overflows a parameter; a
+  # NaN or inf gradient makes its parameter's update one) leaves the model and the
+  # optimiser as they were: the state never holds a NaN or inf.
   finite &= _all_finite(params)
   keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
