@@ -97,9 +97,10 @@ def _named_average(name: str):
   return NamedAverage
 
 
-def collection_class(names=None):
-  """The clu Collection of every metric of `metric_names()`."""
-  return metrics.Collection.create(**{n: _named_average(n) for n in names or metric_names()})
+def collection_class(names=None, **other_metrics):
+  """The clu Collection of every metric of `metric_names()` (and `other_metrics`)."""
+  return metrics.Collection.create(**{n: _named_average(n) for n in names or metric_names()},
+                                   **other_metrics)
 
 
 EvalMetrics = collection_class()
@@ -134,8 +135,7 @@ def _reduced(name: str, reduce):
 
 NO_STEP = np.iinfo(np.int32).max  # first_nonfinite_step when every step was finite
 
-TrainMetrics = metrics.Collection.create(
-    **{n: _named_average(n) for n in metric_names()},
+TrainMetrics = collection_class(
     loss_scale=metrics.LastValue.from_output('loss_scale'),
     nonfinite_steps=_reduced('nonfinite_steps', jnp.add),
     first_nonfinite_step=_reduced('first_nonfinite_step', jnp.minimum),
