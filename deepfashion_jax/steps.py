@@ -35,6 +35,13 @@ from deepfashion_jax.models import fashion_net
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
+# XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK by default, whose weight gradients
+# are 4-8x slower than XLA's own (Eigen) convolutions on x86, and which run on one core
+# where Eigen's use all: the ResNet-18 train step takes 3.9 s instead of 2.2 s at 224 px
+# (benchmarks/RESULTS.md). This keeps YNNPACK for dots and reductions only.
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
+                        'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+
 # float16 starts its loss scale at 2^15 and doubles it after 2,000 finite steps in a row.
 INITIAL_LOSS_SCALE = 2.0 ** 15
 
@@ -204,14 +211,34 @@ def eval_step(step_config: StepConfig, state: TrainState, batch: dict):
                                jnp.asarray(step_config.attribute_types))
 
 
+@functools.cache
+def _cpu_compiler_options() -> Optional[dict]:
+  """CPU_COMPILER_OPTIONS if this XLA knows them (a tiny compile tells), else None."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS,
+            backend='cpu')(jnp.zeros(())).block_until_ready()
+  except Exception as error:  # pylint: disable=broad-except
+    logging.warning('XLA:CPU compiler options %s not accepted (%s); convolutions keep '
+                    "XLA's default (slower weight gradients on CPU)",
+                    CPU_COMPILER_OPTIONS, error)
+    return None
+  return CPU_COMPILER_OPTIONS
+
+
+def compiler_options(mesh) -> Optional[dict]:
+  """The XLA options the steps compile with on this mesh's platform."""
+  return _cpu_compiler_options() if mesh.devices.flat[0].platform == 'cpu' else None
+
+
 def jit_steps(step_config: StepConfig, mesh):
   """The train, eval and predict steps compiled for the mesh: batch split on `data`,
   state replicated and, for training, donated."""
   replicated = sharding.replicated(mesh)
-  train = jax.jit(functools.partial(train_step, step_config), donate_argnums=0,
-                  out_shardings=replicated)
-  evaluate = jax.jit(functools.partial(eval_step, step_config), out_shardings=replicated)
-  predict = jax.jit(functools.partial(predict_step, step_config), out_shardings=replicated)
+  jit = functools.partial(jax.jit, out_shardings=replicated,
+                          compiler_options=compiler_options(mesh))
+  train = jit(functools.partial(train_step, step_config), donate_argnums=0)
+  evaluate = jit(functools.partial(eval_step, step_config))
+  predict = jit(functools.partial(predict_step, step_config))
   return train, evaluate, predict
 
 

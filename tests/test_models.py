@@ -106,3 +106,42 @@ def test_bad_options_are_refused():
     fashion_net.FashionNet(image_size=64, roi_pool='max', rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='category_head must be one of'):
     fashion_net.FashionNet(image_size=64, category_head='tree', rngs=nnx.Rngs(0))
+
+
+def _lax_conv(kernel, x, stride, pad):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@pytest.mark.parametrize('size,kernel,stride', [(1, 3, 1), (2, 3, 1), (2, 1, 1), (3, 3, 2),
+                                                (4, 3, 2), (4, 1, 2), (3, 3, 1)])
+def test_small_maps_convolve_like_lax_conv(size, kernel, stride):
+  # Output maps of <= 2 x 2 take the matrix-product path; 3 x 3 -> 3 x 3 takes lax's.
+  conv = resnet.conv(8, 5, kernel, stride, jnp.float32, nnx.Rngs(0))
+  graphdef, state = nnx.split(conv)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(3, size, size, 8)), jnp.float32)
+  ours = lambda w, x: nnx.merge(graphdef, jax.tree.map(lambda _: w, state))(x)
+  reference = lambda w, x: _lax_conv(w, x, stride, kernel // 2)
+  w = conv.kernel[...]
+  np.testing.assert_allclose(ours(w, x), reference(w, x), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda w, x: (f(w, x) ** 2 * jnp.arange(5)).sum()
+  for g, g_ref in zip(jax.grad(loss(ours), (0, 1))(w, x), jax.grad(loss(reference), (0, 1))(w, x)):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [(2, 7, 9, 3), (2, 8, 6, 3), (1, 1, 1, 2), (1, 2, 3, 1)])
+def test_max_pool_value_and_gradient_are_reduce_windows(shape):
+  # Inputs with many ties (ReLU'd small integers): the gradient must go to each window's
+  # first maximum in row-major order, as XLA's select-and-scatter (and PyTorch) route it.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(np.maximum(rng.integers(-2, 3, shape), 0), jnp.float32)
+  reference = lambda x: nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  out = resnet.max_pool_3x3_stride_2(x)
+  np.testing.assert_array_equal(out, reference(x))
+  g = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+  ours = jax.vjp(resnet.max_pool_3x3_stride_2, x)[1](g)[0]
+  theirs = jax.vjp(reference, x)[1](g)[0]
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+  # Every output's gradient lands on exactly one input: nothing is split between ties.
+  ones = jax.vjp(resnet.max_pool_3x3_stride_2, x)[1](jnp.ones_like(out))[0]
+  assert set(np.unique(np.asarray(ones))) <= set(range(10))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -210,3 +211,22 @@ def test_a_float16_state_survives_a_checkpoint(synthetic_folder, tmp_path):
   assert restored.dynamic_scale.growth_interval == state.dynamic_scale.growth_interval
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_cpu_steps_compile_with_xla_convolutions():
+  # The options must be known to the installed XLA (else training silently runs ~2x
+  # slower on CPU), and must not change what a convolution's gradients compute.
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  options = steps.compiler_options(mesh)
+  assert options == steps.CPU_COMPILER_OPTIONS
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 9, 9, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)
+  def loss(x, w):
+    y = jax.lax.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)),
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return (y ** 2).sum()
+  grads = jax.jit(jax.grad(loss, (0, 1)), compiler_options=options)(x, w)
+  reference = jax.jit(jax.grad(loss, (0, 1)))(x, w)
+  for ours, theirs in zip(grads, reference):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)

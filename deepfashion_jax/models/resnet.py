@@ -14,7 +14,9 @@ from typing import Any
 
 from flax import nnx
 import jax
+from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 # torchvision's initialisation: He normal over fan-out for convolutions.
 _conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -39,9 +41,62 @@ STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4')
 def conv(in_features, out_features, kernel, stride, dtype, rngs):
   """A bias-free convolution padded like PyTorch's (kernel // 2 on every side)."""
   pad = kernel // 2
-  return nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
-                  padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                  param_dtype=jnp.float32, kernel_init=_conv_init, rngs=rngs)
+  return Conv(in_features, out_features, (kernel, kernel), strides=stride,
+              padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+              param_dtype=jnp.float32, kernel_init=_conv_init, rngs=rngs)
+
+
+# Output maps this small are computed as one matrix product (see Conv).
+DENSE_MAX_OUTPUT_PIXELS = 4
+
+
+class Conv(nnx.Conv):
+  """nnx.Conv (same parameters), computed as a matrix product when its output map has at
+  most DENSE_MAX_OUTPUT_PIXELS pixels.
+
+  Why: XLA:CPU's convolution is 40-60x slower on such maps (a 3 x 3 convolution on 2 x 2
+  maps: 317 ms against 5.5 ms on 3 x 3 maps, batch 32, 512 channels; benchmarks/RESULTS.md),
+  which ResNet's last stage meets below 72 px. Each output pixel is a sum over the input
+  pixels its window covers, so the convolution is x (B, H W C) @ M (H W C, Ho Wo O) with
+  M's blocks the kernel's taps, or 0 where the window falls on padding: the same products,
+  summed in another order.
+  """
+
+  def __call__(self, inputs, out_sharding=None):
+    _, height, width, _ = inputs.shape
+    strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+    out_height, out_width = (_output_size(n, k, s, pad) for n, k, s, pad in zip(
+        (height, width), self.kernel_size, strides, self.padding))
+    if out_height * out_width > DENSE_MAX_OUTPUT_PIXELS:
+      return super().__call__(inputs, out_sharding)
+    matrix = _dense_conv_matrix(self.kernel[...].astype(self.dtype), (height, width),
+                                strides, self.padding)
+    flat = inputs.astype(self.dtype).reshape(inputs.shape[0], -1) @ matrix
+    return flat.reshape(inputs.shape[0], out_height, out_width, self.out_features)
+
+
+def _output_size(size: int, kernel: int, stride: int, padding) -> int:
+  return (size + padding[0] + padding[1] - kernel) // stride + 1
+
+
+def _dense_conv_matrix(kernel, in_size, strides, padding):
+  """(H W C, Ho Wo O): block (input pixel, output pixel) is the kernel tap that joins them."""
+  kernel_h, kernel_w, in_features, out_features = kernel.shape
+  (height, width), (stride_h, stride_w) = in_size, strides
+  out_h = _output_size(height, kernel_h, stride_h, padding[0])
+  out_w = _output_size(width, kernel_w, stride_w, padding[1])
+  # For input pixel (h, w) and output pixel (r, c): the tap (h + pad - r s, w + pad - c s).
+  tap_h = (np.arange(height)[:, None] + padding[0][0] - np.arange(out_h)[None, :] * stride_h)
+  tap_w = (np.arange(width)[:, None] + padding[1][0] - np.arange(out_w)[None, :] * stride_w)
+  inside_h = (tap_h >= 0) & (tap_h < kernel_h)
+  inside_w = (tap_w >= 0) & (tap_w < kernel_w)
+  # (H, Ho, W, Wo, C, O): gathered taps, zero outside the kernel.
+  taps = kernel[np.clip(tap_h, 0, kernel_h - 1)[:, :, None, None],
+                np.clip(tap_w, 0, kernel_w - 1)[None, None, :, :]]
+  inside = (inside_h[:, :, None, None] & inside_w[None, None, :, :])[..., None, None]
+  blocks = jnp.where(inside, taps, jnp.zeros((), kernel.dtype))
+  return blocks.transpose(0, 2, 4, 1, 3, 5).reshape(height * width * in_features,
+                                                    out_h * out_w * out_features)
 
 
 def batch_norm(features, dtype, rngs):
@@ -126,10 +181,66 @@ class ResNet(nnx.Module):
 
   def __call__(self, x) -> dict:
     x = jax.nn.relu(self.bn1(self.conv1(x)))
-    x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool_3x3_stride_2(x)
     outputs = {'stem': x}
     for name in STAGES[1:]:
       for block in getattr(self, name):
         x = block(x)
       outputs[name] = x
     return outputs
+
+
+# The stem's 3 x 3, stride-2, pad-1 max pool. Its value is lax.reduce_window's; its gradient
+# is written out because XLA:CPU computes reduce_window's (select-and-scatter, with four
+# index arrays the size of the padded input) 2.7x slower than the phase form below
+# (benchmarks/RESULTS.md). Same result: each window's gradient goes to its first maximum in
+# row-major order, as in XLA's select-and-scatter and PyTorch's max_pool2d.
+
+
+@jax.custom_vjp
+def max_pool_3x3_stride_2(x):
+  """(B, H, W, C) -> (B, ceil(H / 2), ceil(W / 2), C), padding 1 on every side."""
+  return lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), lax.max, (1, 3, 3, 1),
+                           (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def _stride_2_phases(x):
+  """x padded with -inf to (2 Ho + 2, 2 Wo + 2) and split by row and column parity:
+  phases[a][b][:, r, c] is padded pixel (2 r + a, 2 c + b)."""
+  b, h, w, c = x.shape
+  ho, wo = (h + 1) // 2, (w + 1) // 2
+  padded = jnp.pad(x, ((0, 0), (1, 2 * ho + 1 - h), (1, 2 * wo + 1 - w), (0, 0)),
+                   constant_values=-jnp.inf).reshape(b, ho + 1, 2, wo + 1, 2, c)
+  return [[padded[:, :, a, :, col, :] for col in range(2)] for a in range(2)]
+
+
+def _max_pool_forward(x):
+  out = max_pool_3x3_stride_2.fun(x)
+  return out, (x, out)
+
+
+def _max_pool_backward(residuals, grad):
+  x, out = residuals
+  b, h, w, c = x.shape
+  ho, wo = out.shape[1:3]
+  phases = _stride_2_phases(x)
+  # Window tap (i, j) of output (r, c) is padded pixel (2 r + i, 2 c + j): phase
+  # (i % 2, j % 2) at (r + i // 2, c + j // 2).
+  phase_grads = [[jnp.zeros((b, ho + 1, wo + 1, c), grad.dtype) for _ in range(2)]
+                 for _ in range(2)]
+  taken = jnp.zeros(out.shape, bool)
+  for i in range(3):
+    for j in range(3):
+      di, dj = i // 2, j // 2
+      tap = phases[i % 2][j % 2][:, di:di + ho, dj:dj + wo]
+      first_max = (tap == out) & ~taken
+      taken = taken | first_max
+      routed = jnp.pad(jnp.where(first_max, grad, 0),
+                       ((0, 0), (di, 1 - di), (dj, 1 - dj), (0, 0)))
+      phase_grads[i % 2][j % 2] = phase_grads[i % 2][j % 2] + routed
+  rows = [jnp.stack(phase_grads[a], axis=3) for a in range(2)]  # (b, ho + 1, wo + 1, 2, c)
+  padded = jnp.stack(rows, axis=2).reshape(b, 2 * ho + 2, 2 * wo + 2, c)
+  return (padded[:, 1:1 + h, 1:1 + w],)
+
+
+max_pool_3x3_stride_2.defvjp(_max_pool_forward, _max_pool_backward)
