@@ -215,8 +215,8 @@ def eval_step(step_config: StepConfig, state: TrainState, batch: dict):
 def _cpu_compiler_options() -> Optional[dict]:
   """CPU_COMPILER_OPTIONS if this XLA knows them (a tiny compile tells), else None."""
   try:
-    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS,
-            backend='cpu')(jnp.zeros(())).block_until_ready()
+    zero = jax.device_put(jnp.zeros(()), jax.local_devices(backend='cpu')[0])
+    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS)(zero).block_until_ready()
   except Exception as error:  # pylint: disable=broad-except
     logging.warning('XLA:CPU compiler options %s not accepted (%s); convolutions keep '
                     "XLA's default (slower weight gradients on CPU)",
