@@ -105,6 +105,7 @@ def jax_step(args, batch):
     holder['state'], batch_metrics = train_step(holder['state'], device_batch)
     jax.block_until_ready((holder['state'], batch_metrics))
 
+  run.holder = holder  # the current state, for tests
   return run
 
 

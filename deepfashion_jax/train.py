@@ -11,6 +11,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 
 from absl import logging
 from clu import metric_writers
@@ -195,6 +196,7 @@ def _train_loop(config, workdir, writer, manager, state, train_iterator, jitted,
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=writer)
   train_metrics, skipped, results = None, 0, {}
+  throughput = Throughput(config.batch_size, int(state.step))
   for step in range(int(state.step) + 1, config.num_train_steps + 1):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       batch = next(train_iterator)
@@ -207,6 +209,7 @@ def _train_loop(config, workdir, writer, manager, state, train_iterator, jitted,
     if step % config.log_every_steps == 0 or last or stopping:
       _write_train_metrics(config, writer, manager, step, train_metrics)
       train_metrics = None
+      writer.write_scalars(step, {'images_per_sec': throughput.measure(step)})
     evaluated = step % config.eval_every_steps == 0 or last
     if evaluated:
       with report_progress.timed('eval'):
@@ -217,11 +220,46 @@ def _train_loop(config, workdir, writer, manager, state, train_iterator, jitted,
       with report_progress.timed('checkpoint'):
         checkpoints.save(manager, step, state, train_iterator,
                          metrics=results if evaluated else None, config=config)
+    if evaluated or step % config.checkpoint_every_steps == 0:
+      throughput.restart(step)
     if stopping and not last:
       raise Preempted(f'Pre-empted by {stop.received or "another process"} after step '
                       f'{step}: saved its checkpoint in {manager.directory}. Run the same '
                       'command again to resume from it.')
+  if throughput.steady() is not None:
+    results = dict(results, train_images_per_sec=throughput.steady())
   return results
+
+
+class Throughput:
+  """Training images per second between logs, evaluations and checkpoints left out.
+
+  `measure` follows the log's device sync, so the steps it counts have finished. The
+  first interval of a run includes compiling the step; `steady` leaves it out.
+  """
+
+  def __init__(self, batch_size: int, step: int):
+    self.batch_size, self.intervals = batch_size, []  # (images, seconds)
+    self.restart(step)
+
+  def restart(self, step: int, now=None):
+    self.start_step = step
+    self.start_time = time.perf_counter() if now is None else now
+
+  def measure(self, step: int) -> float:
+    now = time.perf_counter()
+    images = (step - self.start_step) * self.batch_size
+    seconds = now - self.start_time
+    self.intervals.append((images, seconds))
+    self.restart(step, now)
+    return images / max(seconds, 1e-9)
+
+  def steady(self):
+    """Images per second over every interval but the first; None with fewer than two."""
+    later = self.intervals[1:]
+    if not later:
+      return None
+    return sum(i for i, _ in later) / max(sum(s for _, s in later), 1e-9)
 
 
 def _write_train_metrics(config, writer, manager, step: int, train_metrics):

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One script for a GPU machine: the train-step benchmark of ResNet-18 and ResNet-50 in
+# bfloat16 at the largest batch of 512 / 256 / 128 that fits, then a 300-step training run
+# of configs/resnet50_bf16.py on synthetic data through the real input pipeline; prints
+# images/s for each and the device, and writes step_resnet18.json, step_resnet50.json,
+# end_to_end.json and summary.json into OUT_DIR.
+#
+#   benchmarks/gpu.sh [--shrink] [OUT_DIR]        (OUT_DIR: $OUT, else benchmarks/out/gpu)
+#
+# --shrink makes everything tiny (64 px, batches of 8 / 4, a few steps) so that the script
+# itself is tested on a CPU (tests/test_benchmarks.py). Packages missing on the machine can
+# travel as wheels in .whl/ (see /work/.library/device/README.md): they are installed first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+shrink=0
+if [[ "${1:-}" == "--shrink" ]]; then shrink=1; shift; fi
+out_dir="${1:-${OUT:-benchmarks/out/gpu}}"
+mkdir -p "$out_dir"
+python="${PYTHON:-python3}"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+if (( shrink )); then
+  image_size=64; batches="8 4"; steps=2; warmup=1
+  e2e=(--steps 6 --log_every 2 --image_size 64 --synthetic_images 48 --threads 2
+       --processes 0)
+else
+  image_size=224; batches="512 256 128"; steps=20; warmup=3
+  e2e=(--steps 300 --log_every 50 --synthetic_images 4096)
+fi
+
+for backbone in resnet18 resnet50; do
+  fitted=0
+  for batch in $batches; do
+    # A batch that does not fit fails its process (out of memory); the next is smaller.
+    if "$python" benchmarks/train_step.py --backbone "$backbone" --batch_size "$batch" \
+        --image_size "$image_size" --dtype bfloat16 --steps "$steps" --warmup "$warmup" \
+        --no_torch --json "$out_dir/step_$backbone.json"; then
+      fitted=$batch; break
+    fi
+    echo "gpu.sh: $backbone at batch $batch failed (out of memory?); trying a smaller batch"
+  done
+  if (( ! fitted )); then echo "gpu.sh: no batch of $batches ran for $backbone" >&2; exit 1; fi
+done
+
+# End to end at the batch the ResNet-50 step ran at, so that the two compare.
+"$python" benchmarks/end_to_end.py --config configs/resnet50_bf16.py "${e2e[@]}" \
+    --batch_size "$fitted" --json "$out_dir/end_to_end.json"
+
+"$python" - "$out_dir" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+read = lambda name: json.load(open(os.path.join(out, name)))
+r18, r50, e2e = read('step_resnet18.json'), read('step_resnet50.json'), read('end_to_end.json')
+rows = [('ResNet-18 train step', r18['batch_size'], r18['jax_img_s']),
+        ('ResNet-50 train step', r50['batch_size'], r50['jax_img_s']),
+        ('ResNet-50 end to end', e2e['batch_size'], e2e['end_to_end_img_s'])]
+print(f"device: {r50['device']} x {r50['device_count']}, bfloat16, {r50['image_size']} px")
+print(f"{'measure':<24}{'batch':>7}{'img/s':>10}")
+for name, batch, value in rows:
+  print(f"{name:<24}{batch:>7}{value:>10.1f}")
+ratio = e2e['end_to_end_img_s'] / r50['jax_img_s']
+print(f"end to end / step alone (ResNet-50): {ratio:.2f}"
+      + ('' if e2e['batch_size'] == r50['batch_size'] else
+         f" (batches differ: {e2e['batch_size']} vs {r50['batch_size']})"))
+summary = dict(device=r50['device'], resnet18_step_img_s=r18['jax_img_s'],
+               resnet18_batch=r18['batch_size'], resnet50_step_img_s=r50['jax_img_s'],
+               resnet50_batch=r50['batch_size'], end_to_end_img_s=e2e['end_to_end_img_s'],
+               end_to_end_batch=e2e['batch_size'], end_to_end_over_step=ratio)
+json.dump(summary, open(os.path.join(out, 'summary.json'), 'w'), indent=1)
+EOF

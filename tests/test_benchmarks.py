@@ -1,0 +1,68 @@
+"""The benchmark scripts run and report what they claim, at toy sizes (no timing asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+
+import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_train_step_times_both_sides_on_the_same_batch(tmp_path):
+  out = tmp_path / 'step.json'
+  train_step.main(['--backbone', 'resnet18', '--batch_size', '2', '--image_size', '64',
+                   '--steps', '2', '--warmup', '1', '--json', str(out)])
+  result = json.loads(out.read_text())
+  for side in ('jax', 'torch'):
+    assert len(result[f'{side}_step_s_all']) == 2
+    assert result[f'{side}_img_s'] == 2 / result[f'{side}_step_s']
+
+
+def test_the_jax_step_trains(tmp_path):
+  # The timed function is a real training step: the parameters move and stay finite.
+  args = train_step.parse_args(['--batch_size', '2', '--image_size', '64'])
+  batch = train_step.make_batch(2, 64)
+  run = train_step.jax_step(args, batch)
+  before = _leaves(run.holder['state'].params)
+  run()
+  after = _leaves(run.holder['state'].params)
+  assert int(run.holder['state'].step) == 1
+  assert all(bool((a != b).any()) for a, b in zip(after, before))
+
+
+def _leaves(params):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def test_gpu_script_runs_shrunk_on_cpu(tmp_path):
+  env = dict(os.environ, PYTHON=sys.executable)
+  completed = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu.sh'), '--shrink',
+                              str(tmp_path)], env=env, capture_output=True, text=True,
+                             timeout=900, check=False)
+  assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  assert summary['resnet18_batch'] == summary['resnet50_batch'] == 8
+  assert summary['end_to_end_batch'] == 8
+  for key in ('resnet18_step_img_s', 'resnet50_step_img_s', 'end_to_end_img_s'):
+    assert summary[key] > 0
+  step50 = json.loads((tmp_path / 'step_resnet50.json').read_text())
+  assert step50['dtype'] == 'bfloat16' and 'torch_img_s' not in step50
+  assert 'ResNet-50 end to end' in completed.stdout and 'device: cpu' in completed.stdout
+
+
+def test_throughput_leaves_out_the_first_interval(monkeypatch):
+  from deepfashion_jax import train  # pylint: disable=g-import-not-at-top
+  clock = iter([0.0, 10.0, 12.0, 13.0, 14.0])  # start, logs at 5 and 10, restart, log at 12
+  monkeypatch.setattr(train.time, 'perf_counter', lambda: next(clock))
+  throughput = train.Throughput(batch_size=4, step=0)
+  assert throughput.steady() is None
+  assert throughput.measure(5) == 20 / 10  # compiling included
+  assert throughput.measure(10) == 20 / 2
+  throughput.restart(10)  # an evaluation, say: not counted
+  assert throughput.measure(12) == 8 / 1
+  assert throughput.steady() == (20 + 8) / (2 + 1)
