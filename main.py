@@ -7,6 +7,8 @@
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=predict \\
       --images=photo.jpg,more_photos/ --output_dir=predictions
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=describe
+  python main.py --config=configs/default.py --workdir=DIR --mode=prepare \
+      --config.data.data_dir=/path/to/DeepFashion [--config.data.tfds_dir=OUT]
   python main.py --config=... --workdir=SHARED_DIR --coordinator_address=host0:1234 \\
       --num_processes=2 --process_id=0    # and =1 on the second host (README: Multi-host)
 """
@@ -24,15 +26,18 @@ from deepfashion_jax import predict
 from deepfashion_jax import sharding
 from deepfashion_jax import train
 from deepfashion_jax.data import folder
+from deepfashion_jax.data import tfds_builder
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and generated data.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'convert', 'predict', 'describe'],
+flags.DEFINE_enum('mode', 'train',
+                  ['train', 'evaluate', 'convert', 'predict', 'describe', 'prepare'],
                   'train: train and evaluate, resuming from the newest checkpoint; '
                   'evaluate: a checkpoint on config.eval.split; convert: a PyTorch checkpoint '
                   'into the workdir; predict: a checkpoint on your own photos; describe: load '
-                  '(or write) the dataset and summarise it.')
+                  '(or write) the dataset and summarise it; prepare: write the dataset as '
+                  'TFDS ArrayRecord files (config.data.tfds_dir) for config.data.source=tfds.')
 flags.DEFINE_string('torch_checkpoint', None, '--mode=convert: the .pth file to convert.')
 flags.DEFINE_string('images', None, '--mode=predict: comma-separated image files and/or '
                     'folders (searched recursively for images).')
@@ -48,6 +53,15 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def describe(config, workdir: str):
   """Loads the configured DeepFashion folder (writing the synthetic one if need be)."""
   print(folder.load_index(config.data, workdir).summary())
+
+
+def prepare(config, workdir: str):
+  """Writes the configured folder's official partition as a TFDS dataset."""
+  if config.data.split != 'official':
+    raise app.UsageError('--mode=prepare writes the official partition: drop '
+                         f'--config.data.split={config.data.split}')
+  index = folder.load_index(config.data, workdir)
+  print('prepared', tfds_builder.prepare(index, folder.tfds_dir(config.data, workdir)))
 
 
 def _quiet_checkpointing_logs(record) -> bool:
@@ -79,6 +93,8 @@ def main(argv):
     if FLAGS.images is None or not FLAGS.output_dir:
       raise app.UsageError('--mode=predict needs --images=PATHS and --output_dir=DIR')
     print('written to', predict.predict(config, workdir, FLAGS.images, FLAGS.output_dir))
+  elif FLAGS.mode == 'prepare':
+    prepare(config, workdir)
   else:
     describe(config, workdir)
 

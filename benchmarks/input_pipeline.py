@@ -4,6 +4,7 @@ On the same files and cores:
   decode_ceiling_img_s  JPEG decoding alone (bytes already in memory), one core, tight loop
   pipeline_img_s        this project's grain pipeline, W decoding threads, training transforms,
                         batches of 32 (and, for comparison, W worker processes)
+  tfds_pipeline_img_s   the same pipeline reading the prepared TFDS (ArrayRecord) dataset
   torch_baseline_img_s  torch DataLoader, W workers, what the baseline does per image (PIL
                         open, RGB, resize 256, random 224 crop, flip, to float, normalise)
 The pipeline's host part decodes and pads; resize, crop and flip run in the jitted step on
@@ -29,6 +30,7 @@ from deepfashion_jax.data import device_transforms
 from deepfashion_jax.data import pipeline
 from deepfashion_jax.data import sources
 from deepfashion_jax.data import synthetic
+from deepfashion_jax.data import tfds_builder
 from deepfashion_jax.data import transforms
 
 BATCH = 32
@@ -57,8 +59,7 @@ def time_batches(iterator, batches, warmup=3):
   return batches * BATCH / (time.perf_counter() - start)
 
 
-def pipeline_rate(index, batches, threads, processes=0):
-  source = sources.FolderSource(index, np.arange(len(index)))
+def pipeline_rate(source, batches, threads, processes=0):
   dataset = pipeline.train_dataset(source, batch_size=BATCH, seed=0,
                                    options=pipeline.ImageOptions())
   iterator = pipeline.iterate(dataset, threads=threads, processes=processes)
@@ -133,9 +134,15 @@ def main():
     figures['decode_ceiling_img_s'] = decode_ceiling(files[:256])
     # W workers: W decoding threads in one process (the default layout), and for
     # comparison W worker processes of one thread each.
-    figures['pipeline_img_s'], batch = pipeline_rate(index, args.batches, args.workers)
-    figures['pipeline_processes_img_s'], _ = pipeline_rate(index, args.batches, 1,
+    folder_source = sources.FolderSource(index, np.arange(len(index)))
+    figures['pipeline_img_s'], batch = pipeline_rate(folder_source, args.batches, args.workers)
+    figures['pipeline_processes_img_s'], _ = pipeline_rate(folder_source, args.batches, 1,
                                                            args.workers)
+    # The same pipeline reading the prepared TFDS dataset (ArrayRecord) instead of files.
+    tfds_dir = os.path.join(scratch, 'tfds')
+    tfds_builder.prepare(index, tfds_dir)
+    figures['tfds_pipeline_img_s'], _ = pipeline_rate(sources.TfdsSource(tfds_dir, 'train'),
+                                                      args.batches, args.workers)
     figures['torch_baseline_img_s'] = torch_rate(files, args.workers, args.batches)
     figures['device_part_img_s'], figures['device'] = device_part_rate(batch)
 
@@ -151,6 +158,8 @@ def main():
         f'   {figures["pipeline_vs_decode_ceiling"]:.0%} of ceiling (target >= 45%)')
   print(f'{f"pipeline, {args.workers} processes":<34}{figures["pipeline_processes_img_s"]:>10.0f}'
         f'   (grain worker processes instead of threads)')
+  print(f'{f"pipeline, TFDS source, {args.workers} threads":<34}'
+        f'{figures["tfds_pipeline_img_s"]:>10.0f}   (ArrayRecord files instead of JPEG files)')
   print(f'{"torch baseline DataLoader":<34}{figures["torch_baseline_img_s"]:>10.0f}'
         f'   pipeline is {figures["pipeline_vs_torch"]:.1f}x (target >= 3x)')
   print(f'{"device part (resize/crop/flip)":<34}{figures["device_part_img_s"]:>10.0f}'

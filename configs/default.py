@@ -54,6 +54,8 @@ def get_config():
   config.data = ml_collections.ConfigDict()
   config.data.data_dir = ''  # DeepFashion folder holding Anno/, Eval/ and Img/ (or img/)
   config.data.cache_dir = ''  # parsed-annotation cache; '' = annotation_cache/ next to the workdir
+  config.data.source = 'folder'  # images from the 'folder', or 'tfds' (prepared by --mode=prepare)
+  config.data.tfds_dir = ''  # the prepared TFDS dataset; '' = tfds/ next to the workdir
   config.data.split = 'official'  # 'official' partition, or 'baseline' (random 90/5/5, seed 0)
   config.data.synthetic_images = 0  # > 0 and data_dir empty: write a synthetic folder of this size
   config.data.synthetic_seed = 0  # seed of the synthetic folder

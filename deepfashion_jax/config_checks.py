@@ -16,6 +16,7 @@ _CHOICES = {
     'loss.attribute': ('bce', 'hinge'),
     'data.split': ('official', 'baseline'),
     'data.eval_crop': ('resize', 'center_crop'),
+    'data.source': ('folder', 'tfds'),
     'eval.split': ('val', 'test'),
 }
 _POSITIVE = ('batch_size', 'num_train_steps', 'log_every_steps', 'eval_every_steps',

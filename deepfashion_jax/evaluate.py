@@ -25,11 +25,12 @@ from deepfashion_jax.data import pipeline
 from deepfashion_jax.data import sources
 
 
-def eval_dataset(config, index):
+def eval_dataset(config, index, workdir: str):
   """This process's share of config.eval.split, padded to whole batches."""
   process_count = jax.process_count()
   return pipeline.eval_dataset(
-      sources.FolderSource(index, index.split_indices(config.eval.split)),
+      sources.make_source(config.data, index, config.eval.split,
+                          folder.tfds_dir(config.data, workdir)),
       batch_size=pipeline.per_process_batch_size(config.eval.batch_size, process_count),
       options=pipeline.image_options(config.data), process_index=jax.process_index(),
       process_count=process_count)
@@ -117,7 +118,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   step = checkpoint_step(manager, config.eval.checkpoint)
   state = checkpoints.restore_checked(manager, step, checkpoints.abstract_like(state),
                                       config=config)
-  results, skipped = evaluate(eval_step, state, eval_dataset(config, index), mesh)
+  results, skipped = evaluate(eval_step, state, eval_dataset(config, index, workdir),
+                              mesh)
   results['skipped_images_eval'] = skipped
   if jax.process_index() == 0:
     print(format_table(results, f'{config.eval.split} split, checkpoint of step {step}:'))

@@ -31,11 +31,11 @@ from deepfashion_jax.data import sources
 from deepfashion_jax.data import vocabulary
 
 
-def _train_dataset(config, index):
+def _train_dataset(config, index, workdir):
   """This process's share of the endless, shuffled training batches."""
   process_count = jax.process_count()
   return pipeline.train_dataset(
-      sources.FolderSource(index, index.split_indices('train')),
+      sources.make_source(config.data, index, 'train', folder.tfds_dir(config.data, workdir)),
       batch_size=pipeline.per_process_batch_size(config.batch_size, process_count),
       seed=config.seed, options=pipeline.image_options(config.data),
       process_index=jax.process_index(), process_count=process_count)
@@ -157,9 +157,9 @@ def train_and_evaluate(config, workdir: str):
   step_config, state = steps.create_train_state(config, mesh, index.attribute_types,
                                                 steps.train_pos_weight(config, index))
   train_step, eval_step, predict_step = steps.jit_steps(step_config, mesh)
-  eval_data = evaluate.eval_dataset(config, index)
-  train_iterator = pipeline.iterate(_train_dataset(config, index), threads=config.data.threads,
-                                    processes=config.data.processes)
+  eval_data = evaluate.eval_dataset(config, index, workdir)
+  train_iterator = pipeline.iterate(_train_dataset(config, index, workdir),
+                                    threads=config.data.threads, processes=config.data.processes)
 
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
   # Step 0 is a converted checkpoint: weights only, the data starts from the beginning.

@@ -68,6 +68,14 @@ def annotation_cache_dir(data_config, workdir: str) -> str:
   return os.path.join(os.path.dirname(os.path.abspath(workdir)), 'annotation_cache')
 
 
+def tfds_dir(data_config, workdir: str) -> str:
+  """Where the prepared TFDS dataset is: config.data.tfds_dir, else `tfds/` next to the
+  workdir (like the annotation cache)."""
+  if data_config.tfds_dir:
+    return os.path.abspath(os.path.expanduser(data_config.tfds_dir))
+  return os.path.join(os.path.dirname(os.path.abspath(workdir)), 'tfds')
+
+
 def load_index(data_config, workdir: str) -> annotations.DeepFashionIndex:
   """The annotation index of the configured data, with the configured split."""
   root = data_root(data_config, workdir)

@@ -4,8 +4,9 @@ A source's record is what the transforms need and nothing decoded: the image fil
 as stored (None when the file is missing), its path for messages, the example's row in the
 annotation index, its position in the source, the labels (the 1,000 attribute flags
 bit-packed, `np.packbits` order) and the box in pixels. Any source
-that yields these records (the TFDS ArrayRecord source of a later issue, say) plugs into
-`pipeline.py` unchanged.
+that yields these records plugs into `pipeline.py` unchanged: the folder itself
+(`FolderSource`) or the prepared TFDS dataset (`TfdsSource`, see tfds_builder.py), chosen
+by config.data.source (`make_source`).
 """
 
 import os
@@ -52,3 +53,64 @@ class FolderSource:
 
   def __repr__(self):
     return f'FolderSource({self.image_dir}, {len(self)} images)'
+
+
+class TfdsSource:
+  """A split of the prepared TFDS dataset (ArrayRecord files, random access); position p is
+  the folder source's position p of the same split.
+
+  Records are read as raw bytes and only the fields the pipeline uses are parsed, with
+  TFDS's own tf.train.Example proto: 24 us a record against 101 us for TFDS's full
+  deserialisation of every field (landmarks and sizes included), which held the GIL long
+  enough to slow two decoding threads by a third (benchmarks/RESULTS.md).
+  """
+
+  def __init__(self, tfds_dir: str, split: str):
+    from deepfashion_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self.tfds_dir, self.split = tfds_dir, split
+    self.records = tfds_builder.load_builder(tfds_dir).as_data_source(
+        split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    self.num_attributes = tfds_builder.NUM_ATTRIBUTES
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, position: int) -> dict:
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+    feature = tf_example_pb2.Example.FromString(self.records[position]).features.feature
+    first_bytes = lambda name: feature[name].bytes_list.value[0]
+    first_int = lambda name: feature[name].int64_list.value[0]
+    bits = lambda name: np.frombuffer(first_bytes(name), np.uint8)
+    return dict(image_bytes=first_bytes('image_bytes') or None,
+                path=first_bytes('file_name').decode(), index=int(first_int('index')),
+                position=position, category=np.int32(first_int('category')),
+                category_type=np.int32(first_int('category_type')),
+                attribute_positive_bits=bits('attribute_positive_bits'),
+                attribute_unknown_bits=bits('attribute_unknown_bits'),
+                bbox=np.array(feature['bbox'].int64_list.value, np.float32))
+
+  def __repr__(self):
+    return f'TfdsSource({self.tfds_dir}, {self.split}, {len(self)} images)'
+
+
+SOURCES = ('folder', 'tfds')
+
+
+def make_source(data_config, index: annotations.DeepFashionIndex, split: str, tfds_dir: str):
+  """The configured source of one split: the folder's files or the prepared TFDS dataset.
+
+  The TFDS dataset holds the official partition; its split must have the index's rows.
+  """
+  if data_config.source == 'folder':
+    return FolderSource(index, index.split_indices(split))
+  if data_config.split != 'official':
+    raise ValueError(f"config.data.source='tfds' reads the official partition; "
+                     f"config.data.split={data_config.split!r} needs config.data.source='folder'")
+  source = TfdsSource(tfds_dir, split)
+  if len(source) != len(index.split_indices(split)):
+    raise ValueError(
+        f'The TFDS dataset in {tfds_dir} has {len(source)} {split} images, the annotation '
+        f'index of {index.root} {len(index.split_indices(split))}: prepare it again from this '
+        'folder (--mode=prepare).')
+  return source
