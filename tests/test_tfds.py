@@ -111,3 +111,16 @@ def test_training_reads_the_prepared_dataset(prepared, tmp_path):
   config.eval_every_steps = 2
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert 'category_top1' in results
+
+
+def test_the_order_holds_when_the_writer_spills_to_disk(quirky_folder, tmp_path, monkeypatch):
+  # Past its memory buffer TFDS's writer sorts examples into 1,000 temporary buckets by
+  # key: the keys must keep the split's order across buckets (the real dataset spills).
+  monkeypatch.setattr(tfds_builder, '_WRITER_MEMORY_BYTES', 20_000)
+  root, _ = quirky_folder
+  index = annotations.read_deepfashion(root)
+  tfds_builder.prepare(index, str(tmp_path))
+  folder_source = sources.FolderSource(index, index.split_indices('train'))
+  tfds_source = sources.TfdsSource(str(tmp_path), 'train')
+  assert [tfds_source[p]['index'] for p in range(len(tfds_source))] == [
+      folder_source[p]['index'] for p in range(len(folder_source))]
