@@ -27,11 +27,11 @@ fi
 
 if (( shrink )); then
   image_size=64; batches="8 4"; steps=2; warmup=1
-  e2e=(--steps 6 --log_every 2 --image_size 64 --synthetic_images 48 --threads 2
+  e2e=(--steps 6 --warmup 2 --image_size 64 --synthetic_images 48 --threads 2
        --processes 0)
 else
   image_size=224; batches="512 256 128"; steps=20; warmup=3
-  e2e=(--steps 300 --log_every 50 --synthetic_images 4096)
+  e2e=(--steps 300 --warmup 30 --synthetic_images 4096)
 fi
 
 for backbone in resnet18 resnet50; do

@@ -56,6 +56,9 @@ def check(config):
     raise ValueError(f'config.checkpoint_every_steps={config.checkpoint_every_steps} must be a '
                      f'multiple of config.log_every_steps={config.log_every_steps}, so that '
                      'a resumed run logs the same training metrics')
+  if config.schedule == 'cosine' and config.warmup_steps >= config.num_train_steps:
+    raise ValueError(f'config.warmup_steps={config.warmup_steps} leaves no steps for the cosine '
+                     f'decay: config.num_train_steps={config.num_train_steps} must be larger')
   if config.learning_rate <= 0:
     raise ValueError(f'config.learning_rate={config.learning_rate}: expected a positive number')
   if not 0.0 <= config.model.dropout < 1.0:

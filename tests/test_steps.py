@@ -70,26 +70,29 @@ def test_the_sharded_checks_pass_on_four_cpu_devices():
 
 @pytest.mark.skipif(jax.device_count() < 4, reason='run by the test above, on 4 devices')
 def test_one_and_four_devices_give_the_same_parameters(synthetic_folder):
-  """Devices change only the order of float32 reductions. Gentle steps (plain SGD, small
-  learning rate, mean losses) keep those rounding differences at float32 size: with Adam
-  (m / sqrt(v) of near-zero gradients), the summed attribute loss or lr 0.01 on this tiny
-  model (batch norm over 2 x 2 maps), a 1e-7 difference grows to 1e-3 within three steps,
-  which would hide a real sharding error (measured: 1e-6 at most here after 3 steps)."""
+  """Devices change only the order of float32 sums. One gentle step (plain SGD, mean
+  losses) is compared, update by update: XLA:CPU's convolutions sum in another order when
+  the batch is split, and a few batch-norm updates are near-cancelling sums whose relative
+  error that order moves to ~3e-3 (measured: the median update agrees to 2e-6). A sharding
+  error moves every update: batch-norm statistics over each device's share of the batch
+  instead of the whole, for one, changes the median update by 120% (measured)."""
   config = test_config.get_config()
   config.optimizer, config.learning_rate, config.momentum = 'sgd', 1e-3, 0.0
   config.loss.reduce_sum = False
-  # At 64 px (2 x 2 maps in the last stage) the differences stay at 1e-6 after 3 steps; at
-  # 72 px this tiny model amplifies them faster (3% of one batch-norm bias's update by
-  # step 3, measured), which would make the tolerance meaningless.
   config.data.img_size, config.data.crop_size = 72, 64
-  index, batches = _batches(synthetic_folder[0], config, 3)
+  index, batches = _batches(synthetic_folder[0], config, 1)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  before = jax.tree.leaves(steps.create_train_state(config, mesh, index.attribute_types)[1])
   one, _ = _train(config, index, batches, jax.devices()[:1])
   four, _ = _train(config, index, batches, jax.devices()[:4])
-  flat_one, flat_four = jax.tree.leaves(one.params), jax.tree.leaves(four.params)
-  for a, b in zip(flat_one, flat_four):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(one.batch_stats), jax.tree.leaves(four.batch_stats)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  relative = []
+  for start, a, b in zip(before, jax.tree.leaves(one), jax.tree.leaves(four)):
+    update_one, update_four = np.asarray(a) - np.asarray(start), np.asarray(b) - np.asarray(start)
+    if np.any(update_one):
+      relative.append(np.linalg.norm(update_four - update_one) / np.linalg.norm(update_one))
+  assert len(relative) > 50  # parameters, batch-norm statistics and optimiser state
+  assert np.median(relative) < 1e-4, np.median(relative)
+  assert max(relative) < 1e-2, max(relative)
 
 
 def _one_step(config, index, batch, state_change):

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -100,6 +101,21 @@ def test_a_wrong_config_value_is_refused_naming_the_field(synthetic_folder, tmp_
   assert result.returncode != 0
   assert "config.dtype='float8': expected one of ('float32', 'bfloat16', 'float16')" in \
       result.stderr
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('data.source', 'lmdb', "config.data.source='lmdb': expected one of ('folder', 'tfds')"),
+    ('warmup_steps', 10, 'config.warmup_steps=10 leaves no steps for the cosine decay'),
+])
+def test_wrong_values_are_refused_in_process(field, value, message):
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from deepfashion_jax import config_checks  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.schedule = 'cosine'
+  section, _, name = field.rpartition('.')
+  (config[section] if section else config)[name] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
+    config_checks.check(config)
 
 
 def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path):
