@@ -43,7 +43,9 @@ def evaluate(eval_step, state, dataset, mesh, description: str = 'evaluating'):
   for batch in tqdm.tqdm(iterator, total=len(dataset), desc=description, leave=False,
                          disable=jax.process_index() > 0):
     skipped += int(batch['skipped'].sum())
-    batch_metrics = eval_step(state, sharding.global_batch(batch, mesh))
+    # Merged on the host: with several processes, small computations on the global
+    # metric arrays hung now and then in their collectives (the multi-host test).
+    batch_metrics = sharding.local_copy(eval_step(state, sharding.global_batch(batch, mesh)))
     merged = batch_metrics if merged is None else merged.merge(batch_metrics)
   return {name: float(value) for name, value in merged.compute().items()}, skipped
 

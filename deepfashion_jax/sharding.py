@@ -23,6 +23,15 @@ def global_batch(batch: dict, mesh) -> dict:
           for key, value in batch.items()}
 
 
+def local_copy(tree):
+  """NumPy values of replicated global arrays, read from this process's own replica.
+
+  Arithmetic on the global arrays themselves would run as computations over every
+  process's devices, which the processes must then issue in the same order.
+  """
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
   """Starts JAX's multi-controller runtime: with the given coordinator, process count and
   id when they are given; on its own in a cluster JAX recognises (SLURM, Open MPI); not at
