@@ -7,7 +7,7 @@
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=predict \\
       --images=photo.jpg,more_photos/ --output_dir=predictions
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=describe
-  python main.py --config=configs/default.py --workdir=DIR --mode=prepare \
+  python main.py --config=configs/default.py --workdir=DIR --mode=prepare \\
       --config.data.data_dir=/path/to/DeepFashion [--config.data.tfds_dir=OUT]
   python main.py --config=... --workdir=SHARED_DIR --coordinator_address=host0:1234 \\
       --num_processes=2 --process_id=0    # and =1 on the second host (README: Multi-host)

@@ -8,7 +8,7 @@ writer needs TensorFlow (not on every GPU machine). The first --warmup steps (co
 included) are not timed; the figure is training images per second over the rest, the
 input pipeline and the host-to-device copies included.
 
-  python benchmarks/end_to_end.py --config configs/resnet50_bf16.py --steps 300 \
+  python benchmarks/end_to_end.py --config configs/resnet50_bf16.py --steps 300 \\
       [--batch_size 256] [--image_size 224] [--synthetic_images 4096] [--json OUT]
 """
 

@@ -9,7 +9,7 @@ canvas is the image). The PyTorch side is the parity tests' reference model
 (`tests/torch_reference.py`) with the baseline's loss and `torch.optim.Adam`, on the same
 number of threads. After warm-up the two steps alternate, N times each; the median counts.
 
-  python benchmarks/train_step.py --backbone resnet18 --batch_size 32 --image_size 224 \
+  python benchmarks/train_step.py --backbone resnet18 --batch_size 32 --image_size 224 \\
       --steps 10 [--dtype float32] [--no_torch] [--json OUT]
 
 Prints a table and writes jax_img_s and torch_img_s (and the step times) as JSON.

@@ -145,7 +145,8 @@ def _check_writable(workdir: str):
 
 
 def train_and_evaluate(config, workdir: str):
-  """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics."""
+  """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics
+  and, when the run logged twice or more, its `train_images_per_sec` (see Throughput)."""
   config_checks.check(config)
   _check_writable(workdir)
   if jax.process_count() > 1:  # process 0 writes the synthetic folder (if any), once

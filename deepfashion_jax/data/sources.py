@@ -61,8 +61,8 @@ class TfdsSource:
 
   Records are read as raw bytes and only the fields the pipeline uses are parsed, with
   TFDS's own tf.train.Example proto: 24 us a record against 101 us for TFDS's full
-  deserialisation of every field (landmarks and sizes included), which held the GIL long
-  enough to slow two decoding threads by a third (benchmarks/RESULTS.md).
+  deserialisation of every field (landmarks and sizes included), which held the GIL
+  against two decoding threads: 1,810 img/s instead of 2,487 (benchmarks/RESULTS.md).
   """
 
   def __init__(self, tfds_dir: str, split: str):
@@ -92,9 +92,6 @@ class TfdsSource:
 
   def __repr__(self):
     return f'TfdsSource({self.tfds_dir}, {self.split}, {len(self)} images)'
-
-
-SOURCES = ('folder', 'tfds')
 
 
 def make_source(data_config, index: annotations.DeepFashionIndex, split: str, tfds_dir: str):

@@ -8,7 +8,7 @@ disk (no re-encoding: the pipeline decodes them exactly as it decodes the files)
 official partition's order (no shuffling: position p of a split is row p of
 `index.split_indices(split)`), so both sources give the same examples in the same order.
 
-  python main.py --mode=prepare --config=configs/default.py --workdir=DIR \
+  python main.py --mode=prepare --config=configs/default.py --workdir=DIR \\
       --config.data.data_dir=/path/to/DeepFashion [--config.data.tfds_dir=OUT]
 """
 
@@ -171,7 +171,7 @@ def prepare(index: annotations.DeepFashionIndex, tfds_dir: str) -> str:
   if index.num_attributes != NUM_ATTRIBUTES:
     raise ValueError(f'{index.root} lists {index.num_attributes} attributes; the TFDS dataset '
                      f'stores the benchmark\'s {NUM_ATTRIBUTES}')
-  if index.split is None or not all(len(index.split_indices(s)) for s in SPLITS):
+  if not all(len(index.split_indices(split)) for split in SPLITS):
     raise ValueError('The TFDS dataset needs the official train/val/test partition '
                      '(config.data.split=official) with images in every split.')
   builder = DeepFashionCategoryAttribute(data_dir=tfds_dir, index=index,
