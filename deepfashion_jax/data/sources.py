@@ -60,14 +60,17 @@ class TfdsSource:
   the folder source's position p of the same split.
 
   Records are read as raw bytes and only the fields the pipeline uses are parsed, with
-  TFDS's own tf.train.Example proto: 24 us a record against 101 us for TFDS's full
+  TFDS's own tf.train.Example proto: 24-36 us a record against 101 us for TFDS's full
   deserialisation of every field (landmarks and sizes included), which held the GIL
   against two decoding threads: 1,810 img/s instead of 2,487 (benchmarks/RESULTS.md).
   """
 
   def __init__(self, tfds_dir: str, split: str):
+    # TFDS is imported here, not for every folder-source user.
     from deepfashion_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+    self._parse = tf_example_pb2.Example.FromString
     self.tfds_dir, self.split = tfds_dir, split
     self.records = tfds_builder.load_builder(tfds_dir).as_data_source(
         split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
@@ -77,8 +80,7 @@ class TfdsSource:
     return len(self.records)
 
   def __getitem__(self, position: int) -> dict:
-    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
-    feature = tf_example_pb2.Example.FromString(self.records[position]).features.feature
+    feature = self._parse(self.records[position]).features.feature
     first_bytes = lambda name: feature[name].bytes_list.value[0]
     first_int = lambda name: feature[name].int64_list.value[0]
     bits = lambda name: np.frombuffer(first_bytes(name), np.uint8)
