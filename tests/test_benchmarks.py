@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
+import convolutions  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -37,6 +40,37 @@ def _leaves(params):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   return [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+def test_convolutions_are_the_backbones(depth):
+  # The benchmark's list of convolutions is the model's: as many, with the same kernels.
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from deepfashion_jax.models import resnet  # pylint: disable=g-import-not-at-top
+  listed = convolutions.backbone_convolutions(depth, 224)
+  model = resnet.ResNet(depth, rngs=nnx.Rngs(0))
+  kernels = sorted(tuple(module.kernel.shape) for _, module in nnx.iter_graph(model)
+                   if isinstance(module, resnet.Conv))
+  assert sorted(kernel for (_, cin, cout, k, _), n in listed.items()
+                for kernel in [(k, k, cin, cout)] * n) == kernels
+  # And at the sizes the step's maps have (input size, in, out, kernel, stride).
+  if depth == 18:
+    assert listed[(56, 64, 64, 3, 1)] == 4 and listed[(14, 256, 512, 3, 2)] == 1
+  else:
+    assert listed[(7, 512, 512, 3, 1)] == 2 and listed[(14, 512, 512, 3, 2)] == 1
+
+
+def test_convolutions_time_every_part_on_both_sides(tmp_path):
+  out = tmp_path / 'convolutions.json'
+  convolutions.main(['--batch_size', '2', '--image_size', '32', '--steps', '1',
+                     '--json', str(out)])
+  result = json.loads(out.read_text())
+  assert sum(row['count'] for row in result['convolutions']) == 20
+  stem = result['convolutions'][0]
+  assert stem['in_features'] == 3 and 'jax_input_grad_s' not in stem
+  assert all(f'{side}_{part}_s' in row for row in result['convolutions'][1:]
+             for side in ('jax', 'torch') for part in convolutions.PARTS)
+  assert all(value > 0 for value in result['totals'].values())
 
 
 def test_gpu_script_runs_shrunk_on_cpu(tmp_path):

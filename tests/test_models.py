@@ -129,6 +129,54 @@ def test_small_maps_convolve_like_lax_conv(size, kernel, stride):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('size,in_features,kernel,stride', [
+    (9, 3, 7, 2), (8, 4, 3, 1), (8, 4, 3, 2), (7, 4, 3, 2), (8, 4, 1, 2), (7, 4, 1, 2),
+    (6, 4, 1, 1)])
+def test_convolution_gradients_are_lax_convolutions(size, in_features, kernel, stride):
+  # Jitted as the training step compiles on CPU. The weight gradient is the same
+  # convolution as lax's, on operands laid out for XLA: equal bit for bit. The input
+  # gradient of a 3 x 3 stride-2 convolution on even maps is summed by phases: equal up to
+  # rounding; every other input gradient is lax's own.
+  from deepfashion_jax import steps  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, size, size + 2, in_features)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, in_features, 5)), jnp.float32)
+  pad = ((kernel // 2,) * 2,) * 2
+  ours = lambda x, w: resnet.conv_general_dilated(x, w, (stride, stride), pad,
+                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  reference = lambda x, w: _lax_conv(w, x, stride, kernel // 2)
+  loss = lambda f: lambda x, w: (jnp.sin(f(x, w)) * jnp.arange(5)).sum()
+  grads = [jax.jit(jax.grad(loss(f), (0, 1)), compiler_options=steps.CPU_COMPILER_OPTIONS)(x, w)
+           for f in (ours, reference)]
+  np.testing.assert_array_equal(ours(x, w), reference(x, w))
+  np.testing.assert_array_equal(grads[0][1], grads[1][1])
+  if kernel == 3 and stride == 2 and size % 2 == 0:
+    np.testing.assert_allclose(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+  else:
+    np.testing.assert_array_equal(grads[0][0], grads[1][0])
+
+
+def test_backbone_convolutions_take_the_custom_gradient():
+  conv = resnet.conv(4, 5, 3, 2, jnp.bfloat16, nnx.Rngs(0))
+  x = jnp.ones((2, 8, 8, 4), jnp.bfloat16)
+  assert 'custom_vjp_call' in str(jax.make_jaxpr(conv)(x))
+  # bfloat16 too: the gradient stays within bfloat16's rounding of lax's.
+  w = conv.kernel[...].astype(jnp.bfloat16)
+  f = lambda g: lambda w: (g(x, w).astype(jnp.float32) ** 2).sum()
+  ours = jax.grad(f(lambda x, w: resnet.conv_general_dilated(
+      x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))))(w)
+  theirs = jax.grad(f(lambda x, w: _lax_conv(w, x, 2, 1)))(w)
+  np.testing.assert_allclose(ours.astype(np.float32), theirs.astype(np.float32), rtol=2e-2)
+  # Anything but a plain NHWC convolution is lax's, untouched.
+  dilated = resnet.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2),
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  assert 'custom_vjp_call' not in str(jax.make_jaxpr(
+      lambda x: resnet.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                            lhs_dilation=(2, 2),
+                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC')))(x))
+  assert dilated.shape == (2, 15, 15, 5)
+
+
 @pytest.mark.parametrize('shape', [(2, 7, 9, 3), (2, 8, 6, 3), (1, 1, 1, 2), (1, 2, 3, 1)])
 def test_max_pool_value_and_gradient_are_reduce_windows(shape):
   # Inputs with many ties (ReLU'd small integers): the gradient must go to each window's

@@ -10,6 +10,7 @@ statistics stay float32.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 from flax import nnx
@@ -43,7 +44,134 @@ def conv(in_features, out_features, kernel, stride, dtype, rngs):
   pad = kernel // 2
   return Conv(in_features, out_features, (kernel, kernel), strides=stride,
               padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-              param_dtype=jnp.float32, kernel_init=_conv_init, rngs=rngs)
+              param_dtype=jnp.float32, kernel_init=_conv_init,
+              conv_general_dilated=conv_general_dilated, rngs=rngs)
+
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, preferred_element_type=None, out_sharding=None):
+  """lax.conv_general_dilated; a plain NHWC convolution gets `_conv_nhwc`'s gradient."""
+  plain = (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+           and lhs_dilation in (None, (1, 1)) and rhs_dilation in (None, (1, 1))
+           and feature_group_count == 1 and out_sharding is None
+           and not isinstance(padding, str))
+  if not plain:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, precision=precision,
+        preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+  return _conv_nhwc(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), precision,
+                    preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_nhwc(x, kernel, strides, padding, precision, preferred_element_type):
+  """An NHWC x HWIO convolution (lax's) whose gradients, on CPU, XLA computes faster.
+
+  On other platforms the gradients are lax's. On CPU (benchmarks/RESULTS.md):
+  - Weight gradient: XLA:CPU computes it as a convolution that wants x as (C, H, W, B),
+    and fuses that transpose into the loop that makes x (batch norm, residual add, ReLU),
+    which then reads every input in transposed order (107 ms for one 56 x 56 x 64 map of
+    ResNet-18's step at 224 px, against 4 ms for the transpose alone). Here the transpose
+    runs inside a conditional, a fusion boundary XLA keeps (both branches are the
+    transpose, so the predicate's value does not matter), and lax's own rule gets x and
+    the output gradient in the layouts that convolution wants: the same convolution, so
+    the same gradient, bit for bit. A strided 1 x 1 convolution's uses every stride-th
+    pixel only (2x faster than the strided form; also bit for bit).
+  - Input gradient of a 3 x 3, stride-2 convolution: see `_stride_2_input_grad` (equal up
+    to rounding).
+  Tested against lax in tests/test_models.py.
+  """
+  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC,
+                                  precision=precision,
+                                  preferred_element_type=preferred_element_type)
+
+
+def _conv_nhwc_forward(x, kernel, strides, padding, precision, preferred_element_type):
+  out = _conv_nhwc(x, kernel, strides, padding, precision, preferred_element_type)
+  return out, (x, kernel)
+
+
+def _conv_nhwc_backward(strides, padding, precision, preferred_element_type, residuals,
+                        grad):
+  x, kernel = residuals
+  conv_of = functools.partial(lax.conv_general_dilated, window_strides=strides,
+                              padding=padding, precision=precision,
+                              preferred_element_type=preferred_element_type)
+
+  def lax_input_grad(kernel, grad):
+    return jax.linear_transpose(
+        lambda x: conv_of(x, kernel, dimension_numbers=_NHWC), x)(grad)[0]
+
+  def cpu_input_grad(kernel, grad):
+    if strides == (2, 2) and kernel.shape[:2] == (3, 3) and padding == ((1, 1), (1, 1)) \
+        and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+      return _stride_2_input_grad(grad, kernel, x, precision, preferred_element_type)
+    return lax_input_grad(kernel, grad)
+
+  def lax_weight_grad(x, grad):
+    return jax.linear_transpose(
+        lambda k: conv_of(x, k, dimension_numbers=_NHWC), kernel)(grad)[0]
+
+  def cpu_weight_grad(x, grad):
+    pointwise = kernel.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0))
+    # A 1 x 1 convolution reads every stride-th pixel only: its weight gradient is the
+    # stride-1 one of those pixels.
+    read = (lambda a: a[:, ::strides[0], ::strides[1]]) if pointwise else (lambda a: a)
+    transpose = lambda a: jnp.transpose(read(a), (3, 1, 2, 0))  # (B, H, W, C) -> (C, H, W, B)
+    x_chwb = lax.cond(grad[0, 0, 0, 0] == grad[0, 0, 0, 0], transpose, transpose, x)
+    # The same convolution on x laid out (C, H, W, B) and grad (H, W, B, C): lax's
+    # gradient rule then hands XLA both operands in the layout its convolution wants.
+    return jax.linear_transpose(
+        lambda k: lax.conv_general_dilated(
+            x_chwb, k, (1, 1) if pointwise else strides, padding,
+            dimension_numbers=('CHWN', 'HWIO', 'HWNC'), precision=precision,
+            preferred_element_type=preferred_element_type),
+        kernel)(jnp.transpose(grad, (1, 2, 0, 3)))[0]
+
+  input_grad = lax.platform_dependent(kernel, grad, cpu=cpu_input_grad,
+                                      default=lax_input_grad)
+  kernel_grad = lax.platform_dependent(x, grad, cpu=cpu_weight_grad, default=lax_weight_grad)
+  return input_grad, kernel_grad
+
+
+def _stride_2_input_grad(grad, kernel, x, precision, preferred_element_type):
+  """x's gradient of a 3 x 3, stride-2, pad-1 convolution (x's H and W even), by phases.
+
+  lax's rule convolves the output gradient dilated with zeros, which XLA:CPU computes at
+  full cost: 3/4 of its products are with zeros (56 x 56 x 64 -> 128: 57 ms against 29 ms
+  here, benchmarks/RESULTS.md). Padded input pixel (2 r + a, 2 c + b) only meets the
+  kernel taps of the same parity (a, b), so each of the four parity phases of the padded
+  input has its own stride-1 convolution with those taps; their transposes give the
+  phases' gradients, which interleave back into the padded input's.
+  """
+  batch, height, width, features = x.shape
+  rows, cols = height // 2 + 1, width // 2 + 1  # phase grids of the padded input
+  out_h, out_w = grad.shape[1:3]
+  phase_rows = []
+  for a in range(2):
+    phase_row = []
+    for b in range(2):
+      taps = kernel[a::2, b::2]
+      shape = (batch, out_h + taps.shape[0] - 1, out_w + taps.shape[1] - 1, features)
+      phase_grad, = jax.linear_transpose(
+          lambda phase: lax.conv_general_dilated(
+              phase, taps, (1, 1), 'VALID', dimension_numbers=_NHWC, precision=precision,
+              preferred_element_type=preferred_element_type),
+          jax.ShapeDtypeStruct(shape, x.dtype))(grad)
+      phase_row.append(jnp.pad(phase_grad,
+                               ((0, 0), (0, rows - shape[1]), (0, cols - shape[2]), (0, 0))))
+    phase_rows.append(jnp.stack(phase_row, axis=3))  # (B, rows, cols, 2, C)
+  padded = jnp.stack(phase_rows, axis=2).reshape(batch, 2 * rows, 2 * cols, features)
+  return padded[:, 1:1 + height, 1:1 + width]
+
+
+_conv_nhwc.defvjp(_conv_nhwc_forward, _conv_nhwc_backward)
 
 
 # Output maps this small are computed as one matrix product (see Conv).
