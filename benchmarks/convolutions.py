@@ -7,7 +7,8 @@ convolution with its custom gradient, jitted with the step's XLA options), PyTor
 of N, the two sides alternating. The stem's input gradient is left out on both sides:
 training never computes it. Totals count each convolution as often as the network has it.
 This tells how much of the step's gap to PyTorch is convolution kernels, which this
-project does not write, and how much is everything else.
+project does not write, and how much is everything else. (Output maps of <= 4 pixels,
+which the model computes as matrix products, are timed as convolutions here.)
 
   python benchmarks/convolutions.py --backbone resnet18 --batch_size 32 --image_size 224 \\
       [--steps 5] [--json OUT]
@@ -32,6 +33,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from deepfashion_jax import sharding  # pylint: disable=g-import-not-at-top
 from deepfashion_jax import steps
 from deepfashion_jax.models import resnet
+from train_step import depth_of  # pylint: disable=g-bad-import-order
 
 PARTS = ('forward', 'input_grad', 'weight_grad')
 
@@ -127,10 +129,9 @@ def measure(args) -> dict:
   torch.set_num_threads(os.cpu_count())
   mesh = sharding.make_mesh()
   options = steps.compiler_options(mesh)
-  depth = int(args.backbone[6:]) if args.backbone[6:].isdigit() else -1
   rows = []
   with torch.no_grad():
-    for shape, count in backbone_convolutions(depth, args.image_size).items():
+    for shape, count in backbone_convolutions(depth_of(args.backbone), args.image_size).items():
       sides = {'jax': jax_parts(shape, args.batch_size, options),
                'torch': torch_parts(shape, args.batch_size)}
       row = dict(zip(('size', 'in_features', 'out_features', 'kernel', 'stride'), shape),

@@ -146,8 +146,8 @@ def test_convolution_gradients_are_lax_convolutions(size, in_features, kernel, s
                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   reference = lambda x, w: _lax_conv(w, x, stride, kernel // 2)
   loss = lambda f: lambda x, w: (jnp.sin(f(x, w)) * jnp.arange(5)).sum()
-  grads = [jax.jit(jax.grad(loss(f), (0, 1)), compiler_options=steps.CPU_COMPILER_OPTIONS)(x, w)
-           for f in (ours, reference)]
+  jit = lambda f: jax.jit(f, compiler_options=steps.CPU_COMPILER_OPTIONS)
+  grads = [jit(jax.grad(loss(f), (0, 1)))(x, w) for f in (ours, reference)]
   np.testing.assert_array_equal(ours(x, w), reference(x, w))
   np.testing.assert_array_equal(grads[0][1], grads[1][1])
   if kernel == 3 and stride == 2 and size % 2 == 0:
@@ -168,13 +168,11 @@ def test_backbone_convolutions_take_the_custom_gradient():
   theirs = jax.grad(f(lambda x, w: _lax_conv(w, x, 2, 1)))(w)
   np.testing.assert_allclose(ours.astype(np.float32), theirs.astype(np.float32), rtol=2e-2)
   # Anything but a plain NHWC convolution is lax's, untouched.
-  dilated = resnet.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2),
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  assert 'custom_vjp_call' not in str(jax.make_jaxpr(
-      lambda x: resnet.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                            lhs_dilation=(2, 2),
-                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC')))(x))
-  assert dilated.shape == (2, 15, 15, 5)
+  dilated = lambda x: resnet.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  assert 'custom_vjp_call' not in str(jax.make_jaxpr(dilated)(x))
+  assert dilated(x).shape == (2, 15, 15, 5)
 
 
 @pytest.mark.parametrize('shape', [(2, 7, 9, 3), (2, 8, 6, 3), (1, 1, 1, 2), (1, 2, 3, 1)])

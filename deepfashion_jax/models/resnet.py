@@ -81,8 +81,8 @@ def _conv_nhwc(x, kernel, strides, padding, precision, preferred_element_type):
     runs inside a conditional, a fusion boundary XLA keeps (both branches are the
     transpose, so the predicate's value does not matter), and lax's own rule gets x and
     the output gradient in the layouts that convolution wants: the same convolution, so
-    the same gradient, bit for bit. A strided 1 x 1 convolution's uses every stride-th
-    pixel only (2x faster than the strided form; also bit for bit).
+    the same gradient, bit for bit. A strided 1 x 1 convolution's weight gradient uses
+    every stride-th pixel only (2x faster than the strided form; also bit for bit).
   - Input gradient of a 3 x 3, stride-2 convolution: see `_stride_2_input_grad` (equal up
     to rounding).
   Tested against lax in tests/test_models.py.
