@@ -272,6 +272,22 @@ def test_unreadable_cache_is_parsed_again(lists, tmp_path):
   assert len(annotations.load_deepfashion(root, cache_dir)) == NUM_IMAGES
 
 
+def _the_baselines_split(num_images):
+  """The baseline's train.py, as written: shuffle a list, cut at int(0.9 N), int(0.95 N)."""
+  indices = list(range(num_images))
+  np.random.RandomState(0).shuffle(indices)
+  return (indices[0:int(0.9 * len(indices))],
+          indices[int(0.9 * len(indices)):int(0.95 * len(indices))],
+          indices[int(0.95 * len(indices))::])
+
+
+@pytest.mark.parametrize('num_images', [20, 1001, 10000, 289219])
+def test_baseline_split_is_the_baselines_own(num_images):
+  split = annotations.baseline_split(num_images)
+  for part, indices in enumerate(_the_baselines_split(num_images)):
+    np.testing.assert_array_equal(np.flatnonzero(split == part), np.sort(indices))
+
+
 def test_baseline_split_is_disjoint_90_5_5_and_fixed(lists):
   root = lists[0]
   split = annotations.baseline_split(10000)

@@ -487,17 +487,18 @@ def _select_rows(index: DeepFashionIndex, rows: np.ndarray, **changes) -> DeepFa
 
 
 def baseline_split(num_images: int, seed: int = 0) -> np.ndarray:
-  """The PyTorch baseline's random 90/5/5 train/val/test split, with disjoint subsets.
+  """The PyTorch baseline's random 90/5/5 train/val/test split, exactly, without its leak.
 
-  The baseline draws a random permutation with seed 0 and cuts it 90/5/5, but its dataset
-  ignores the cut (BASELINE.md); here the three subsets are really disjoint. The exact
-  permutation of the baseline's random generator is not reproduced, only the recipe.
+  The baseline (train.py) shuffles `list(range(N))` with `np.random.RandomState(0)` over
+  the images of list_attr_img.txt minus the three unreadable ones, in file order (the
+  index's order: the release lists every file in the same order), and cuts at
+  `int(0.9 N)` and `int(0.95 N)`. Its dataset then ignores the cut (BASELINE.md); here
+  the three subsets are really disjoint.
   """
   order = np.random.RandomState(seed).permutation(num_images)
-  num_train, num_val = int(0.9 * num_images), int(0.05 * num_images)
   split = np.full(num_images, 2, np.int8)
-  split[order[:num_train]] = 0
-  split[order[num_train:num_train + num_val]] = 1
+  split[order[:int(0.9 * num_images)]] = 0
+  split[order[int(0.9 * num_images):int(0.95 * num_images)]] = 1
   return split
 
 
