@@ -13,7 +13,8 @@ def get_config():
   config.learning_rate = 2e-4  # peak learning rate
   config.adam_eps = 1e-8  # Adam's epsilon
   config.momentum = 0.9  # SGD momentum
-  config.weight_decay = 0.0  # decoupled weight decay (the baseline has none)
+  config.weight_decay = 0.0  # AdamW's decoupled decay / SGD's coupled L2 (baseline: none)
+  config.decay_norms_and_biases = False  # decay biases and batch-norm parameters too
   config.schedule = 'constant'  # 'constant' (the baseline's) or 'cosine' decay
   config.warmup_steps = 0  # linear warm-up from 0 to learning_rate
   config.max_nonfinite_in_a_row = 25  # float16: stop after more skipped steps in a row
@@ -64,6 +65,7 @@ def get_config():
   config.data.crop_size = 224  # ... a random crop_size crop (and flip); the model's input side
   config.data.canvas_size = 300  # side of the uint8 canvas each decoded image is sent in
   config.data.eval_crop = 'resize'  # evaluation: 'resize' to crop_size (baseline) or 'center_crop'
+  config.data.normalization = 'baseline'  # pixels: 'baseline' (x/255-0.5)/0.5, or 'imagenet' mean/std
   config.data.strict = False  # raise on an unreadable image instead of skipping it
   config.data.threads = 2  # decoding threads per process (libjpeg-turbo releases the GIL)
   config.data.processes = 0  # grain worker processes (0: decode in the main process)

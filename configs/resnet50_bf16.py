@@ -10,6 +10,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.model.backbone = 50
+  config.data.normalization = 'imagenet'  # what torchvision's ImageNet weights expect
   config.dtype = 'bfloat16'  # activations; parameters, statistics and losses stay float32
   config.batch_size = 256
   config.learning_rate = 1e-3  # Adam, scaled up with the batch from the baseline's 2e-4 at 32

@@ -25,10 +25,17 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from deepfashion_jax import steps
+
 CHECKPOINT_FOLDER = 'checkpoints'
 DAMAGED_FOLDER = 'damaged_checkpoints'
 # The config fields that shape the model's arrays, named when a checkpoint does not fit.
 _SHAPING_FIELDS = ('model', 'dtype', 'data.crop_size', 'optimizer')
+# Fields that change no array but what the weights compute: a checkpoint is meaningful only
+# with the values it was trained (or converted) with. The value a checkpoint saved before
+# the field existed had is given here.
+_MEANING_FIELDS = {'model.roi_pool': 'align', 'model.roi_aligned': True,
+                   'model.roi_sampling_ratio': 2, 'data.normalization': 'baseline'}
 
 
 class CheckpointMismatchError(ValueError):
@@ -105,12 +112,20 @@ def _flat_fields(tree: dict, prefix: str = '') -> dict:
   return flat
 
 
-def _config_differences(manager, step: int, config) -> list:
-  """'config.x: A in the checkpoint, B here' for the shaping fields that differ."""
+def _saved_config(manager, step: int) -> Optional[dict]:
+  """The flattened config saved with the checkpoint of `step`; None for checkpoints
+  written without one."""
   try:
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    saved = _flat_fields(saved['config'])
-  except Exception:  # pylint: disable=broad-except  (older or converted checkpoints have none)
+  except Exception:  # pylint: disable=broad-except  (orbax raises many kinds here)
+    return None
+  return _flat_fields(saved['config']) if saved.get('config') else None
+
+
+def _config_differences(manager, step: int, config) -> list:
+  """'config.x: A in the checkpoint, B here' for the shaping fields that differ."""
+  saved = _saved_config(manager, step)
+  if saved is None:
     return []
   here = _flat_fields(config.to_dict())
   return [f'config.{name}: {saved.get(name)!r} in the checkpoint, {here.get(name)!r} here'
@@ -118,10 +133,21 @@ def _config_differences(manager, step: int, config) -> list:
           if name.startswith(_SHAPING_FIELDS) and saved.get(name) != here.get(name)]
 
 
+def _meaning_differences(manager, step: int, config) -> dict:
+  """{field: value in the checkpoint} for the _MEANING_FIELDS whose value here differs."""
+  saved = _saved_config(manager, step)
+  if saved is None:
+    return {}
+  here = _flat_fields(config.to_dict())
+  return {name: saved.get(name, default) for name, default in _MEANING_FIELDS.items()
+          if saved.get(name, default) != here.get(name, default)}
+
+
 def check_compatible(manager, step: int, abstract_state, config=None):
   """Raises CheckpointMismatchError naming the arrays (and config fields) that differ
-  between the checkpoint at `step` and this run's state; DamagedCheckpointError when its
-  description cannot be read."""
+  between the checkpoint at `step` and this run's state, or the _MEANING_FIELDS it was
+  trained with that differ from `config`; DamagedCheckpointError when its description
+  cannot be read."""
   try:
     metadata = manager.item_metadata(step)['state']
     saved = ocp.tree.to_flat_dict(metadata, sep='/') if metadata is not None else {}
@@ -137,6 +163,15 @@ def check_compatible(manager, step: int, abstract_state, config=None):
                   for k in saved.keys() & expected.keys()
                   if tuple(saved[k].shape) != tuple(expected[k].shape)]
   differences.sort(key=lambda d: (not d.startswith('params/'), d))  # the model's first
+  meaning = _meaning_differences(manager, step, config) if config is not None else {}
+  if meaning and not differences:
+    here = _flat_fields(config.to_dict())
+    raise CheckpointMismatchError(
+        f'The checkpoint of step {step} in {manager.directory} was trained with '
+        + ', '.join(f'config.{k}={v!r}' for k, v in meaning.items()) + ' ('
+        + ', '.join(f'{here.get(k)!r} here' for k in meaning) + '): its weights compute '
+        'something else with this configuration; it is not loaded. Set '
+        + ' '.join(f'--config.{k}={v}' for k, v in meaning.items()) + '.')
   if differences:
     fields = _config_differences(manager, step, config) if config is not None else []
     raise CheckpointMismatchError(
@@ -180,3 +215,51 @@ def restore_newest_intact(manager, abstract_state, data_iterator=None, config=No
     except DamagedCheckpointError as e:
       _set_aside(manager, step, str(e))
   return None, None
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def checkpoint_step(manager, choice: str) -> int:
+  """config.eval.checkpoint: '' the newest, 'best', or a step number."""
+  if choice == 'best':
+    step = manager.best_step()
+  elif choice:
+    if not choice.isdigit() or int(choice) not in manager.all_steps():
+      raise ValueError(f'config.eval.checkpoint={choice!r}: expected \'\', \'best\' or one of '
+                       f'the saved steps {manager.all_steps()}')
+    step = int(choice)
+  else:
+    step = manager.latest_step()
+  if step is None:
+    raise ValueError(f'no checkpoint in {manager.directory}: train first, or write one '
+                     'with --mode=convert')
+  return step
+
+
+def inference_config(manager, step: int, config):
+  """`config` with the _MEANING_FIELDS the checkpoint of `step` was trained with, each
+  change logged: evaluation and prediction compute what training computed."""
+  differences = _meaning_differences(manager, step, config)
+  if not differences:
+    return config
+  config = config.copy_and_resolve_references()
+  here = _flat_fields(config.to_dict())
+  for name, value in differences.items():
+    logging.warning('config.%s=%r here, but the checkpoint of step %d was trained with %r: '
+                    'using %r.', name, here.get(name), step, value, value)
+    section, field = name.split('.')
+    config[section][field] = value
+  return config
+
+
+def restore_for_inference(config, workdir: str, mesh, attribute_types, pos_weight=None):
+  """(config, step, StepConfig, state) of config.eval.checkpoint in `workdir`, the config
+  holding the values the checkpoint was trained with (`inference_config`)."""
+  manager = create_manager(workdir, config.keep_checkpoints, config.best_metric,
+                           read_only=True)
+  step = checkpoint_step(manager, config.eval.checkpoint)
+  config = inference_config(manager, step, config)
+  step_config, state = steps.create_train_state(config, mesh, attribute_types, pos_weight)
+  state = restore_checked(manager, step, abstract_like(state), config=config)
+  return config, step, step_config, state

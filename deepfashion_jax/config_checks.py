@@ -17,6 +17,7 @@ _CHOICES = {
     'data.split': ('official', 'baseline'),
     'data.eval_crop': ('resize', 'center_crop'),
     'data.source': ('folder', 'tfds'),
+    'data.normalization': ('baseline', 'imagenet'),
     'eval.split': ('val', 'test'),
 }
 _POSITIVE = ('batch_size', 'num_train_steps', 'log_every_steps', 'eval_every_steps',

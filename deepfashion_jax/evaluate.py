@@ -89,37 +89,15 @@ def append_jsonl(workdir: str, step: int, results: dict):
     f.write(json.dumps(dict(step=step, **_json_values(results)), allow_nan=False) + '\n')
 
 
-def checkpoint_step(manager, choice: str) -> int:
-  """config.eval.checkpoint: '' the newest, 'best', or a step number."""
-  if choice == 'best':
-    step = manager.best_step()
-  elif choice:
-    if not choice.isdigit() or int(choice) not in manager.all_steps():
-      raise ValueError(f'config.eval.checkpoint={choice!r}: expected \'\', \'best\' or one of '
-                       f'the saved steps {manager.all_steps()}')
-    step = int(choice)
-  else:
-    step = manager.latest_step()
-  if step is None:
-    raise ValueError(f'no checkpoint in {manager.directory}: train first, or write one '
-                     'with --mode=convert')
-  return step
-
-
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """--mode=evaluate: a checkpoint of the workdir on config.eval.split; prints a table and
   writes eval_<split>_<step>.json."""
   config_checks.check(config)
   index = folder.load_index(config.data, workdir)
   mesh = sharding.make_mesh()
-  step_config, state = steps.create_train_state(config, mesh, index.attribute_types,
-                                                steps.train_pos_weight(config, index))
+  config, step, step_config, state = checkpoints.restore_for_inference(
+      config, workdir, mesh, index.attribute_types, steps.train_pos_weight(config, index))
   _, eval_step, _ = steps.jit_steps(step_config, mesh)
-  manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric,
-                                       read_only=True)
-  step = checkpoint_step(manager, config.eval.checkpoint)
-  state = checkpoints.restore_checked(manager, step, checkpoints.abstract_like(state),
-                                      config=config)
   results, skipped = evaluate(eval_step, state, eval_dataset(config, index, workdir),
                               mesh)
   results['skipped_images_eval'] = skipped

@@ -29,7 +29,6 @@ import tqdm
 
 from deepfashion_jax import checkpoints
 from deepfashion_jax import config_checks
-from deepfashion_jax import evaluate
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax.data import annotations
@@ -230,19 +229,6 @@ def _figure_path(output_dir: str, number: int, image_path: str) -> str:
   return os.path.join(output_dir, f'{number:05d}_{stem}.png')
 
 
-def _restored_state(config, workdir: str, mesh):
-  """(StepConfig, state) of the newest checkpoint, or config.eval.checkpoint's."""
-  step_config, state = steps.create_train_state(config, mesh,
-                                                np.zeros(vocabulary.NUM_ATTRIBUTES, np.int8))
-  manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric,
-                                       read_only=True)
-  step = evaluate.checkpoint_step(manager, config.eval.checkpoint)
-  logging.info('Predicting with the checkpoint of step %d in %s', step, workdir)
-  state = checkpoints.restore_checked(manager, step, checkpoints.abstract_like(state),
-                                      config=config)
-  return step_config, state
-
-
 def predict(config, workdir: str, images: str, output_dir: str) -> str:
   """Writes OUT/predictions.jsonl (one line per image, in order) and one figure per
   readable image; returns the JSONL's path."""
@@ -252,7 +238,9 @@ def predict(config, workdir: str, images: str, output_dir: str) -> str:
   paths = find_images(images)
   words = load_vocabulary(config, workdir)
   mesh = sharding.make_mesh()
-  step_config, state = _restored_state(config, workdir, mesh)
+  config, step, step_config, state = checkpoints.restore_for_inference(
+      config, workdir, mesh, np.zeros(vocabulary.NUM_ATTRIBUTES, np.int8))
+  logging.info('Predicting with the checkpoint of step %d in %s', step, workdir)
   _, _, predict_step = steps.jit_steps(step_config, mesh)
   crops_per_image = 10 if config.predict.ten_crop else 1
   per_batch = config.predict.batch_size

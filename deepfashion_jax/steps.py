@@ -77,11 +77,14 @@ def create_model(config, rngs: nnx.Rngs) -> fashion_net.FashionNet:
       roi_pool=model.roi_pool, roi_sampling_ratio=model.roi_sampling_ratio,
       roi_aligned=model.roi_aligned, box_gradient_into_roi=model.box_gradient_into_roi,
       category_head=model.category_head, category_types=vocabulary.CATEGORY_TYPES,
-      dropout=model.dropout, dtype=DTYPES[config.dtype], rngs=rngs)
+      dropout=model.dropout, normalization=config.data.normalization,
+      dtype=DTYPES[config.dtype], rngs=rngs)
 
 
 def create_optimizer(config) -> optax.GradientTransformation:
-  """Adam (the baseline's) or SGD with momentum; optional warm-up, cosine decay, decay."""
+  """Adam (the baseline's) or SGD with momentum; optional warm-up, cosine decay, and
+  weight decay (AdamW's decoupled decay with Adam, coupled L2 with SGD) on the kernels
+  only unless config.decay_norms_and_biases."""
   peak = config.learning_rate
   if config.schedule == 'cosine':
     schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(config.warmup_steps, 1),
@@ -90,10 +93,19 @@ def create_optimizer(config) -> optax.GradientTransformation:
     schedule = optax.linear_schedule(0.0, peak, config.warmup_steps)
   else:
     schedule = peak
-  if config.optimizer == 'adam':
-    return optax.adamw(schedule, eps=config.adam_eps, weight_decay=config.weight_decay)
-  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+  mask = None if config.decay_norms_and_biases else _kernels_only
+  if config.optimizer == 'adam':  # AdamW: decay decoupled from the gradient's scaling
+    return optax.adamw(schedule, eps=config.adam_eps, weight_decay=config.weight_decay,
+                       mask=mask)
+  # SGD: decay added to the gradient before momentum, i.e. coupled L2 regularisation
+  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=mask),
                      optax.sgd(schedule, momentum=config.momentum))
+
+
+def _kernels_only(params):
+  """True for convolution and linear kernels; False for biases and batch-norm scales and
+  offsets (every 1-D parameter), which are usually left out of weight decay."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
 def train_pos_weight(config, index) -> Optional[np.ndarray]:

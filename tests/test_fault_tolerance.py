@@ -131,6 +131,28 @@ def test_a_checkpoint_of_another_configuration_is_refused_naming_the_difference(
   assert checkpoints.create_manager(workdir, read_only=True).all_steps() == [2]
 
 
+def test_a_checkpoint_is_used_only_with_the_pooling_and_scaling_it_was_trained_with(
+    synthetic_folder, tmp_path, caplog):
+  """Same arrays, other meaning: resuming is refused; evaluation and prediction take the
+  checkpoint's values and say so."""
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(synthetic_folder[0], num_train_steps=2), workdir)
+  other = _config(synthetic_folder[0], num_train_steps=4)
+  other.data.normalization = 'imagenet'
+  other.model.roi_pool = 'baseline_max'
+  with pytest.raises(checkpoints.CheckpointMismatchError) as error:
+    train.train_and_evaluate(other, workdir)
+  assert ("trained with config.model.roi_pool='align', config.data.normalization='baseline'"
+          in str(error.value))
+  assert '--config.model.roi_pool=align --config.data.normalization=baseline' in str(error.value)
+  manager = checkpoints.create_manager(workdir, read_only=True)
+  with caplog.at_level(logging.WARNING):
+    adopted = checkpoints.inference_config(manager, 2, other)
+  assert adopted.data.normalization == 'baseline' and adopted.model.roi_pool == 'align'
+  assert other.data.normalization == 'imagenet'  # the caller's config is left as it was
+  assert "config.data.normalization='imagenet' here" in caplog.text
+
+
 def test_a_workdir_that_cannot_be_written_fails_at_start(synthetic_folder, tmp_path):
   a_file = tmp_path / 'file'
   a_file.write_text('')

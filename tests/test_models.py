@@ -40,6 +40,47 @@ def test_parameter_counts_equal_the_torch_reference(depth):
   del torch
 
 
+def _flat_parameters(model) -> dict:
+  state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+  return {'.'.join(map(str, path)): np.asarray(variable[...])
+          for path, variable in nnx.to_flat_state(state)}
+
+
+def test_initialisation_has_the_moments_of_the_baselines(tmp_path):
+  """Every array starts with the spread torch gives it: torchvision's ResNet init for the
+  backbone, nn.Linear / nn.Conv2d defaults for the box branch and the heads."""
+  torch = pytest.importorskip('torch')
+  sys.path.insert(0, os.path.dirname(__file__))
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  from deepfashion_jax import convert_torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  path = str(tmp_path / 'init.pth')
+  torch.save({'model': torch_reference.FashionResnet(18, 7).state_dict()}, path)
+  as_torch = fashion_net.FashionNet(roi_pool='baseline_max', rngs=nnx.Rngs(1))
+  convert_torch.load_baseline_into(as_torch, path)
+  ours = _flat_parameters(fashion_net.FashionNet(rngs=nnx.Rngs(0)))
+  theirs = _flat_parameters(as_torch)
+  # The converted category head moves the baseline's logit i + 1 to our column i.
+  for leaf in ('fc_cls.kernel', 'fc_cls.bias'):
+    ours[leaf], theirs[leaf] = ours[leaf][..., :49], theirs[leaf][..., :49]
+  assert ours.keys() == theirs.keys()
+  for name, value in ours.items():
+    reference = theirs[name]
+    if name.endswith(('.mean', '.var')) or reference.std() == 0:  # constants: equal
+      np.testing.assert_array_equal(value, reference, err_msg=name)
+      continue
+    # Uniform (heads) or normal (convolutions): same largest magnitude and spread.
+    if value.size >= 1000:
+      assert value.std() == pytest.approx(reference.std(), rel=0.08), name
+      assert abs(value.mean() - reference.mean()) < 6 * reference.std() / np.sqrt(value.size)
+    if not name.startswith('backbone'):  # uniform in +-1/sqrt(fan_in), both
+      kernel = ours[name.rsplit('.', 1)[0] + '.kernel']
+      bound = 1 / np.sqrt(np.prod(kernel.shape[:-1]))
+      for array in (value, reference):
+        assert np.abs(array).max() <= bound, name
+        assert value.size < 1000 or np.abs(array).max() > 0.99 * bound, name
+
+
 def test_backbone_returns_every_stage_by_name():
   model = resnet.ResNet(18, rngs=nnx.Rngs(0))
   outputs = model(jnp.zeros((1, 64, 64, 3)))
@@ -70,6 +111,21 @@ def test_uint8_images_are_normalised_like_the_baseline():
   images = jnp.array([[[[0, 128, 255]]]], jnp.uint8)
   np.testing.assert_allclose(fashion_net.normalize_images(images, jnp.float32),
                              [[[[-1.0, 128 / 255 * 2 - 1, 1.0]]]], atol=1e-6)
+
+
+def test_imagenet_normalisation_uses_torchvisions_mean_and_std():
+  images = jnp.array([[[[0, 128, 255], [10, 20, 30]]]], jnp.uint8)
+  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+  expected = (np.asarray(images) / 255.0 - mean) / std
+  np.testing.assert_allclose(fashion_net.normalize_images(images, jnp.float32, 'imagenet'),
+                             expected, rtol=1e-5, atol=1e-5)
+  model = fashion_net.FashionNet(image_size=64, normalization='imagenet', rngs=nnx.Rngs(0))
+  model.eval()
+  pixels = jax.random.randint(jax.random.PRNGKey(1), (2, 64, 64, 3), 0, 256).astype(jnp.uint8)
+  np.testing.assert_allclose(
+      model(pixels)['attribute_logits'],
+      model(fashion_net.normalize_images(pixels, jnp.float32, 'imagenet'))['attribute_logits'],
+      rtol=1e-6)
 
 
 def test_per_garment_type_head_is_type_times_category_given_type():

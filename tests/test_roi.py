@@ -2,11 +2,13 @@
 
 import math
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deepfashion_jax.models import fashion_net
 from deepfashion_jax.models import roi
 
 
@@ -122,3 +124,26 @@ def test_baseline_max_pool_matches_the_baseline():
   got = roi.baseline_max_pool(jnp.asarray(features), jnp.asarray(boxes))
   for i in range(len(boxes)):
     np.testing.assert_array_equal(got[i], reference_baseline_max_pool(features[i], boxes[i]))
+
+
+@pytest.mark.parametrize('image_size', [72, 96, 100, 224])
+@pytest.mark.parametrize('sampling_ratio', [2, -1])
+def test_fashion_net_pools_the_box_at_one_cell_per_32_pixels(image_size, sampling_ratio):
+  """The model's [0, 1] box covers box x image_size pixels, i.e. spatial_scale 1/32 on a
+  map of ceil(image_size / 32) cells (torchvision's rule), at sides that are not multiples
+  of 32 too."""
+  model = fashion_net.FashionNet(backbone=18, image_size=image_size,
+                                 roi_sampling_ratio=sampling_ratio, rngs=nnx.Rngs(0))
+  side = model.feature_size
+  assert side == -(-image_size // 32)
+  rng = np.random.default_rng(image_size)
+  features = rng.normal(size=(5, side, side, 512)).astype(np.float32)
+  xy = rng.uniform(0, 1, (5, 2))
+  boxes = np.concatenate([xy, xy + rng.uniform(0.05, 1, (5, 2))], 1).astype(np.float32)
+  boxes[0] = [0.0, 0.0, 1.0, 1.0]  # the whole input: image_size / 32 cells, not `side`
+  got = np.asarray(model.local_features(jnp.asarray(features), jnp.asarray(boxes)))
+  for i, box in enumerate(boxes):
+    expected = reference_roi_align(features[i], box * image_size, 3, 1 / 32, sampling_ratio,
+                                   True)
+    np.testing.assert_allclose(got[i], expected.transpose(2, 0, 1).ravel(), rtol=1e-5,
+                               atol=1e-5, err_msg=f'box {i}')

@@ -233,3 +233,25 @@ def test_cpu_steps_compile_with_xla_convolutions():
   reference = jax.jit(jax.grad(loss, (0, 1)))(x, w)
   for ours, theirs in zip(grads, reference):
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize('optimizer', ['adam', 'sgd'])
+@pytest.mark.parametrize('norms_and_biases', [False, True])
+def test_weight_decay_shrinks_kernels_and_by_default_only_kernels(optimizer, norms_and_biases):
+  """With a zero gradient the update is the decay alone, p <- p (1 - lr * decay), for
+  AdamW's decoupled decay and for SGD's coupled L2 alike."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.optimizer, config.learning_rate, config.weight_decay = optimizer, 0.5, 0.1
+  config.decay_norms_and_biases = norms_and_biases
+  model = steps.create_model(config, nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  optimizer_fn = steps.create_optimizer(config)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = optimizer_fn.update(zeros, optimizer_fn.init(params), params)
+  for path, (value, update) in zip(
+      [p for p, _ in nnx.to_flat_state(params)],
+      zip(jax.tree.leaves(params), jax.tree.leaves(updates))):
+    decayed = value.ndim > 1 or norms_and_biases
+    expected = -0.5 * 0.1 * np.asarray(value) if decayed else np.zeros_like(value)
+    np.testing.assert_allclose(update, expected, rtol=1e-5, atol=1e-8, err_msg=str(path))

@@ -135,10 +135,12 @@ def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path):
   kernel = np.asarray(state['params']['backbone']['conv1']['kernel']['value'])
   np.testing.assert_array_equal(
       kernel, reference.state_dict()['basemodel.0.weight'].numpy().transpose(2, 3, 1, 0))
-  # Prediction uses the converted checkpoint directly.
+  # Prediction uses the converted checkpoint directly, with the baseline's pooling even
+  # when the config names another (the checkpoint's config wins, with a warning).
   from deepfashion_jax import predict  # pylint: disable=g-import-not-at-top
   photo = str(tmp_path / 'photo.jpg')
   Image.new('RGB', (120, 200), (200, 30, 30)).save(photo)
+  config.model.roi_pool = 'align'
   with open(predict.predict(config, workdir, photo, str(tmp_path / 'out'))) as f:
     line = json.loads(f.readline())
   assert line['path'] == photo and len(line['categories']) == 5 and os.path.isfile(line['figure'])

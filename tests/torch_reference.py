@@ -72,13 +72,28 @@ def resnet_layers(depth):
   return layers, inplanes
 
 
+def torchvision_resnet_init(module):
+  """What torchvision's ResNet does to its modules on construction: convolutions
+  kaiming-normal over fan-out, batch norm weight 1 and bias 0."""
+  for m in module.modules():
+    if isinstance(m, nn.Conv2d):
+      nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+    elif isinstance(m, nn.BatchNorm2d):
+      nn.init.constant_(m.weight, 1)
+      nn.init.constant_(m.bias, 0)
+
+
 class FashionResnet(nn.Module):
-  """The baseline model: box branch, integer-box max-pooled local features, two heads."""
+  """The baseline model: box branch, integer-box max-pooled local features, two heads.
+
+  Initialised as the baseline's: a torchvision ResNet's own initialisation for the
+  backbone, PyTorch's defaults for reduce_1x1 and the linear layers."""
 
   def __init__(self, depth=18, feature_size=7):
     super().__init__()
     layers, channels = resnet_layers(depth)
     self.basemodel = nn.Sequential(*layers)
+    torchvision_resnet_init(self.basemodel)
     self.reduce_1x1 = nn.Conv2d(channels, 32, 1)
     self.fc_bbox_xy = nn.Linear(32 * feature_size ** 2, 2)
     self.fc_bbox_offset = nn.Linear(32 * feature_size ** 2, 2)

@@ -21,13 +21,34 @@ from deepfashion_jax.models import resnet
 from deepfashion_jax.models import roi
 
 BOX_CHANNELS = 32  # the baseline's reduce_1x1 output channels
+FEATURE_STRIDE = 32  # input pixels per cell of the last feature map
 ROI_POOLS = ('align', 'baseline_max')
 CATEGORY_HEADS = ('single', 'per_garment_type')
+# Per-channel (mean, std) of x / 255: the baseline's (0.5, 0.5), or torchvision's ImageNet
+# statistics, which torchvision's pretrained backbones expect.
+NORMALIZATIONS = {
+    'baseline': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
 
 
-def normalize_images(images, dtype):
-  """uint8 RGB in [0, 255] -> (x / 255 - 0.5) / 0.5, the baseline's input scaling."""
-  return images.astype(dtype) * (2.0 / 255.0) - 1.0
+def normalize_images(images, dtype, normalization: str = 'baseline'):
+  """uint8 RGB in [0, 255] -> (x / 255 - mean) / std, per channel."""
+  mean, std = (np.asarray(v, np.float32) for v in NORMALIZATIONS[normalization])
+  scale, shift = 1.0 / (255.0 * std), -mean / std
+  return images.astype(dtype) * scale.astype(dtype) + shift.astype(dtype)
+
+
+def torch_default_init(fan_in: int) -> dict:
+  """nn.Linear's and nn.Conv2d's own initialisation, so that a from-scratch run starts
+  where the baseline's does: weights by kaiming_uniform with a = sqrt(5), and biases, both
+  uniform in +-1/sqrt(fan_in)."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def uniform(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return dict(kernel_init=uniform, bias_init=uniform)
 
 
 class FashionNet(nnx.Module):
@@ -37,23 +58,29 @@ class FashionNet(nnx.Module):
                num_attributes: int = 1000, roi_pool: str = 'align', roi_output_size: int = 3,
                roi_sampling_ratio: int = 2, roi_aligned: bool = True,
                box_gradient_into_roi: bool = False, category_head: str = 'single',
-               category_types=None, dropout: float = 0.0, dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):
+               category_types=None, dropout: float = 0.0, normalization: str = 'baseline',
+               dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if roi_pool not in ROI_POOLS:
       raise ValueError(f'roi_pool must be one of {ROI_POOLS}, got {roi_pool!r}')
     if category_head not in CATEGORY_HEADS:
       raise ValueError(f'category_head must be one of {CATEGORY_HEADS}, got {category_head!r}')
+    if normalization not in NORMALIZATIONS:
+      raise ValueError(f'normalization must be one of {tuple(NORMALIZATIONS)}, got '
+                       f'{normalization!r}')
+    self.normalization = normalization
     self.backbone = resnet.ResNet(backbone, dtype=dtype, rngs=rngs)
     channels = self.backbone.out_features
-    self.feature_size = -(-image_size // 32)  # every stride-2 layer rounds up
+    self.image_size = image_size
+    self.feature_size = -(-image_size // FEATURE_STRIDE)  # every stride-2 layer rounds up
     self.roi_pool, self.roi_output_size = roi_pool, roi_output_size
     self.roi_sampling_ratio, self.roi_aligned = roi_sampling_ratio, roi_aligned
     self.box_gradient_into_roi = box_gradient_into_roi
     self.dtype = dtype
     linear = lambda n_in, n_out: nnx.Linear(n_in, n_out, dtype=dtype, param_dtype=jnp.float32,
-                                            rngs=rngs)
+                                            rngs=rngs, **torch_default_init(n_in))
     self.reduce_1x1 = nnx.Conv(channels, BOX_CHANNELS, (1, 1), dtype=dtype,
-                               param_dtype=jnp.float32, rngs=rngs)
+                               param_dtype=jnp.float32, rngs=rngs,
+                               **torch_default_init(channels))
     flat = BOX_CHANNELS * self.feature_size ** 2
     self.fc_bbox_xy = linear(flat, 2)
     self.fc_bbox_offset = linear(flat, 2)
@@ -84,23 +111,29 @@ class FashionNet(nnx.Module):
     return jnp.concatenate([xy, xy + offset], axis=-1)
 
   def local_features(self, features, box):
-    """(B, C * S * S) features pooled from the box, flattened channel-major like PyTorch."""
+    """(B, C * S * S) features pooled from the box, flattened channel-major like PyTorch.
+
+    ROI-Align takes the box in input pixels with torchvision's `spatial_scale` = 1/32: a
+    feature cell covers 32 pixels, though the map has ceil(side / 32) cells (its last cell
+    runs past the image when the side is not a multiple of 32).
+    """
     if not self.box_gradient_into_roi:
       box = jax.lax.stop_gradient(box)
     if self.roi_pool == 'baseline_max':
       pooled = roi.baseline_max_pool(features, box, self.roi_output_size)
     else:
-      height, width = features.shape[1:3]
-      pooled = roi.roi_align(features, box * jnp.array([width, height, width, height]),
+      pooled = roi.roi_align(features, box * self.image_size,
                              output_size=self.roi_output_size,
+                             spatial_scale=1.0 / FEATURE_STRIDE,
                              sampling_ratio=self.roi_sampling_ratio, aligned=self.roi_aligned)
     return jnp.transpose(pooled, (0, 3, 1, 2)).reshape(pooled.shape[0], -1)
 
   def __call__(self, images, dropout_rng=None) -> dict:
-    """images: (B, H, W, 3) uint8, or floats already normalised like `normalize_images`;
+    """images: (B, H, W, 3) uint8 (normalised here as `self.normalization` says), or floats
+    already normalised;
     dropout_rng: a key for the dropout on the joined features (training with dropout > 0)."""
     if images.dtype == jnp.uint8:
-      images = normalize_images(images, self.dtype)
+      images = normalize_images(images, self.dtype, self.normalization)
     features = self.backbone(images.astype(self.dtype))['layer4']
     box = self.predict_box(features)
     global_features = features.mean(axis=(1, 2))

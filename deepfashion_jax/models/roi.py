@@ -96,6 +96,9 @@ def baseline_max_pool(features, boxes, output_size: int = 3):
   The box (in units of the input side) times (feature side - 1), truncated to integers,
   selects rows y1..y2 and columns x1..x2 inclusive (clipped to the map, as slicing does),
   then adaptive max-pooling gives output_size x output_size. Not differentiable in the box.
+  The baseline itself runs only at 224 px (its box layer is fixed at 32 x 7 x 7), where the
+  factor is 6; at other sizes this keeps its rule, (side - 1) for a map of side cells,
+  which is not ROI-Align's one cell per 32 pixels.
   """
   height, width = features.shape[1:3]
 
