@@ -269,6 +269,9 @@ def with_torch_weights(step_config: StepConfig, state: TrainState, path: str, me
   kind = convert_torch.load_into(model, path)
   logging.info('Initialised %s from the %s checkpoint %s',
                'the model' if kind == 'baseline' else 'the backbone', kind, path)
+  if kind == 'torchvision' and model.normalization != 'imagenet':
+    logging.warning('%s is a torchvision backbone: its ImageNet weights expect '
+                    "--config.data.normalization=imagenet, not %r.", path, model.normalization)
   _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   new_state = state.replace(params=params, batch_stats=batch_stats,
                             opt_state=step_config.optimizer.init(params))
