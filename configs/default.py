@@ -66,7 +66,7 @@ def get_config():
   config.data.canvas_size = 300  # side of the uint8 canvas each decoded image is sent in
   config.data.eval_crop = 'resize'  # evaluation: 'resize' to crop_size (baseline) or 'center_crop'
   config.data.normalization = 'baseline'  # pixels: 'baseline' (x/255-0.5)/0.5, or 'imagenet' mean/std
-  config.data.strict = False  # raise on an unreadable image instead of skipping it
+  config.data.strict = False  # raise on an unreadable image or an odd box/landmark row instead
   config.data.threads = 2  # decoding threads per process (libjpeg-turbo releases the GIL)
   config.data.processes = 0  # grain worker processes (0: decode in the main process)
   return config

@@ -1,7 +1,8 @@
 """The baseline's losses, in float32 whatever the activation dtype (BASELINE.md, Training).
 
 total = attribute loss + category loss + beta * box loss, each averaged over the valid
-examples of the batch (evaluation batches carry padding).
+examples of the batch (evaluation batches carry padding); the box loss only over those
+that also have a box (`box_mask`: a list's box may be empty or outside its image).
 """
 
 import jax
@@ -63,16 +64,31 @@ def box_loss(predicted, target):
   return jnp.abs(predicted.astype(jnp.float32) - target.astype(jnp.float32)).mean(axis=-1)
 
 
+def box_mask(batch: dict):
+  """(B,) bool: the examples whose box counts, `valid & box_valid` (pipeline.py).
+
+  A batch without `box_valid` (one made by hand, as a benchmark's) counts every valid box.
+  """
+  return batch['valid'] & batch.get('box_valid', True)
+
+
+def _masked_mean(values, mask):
+  """The mean of values where mask; 0 when nothing is. Masked-out values cannot leak in,
+  not even as NaN."""
+  total = jnp.where(mask, values, 0.0).sum()
+  return total / jnp.maximum(mask.astype(jnp.float32).sum(), 1.0)
+
+
 def total_loss(outputs: dict, batch: dict, *, beta: float, attribute_kind: str = 'bce',
                reduce_sum: bool = False, pos_weight=None):
-  """The mean over valid examples of attribute + category + beta * box loss, and its parts."""
-  parts = dict(
-      attribute_loss=attribute_loss(outputs['attribute_logits'], batch['attribute_positive'],
-                                    attribute_kind, reduce_sum, pos_weight),
-      category_loss=category_loss(outputs, batch['category'], batch['category_type']),
-      box_loss=box_loss(outputs['box'], batch['bbox']))
-  valid = batch['valid'].astype(jnp.float32)
-  count = jnp.maximum(valid.sum(), 1.0)
-  means = {name: (value * valid).sum() / count for name, value in parts.items()}
+  """attribute + category + beta * box loss, and its parts: each part the mean over the
+  valid examples, the box loss over those with a box (`box_mask`; 0 when none has)."""
+  attributes = attribute_loss(outputs['attribute_logits'], batch['attribute_positive'],
+                              attribute_kind, reduce_sum, pos_weight)
+  categories = category_loss(outputs, batch['category'], batch['category_type'])
+  boxes = box_loss(outputs['box'], batch['bbox'])
+  means = dict(attribute_loss=_masked_mean(attributes, batch['valid']),
+               category_loss=_masked_mean(categories, batch['valid']),
+               box_loss=_masked_mean(boxes, box_mask(batch)))
   loss = means['attribute_loss'] + means['category_loss'] + beta * means['box_loss']
   return loss, means

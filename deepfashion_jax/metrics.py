@@ -9,8 +9,9 @@ so batches merge exactly and a split is summarised once, whatever its batching:
 - baseline_attr_recall_top{3,5}_<type>: the baseline's per-image |top-k of the type ∩
   positives of the type| / min(k, positives of the type), averaged over the images that
   have a positive of that type (without the baseline's masking bug);
-- bbox_iou, bbox_l1: mean IoU and mean absolute error of the predicted box;
-- loss and its parts.
+- bbox_iou, bbox_l1: mean IoU and mean absolute error of the predicted box, over the
+  valid examples that have a box (`losses.box_mask`);
+- loss and its parts (box_loss weighted, like the box metrics, by the examples with a box).
 Training adds loss_scale (float16's dynamic loss scale at the last step; 1 otherwise) and
 nonfinite_steps (steps skipped for a non-finite loss or gradient), with the first such
 step and the longest run of them, which the training loop acts on.
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepfashion_jax import losses as losses_lib
 from deepfashion_jax.data import vocabulary
 
 TOP_K_CATEGORY = (1, 3, 5)
@@ -76,10 +78,12 @@ def metric_values(outputs: dict, batch: dict, losses: dict, attribute_types,
       hits = (top & positive_of_type).sum(axis=1)
       values[f'baseline_attr_recall_top{k}_{name}'] = (
           hits / jnp.maximum(jnp.minimum(count, k), 1), count > 0)
-  values['bbox_iou'] = (box_iou(outputs['box'], batch['bbox']), valid)
-  values['bbox_l1'] = (jnp.abs(outputs['box'] - batch['bbox']).mean(axis=1), valid)
-  for name in LOSS_NAMES:  # batch means already: weighted by the number of valid examples
-    values[name] = (jnp.full(valid.shape, losses[name], jnp.float32), valid)
+  has_box = losses_lib.box_mask(batch)
+  values['bbox_iou'] = (box_iou(outputs['box'], batch['bbox']), has_box)
+  values['bbox_l1'] = (jnp.abs(outputs['box'] - batch['bbox']).mean(axis=1), has_box)
+  for name in LOSS_NAMES:  # batch means already: weighted by the examples they averaged
+    values[name] = (jnp.full(valid.shape, losses[name], jnp.float32),
+                    has_box if name == 'box_loss' else valid)
   return values
 
 

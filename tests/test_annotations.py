@@ -165,8 +165,10 @@ def _replace_token(position, value):
      'list_category_img.txt, line 6: category label must be an integer in 1..50'),
     (annotations.CATEGORY_IMG, 6, _replace_last_token('x'),
      'list_category_img.txt, line 6: category label must be an integer in 1..50'),
-    (annotations.BBOX, 8, _replace_token(3, '0'),
-     'list_bbox.txt, line 8: expected a box with 0 <= x_1 < x_2'),
+    (annotations.BBOX, 8, _replace_token(3, 'ten'),
+     'list_bbox.txt, line 8: box coordinates x_1 y_1 x_2 y_2 must be integers, found \'ten\''),
+    (annotations.BBOX, 8, _replace_token(2, '1e3'),
+     'list_bbox.txt, line 8: box coordinates x_1 y_1 x_2 y_2 must be integers, found \'1e3\''),
     (annotations.BBOX, 1, lambda line: str(int(line) + 1),
      f'list_bbox.txt: line 1 says {NUM_IMAGES + 1} rows, found {NUM_IMAGES}'),
     (annotations.ATTR_IMG, 1, lambda line: str(int(line) - 1),
@@ -187,6 +189,9 @@ def _replace_token(position, value):
      'list_landmarks.txt, line 6: landmark visibility must be 0, 1 or 2'),
     (annotations.LANDMARKS, 6, _replace_token(3, '1.5'),
      'list_landmarks.txt, line 6: landmark values must be integers, found \'1.5\''),
+    (annotations.LANDMARKS, 6, _replace_token(4, '40000'),
+     'list_landmarks.txt, line 6: landmark coordinates must be integers in -32768..32767, '
+     'found 40000'),
 ])
 def test_bad_input_names_file_and_line(lists, name, line, edit, message):
   root = lists[0]
@@ -195,6 +200,128 @@ def test_bad_input_names_file_and_line(lists, name, line, edit, message):
     annotations.read_deepfashion(root)
   assert message in str(error.value)
   assert os.path.join(root, os.path.dirname(name)) in str(error.value)
+
+
+# Boxes that are data, not format errors: line of list_bbox.txt -> its values.
+ODD_BOXES = {7: '50 60 40 90', 9: '-3 10 100 120', 12: '10 10 10 50'}
+ODD_BOXES_WARNING = ('list_bbox.txt: 3 boxes are empty or outside their image (line 7: 50 60 '
+                     '40 90; line 9: -3 10 100 120; line 12: 10 10 10 50): they are clipped '
+                     'to the image, and an image left with no box has its box loss and box '
+                     'metrics masked')
+ODD_BOXES_REFUSAL = ('list_bbox.txt, line 7: expected a box with 0 <= x_1 < x_2 and 0 <= y_1 '
+                     '< y_2, found 50 60 40 90 (3 such rows; config.data.strict refuses them')
+
+
+def _plant_boxes(root, boxes):
+  for line, box in boxes.items():
+    _edit_line(root, annotations.BBOX, line, lambda text, box=box: ' '.join(
+        text.split()[:1] + box.split()))
+
+
+def _warnings(monkeypatch, file_name):
+  """The warnings logged from now on that are about `file_name`."""
+  warnings = []
+  monkeypatch.setattr(logging, 'warning', lambda fmt, *args: warnings.append(fmt % args))
+  return lambda: [w for w in warnings if file_name in w]
+
+
+def test_odd_boxes_load_counted_with_one_warning_naming_their_lines(lists, monkeypatch):
+  root = lists[0]
+  assert 'boxes empty or outside their image: 0 ' in annotations.read_deepfashion(root).summary()
+  _plant_boxes(root, ODD_BOXES)
+  warnings = _warnings(monkeypatch, 'list_bbox.txt')
+  index = annotations.read_deepfashion(root)
+  assert len(index) == NUM_IMAGES
+  np.testing.assert_array_equal(index.bbox[[4, 6, 9]], [[50, 60, 40, 90], [-3, 10, 100, 120],
+                                                        [10, 10, 10, 50]])  # as listed
+  assert len(warnings()) == 1 and ODD_BOXES_WARNING in warnings()[0]
+  assert os.path.join(root, annotations.BBOX) in warnings()[0]
+  assert 'boxes empty or outside their image: 3 (clipped' in index.summary()
+
+
+def test_the_warning_names_the_first_five_odd_boxes_by_line(lists, monkeypatch):
+  root = lists[0]
+  _plant_boxes(root, {line: '5 5 5 5' for line in range(3, 11)})
+  warnings = _warnings(monkeypatch, 'list_bbox.txt')
+  annotations.read_deepfashion(root)
+  (warning,) = warnings()
+  assert '8 boxes are empty' in warning
+  assert '(line 3: 5 5 5 5; line 4: 5 5 5 5; line 5: 5 5 5 5; line 6: 5 5 5 5; line 7: 5 5 5 5; ' \
+         '3 more)' in warning
+
+
+def test_the_lines_named_are_those_of_list_bbox(lists, monkeypatch):
+  """list_bbox.txt in another order than the master list: its own lines are named."""
+  root = lists[0]
+  path = os.path.join(root, annotations.BBOX)
+  with open(path) as f:
+    lines = f.read().splitlines()
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines[:2] + lines[2:][::-1]) + '\n')
+  _plant_boxes(root, {5: '9 9 3 30'})  # the row of the master list's last image
+  warnings = _warnings(monkeypatch, 'list_bbox.txt')
+  index = annotations.read_deepfashion(root)
+  np.testing.assert_array_equal(index.bbox[NUM_IMAGES - 3], [9, 9, 3, 30])
+  assert '1 boxes are empty or outside their image (line 5: 9 9 3 30)' in warnings()[0]
+
+
+def test_strict_refuses_odd_boxes_naming_file_and_line_parsed_or_cached(lists, tmp_path,
+                                                                       monkeypatch):
+  root = lists[0]
+  _plant_boxes(root, ODD_BOXES)
+  with pytest.raises(annotations.AnnotationError) as error:
+    annotations.read_deepfashion(root, strict=True)
+  assert ODD_BOXES_REFUSAL in str(error.value)
+  assert os.path.join(root, annotations.BBOX) in str(error.value)
+
+  cache_dir = str(tmp_path / 'cache')
+  assert len(annotations.load_deepfashion(root, cache_dir)) == NUM_IMAGES  # cached, lenient
+
+  def no_parsing(_):
+    raise AssertionError('parsed although the cache is valid')
+  monkeypatch.setattr(annotations, '_parse_lists', no_parsing)
+  with pytest.raises(annotations.AnnotationError) as error:
+    annotations.load_deepfashion(root, cache_dir, strict=True)
+  assert ODD_BOXES_REFUSAL in str(error.value)
+
+
+def test_strict_comes_from_the_config(lists, tmp_path):
+  from deepfashion_jax.data import folder  # pylint: disable=g-import-not-at-top
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  root = lists[0]
+  _plant_boxes(root, ODD_BOXES)
+  config = test_config.get_config()
+  config.data.data_dir = root
+  config.data.split = 'official'
+  assert len(folder.load_index(config.data, str(tmp_path / 'run'))) == NUM_IMAGES
+  config.data.strict = True
+  with pytest.raises(annotations.AnnotationError, match='list_bbox.txt, line 7: '):
+    folder.load_index(config.data, str(tmp_path / 'run'))
+
+
+def test_landmarks_at_negative_coordinates_are_data(lists, monkeypatch):
+  root = lists[0]
+  # Line 6: its first landmark visible at x = -4. Line 8: its first landmark truncated at
+  # y = -9, which is what truncated means: not counted.
+  _edit_line(root, annotations.LANDMARKS, 6, _replace_token(2, '0'))
+  _edit_line(root, annotations.LANDMARKS, 6, _replace_token(3, '-4'))
+  _edit_line(root, annotations.LANDMARKS, 8, _replace_token(2, '2'))
+  _edit_line(root, annotations.LANDMARKS, 8, _replace_token(4, '-9'))
+  with open(os.path.join(root, annotations.LANDMARKS)) as f:
+    y = int(f.read().splitlines()[5].split()[4])  # line 6's first landmark's y
+  warnings = _warnings(monkeypatch, 'list_landmarks.txt')
+  index = annotations.read_deepfashion(root)
+  np.testing.assert_array_equal(index.landmark_xy[3, 0], [-4, y])
+  assert index.landmark_xy[5, 0, 1] == -9 and index.landmark_visibility[5, 0] == 2
+  (warning,) = warnings()
+  assert (f'list_landmarks.txt: 1 images have a visible or occluded landmark at a negative '
+          f'coordinate (line 6: landmark 1 at (-4, {y})): they are kept as they are') in warning
+  assert 'landmarks: present, 1 images with a landmark at a negative coordinate' in \
+      index.summary()
+  with pytest.raises(annotations.AnnotationError) as error:
+    annotations.read_deepfashion(root, strict=True)
+  assert (f'list_landmarks.txt, line 6: expected visible and occluded landmarks at '
+          f'coordinates >= 0, found landmark 1 at (-4, {y})') in str(error.value)
 
 
 def test_image_missing_from_a_list_names_both_files(lists):
@@ -248,7 +375,7 @@ def test_cache_is_used_then_invalidated_by_a_changed_file(lists, tmp_path, monke
   def no_parsing(_):
     raise AssertionError('parsed although the cache is valid')
   with monkeypatch.context() as patch:
-    patch.setattr(annotations, 'read_deepfashion', no_parsing)
+    patch.setattr(annotations, '_parse_lists', no_parsing)
     cached = annotations.load_deepfashion(root, cache_dir)
   for name in ('image_paths', 'category', 'category_type', 'attribute_positive',
                'attribute_unknown', 'bbox', 'split', 'category_names', 'attribute_names',

@@ -1,5 +1,6 @@
 """Losses against PyTorch's own (the baseline's) and hand computations."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -88,3 +89,38 @@ def test_total_loss_averages_valid_examples_only():
   np.testing.assert_allclose(parts['category_loss'], np.log(50), rtol=1e-6)
   np.testing.assert_allclose(parts['box_loss'], 0.25, rtol=1e-6)  # the padded row ignored
   np.testing.assert_allclose(loss, np.log(2) + np.log(50) + 0.5 * 0.25, rtol=1e-6)
+
+
+def _boxes_case(seed=3, batch=5):
+  rng = np.random.default_rng(seed)
+  outputs = dict(attribute_logits=rng.normal(size=(batch, 4)).astype(np.float32),
+                 category_logits=rng.normal(size=(batch, 50)).astype(np.float32),
+                 box=rng.uniform(size=(batch, 4)).astype(np.float32))
+  inputs = dict(attribute_positive=rng.random((batch, 4)) < 0.5,
+                category=rng.integers(0, 50, batch), category_type=np.zeros(batch, int),
+                bbox=rng.uniform(size=(batch, 4)).astype(np.float32),
+                valid=np.array([True] * (batch - 1) + [False]))
+  return outputs, inputs
+
+
+def test_box_loss_leaves_out_examples_without_a_box():
+  outputs, batch = _boxes_case()
+  box_valid = np.array([True, False, True, False, True])
+  outputs['box'][1] = np.nan  # a masked-out example cannot leak in, not even as NaN
+  loss, parts = losses.total_loss(outputs, dict(batch, box_valid=box_valid), beta=0.5)
+  keep = box_valid & batch['valid']  # rows 0 and 2; row 4 is padding
+  subset = lambda tree: jax.tree.map(lambda x: x[keep], tree)
+  _, without = losses.total_loss(subset(outputs), subset(batch), beta=0.5)
+  np.testing.assert_allclose(parts['box_loss'], without['box_loss'], rtol=1e-6)
+  _, every_box = losses.total_loss(dict(outputs, box=np.zeros((5, 4), np.float32)), batch,
+                                   beta=0.5)  # the other parts count every valid example
+  for name in ('attribute_loss', 'category_loss'):
+    np.testing.assert_allclose(parts[name], every_box[name], rtol=1e-6)
+  np.testing.assert_allclose(loss, parts['attribute_loss'] + parts['category_loss']
+                             + 0.5 * without['box_loss'], rtol=1e-6)
+
+
+def test_a_batch_without_any_box_has_a_zero_box_loss():
+  outputs, batch = _boxes_case()
+  loss, parts = losses.total_loss(outputs, dict(batch, box_valid=np.zeros(5, bool)), beta=1.0)
+  assert parts['box_loss'] == 0.0 and np.isfinite(loss)

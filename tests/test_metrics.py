@@ -125,3 +125,40 @@ def test_box_iou_and_l1_by_hand():
   result = _compute(outputs, batch, np.zeros(30, int))
   np.testing.assert_allclose(result['bbox_iou'], 0.5, rtol=1e-6)  # the padded row ignored
   np.testing.assert_allclose(result['bbox_l1'], (0 + 1 + 0.125) / 3, rtol=1e-6)
+
+
+def test_box_metrics_leave_out_examples_without_a_box():
+  """bbox_iou and bbox_l1 equal those of the batch without its box-less examples; the
+  other metrics still count them. Merged over 3 batches, as an evaluation does."""
+  outputs, batch, types = _case(seed=4)
+  rng = np.random.default_rng(4)
+  for tree, key in ((outputs, 'box'), (batch, 'bbox')):  # ordered boxes that overlap
+    corner = rng.uniform(0, 0.5, (12, 2))
+    tree[key] = np.concatenate([corner, corner + rng.uniform(0.3, 0.5, (12, 2))], 1)
+  box_valid = np.arange(12) % 3 != 0
+  masked = _compute(outputs, dict(batch, box_valid=box_valid), types, batches=3)
+  subset = lambda tree: {k: v[box_valid] for k, v in tree.items()}
+  without = _compute(subset(outputs), subset(batch), types)
+  everything = _compute(outputs, batch, types, batches=3)
+  for name in ('bbox_iou', 'bbox_l1'):
+    np.testing.assert_allclose(masked[name], without[name], rtol=1e-6, err_msg=name)
+    assert not np.isclose(masked[name], everything[name]), name
+  for name in ('category_top1', 'category_top5', 'attr_recall_top3', 'attr_recall_top5_b'):
+    np.testing.assert_allclose(masked[name], everything[name], rtol=1e-6, err_msg=name)
+
+
+def test_box_loss_is_weighted_by_the_examples_with_a_box():
+  """Merged over batches, box_loss is the mean over the examples with a box: a batch
+  where none has one (box_loss 0) weighs nothing."""
+  outputs, batch, types = _case(seed=5, batch=4)
+  collection = metrics.collection_class(metrics.metric_names(TYPE_NAMES))
+  merged = None
+  for box_loss, box_valid in ((0.0, [False] * 4), (2.0, [True, False, True, True])):
+    losses = {name: jnp.float32(1.0) for name in metrics.LOSS_NAMES}
+    losses['box_loss'] = jnp.float32(box_loss)
+    values = metrics.metric_values(outputs, dict(batch, box_valid=np.array(box_valid)), losses,
+                                   jnp.asarray(types), TYPE_NAMES)
+    m = collection.single_from_model_output(**values)
+    merged = m if merged is None else merged.merge(m)
+  result = merged.compute()
+  assert float(result['box_loss']) == 2.0 and float(result['category_loss']) == 1.0

@@ -1,6 +1,8 @@
 """The grain pipeline: batch contents, determinism, epochs, sharding, resume, bad images."""
 
+import os
 import re
+import shutil
 
 import grain
 import numpy as np
@@ -38,7 +40,8 @@ def test_batches_hold_the_documented_fields(index):
                                                        options=OPTIONS)))
   expected = dict(canvas=((4, 300, 300, 3), np.uint8), image_size=((4, 2), np.int32),
                   region=((4, 4), np.float32), flip=((4,), np.bool_),
-                  bbox=((4, 4), np.float32), category=((4,), np.int32),
+                  bbox=((4, 4), np.float32), box_valid=((4,), np.bool_),
+                  category=((4,), np.int32),
                   category_type=((4,), np.int32), attribute_positive=((4, 1000), np.bool_),
                   attribute_unknown=((4, 1000), np.bool_), index=((4,), np.int32),
                   valid=((4,), np.bool_), skipped=((4,), np.int32))
@@ -47,7 +50,7 @@ def test_batches_hold_the_documented_fields(index):
   np.testing.assert_array_equal(batch['category'], index.category[rows])
   np.testing.assert_array_equal(batch['attribute_positive'], index.attribute_positive[rows])
   np.testing.assert_array_equal(batch['attribute_unknown'], index.attribute_unknown[rows])
-  assert batch['valid'].all() and not batch['skipped'].any()
+  assert batch['valid'].all() and batch['box_valid'].all() and not batch['skipped'].any()
   assert (batch['bbox'] >= 0).all() and (batch['bbox'] <= 1).all()
   for i, row in enumerate(rows):  # the box is the index's box moved with the crop
     crop = transforms.Crop(batch['region'][i], bool(batch['flip'][i]))
@@ -152,6 +155,70 @@ def test_strict_mode_names_the_unreadable_file(quirky_folder):
   names = '|'.join(re.escape(summary['quirks'][name]) for name in ('truncated', 'missing'))
   with pytest.raises(transforms.ImageDecodeError, match=f'({names}): '):
     list(pipeline.eval_dataset(source, batch_size=8, options=strict))
+
+
+# Boxes planted in a copy of the synthetic folder's list_bbox.txt: row -> the listed box.
+# Row 0 is empty (x_2 < x_1), row 1 runs past three edges, row 2 lies right of the image.
+PLANTED_BOXES = {0: (50, 60, 40, 90), 1: (-10, 20, 5000, 5000), 2: (1000, 10, 1200, 50)}
+
+
+@pytest.fixture(scope='module')
+def odd_boxes(synthetic_folder, tmp_path_factory):
+  """The index of a copy of the synthetic folder with PLANTED_BOXES, and rows 0 to 3."""
+  root = str(tmp_path_factory.mktemp('odd_boxes') / 'deepfashion')
+  shutil.copytree(synthetic_folder[0], root)
+  path = os.path.join(root, annotations.BBOX)
+  with open(path) as f:
+    lines = f.read().splitlines()
+  for row, box in PLANTED_BOXES.items():  # list_bbox.txt is in the index's order
+    lines[row + 2] = ' '.join([lines[row + 2].split()[0]] + [str(v) for v in box])
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  index = annotations.read_deepfashion(root)
+  np.testing.assert_array_equal(index.bbox[list(PLANTED_BOXES)], list(PLANTED_BOXES.values()))
+  return index, np.arange(4)
+
+
+def test_boxes_are_clipped_to_the_image_and_empty_ones_masked_in_evaluation(odd_boxes):
+  index, rows = odd_boxes
+  batch = pipeline.eval_dataset(sources.FolderSource(index, rows), batch_size=4,
+                                options=OPTIONS)[0]
+  np.testing.assert_array_equal(batch['index'], rows)
+  np.testing.assert_array_equal(batch['valid'], [True] * 4)
+  np.testing.assert_array_equal(batch['box_valid'], [False, True, False, True])
+  height = batch['image_size'][1, 0]  # 'resize': the crop is the whole image
+  np.testing.assert_allclose(batch['bbox'][1], [0, 20 / height, 1, 1], atol=1e-6)
+  np.testing.assert_allclose(batch['bbox'][2, [0, 2]], [1, 1])  # nothing left: x1 = x2 = W
+  x1, y1, x2, y2 = index.bbox[3]
+  height, width = batch['image_size'][3]
+  np.testing.assert_allclose(batch['bbox'][3], [x1 / width, y1 / height, x2 / width,
+                                                y2 / height], atol=1e-6)  # untouched
+
+
+def test_boxes_are_clipped_and_empty_ones_masked_in_training(odd_boxes):
+  index, rows = odd_boxes
+  source = sources.FolderSource(index, rows)
+  batch = pipeline.train_dataset(source, batch_size=4, seed=0, options=OPTIONS)[0]
+  box_valid = dict(zip(batch['index'].tolist(), batch['box_valid'].tolist()))
+  assert box_valid == {0: False, 1: True, 2: False, 3: True}
+  assert batch['valid'].all()
+  assert (batch['bbox'] >= 0).all() and (batch['bbox'] <= 1).all()
+  for i, row in enumerate(batch['index']):  # the clipped box, moved with the crop
+    height, width = batch['image_size'][i]
+    clipped = np.clip(np.array(index.bbox[row], np.float32), 0, [width, height] * 2)
+    crop = transforms.Crop(batch['region'][i], bool(batch['flip'][i]))
+    if batch['box_valid'][i]:
+      np.testing.assert_allclose(batch['bbox'][i], transforms.crop_box(clipped, crop),
+                                 atol=1e-6)
+
+
+def test_padding_and_unreadable_images_have_no_box(quirky_folder):
+  root, _ = quirky_folder
+  quirky = annotations.read_deepfashion(root)
+  source = sources.FolderSource(quirky, np.arange(len(quirky)))
+  for batch in pipeline.eval_dataset(source, batch_size=16, options=OPTIONS):
+    assert not batch['box_valid'][~batch['valid']].any()
+    assert batch['box_valid'][batch['valid']].all()
 
 
 def test_per_process_batch_must_divide_the_global_batch():

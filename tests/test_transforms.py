@@ -100,6 +100,25 @@ def test_box_moves_with_the_crop_and_is_clipped(seed):
   assert (transforms.crop_box(bbox, crop) <= 1).all()
 
 
+@pytest.mark.parametrize('listed, clipped, area', [
+    ((10, 20, 100, 150), (10, 20, 100, 150), 90 * 130),  # inside: unchanged
+    ((-10, -5, 400, 250), (0, 0, 300, 200), 300 * 200),  # past every edge
+    ((50, 60, 40, 90), (50, 60, 50, 90), 0),  # x_2 < x_1: empty, ordered
+    ((10, 10, 10, 50), (10, 10, 10, 50), 0),  # zero width
+    ((320, 10, 400, 50), (300, 10, 300, 50), 0),  # right of the image
+    ((-50, -40, -10, -5), (0, 0, 0, 0), 0),  # above and left of it
+])
+def test_boxes_are_clipped_to_their_image(listed, clipped, area):
+  box = transforms.clip_box_to_image(np.array(listed, np.int32), 200, 300)
+  assert box.dtype == np.float32
+  np.testing.assert_array_equal(box, clipped)
+  assert transforms.box_area(box) == area
+  for flip in (False, True):  # an empty box stays empty through any crop and flip
+    crop = transforms.random_train_crop(np.random.default_rng(int(flip)), 200, 300, 256, 224)
+    crop = transforms.Crop(crop.region, flip)
+    assert (transforms.box_area(transforms.crop_box(box, crop)) > 0) <= (area > 0)
+
+
 def test_eval_crops():
   image = _photo(200, 300)
   resize = transforms.eval_crop(200, 300, 256, 224, 'resize')

@@ -5,10 +5,16 @@ rows, line 2 the column names, then one row per image, columns separated by runs
 spaces. `list_attr_img.txt` is the big one (289,222 x 1,000 values, ~870 MB), so it has a
 vectorised parser of its own; the others are small enough for `str.split`.
 
-Every bad input raises `AnnotationError`, whose message names the file, the line (1-based,
-as an editor shows it) and what was expected. Parsing is slow enough (tens of seconds on
-the real files) that `load_deepfashion` caches the index as an `.npz` keyed by the lists'
-sizes and modification times.
+Every format error (a missing column, a word where a number belongs) raises
+`AnnotationError`, whose message names the file, the line (1-based, as an editor shows it)
+and what was expected. Geometry that is merely odd (a box that is empty or has a negative
+corner, a landmark at a negative coordinate) is data, as a bad JPEG is: one row of 289,222
+must not refuse the dataset. `check_geometry` counts such rows, warns once naming the
+first lines, and refuses them only when asked to be strict (config.data.strict); the
+pipeline clips boxes to their image and masks the box loss of an image left without one.
+
+Parsing is slow enough (tens of seconds on the real files) that `load_deepfashion` caches
+the index as an `.npz` keyed by the lists' sizes and modification times.
 """
 
 import dataclasses
@@ -39,6 +45,8 @@ SPLITS = ('official', 'baseline')
 # Bump when the cached arrays change meaning, so that old caches are parsed anew.
 _CACHE_FORMAT = 1
 _ATTR_CHUNK_BYTES = 32 << 20
+# How many odd rows a warning names by line (the real lists could have thousands).
+_ODD_ROWS_SHOWN = 5
 
 
 class AnnotationError(ValueError):
@@ -107,10 +115,18 @@ class DeepFashionIndex:
             for t, name in enumerate(vocabulary.GARMENT_TYPE_NAMES)),
         f'  attributes: {self.num_attributes}, positives per image mean {positives.mean():.2f}, '
         f'unknown values {self.attribute_unknown.mean():.2%}',
-        f'  landmarks: {"present" if self.landmark_xy is not None else "absent"}; '
+        f'  boxes empty or outside their image: {odd_boxes(self.bbox).sum():,} '
+        '(clipped to the image; box loss and box metrics masked where no box is left)',
+        f'  landmarks: {self._landmark_summary()}; '
         f'dropped as unreadable: {len(self.dropped_images)}',
     ]
     return '\n'.join(lines)
+
+  def _landmark_summary(self) -> str:
+    if self.landmark_xy is None:
+      return 'absent'
+    odd = odd_landmarks(self.landmark_visibility, self.landmark_xy).sum()
+    return f'present, {odd:,} images with a landmark at a negative coordinate'
 
 
 def find_image_dir(root: str) -> str:
@@ -242,15 +258,9 @@ def _read_category_img(root: str, num_categories: int):
 
 
 def _read_bbox(root: str):
+  """Reads the boxes; only format errors raise here (odd boxes: `check_geometry`)."""
   table = _read_table(os.path.join(root, BBOX), 5)
-  boxes = _int_matrix(table, slice(1, 5), 'box coordinates x_1 y_1 x_2 y_2')
-  bad = np.flatnonzero((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-                       | (boxes[:, :2] < 0).any(axis=1))
-  if len(bad):
-    i = bad[0]
-    raise AnnotationError(f'{table.where(i)}: expected a box with 0 <= x_1 < x_2 and '
-                          f'0 <= y_1 < y_2, found {" ".join(table.rows[i][1:])}')
-  return table, boxes
+  return table, _int_matrix(table, slice(1, 5), 'box coordinates x_1 y_1 x_2 y_2')
 
 
 def _read_partition(root: str):
@@ -286,12 +296,27 @@ def _read_landmarks(root: str):
                                    rows=[table.rows[i] for i in rows])
     triples = _int_matrix(subtable, slice(lead, None), 'landmark values').reshape(
         len(rows), -1, 3)
-    bad = np.flatnonzero(~np.isin(triples[:, :, 0], (0, 1, 2)).all(axis=1))
-    if len(bad):
-      raise AnnotationError(f'{subtable.where(bad[0])}: landmark visibility must be 0, 1 or 2')
+    _check_landmark_triples(subtable, triples)
     visibility[rows, :width // 3] = triples[:, :, 0]
     xy[rows, :width // 3] = triples[:, :, 1:]
   return table, garment_type.astype(np.int8), visibility, xy
+
+
+def _check_landmark_triples(table: _Table, triples: np.ndarray):
+  """Format errors of (visibility, x, y) triples: a visibility other than 0, 1 or 2, or a
+  coordinate that int16 cannot hold (it would wrap silently). A negative coordinate is
+  data, not a format error (`check_geometry`)."""
+  bad = np.flatnonzero(~np.isin(triples[:, :, 0], (0, 1, 2)).all(axis=1))
+  if len(bad):
+    raise AnnotationError(f'{table.where(bad[0])}: landmark visibility must be 0, 1 or 2')
+  limits = np.iinfo(np.int16)
+  coordinates = triples[:, :, 1:].reshape(len(triples), -1)
+  outside = (coordinates < limits.min) | (coordinates > limits.max)
+  bad = np.flatnonzero(outside.any(axis=1))
+  if len(bad):
+    value = coordinates[bad[0]][outside[bad[0]]][0]
+    raise AnnotationError(f'{table.where(bad[0])}: landmark coordinates must be integers in '
+                          f'{limits.min}..{limits.max}, found {value}')
 
 
 # ----------------------------------------------------------------------------- list_attr_img
@@ -420,8 +445,16 @@ def _aligned(array, order):
   return array if order is None else array[order]
 
 
-def read_deepfashion(root: str) -> DeepFashionIndex:
-  """Parses the lists of a DeepFashion folder (no cache); see `load_deepfashion`."""
+def read_deepfashion(root: str, strict: bool = False) -> DeepFashionIndex:
+  """Parses the lists of a DeepFashion folder (no cache) and checks their geometry
+  (`check_geometry`); see `load_deepfashion`."""
+  index = _parse_lists(root)
+  check_geometry(index, strict)
+  return index
+
+
+def _parse_lists(root: str) -> DeepFashionIndex:
+  """The index of a folder's lists as parsed, format checked, geometry unchecked."""
   root = os.path.abspath(root)
   for name in REQUIRED_FILES:
     _check_exists(os.path.join(root, name))
@@ -481,6 +514,95 @@ def _select_rows(index: DeepFashionIndex, rows: np.ndarray, **changes) -> DeepFa
     if value is not None:
       changes.setdefault(name, value[rows])
   return dataclasses.replace(index, **changes)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def odd_boxes(bbox: np.ndarray) -> np.ndarray:
+  """(N,) bool: boxes that are empty (x_2 <= x_1 or y_2 <= y_1) or have a negative corner.
+
+  Whether a box also runs past its image's right or bottom edge needs the image's size,
+  which only the pipeline knows (it clips every box to its decoded image).
+  """
+  return (bbox[:, 2] <= bbox[:, 0]) | (bbox[:, 3] <= bbox[:, 1]) | (bbox < 0).any(axis=1)
+
+
+def odd_landmarks(visibility: np.ndarray, xy: np.ndarray) -> np.ndarray:
+  """(N,) bool: images with a visible or occluded landmark at a negative coordinate.
+
+  Truncated landmarks (visibility 2) are outside the image by definition, and absent
+  ones (-1) are 0: neither is odd.
+  """
+  placed = (visibility == 0) | (visibility == 1)
+  return (placed & (xy < 0).any(axis=-1)).any(axis=1)
+
+
+def check_geometry(index: DeepFashionIndex, strict: bool = False):
+  """Warns once per list about boxes and landmarks outside their image; refuses them
+  (AnnotationError naming file and line) when `strict`.
+
+  Works on the index's arrays, so that an index read from the cache is checked as a
+  parsed one is; the lines are looked up in the list only when there is something to say.
+  """
+  rows = np.flatnonzero(odd_boxes(index.bbox))
+  _report_odd_rows(
+      index, BBOX, rows, [' '.join(map(str, index.bbox[i])) for i in rows[:_ODD_ROWS_SHOWN]],
+      'boxes are empty or outside their image',
+      'expected a box with 0 <= x_1 < x_2 and 0 <= y_1 < y_2',
+      'they are clipped to the image, and an image left with no box has its box loss and '
+      'box metrics masked', strict)
+  if index.landmark_xy is None:
+    return
+  rows = np.flatnonzero(odd_landmarks(index.landmark_visibility, index.landmark_xy))
+  _report_odd_rows(
+      index, LANDMARKS, rows, [_odd_landmarks_text(index, i) for i in rows[:_ODD_ROWS_SHOWN]],
+      'images have a visible or occluded landmark at a negative coordinate',
+      'expected visible and occluded landmarks at coordinates >= 0',
+      'they are kept as they are (the model does not use landmarks yet)', strict)
+
+
+def _odd_landmarks_text(index: DeepFashionIndex, row: int) -> str:
+  """'landmark 2 at (-4, 120)': the odd landmarks of one image, 1-based as in the file."""
+  placed = (index.landmark_visibility[row] == 0) | (index.landmark_visibility[row] == 1)
+  odd = np.flatnonzero(placed & (index.landmark_xy[row] < 0).any(axis=-1))
+  return ', '.join(f'landmark {k + 1} at ({index.landmark_xy[row, k, 0]}, '
+                   f'{index.landmark_xy[row, k, 1]})' for k in odd)
+
+
+def _report_odd_rows(index: DeepFashionIndex, file_name: str, rows: np.ndarray, texts: list,
+                     problem: str, expected: str, handling: str, strict: bool):
+  """One warning for all the odd rows of a list, naming the first few by line; or, when
+  strict, an AnnotationError at the first."""
+  if not len(rows):
+    return
+  path = os.path.join(index.root, file_name)
+  lines = _line_numbers(path, index.image_paths[rows[:len(texts)]].tolist())
+  if strict:
+    raise AnnotationError(f'{path}, line {lines[0]}: {expected}, found {texts[0]} ({len(rows)} '
+                          f'such rows; config.data.strict refuses them, without it {handling})')
+  where = '; '.join(f'line {line}: {text}' for line, text in zip(lines, texts))
+  more = f'; {len(rows) - len(texts):,} more' if len(rows) > len(texts) else ''
+  logging.warning('%s: %d %s (%s%s): %s', path, len(rows), problem, where, more, handling)
+
+
+def _line_numbers(path: str, image_paths: list) -> list:
+  """The 1-based line of each image in a list file ('?' if absent).
+
+  The index keeps no line numbers (it may come from the cache), so the few lines that a
+  message names are found by reading the list again, stopping once all are found.
+  """
+  found = dict.fromkeys(image_paths)
+  remaining = len(found)
+  with open(path, encoding='utf-8') as f:
+    for number, line in enumerate(f, start=1):
+      first = line.split(None, 1)[:1]
+      if number > 2 and first and first[0] in found and found[first[0]] is None:
+        found[first[0]] = number
+        remaining -= 1
+        if not remaining:
+          break
+  return [found[p] or '?' for p in image_paths]
 
 
 # ----------------------------------------------------------------------------- splits
@@ -570,28 +692,35 @@ def _load_cache(path: str) -> DeepFashionIndex:
   return DeepFashionIndex(**fields)
 
 
-def load_deepfashion(root: str, cache_dir: Optional[str] = None,
-                     split: str = 'official') -> DeepFashionIndex:
+def load_deepfashion(root: str, cache_dir: Optional[str] = None, split: str = 'official',
+                     strict: bool = False) -> DeepFashionIndex:
   """The index of a DeepFashion folder, parsed once and then read from `cache_dir`.
 
   The cache is keyed by the folder and by each list's size and modification time: editing
   a list parses anew. A cache that cannot be read is parsed anew too, with a warning.
+  Cached or parsed, the index's geometry is checked (`check_geometry`, refusing odd boxes
+  and landmarks when `strict`).
   """
   if split not in SPLITS:
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
   root = os.path.abspath(root)
-  if not cache_dir:
-    return with_split(read_deepfashion(root), split)
+  index = _cached_or_parsed(root, cache_dir) if cache_dir else _parse_lists(root)
+  check_geometry(index, strict)
+  return with_split(index, split)
+
+
+def _cached_or_parsed(root: str, cache_dir: str) -> DeepFashionIndex:
+  """The cached index of the lists as they are now; parsed and cached when there is none."""
   path = cache_path(root, cache_dir)
   if os.path.isfile(path):
     try:
       index = _load_cache(path)
       logging.info('Loaded the DeepFashion index from the cache %s', path)
-      return with_split(index, split)
+      return index
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
       logging.warning('Could not read the annotation cache %s (%s); parsing the lists again',
                       path, e)
-  index = read_deepfashion(root)
+  index = _parse_lists(root)
   _save_cache(index, path)
   logging.info('Cached the DeepFashion index in %s', path)
-  return with_split(index, split)
+  return index

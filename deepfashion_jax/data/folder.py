@@ -77,7 +77,8 @@ def tfds_dir(data_config, workdir: str) -> str:
 
 
 def load_index(data_config, workdir: str) -> annotations.DeepFashionIndex:
-  """The annotation index of the configured data, with the configured split."""
+  """The annotation index of the configured data, with the configured split; with
+  config.data.strict, boxes and landmarks outside their image are refused."""
   root = data_root(data_config, workdir)
   return annotations.load_deepfashion(root, annotation_cache_dir(data_config, workdir),
-                                      split=data_config.split)
+                                      split=data_config.split, strict=data_config.strict)

@@ -14,10 +14,15 @@ A batch is a dict of NumPy arrays, B = the per-process batch size:
   canvas (B, S, S, 3) uint8: each decoded image at the top-left of an S x S canvas
   image_size (B, 2) int32: (height, width) of the image inside its canvas
   region (B, 4) float32, flip (B,) bool: what to resample (see transforms.py)
-  bbox (B, 4) float32: the ground-truth box in [0, 1] coordinates of the crop
+  bbox (B, 4) float32: the ground-truth box in [0, 1] coordinates of the crop, clipped to
+    the image and to the crop
   category, category_type (B,) int32; attribute_positive, attribute_unknown (B, 1000) bool
   index (B,) int32: the example's row in the annotation index (-1 for padding)
   valid (B,) bool: False for evaluation padding and for unreadable evaluation images
+  box_valid (B,) bool: False where valid is, and where no box is left once the list's box
+    is clipped to the image (an empty box, or one outside the image): the box loss and
+    the box metrics leave those examples out; their labels still count. (A crop that
+    misses a good box keeps it, as an edge of the crop, like the baseline.)
   skipped (B,) int32: unreadable files met for this example (replaced in training,
     masked out in evaluation)
 """
@@ -65,11 +70,22 @@ def _decode(record: dict, strict: bool):
     return None
 
 
+def _fit(record: dict, image: np.ndarray, canvas_size: int):
+  """The decoded image and the record's box as they fit in the canvas.
+
+  The box is clipped to the image first: the decoded image is the one place that knows
+  its size, and a list's box may be empty or run past its image.
+  """
+  bbox = transforms.clip_box_to_image(record['bbox'], *image.shape[:2])
+  return transforms.fit_to_canvas(image, bbox, canvas_size)
+
+
 def _example(record: dict, image: np.ndarray, bbox: np.ndarray, crop: transforms.Crop,
              valid: bool, skipped: int) -> dict:
   """One example; image, bbox and crop are those of the image as it fits in the canvas."""
   return dict(image=image, image_size=image.shape[:2], region=crop.region, flip=crop.flip,
               bbox=transforms.crop_box(bbox, crop),
+              box_valid=valid and transforms.box_area(bbox) > 0,
               category=record['category'], category_type=record['category_type'],
               attribute_positive_bits=record['attribute_positive_bits'],
               attribute_unknown_bits=record['attribute_unknown_bits'],
@@ -93,7 +109,7 @@ class TrainExample(grain.transforms.RandomMap):
     else:
       raise RuntimeError(f'{_MAX_CONSECUTIVE_BAD_FILES} unreadable images in a row, the '
                          f'last {record["path"]}: is the image folder complete?')
-    image, bbox = transforms.fit_to_canvas(image, record['bbox'], self.options.canvas_size)
+    image, bbox = _fit(record, image, self.options.canvas_size)
     height, width = image.shape[:2]
     crop = transforms.random_train_crop(rng, height, width, self.options.img_size,
                                         self.options.crop_size)
@@ -113,7 +129,7 @@ class EvalExample(grain.transforms.Map):
     image = _decode(record, self.options.strict)
     if image is None:
       return self._invalid(record, skipped=1)
-    image, bbox = transforms.fit_to_canvas(image, record['bbox'], self.options.canvas_size)
+    image, bbox = _fit(record, image, self.options.canvas_size)
     height, width = image.shape[:2]
     crop = transforms.eval_crop(height, width, self.options.img_size, self.options.crop_size,
                                 self.options.eval_crop)
@@ -149,6 +165,7 @@ class Collate:
                                        count=self.num_attributes).view(bool)
     return dict(canvas=canvas, image_size=stack('image_size', np.int32), region=stack('region'),
                 flip=stack('flip', bool), bbox=stack('bbox'),
+                box_valid=stack('box_valid', bool),
                 category=stack('category', np.int32),
                 category_type=stack('category_type', np.int32),
                 attribute_positive=unpack('attribute_positive'),

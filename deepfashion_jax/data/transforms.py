@@ -44,6 +44,23 @@ def decode_image(data: bytes) -> np.ndarray:
     raise ImageDecodeError(str(e)) from None
 
 
+def clip_box_to_image(bbox: np.ndarray, height: int, width: int) -> np.ndarray:
+  """A pixel box (x1, y1, x2, y2) clipped to the image (0, 0, width, height), as float32.
+
+  The lists' boxes are data, and a few may be empty or run past their image (the
+  annotation reader warns about them); what is left is ordered (x2 >= x1, y2 >= y1), so
+  an empty box stays empty through the crop and the flip (`box_area` 0).
+  """
+  x1, x2 = np.clip(np.asarray(bbox, np.float32)[[0, 2]], 0, width)
+  y1, y2 = np.clip(np.asarray(bbox, np.float32)[[1, 3]], 0, height)
+  return np.array([x1, y1, max(x1, x2), max(y1, y2)], np.float32)
+
+
+def box_area(bbox: np.ndarray) -> float:
+  """The area of a box (x1, y1, x2, y2); 0 when it is empty or inverted."""
+  return float(max(bbox[2] - bbox[0], 0) * max(bbox[3] - bbox[1], 0))
+
+
 def fit_to_canvas(image: np.ndarray, bbox: np.ndarray, canvas_size: int):
   """Shrinks an image larger than the canvas (aspect kept) and its box; others pass as is.
 
