@@ -6,14 +6,26 @@ Two kinds of file:
   `fc_cls.*`: a whole model (`load_baseline_into`);
 - a torchvision ResNet state dict (`conv1.weight`, `layer1.0.conv1.weight`, ..., `fc.*`
   dropped): the backbone only (`load_torchvision_backbone_into`), the ImageNet start.
+Either may come from nn.DataParallel (every key prefixed `module.`) and from any device.
 
-A `.pth` is a zip of a pickle plus one raw file per tensor storage; `read_pth` unpickles it
-with an allow-list of the few classes a state dict needs, so that no code in the file runs.
+`read_pth` reads both formats torch.save writes: the zip archive (PyTorch >= 1.6: a pickle
+plus one file per tensor storage) and the legacy stream (PyTorch < 1.6: a few pickles, then
+the raw storages). One unpickler with an allow-list of the few classes a checkpoint needs
+reads both, so that no code in the file runs. Tensors unpickle as placeholders, since the
+legacy format stores their bytes after the pickle; `_resolve` then turns them into arrays.
 """
 
 import collections
+import dataclasses
+import functools
+import io
+import math
+import os
 import pickle
 import re
+import struct
+import sys
+import types
 import zipfile
 
 from absl import logging
@@ -22,14 +34,24 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from deepfashion_jax.models import fashion_net
 from deepfashion_jax.models import resnet
 
 _STORAGE_DTYPES = {
     'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
     'BFloat16Storage': ml_dtypes.bfloat16, 'LongStorage': np.int64, 'IntStorage': np.int32,
     'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8,
-    'BoolStorage': np.bool_,
+    'BoolStorage': np.bool_, 'ComplexFloatStorage': np.complex64,
+    'ComplexDoubleStorage': np.complex128,
 }
+# torch.serialization.MAGIC_NUMBER and PROTOCOL_VERSION: the legacy format's first pickles.
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_PROTOCOL = 1001
+_NEITHER_FORMAT = ("not a PyTorch checkpoint: neither torch.save's zip format (PyTorch >= 1.6) "
+                   'nor its legacy format (PyTorch < 1.6)')
+# What a malformed file can raise while it is parsed: each means "not a usable checkpoint".
+_MALFORMED = (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+              AttributeError, OverflowError, RecursionError, struct.error, zipfile.BadZipFile)
 # The baseline's `basemodel` is an nn.Sequential: index -> torchvision name.
 _BASEMODEL = {'0': 'conv1', '1': 'bn1', '4': 'layer1', '5': 'layer2', '6': 'layer3',
               '7': 'layer4'}
@@ -41,60 +63,262 @@ class CheckpointError(ValueError):
   """A file is not a usable PyTorch checkpoint for the configured model."""
 
 
+# ------------------------------------------------------------------------------- unpickling
+
+
+@dataclasses.dataclass(frozen=True)
 class _StorageType:
-
-  def __init__(self, name):
-    self.dtype = _STORAGE_DTYPES[name]
-
-
-def _rebuild_tensor(storage, offset, size, stride, *unused):
-  itemsize = storage.dtype.itemsize
-  view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
-                                         strides=tuple(s * itemsize for s in stride))
-  return np.array(view)
+  """What `torch.FloatStorage` and its kin unpickle as: only their element type matters."""
+  dtype: np.dtype
 
 
-class _StateDictUnpickler(pickle.Unpickler):
-  """Unpickles tensors as NumPy arrays; refuses every class a state dict does not need."""
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+  """A storage the pickle refers to, by key; its bytes are read once the pickle is done.
+  `view` is (offset, size) in elements for a view into it (old legacy files only; torch
+  2.x always writes None there)."""
+  key: str
+  view: tuple | None = None
 
-  def __init__(self, file, archive, prefix):
+
+@dataclasses.dataclass(frozen=True)
+class _PendingTensor:
+  """A tensor whose storage is not read yet: `tensor.set_(storage, offset, size, stride)`."""
+  storage: _Storage
+  offset: int
+  size: tuple
+  stride: tuple
+  negative: bool = False
+  conjugate: bool = False
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None,
+                    metadata=None):
+  """torch._utils._rebuild_tensor (4 args) and _rebuild_tensor_v2 (6 args, or 7 when a
+  tensor carries the lazy neg/conj bits of newer PyTorch: applied here)."""
+  del requires_grad, hooks
+  if not isinstance(storage, _Storage):
+    raise pickle.UnpicklingError(f'a tensor whose storage is {type(storage).__name__}')
+  metadata = metadata or {}
+  return _PendingTensor(storage, int(offset), tuple(map(int, size)), tuple(map(int, stride)),
+                        bool(metadata.get('neg')), bool(metadata.get('conj')))
+
+
+def _rebuild_parameter(data, requires_grad, hooks, state=None):
+  """torch._utils._rebuild_parameter(_with_state): the parameter's tensor is all we need."""
+  del requires_grad, hooks, state
+  return data
+
+
+def _rebuild_from_type_v2(rebuild, tensor_type, args, state):
+  """torch._tensor._rebuild_from_type_v2, used for tensors with Python attributes: the
+  tensor, without its type (always torch.Tensor or Parameter here) or attributes."""
+  del tensor_type, state
+  return rebuild(*args)
+
+
+# (module, name) -> what the unpickler gives for it; nothing else can be named in a file.
+# The tensor types are inert tokens: a pickle can pass them to _rebuild_from_type_v2, not call them.
+_ALLOWED = {
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
+    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
+    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
+    ('torch._tensor', '_rebuild_from_type_v2'): _rebuild_from_type_v2,
+    ('torch', 'Tensor'): 'torch.Tensor',
+    ('torch.nn.parameter', 'Parameter'): 'torch.nn.Parameter',
+}
+_ALLOWED.update({(module, name): _StorageType(np.dtype(dtype))
+                 for module in ('torch', 'torch.cuda')
+                 for name, dtype in _STORAGE_DTYPES.items()})
+
+
+def _fresh(allowed):
+  """A private copy of an allowed object: the pickle's BUILD opcode sets attributes on
+  whatever it is given (a function's __defaults__, say), and that must not outlive the file.
+  A builtin class and a str take no attributes."""
+  if isinstance(allowed, _StorageType):
+    return _StorageType(allowed.dtype)
+  return functools.partial(allowed) if isinstance(allowed, types.FunctionType) else allowed
+
+
+class _Unpickler(pickle.Unpickler):
+  """Unpickles a checkpoint of either format with tensors as `_PendingTensor`s; refuses
+  every class outside `_ALLOWED`. `storages` collects {key: (dtype, numel)} of the storages
+  the pickle names."""
+
+  def __init__(self, file):
     super().__init__(file)
-    self.archive, self.prefix = archive, prefix
+    self.storages = {}
 
   def find_class(self, module, name):
-    if (module, name) == ('collections', 'OrderedDict'):
-      return collections.OrderedDict
-    if (module, name) == ('torch._utils', '_rebuild_tensor_v2'):
-      return _rebuild_tensor
-    if (module, name) == ('torch._utils', '_rebuild_parameter'):
-      return lambda data, requires_grad, hooks: data
-    if module == 'torch' and name in _STORAGE_DTYPES:
-      return _StorageType(name)
+    if (module, name) in _ALLOWED:
+      return _fresh(_ALLOWED[module, name])
     raise pickle.UnpicklingError(f'{module}.{name} is not allowed in a checkpoint')
 
   def persistent_load(self, pid):
-    _, storage_type, key, _, _ = pid
-    data = self.archive.read(f'{self.prefix}/data/{key}')
-    return np.frombuffer(data, storage_type.dtype)
+    """('storage', type, key, location, numel[, view]): zip (5 items) or legacy (6).
+    The location ('cpu', 'cuda:0', ...) is not used: every array lands on the host."""
+    if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != 'storage':
+      raise pickle.UnpicklingError(f'unknown persistent id {str(pid)[:80]}')
+    storage_type, key, _, numel = pid[1:5]
+    view = pid[5] if len(pid) == 6 else None
+    if not isinstance(storage_type, _StorageType):
+      raise pickle.UnpicklingError(f'storage type {storage_type!r}')
+    known = self.storages.setdefault(key, (storage_type.dtype, int(numel)))
+    if known[0] != storage_type.dtype:
+      raise pickle.UnpicklingError(f'storage {key} is read as both {known[0]} and '
+                                   f'{storage_type.dtype}')
+    return _Storage(key, None if view is None else (int(view[1]), int(view[2])))
+
+
+def _unpickle(file):
+  """The next pickle in `file`, and the storages {key: (dtype, numel)} it names."""
+  unpickler = _Unpickler(file)
+  return unpickler.load(), unpickler.storages
+
+
+# ---------------------------------------------------------------------- storages -> arrays
+
+
+def _array(data: bytes, dtype: np.dtype, numel: int, byteorder: str) -> np.ndarray:
+  """A storage's first `numel` elements, in the host's byte order."""
+  if len(data) < numel * dtype.itemsize:
+    raise CheckpointError(f'a storage holds {len(data)} bytes, not the {numel} x '
+                          f'{dtype.itemsize} its tensors need')
+  array = np.frombuffer(data, dtype, count=numel)
+  return array if byteorder == sys.byteorder or dtype.itemsize == 1 else array.byteswap()
+
+
+def _strided_copy(storage: np.ndarray, offset: int, size: tuple, stride: tuple):
+  """`torch.empty(0).set_(storage, offset, size, stride)` in NumPy, copied. The numbers come
+  from the file and as_strided checks nothing, so a reach past the storage is refused."""
+  if len(size) != len(stride) or min((offset, *size, *stride)) < 0:
+    raise CheckpointError(f'a tensor has offset {offset}, size {size}, stride {stride}')
+  if 0 in size:
+    return np.zeros(size, storage.dtype)
+  end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
+  if end > storage.size:
+    raise CheckpointError(f'a tensor of size {size} reaches element {end} of a storage of '
+                          f'{storage.size}')
+  itemsize = storage.dtype.itemsize
+  return np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
+                                         strides=tuple(s * itemsize for s in stride)).copy()
+
+
+def _materialise(tensor: _PendingTensor, storages: dict) -> np.ndarray:
+  storage = storages[tensor.storage.key]
+  if tensor.storage.view is not None:
+    view_offset, view_size = tensor.storage.view
+    storage = storage[view_offset:view_offset + view_size]
+  array = _strided_copy(storage, tensor.offset, tensor.size, tensor.stride)
+  array = np.conj(array) if tensor.conjugate else array
+  return np.negative(array) if tensor.negative else array
+
+
+def _resolve(obj, storages: dict):
+  """`obj` with every `_PendingTensor` in its dicts, lists and tuples made a NumPy array."""
+  if isinstance(obj, _PendingTensor):
+    return _materialise(obj, storages)
+  if isinstance(obj, dict):
+    return {key: _resolve(value, storages) for key, value in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return type(obj)(_resolve(value, storages) for value in obj)
+  return obj
+
+
+# ---------------------------------------------------------------------------- the formats
+
+
+def _read_zip(archive: zipfile.ZipFile):
+  """torch.save's zip format: `<name>/data.pkl`, `<name>/data/<key>` per storage in the
+  writer's byte order, which newer files record in `<name>/byteorder`; older files, which do
+  not, are taken as little-endian, as every common writer is."""
+  names = archive.namelist()
+  pickles = [n for n in names if n.endswith('/data.pkl')]
+  if not pickles:
+    raise CheckpointError('a zip archive, but not a PyTorch checkpoint (no data.pkl inside)')
+  prefix = pickles[0][:-len('data.pkl')]
+  with archive.open(pickles[0]) as f:
+    obj, named = _unpickle(f)
+  byteorder = 'little'
+  if f'{prefix}byteorder' in names:
+    byteorder = archive.read(f'{prefix}byteorder').decode()
+  storages = {key: _array(archive.read(f'{prefix}data/{key}'), dtype, numel, byteorder)
+              for key, (dtype, numel) in named.items()}
+  return _resolve(obj, storages)
+
+
+def _legacy_start(head: bytes) -> int | None:
+  """Where the legacy format's magic-number pickle ends, or None if `head` (the file's first
+  bytes) does not start with one. Only the head is read, whatever lengths a foreign file holds."""
+  head = io.BytesIO(head)
+  try:
+    is_legacy = _unpickle(head)[0] == _LEGACY_MAGIC
+  except (*_MALFORMED, MemoryError):  # a foreign file's length fields can be anything
+    return None
+  return head.tell() if is_legacy else None
+
+
+def _read_exactly(file, size: int, total: int) -> bytes:
+  """`size` bytes, or a CheckpointError when the file (of `total` bytes) ends before."""
+  if size > total - file.tell():
+    raise CheckpointError(f'truncated: the file ends at byte {total}, {size} bytes of storage '
+                          f'were due from byte {file.tell()}')
+  return file.read(size)
+
+
+def _read_legacy(file):
+  """torch.save's legacy format (`_legacy_save`), read from just after the magic number:
+  pickles of the protocol version, a sys-info dict, the object and the sorted storage keys;
+  then per key the storage as `_write_file` writes it: an int64 element count and the
+  elements, both little-endian whatever the writer's byte order."""
+  if (version := _unpickle(file)[0]) != _LEGACY_PROTOCOL:
+    raise CheckpointError(f'legacy PyTorch format version {version!r}, expected '
+                          f'{_LEGACY_PROTOCOL}')
+  _unpickle(file)  # sys info: sizes of C types and byte order, neither used by the data
+  obj, named = _unpickle(file)
+  keys, _ = _unpickle(file)
+  if set(keys) != set(named):
+    raise CheckpointError(f'the stored storages {sorted(keys)[:3]}... are not the ones its '
+                          f'tensors use {sorted(named)[:3]}...')
+  total = os.fstat(file.fileno()).st_size
+  storages = {}
+  for key in keys:
+    dtype, numel = named[key]
+    (count,) = struct.unpack('<q', _read_exactly(file, 8, total))
+    if count != numel:
+      raise CheckpointError(f'storage {key} holds {count} elements, its tensors say {numel}')
+    storages[key] = _array(_read_exactly(file, count * dtype.itemsize, total), dtype, count,
+                           'little')
+  return _resolve(obj, storages)
+
+
+def _read(path: str):
+  """`read_pth` without the file's name in its errors."""
+  with open(path, 'rb') as file:
+    head = file.read(64)
+    if head.startswith(b'PK\x03\x04'):  # a zip archive's first local header, as torch.load checks
+      file.seek(0)
+      with zipfile.ZipFile(file) as archive:
+        return _read_zip(archive)
+    start = _legacy_start(head)
+    if start is None:
+      raise CheckpointError(_NEITHER_FORMAT)
+    file.seek(start)
+    return _read_legacy(file)
 
 
 def read_pth(path: str):
-  """The object saved in a `.pth` (torch.save's zip format), tensors as NumPy arrays."""
+  """The object torch.save wrote to `path`, in either of its formats, with every tensor a
+  NumPy array; refuses any class outside a small allow-list, so no code in the file runs."""
   try:
-    archive = zipfile.ZipFile(path)
-  except (zipfile.BadZipFile, OSError) as e:
-    raise CheckpointError(f'{path}: not a PyTorch checkpoint (torch.save zip format): {e}') \
-        from None
-  with archive:
-    pickles = [n for n in archive.namelist() if n.endswith('/data.pkl')]
-    if not pickles:
-      raise CheckpointError(f'{path}: not a PyTorch checkpoint (no data.pkl inside)')
-    prefix = pickles[0][:-len('/data.pkl')]
-    with archive.open(pickles[0]) as f:
-      try:
-        return _StateDictUnpickler(f, archive, prefix).load()
-      except (pickle.UnpicklingError, KeyError, EOFError) as e:
-        raise CheckpointError(f'{path}: cannot read the checkpoint: {e}') from None
+    return _read(path)
+  except CheckpointError as e:
+    raise CheckpointError(f'{path}: {e}') from None
+  except _MALFORMED as e:
+    raise CheckpointError(f'{path}: cannot read the checkpoint: {e}') from None
 
 
 # ----------------------------------------------------------------------------- key mapping
@@ -205,14 +429,53 @@ def load_torchvision_backbone_into(model: nnx.Module, path: str):
   _load_torchvision(model, state_dict, path)
 
 
+def _state_dict(obj, path: str) -> dict:
+  """The state dict `obj`, keys as the module had them: nn.DataParallel and
+  DistributedDataParallel save every key prefixed 'module.', which is dropped when all have it."""
+  if not isinstance(obj, dict):
+    raise CheckpointError(f'{path}: expected a state dict, found {type(obj).__name__}')
+  prefix = 'module.'
+  if obj and all(isinstance(k, str) and k.startswith(prefix) for k in obj):
+    return {k[len(prefix):]: v for k, v in obj.items()}
+  return obj
+
+
+def _check_fits_baseline(model: nnx.Module, arrays: dict, path: str):
+  """A baseline checkpoint computes what the baseline did only with its local pooling, its
+  pixel normalisation and a box branch sized for its input: names each config field that
+  differs, with the value to set, in one error."""
+  fixes = []
+  if model.roi_pool != 'baseline_max':
+    fixes.append("its heads were trained on the baseline's local pooling; set "
+                 '--config.model.roi_pool=baseline_max (config.model.roi_pool is '
+                 f'{model.roi_pool!r})')
+  normalization = getattr(model, 'normalization', 'baseline')
+  if normalization != 'baseline':
+    fixes.append('it was trained on pixels normalised as (x - 0.5) / 0.5; set '
+                 '--config.data.normalization=baseline (config.data.normalization is '
+                 f'{normalization!r})')
+  if 'fc_bbox_xy.weight' in arrays:
+    side = math.isqrt(arrays['fc_bbox_xy.weight'].shape[-1] // fashion_net.BOX_CHANNELS)
+    if side != model.feature_size:
+      fixes.append(f'its box branch reads {side}x{side} feature maps; set '
+                   f'--config.data.crop_size={fashion_net.FEATURE_STRIDE * side} '
+                   f'(config.data.crop_size gives {model.feature_size}x{model.feature_size} maps)')
+  if fixes:
+    raise CheckpointError(f'{path} is a baseline checkpoint: ' + '; and '.join(fixes))
+
+
 def _load_baseline(model: nnx.Module, checkpoint, path: str) -> int:
+  """Loads checkpoint['model'] into the whole model (the optimiser state and any other key
+  are not used); returns checkpoint['epoch']."""
   if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
     raise CheckpointError(f"{path}: expected the baseline's {{'model', 'optim', 'epoch'}} "
                           f'dict, found {type(checkpoint).__name__} '
                           f'{sorted(checkpoint)[:5] if isinstance(checkpoint, dict) else ""}')
-  arrays = {_torchvision_name(k): np.asarray(v) for k, v in checkpoint['model'].items()
+  arrays = {_torchvision_name(k): np.asarray(v)
+            for k, v in _state_dict(checkpoint['model'], path).items()
             if not k.endswith('num_batches_tracked')}
   _check_depth([k for k in arrays if k.startswith('layer')], model, path)
+  _check_fits_baseline(model, arrays, path)
   if 'fc_cls.weight' in arrays:
     arrays = _remap_category_head(arrays)
   named = {}
@@ -226,9 +489,8 @@ def _load_baseline(model: nnx.Module, checkpoint, path: str) -> int:
 
 
 def _load_torchvision(model: nnx.Module, state_dict, path: str):
-  if not isinstance(state_dict, dict):
-    raise CheckpointError(f'{path}: expected a state dict, found {type(state_dict).__name__}')
-  arrays = {k: np.asarray(v) for k, v in state_dict.items()
+  """Loads a torchvision ResNet state dict into the backbone; its fc is dropped."""
+  arrays = {k: np.asarray(v) for k, v in _state_dict(state_dict, path).items()
             if not k.startswith('fc.') and not k.endswith('num_batches_tracked')}
   _check_depth([k for k in arrays if k.startswith('layer')], model, path)
   named = {k: (('backbone',) + _flax_path(k), v) for k, v in arrays.items()}
