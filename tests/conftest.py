@@ -27,3 +27,14 @@ def quirky_folder(tmp_path_factory):
   """A 70-image synthetic folder with the real release's hazards (--quirks)."""
   root = str(tmp_path_factory.mktemp('deepfashion_quirks'))
   return root, synthetic.write_synthetic_deepfashion(root, num_images=70, seed=1, quirks=True)
+
+
+@pytest.fixture
+def saves_as_on_a_gpu(monkeypatch):
+  """torch.save tags every storage 'cuda:0', as for tensors on the first GPU: location_tag
+  asks the registered taggers in priority order, and this one comes first. The file is what
+  a GPU save writes (torch copies a GPU storage's bytes to the host to write them)."""
+  torch = pytest.importorskip('torch')
+  registry = torch.serialization._package_registry  # pylint: disable=protected-access
+  cuda_tagger = (-1, lambda storage: 'cuda:0', lambda storage, location: None)
+  monkeypatch.setattr(torch.serialization, '_package_registry', [cuda_tagger] + registry)

@@ -103,16 +103,6 @@ def test_converted_baseline_computes_what_the_baseline_computes(tmp_path, depth,
   _assert_converts_with_parity(reference, path, depth, image_size)
 
 
-@pytest.fixture
-def saves_as_on_a_gpu(monkeypatch):
-  """torch.save tags every storage 'cuda:0', as for tensors on the first GPU: location_tag
-  asks the registered taggers in priority order, and this one comes first. The file is what
-  a GPU save writes (torch copies a GPU storage's bytes to the host to write them)."""
-  registry = torch.serialization._package_registry  # pylint: disable=protected-access
-  cuda_tagger = (-1, lambda storage: 'cuda:0', lambda storage, location: None)
-  monkeypatch.setattr(torch.serialization, '_package_registry', [cuda_tagger] + registry)
-
-
 @pytest.mark.parametrize('file_format', FORMATS)
 def test_a_checkpoint_saved_on_a_gpu_converts(tmp_path, saves_as_on_a_gpu, file_format):
   reference, path = _baseline_checkpoint(tmp_path, file_format=file_format)

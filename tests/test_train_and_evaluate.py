@@ -118,19 +118,30 @@ def test_wrong_values_are_refused_in_process(field, value, message):
     config_checks.check(config)
 
 
-def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path):
+def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path, saves_as_on_a_gpu):
+  """A checkpoint as the baseline's users have them (PyTorch < 1.6's format, saved from a
+  GPU, through nn.DataParallel) converts, evaluates and predicts."""
   torch = pytest.importorskip('torch')
   sys.path.insert(0, os.path.dirname(__file__))
   import torch_reference  # pylint: disable=g-import-not-at-top
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from deepfashion_jax import evaluate  # pylint: disable=g-import-not-at-top
   from deepfashion_jax import train  # pylint: disable=g-import-not-at-top
   reference = torch_reference.FashionResnet(18, feature_size=3)  # 72 px
   path = str(tmp_path / 'epoch_3.pth')
-  torch.save({'model': reference.state_dict(), 'optim': {}, 'epoch': 3}, path)
+  optimiser = torch.optim.Adam(reference.parameters())
+  torch.save({'model': torch.nn.DataParallel(reference).state_dict(),
+              'optim': optimiser.state_dict(), 'epoch': 3}, path,
+             _use_new_zipfile_serialization=False)
   config = test_config.get_config()
-  config.model.roi_pool = 'baseline_max'
   workdir = str(tmp_path / 'converted')
+  with pytest.raises(ValueError, match='--config.model.roi_pool=baseline_max'):
+    train.convert(config, workdir, path)
+  config.model.roi_pool = 'baseline_max'
   assert train.convert(config, workdir, path) == 0
+  results = evaluate.evaluate_checkpoint(config, workdir)
+  assert 0 <= results['category_top5'] <= 1 and os.path.isfile(
+      os.path.join(workdir, 'eval_val_0.json'))
   state = _final_state(workdir, 0)
   kernel = np.asarray(state['params']['backbone']['conv1']['kernel']['value'])
   np.testing.assert_array_equal(
