@@ -109,35 +109,61 @@ def jax_step(args, batch):
   return run
 
 
-def torch_step(args, batch):
-  """A function that runs one step of the PyTorch reference (the baseline's training)."""
+def torch_inputs(images: np.ndarray):
+  """uint8 (B, H, W, 3) images -> the baseline's input: NCHW float32, (x / 255 - 0.5) / 0.5."""
   import torch  # pylint: disable=g-import-not-at-top
+  scaled = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+  return (scaled - 0.5) / 0.5
+
+
+def baseline_loss(outputs, positive, category, bbox, beta: float):
+  """The baseline's training loss of a torch forward pass, and its three parts: BCE summed
+  over attributes (reduce_sum) and averaged over the batch, cross-entropy, beta * L1 box.
+
+  outputs: the model's (category logits, attribute logits, box); category: the label
+  the baseline's model is trained with (its 1-based category, see BASELINE.md).
+  """
   from torch.nn import functional as F  # pylint: disable=g-import-not-at-top
+  category_logits, attribute_logits, box = outputs
+  parts = dict(
+      attribute_loss=F.binary_cross_entropy_with_logits(
+          attribute_logits, positive, reduction='none').sum(1).mean(),
+      category_loss=F.cross_entropy(category_logits, category),
+      box_loss=(box - bbox).abs().mean())
+  return parts['attribute_loss'] + parts['category_loss'] + beta * parts['box_loss'], parts
+
+
+def torch_training(args, config):
+  """(model, optimiser): the PyTorch reference, seeded, in training mode, with the
+  baseline's Adam, on as many threads as this machine has cores."""
+  import torch  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(ROOT, 'tests'))
   import torch_reference  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
-  config = benchmark_config(args)
   model = torch_reference.FashionResnet(depth_of(args.backbone),
                                         feature_size=-(-args.image_size // 32))
   model.train()
   optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
                                eps=config.adam_eps)
-  images = torch.from_numpy(batch['canvas']).permute(0, 3, 1, 2).float() / 255.0
-  images = (images - 0.5) / 0.5
+  return model, optimizer
+
+
+def torch_step(args, batch):
+  """A function that runs one step of the PyTorch reference (the baseline's training)."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  config = benchmark_config(args)
+  model, optimizer = torch_training(args, config)
+  images = torch_inputs(batch['canvas'])
   positive = torch.from_numpy(batch['attribute_positive'].astype(np.float32))
   category = torch.from_numpy(batch['category']).long()
   bbox = torch.from_numpy(batch['bbox'])
-  beta = config.loss.beta
 
   def run():
     optimizer.zero_grad()
-    category_logits, attribute_logits, box = model(images)
-    attribute_loss = F.binary_cross_entropy_with_logits(
-        attribute_logits, positive, reduction='none').sum(1).mean()
-    loss = (attribute_loss + F.cross_entropy(category_logits, category)
-            + beta * (box - bbox).abs().mean())
+    loss, _ = baseline_loss(model(images), positive, category, bbox, config.loss.beta)
     loss.backward()
     optimizer.step()
 

@@ -247,3 +247,38 @@ def test_max_pool_value_and_gradient_are_reduce_windows(shape):
   # Every output's gradient lands on exactly one input: nothing is split between ties.
   ones = jax.vjp(resnet.max_pool_3x3_stride_2, x)[1](jnp.ones_like(out))[0]
   assert set(np.unique(np.asarray(ones))) <= set(range(10))
+
+
+def test_max_pool_gradient_reaches_every_window_when_xla_recomputes_its_input():
+  """Jitted, XLA may compute the pool's input (here a batch norm and ReLU, as the stem's)
+  once for the forward and again for the backward, rounded differently: each window's
+  gradient must still reach one input, the one lax's own gradient picks."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(4, 56, 56, 16)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(4, 28, 28, 16)), jnp.float32)
+  reference = lambda y: nnx.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+  def gradient(pool):
+    def loss(x):
+      normalised = (x - x.mean(axis=(0, 1, 2))) * jax.lax.rsqrt(x.var(axis=(0, 1, 2)) + 1e-5)
+      return jnp.vdot(pool(jax.nn.relu(normalised * 1.3 + 0.1)), g)
+    return jax.jit(jax.grad(loss))(x)
+
+  np.testing.assert_allclose(gradient(resnet.max_pool_3x3_stride_2), gradient(reference),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_running_statistics_follow_pytorchs():
+  """After training-mode steps, running mean and variance equal nn.BatchNorm2d's, whose
+  variance follows the unbiased batch variance."""
+  torch = pytest.importorskip('torch')
+  x = np.random.default_rng(0).normal(2.0, 3.0, size=(3, 2, 5, 4)).astype(np.float32)
+  theirs = torch.nn.BatchNorm2d(4)
+  ours = resnet.batch_norm(4, jnp.float32, nnx.Rngs(0))
+  for step in range(2):
+    batch = x * (1 + step)
+    expected = theirs(torch.from_numpy(batch.transpose(0, 3, 1, 2))).detach().numpy()
+    out = ours(jnp.asarray(batch), use_running_average=False)
+    np.testing.assert_allclose(out, expected.transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(ours.mean[...], theirs.running_mean.numpy(), rtol=1e-5)
+  np.testing.assert_allclose(ours.var[...], theirs.running_var.numpy(), rtol=1e-5)

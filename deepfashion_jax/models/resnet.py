@@ -11,6 +11,7 @@ statistics stay float32.
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 from flax import nnx
@@ -227,10 +228,33 @@ def _dense_conv_matrix(kernel, in_size, strides, padding):
                                                     out_h * out_w * out_features)
 
 
+class BatchNorm(nnx.BatchNorm):
+  """nn.BatchNorm2d: nnx.BatchNorm, except that the running variance follows the unbiased
+  batch variance, n / (n - 1) times the biased one that normalises the batch, as PyTorch's
+  does (Flax's follows the biased one), so that statistics trained here and in PyTorch
+  agree."""
+
+  def __call__(self, x, use_running_average=None, *, mask=None):
+    if use_running_average is None:
+      use_running_average = self.use_running_average
+    previous = self.var[...]
+    y = super().__call__(x, use_running_average, mask=mask)
+    if not use_running_average:
+      axes = tuple(range(x.ndim - 1))
+      count = math.prod(x.shape[a] for a in axes)
+      x = x.astype(jnp.float32)
+      mean = x.mean(axes)  # the statistics nnx.BatchNorm computed (XLA computes them once)
+      biased = jnp.maximum((x * x).mean(axes) - mean * mean, 0.0)
+      unbiased = biased * (count / max(count - 1, 1))
+      self.var[...] = jax.lax.stop_gradient(
+          self.momentum * previous + (1 - self.momentum) * unbiased)
+    return y
+
+
 def batch_norm(features, dtype, rngs):
   # PyTorch's momentum 0.1 is Flax's 0.9 (the weight of the running value).
-  return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                       param_dtype=jnp.float32, rngs=rngs)
+  return BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                   param_dtype=jnp.float32, rngs=rngs)
 
 
 class BasicBlock(nnx.Module):
@@ -343,29 +367,33 @@ def _stride_2_phases(x):
 
 
 def _max_pool_forward(x):
-  out = max_pool_3x3_stride_2.fun(x)
-  return out, (x, out)
+  return max_pool_3x3_stride_2.fun(x), x
 
 
-def _max_pool_backward(residuals, grad):
-  x, out = residuals
+def _max_pool_backward(x, grad):
+  """Each window's gradient to its first maximum. The maximum is found again here, from
+  this function's own x: XLA may recompute x for the backward pass (the stem's batch norm
+  and ReLU), rounded differently from the forward's, so comparing with the forward's
+  output would miss windows."""
   b, h, w, c = x.shape
-  ho, wo = out.shape[1:3]
+  ho, wo = (h + 1) // 2, (w + 1) // 2
   phases = _stride_2_phases(x)
   # Window tap (i, j) of output (r, c) is padded pixel (2 r + i, 2 c + j): phase
   # (i % 2, j % 2) at (r + i // 2, c + j // 2).
+  offsets = [(i, j) for i in range(3) for j in range(3)]
+  taps = [phases[i % 2][j % 2][:, i // 2:i // 2 + ho, j // 2:j // 2 + wo] for i, j in offsets]
+  best, best_tap = taps[0], jnp.zeros(taps[0].shape, jnp.int32)
+  for k, tap in enumerate(taps[1:], start=1):
+    later_and_larger = tap > best  # strictly: the first maximum wins, as in XLA and PyTorch
+    best = jnp.where(later_and_larger, tap, best)
+    best_tap = jnp.where(later_and_larger, k, best_tap)
   phase_grads = [[jnp.zeros((b, ho + 1, wo + 1, c), grad.dtype) for _ in range(2)]
                  for _ in range(2)]
-  taken = jnp.zeros(out.shape, bool)
-  for i in range(3):
-    for j in range(3):
-      di, dj = i // 2, j // 2
-      tap = phases[i % 2][j % 2][:, di:di + ho, dj:dj + wo]
-      first_max = (tap == out) & ~taken
-      taken = taken | first_max
-      routed = jnp.pad(jnp.where(first_max, grad, 0),
-                       ((0, 0), (di, 1 - di), (dj, 1 - dj), (0, 0)))
-      phase_grads[i % 2][j % 2] = phase_grads[i % 2][j % 2] + routed
+  for k, (i, j) in enumerate(offsets):
+    di, dj = i // 2, j // 2
+    routed = jnp.pad(jnp.where(best_tap == k, grad, 0),
+                     ((0, 0), (di, 1 - di), (dj, 1 - dj), (0, 0)))
+    phase_grads[i % 2][j % 2] = phase_grads[i % 2][j % 2] + routed
   rows = [jnp.stack(phase_grads[a], axis=3) for a in range(2)]  # (b, ho + 1, wo + 1, 2, c)
   padded = jnp.stack(rows, axis=2).reshape(b, 2 * ho + 2, 2 * wo + 2, c)
   return (padded[:, 1:1 + h, 1:1 + w],)
