@@ -76,6 +76,7 @@ def make_batch(batch_size: int, image_size: int, seed: int = 0) -> dict:
       attribute_positive=rng.random((batch_size, NUM_ATTRIBUTES)) < 0.01,
       attribute_unknown=np.zeros((batch_size, NUM_ATTRIBUTES), bool),
       index=np.arange(batch_size, dtype=np.int32), valid=np.ones(batch_size, bool),
+      box_valid=np.ones(batch_size, bool),
       skipped=np.zeros(batch_size, np.int32))
 
 

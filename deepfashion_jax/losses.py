@@ -65,11 +65,8 @@ def box_loss(predicted, target):
 
 
 def box_mask(batch: dict):
-  """(B,) bool: the examples whose box counts, `valid & box_valid` (pipeline.py).
-
-  A batch without `box_valid` (one made by hand, as a benchmark's) counts every valid box.
-  """
-  return batch['valid'] & batch.get('box_valid', True)
+  """(B,) bool: the examples whose box counts, `valid & box_valid` (pipeline.py)."""
+  return batch['valid'] & batch['box_valid']
 
 
 def _masked_mean(values, mask):

@@ -83,7 +83,7 @@ def test_total_loss_averages_valid_examples_only():
   batch = dict(attribute_positive=jnp.zeros((2, 4), bool), category=jnp.array([0, 1]),
                category_type=jnp.array([0, 0]),
                bbox=jnp.array([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]),
-               valid=jnp.array([True, False]))
+               valid=jnp.array([True, False]), box_valid=jnp.array([True, True]))
   loss, parts = losses.total_loss(outputs, batch, beta=0.5)
   np.testing.assert_allclose(parts['attribute_loss'], np.log(2), rtol=1e-6)
   np.testing.assert_allclose(parts['category_loss'], np.log(50), rtol=1e-6)
@@ -99,7 +99,7 @@ def _boxes_case(seed=3, batch=5):
   inputs = dict(attribute_positive=rng.random((batch, 4)) < 0.5,
                 category=rng.integers(0, 50, batch), category_type=np.zeros(batch, int),
                 bbox=rng.uniform(size=(batch, 4)).astype(np.float32),
-                valid=np.array([True] * (batch - 1) + [False]))
+                valid=np.array([True] * (batch - 1) + [False]), box_valid=np.ones(batch, bool))
   return outputs, inputs
 
 

@@ -55,6 +55,7 @@ def _case(seed=0, batch=12, attributes=30):
                  attribute_logits=rng.normal(size=(batch, attributes)).astype(np.float32),
                  box=rng.uniform(0, 1, (batch, 4)).astype(np.float32))
   batch_ = dict(category=rng.integers(0, 50, batch), valid=np.arange(batch) < batch - 2,
+                box_valid=np.ones(batch, bool),
                 attribute_positive=rng.random((batch, attributes)) < 0.2,
                 bbox=rng.uniform(0, 1, (batch, 4)).astype(np.float32))
   return outputs, batch_, types
@@ -65,7 +66,7 @@ def test_category_top_k_by_hand():
   logits[:, :6] = [6, 5, 4, 3, 2, 1]  # category 0 ranks first, 2 third, 4 fifth
   outputs = dict(category_logits=logits, attribute_logits=np.zeros((3, 30), np.float32),
                  box=np.zeros((3, 4), np.float32))
-  batch = dict(category=np.array([0, 2, 4]), valid=np.ones(3, bool),
+  batch = dict(category=np.array([0, 2, 4]), valid=np.ones(3, bool), box_valid=np.ones(3, bool),
                attribute_positive=np.zeros((3, 30), bool), bbox=np.zeros((3, 4), np.float32))
   result = _compute(outputs, batch, np.zeros(30, int))
   np.testing.assert_allclose([result['category_top1'], result['category_top3'],
@@ -79,7 +80,8 @@ def test_attribute_recall_by_hand():
   positive = np.array([[False, False, False, True, True, False, False, True]])
   outputs = dict(category_logits=np.zeros((1, 50), np.float32), attribute_logits=scores,
                  box=np.zeros((1, 4), np.float32))
-  batch = dict(category=np.array([0]), valid=np.array([True]), attribute_positive=positive,
+  batch = dict(category=np.array([0]), valid=np.array([True]), box_valid=np.array([True]),
+               attribute_positive=positive,
                bbox=np.zeros((1, 4), np.float32))
   result = _compute(outputs, batch, types)
   assert result['attr_recall_top3'] == 0.0  # top 3 overall: 0, 1, 2; none positive
@@ -121,6 +123,7 @@ def test_box_iou_and_l1_by_hand():
   outputs = dict(category_logits=np.zeros((4, 50), np.float32),
                  attribute_logits=np.zeros((4, 30), np.float32), box=predicted)
   batch = dict(category=np.zeros(4, int), valid=np.array([True, True, True, False]),
+               box_valid=np.ones(4, bool),
                attribute_positive=np.ones((4, 30), bool), bbox=target)
   result = _compute(outputs, batch, np.zeros(30, int))
   np.testing.assert_allclose(result['bbox_iou'], 0.5, rtol=1e-6)  # the padded row ignored
