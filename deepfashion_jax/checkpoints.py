@@ -11,7 +11,10 @@ plus the best by the configured evaluation metric.
 Resuming takes the newest checkpoint that reads back: a damaged one (truncated files,
 say) is moved to `<workdir>/damaged_checkpoints/` with a warning, and the one before it is
 used. A checkpoint whose arrays do not fit this run's model is never half-loaded: the
-run stops with the differences named.
+run stops with the differences named; so does one trained with another pooling or pixel
+scaling (`_MEANING_FIELDS`), whose arrays fit but would compute something else.
+Evaluation and prediction restore through `restore_for_inference`, which takes those
+fields from the checkpoint's own config instead.
 """
 
 import os
