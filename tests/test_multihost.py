@@ -148,4 +148,6 @@ def test_two_processes_preempted_and_resumed_equal_uninterrupted_ones(synthetic_
               for a, b in zip(_updates(alone, 1, initial), _updates(straight, 1, initial))
               if np.any(a)]
   assert np.median(relative) < 1e-4, np.median(relative)
-  assert max(relative) < 1e-2, max(relative)
+  # A few batch-norm-adjacent leaves, whose gradients nearly cancel, differ by ~1e-2 in
+  # rounding alone (benchmarks/RESULTS.md, multi-host); an error moves every leaf by ~100%.
+  assert max(relative) < 5e-2, max(relative)
