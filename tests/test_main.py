@@ -25,6 +25,16 @@ def test_describe_writes_synthetic_data_once_then_uses_the_cache(tmp_path):
   assert os.listdir(tmp_path / 'annotation_cache')  # next to the workdir
 
 
+def test_main_refuses_flags_it_does_not_have(tmp_path):
+  """The synthetic writer's own flags (--seed, --root, ...) are not main.py's: refused,
+  not silently ignored."""
+  command = [sys.executable, os.path.join(ROOT, 'main.py'), '--config=configs/test.py',
+             f'--workdir={tmp_path / "run"}', '--mode=describe', '--seed=3']
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and "Unknown command line flag 'seed'" in result.stderr
+  assert not os.path.exists(tmp_path / 'run')
+
+
 def test_a_folder_without_deepfashion_is_refused_with_the_field_named(tmp_path):
   config = test_config.get_config()
   config.data.data_dir = str(tmp_path)

@@ -493,10 +493,17 @@ def _add_quirks(rng, root: str, contents: ListContents) -> dict:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('root', None, 'Folder to write the synthetic DeepFashion into.')
-flags.DEFINE_integer('num_images', 1000, 'Number of images.')
-flags.DEFINE_integer('seed', 0, 'Seed: the same seed writes the same folder.')
-flags.DEFINE_bool('quirks', False, 'Add the real release\'s hazards (bad files, empty classes).')
+
+
+def _define_flags():
+  """This script's flags, defined only when it runs as a script: defined at import, they
+  would be accepted (and ignored) by every program that imports this module, main.py's
+  --seed among them."""
+  flags.DEFINE_string('root', None, 'Folder to write the synthetic DeepFashion into.')
+  flags.DEFINE_integer('num_images', 1000, 'Number of images.')
+  flags.DEFINE_integer('seed', 0, 'Seed: the same seed writes the same folder.')
+  flags.DEFINE_bool('quirks', False, 'Add the real release\'s hazards (bad files, empty '
+                    'classes).')
 
 
 def main(argv):
@@ -510,4 +517,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
