@@ -449,7 +449,7 @@ def _check_fits_baseline(model: nnx.Module, arrays: dict, path: str):
     fixes.append("its heads were trained on the baseline's local pooling; set "
                  '--config.model.roi_pool=baseline_max (config.model.roi_pool is '
                  f'{model.roi_pool!r})')
-  normalization = getattr(model, 'normalization', 'baseline')
+  normalization = model.normalization
   if normalization != 'baseline':
     fixes.append('it was trained on pixels normalised as (x - 0.5) / 0.5; set '
                  '--config.data.normalization=baseline (config.data.normalization is '
