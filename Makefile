@@ -1,29 +1,57 @@
 # The README's two set-up commands: `make demo` and `make test`. Each creates .venv when
-# it is missing and installs what it needs (again only when a requirements file changed).
+# it is missing and installs what it needs, this package included (`pip install -e .`;
+# again only when a requirements file or pyproject.toml changed). `make test-newest` runs
+# the same tests in .venv-newest: Python 3.13 and the newest releases the requirements allow;
+# `make test-slow` the few long end-to-end runs (marked `slow`) that `make test` leaves out.
 PYTHON ?= python3
+PYTHON313 ?= python3.13
 VENV := .venv
 PY := $(VENV)/bin/python
+NEWEST := .venv-newest
+NEWEST_PY := $(NEWEST)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: demo test clean
+# The ten slowest tests are printed after each run.
+PYTEST = -m pytest -q --durations=10
+
+.PHONY: demo test test-slow test-newest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.runtime: requirements.txt | $(PY)
-	$(PY) -m pip install --quiet -r requirements.txt
+$(VENV)/.runtime: requirements.txt pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt | $(PY)
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+$(VENV)/.dev: requirements.txt requirements-dev.txt pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -r requirements-dev.txt -e .
 	touch $(VENV)/.runtime $@
+
+# pyenv's python3.13 shim runs only where 3.13 is a selected version: when $(PYTHON313)
+# does not run as it is, pyenv's newest 3.13 is selected for it.
+$(NEWEST_PY):
+	$(PYTHON313) --version >/dev/null 2>&1 || export PYENV_VERSION=$$(pyenv versions \
+	  --bare 2>/dev/null | grep -E '^3\.13(\.[0-9]+)?$$' | tail -1); \
+	  $(PYTHON313) -m venv $(NEWEST)
+	$(NEWEST_PY) -m pip install --quiet --upgrade pip
+
+# --upgrade: the newest releases that the requirements allow, also when the venv is old.
+$(NEWEST)/.dev: requirements.txt requirements-dev.txt pyproject.toml | $(NEWEST_PY)
+	$(NEWEST_PY) -m pip install --quiet --upgrade -r requirements-dev.txt -e .
+	touch $@
 
 demo: $(VENV)/.runtime
 	$(PY) main.py --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.dev
-	$(PY) -m pytest -q tests
+	$(PY) $(PYTEST) -m "not slow" tests
+
+test-slow: $(VENV)/.dev
+	$(PY) $(PYTEST) -m slow tests
+
+test-newest: $(NEWEST)/.dev
+	$(NEWEST_PY) $(PYTEST) -m "not slow" tests
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(NEWEST) runs .pytest_cache

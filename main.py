@@ -21,12 +21,12 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from deepfashion_jax import convert_torch
+from deepfashion_jax import data
 from deepfashion_jax import evaluate
 from deepfashion_jax import predict
 from deepfashion_jax import sharding
 from deepfashion_jax import train
-from deepfashion_jax.data import folder
-from deepfashion_jax.data import tfds_builder
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
@@ -50,18 +50,12 @@ flags.DEFINE_integer('process_id', None, 'Multi-host: this process, from 0.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def describe(config, workdir: str):
-  """Loads the configured DeepFashion folder (writing the synthetic one if need be)."""
-  print(folder.load_index(config.data, workdir).summary())
-
-
 def prepare(config, workdir: str):
   """Writes the configured folder's official partition as a TFDS dataset."""
-  if config.data.split != 'official':
+  if config.data.partition != 'official':
     raise app.UsageError('--mode=prepare writes the official partition: drop '
-                         f'--config.data.split={config.data.split}')
-  index = folder.load_index(config.data, workdir)
-  print('prepared', tfds_builder.prepare(index, folder.tfds_dir(config.data, workdir)))
+                         f'--config.data.partition={config.data.partition}')
+  print('prepared', data.prepare_tfds(config, workdir))
 
 
 def _quiet_checkpointing_logs(record) -> bool:
@@ -88,7 +82,7 @@ def main(argv):
   elif FLAGS.mode == 'convert':
     if not FLAGS.torch_checkpoint:
       raise app.UsageError('--mode=convert needs --torch_checkpoint=FILE.pth')
-    train.convert(config, workdir, FLAGS.torch_checkpoint)
+    convert_torch.convert(config, workdir, FLAGS.torch_checkpoint)
   elif FLAGS.mode == 'predict':
     if FLAGS.images is None or not FLAGS.output_dir:
       raise app.UsageError('--mode=predict needs --images=PATHS and --output_dir=DIR')
@@ -96,7 +90,7 @@ def main(argv):
   elif FLAGS.mode == 'prepare':
     prepare(config, workdir)
   else:
-    describe(config, workdir)
+    print(data.summary(config, workdir))
 
 
 if __name__ == '__main__':

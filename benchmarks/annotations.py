@@ -4,7 +4,7 @@ Writes a synthetic annotation set of the real release's size (289,222 images x 1
 attributes, ~870 MB of list_attr_img.txt; no images), then, each in a fresh process pinned
 to one CPU core: parses it (and writes the cache), and loads it from the cache.
 
-  python benchmarks/annotations.py [--num_images 289222] [--root DIR] [--json OUT]
+  python -m benchmarks.annotations [--num_images 289222] [--root DIR] [--json OUT]
 """
 
 import argparse
@@ -18,9 +18,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from deepfashion_jax.data import annotations  # pylint: disable=g-import-not-at-top
+from deepfashion_jax.data import annotations
 from deepfashion_jax.data import synthetic
 from deepfashion_jax.data import vocabulary
 
@@ -59,8 +57,11 @@ def _child(root: str, cache_dir: str):
 
 
 def _timed_load(root: str, cache_dir: str) -> dict:
-  output = subprocess.run([sys.executable, __file__, '--child', root, cache_dir],
-                          check=True, capture_output=True, text=True).stdout
+  # This module again, from the repository root (where `benchmarks` and the package are).
+  repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  output = subprocess.run([sys.executable, '-m', 'benchmarks.annotations', '--child',
+                           os.path.abspath(root), os.path.abspath(cache_dir)],
+                          cwd=repository, check=True, capture_output=True, text=True).stdout
   return json.loads(output.strip().splitlines()[-1])
 
 

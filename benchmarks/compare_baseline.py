@@ -1,11 +1,11 @@
 """Training side by side with the PyTorch baseline: same model, same recipe, same batches.
 
 The claim "same model, same recipe as the PyTorch baseline", shown by a run. The parity
-tests' PyTorch reference of the baseline's FashionResnet (`tests/torch_reference.py`),
+tests' PyTorch reference of the baseline's FashionResnet (`benchmarks/torch_reference.py`),
 trained with the baseline's loss and `torch.optim.Adam`, and this project's jitted train
 step (the default config with the baseline's integer-box pooling, float32) start from the
 same weights: the torch model's, saved with `torch.save` and converted by
-`convert_torch` (`steps.with_torch_weights`). Both then train on the same batches of this
+`convert_torch` (`convert_torch.with_torch_weights`). Both then train on the same batches of this
 project's input pipeline over a synthetic DeepFashion folder: ours on the pipeline batch
 as training runs it, torch on the uint8 images our on-device transform makes of it,
 normalised the baseline's way, with the batch's targets. Batch norm trains on both sides.
@@ -28,7 +28,7 @@ left out; ours includes the on-device crop/resize/flip, torch's only the model's
 the first's by one float32 rounding: how far two float32 runs of one implementation drift
 apart under this recipe, the yardstick for ours.
 
-  python benchmarks/compare_baseline.py --steps 50 --image_size 96 [--backbone resnet18] \\
+  python -m benchmarks.compare_baseline --steps 50 --image_size 96 [--backbone resnet18] \\
       [--batch_size 16] [--noise_floor] [--json OUT] [--out_dir benchmarks/out/compare_baseline]
 
 Prints a table, draws the loss curves into OUT_DIR/losses_jax.png (losses_nudged_torch.png
@@ -42,29 +42,25 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from typing import Callable
 
-import numpy as np
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-
-from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from deepfashion_jax import convert_torch  # pylint: disable=g-import-not-at-top
+from benchmarks import train_step
+from deepfashion_jax import convert_torch
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax.data import device_transforms
 from deepfashion_jax.data import folder
 from deepfashion_jax.data import pipeline
 from deepfashion_jax.data import sources
-import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # for --out_dir's default
 
 CANVAS_SIZE = 300  # the pipeline's default canvas: the synthetic images' long side
 
@@ -127,9 +123,9 @@ def save_torch_weights(model, path: str, keep_category_logit_0: bool):
 def jax_training(config, index, weights_path: str):
   """(mesh, step_config, state, jitted train step), the state from the torch weights."""
   mesh = sharding.make_mesh()
-  step_config, state = steps.create_train_state(config, mesh, index.attribute_types)
-  state = steps.with_torch_weights(step_config, state, weights_path, mesh)
-  train, _, _ = steps.jit_steps(step_config, mesh)
+  step_config, state = steps.create_train_state(config, mesh, index.attribute_facts())
+  state = convert_torch.with_torch_weights(step_config, state, weights_path, mesh)
+  train = steps.jit_steps(step_config, mesh).train
   return mesh, step_config, state, train
 
 
@@ -182,7 +178,7 @@ def converted_state(model, template, path: str) -> tuple:
   import torch  # pylint: disable=g-import-not-at-top
   mesh, step_config, state = template
   torch.save({'model': model.state_dict(), 'epoch': 0}, path)
-  converted = steps.with_torch_weights(step_config, state, path, mesh)
+  converted = convert_torch.with_torch_weights(step_config, state, path, mesh)
   return converted.params, converted.batch_stats
 
 

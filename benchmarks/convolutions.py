@@ -10,7 +10,7 @@ This tells how much of the step's gap to PyTorch is convolution kernels, which t
 project does not write, and how much is everything else. (Output maps of <= 4 pixels,
 which the model computes as matrix products, are timed as convolutions here.)
 
-  python benchmarks/convolutions.py --backbone resnet18 --batch_size 32 --image_size 224 \\
+  python -m benchmarks.convolutions --backbone resnet18 --batch_size 32 --image_size 224 \\
       [--steps 5] [--json OUT]
 """
 
@@ -19,21 +19,16 @@ import collections
 import json
 import os
 import statistics
-import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-from deepfashion_jax import sharding  # pylint: disable=g-import-not-at-top
-from deepfashion_jax import steps
+from benchmarks.train_step import depth_of
+from deepfashion_jax import sharding
 from deepfashion_jax.models import resnet
-from train_step import depth_of  # pylint: disable=g-bad-import-order
+from deepfashion_jax.models import xla_cpu
 
 PARTS = ('forward', 'input_grad', 'weight_grad')
 
@@ -85,8 +80,8 @@ def jax_parts(shape, batch_size, compiler_options):
   pad = kernel // 2
 
   def conv(x, w):
-    return resnet.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
-                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return xla_cpu.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
   grad = jnp.ones(jax.eval_shape(conv, x, w).shape, jnp.float32)
   jit = lambda f: jax.jit(f, compiler_options=compiler_options)
@@ -128,7 +123,7 @@ def measure(args) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
   mesh = sharding.make_mesh()
-  options = steps.compiler_options(mesh)
+  options = xla_cpu.compiler_options(mesh)
   rows = []
   with torch.no_grad():
     for shape, count in backbone_convolutions(depth_of(args.backbone), args.image_size).items():

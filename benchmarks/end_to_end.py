@@ -8,7 +8,7 @@ writer needs TensorFlow (not on every GPU machine). The first --warmup steps (co
 included) are not timed; the figure is training images per second over the rest, the
 input pipeline and the host-to-device copies included.
 
-  python benchmarks/end_to_end.py --config configs/resnet50_bf16.py --steps 300 \\
+  python -m benchmarks.end_to_end --config configs/resnet50_bf16.py --steps 300 \\
       [--batch_size 256] [--image_size 224] [--synthetic_images 4096] [--json OUT]
 """
 
@@ -16,20 +16,18 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import jax
 
-import jax  # pylint: disable=g-import-not-at-top
-
-from deepfashion_jax import sharding  # pylint: disable=g-import-not-at-top
+from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax.data import folder
 from deepfashion_jax.data import pipeline
 from deepfashion_jax.data import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # for the default config
 
 
 def parse_args(argv=None):
@@ -80,8 +78,8 @@ def train_rate(config, workdir: str, steps_total: int, warmup: int) -> float:
   """Training images per second after `warmup` steps, pipeline included."""
   index = folder.load_index(config.data, workdir)
   mesh = sharding.make_mesh()
-  step_config, state = steps.create_train_state(config, mesh, index.attribute_types)
-  train_step, _, _ = steps.jit_steps(step_config, mesh)
+  step_config, state = steps.create_train_state(config, mesh, index.attribute_facts())
+  train_step = steps.jit_steps(step_config, mesh).train
   dataset = pipeline.train_dataset(
       sources.FolderSource(index, index.split_indices('train')),
       batch_size=pipeline.per_process_batch_size(config.batch_size, jax.process_count()),

@@ -7,6 +7,9 @@
 #
 #   benchmarks/gpu.sh [--shrink] [OUT_DIR]        (OUT_DIR: $OUT, else benchmarks/out/gpu)
 #
+# It runs the benchmarks as modules from the repository root (python -m benchmarks.X), so
+# the package need not be installed on the GPU machine.
+#
 # --shrink makes everything tiny (64 px, batches of 8 / 4, a few steps) so that the script
 # itself is tested on a CPU (tests/test_benchmarks.py). Packages missing on the machine can
 # travel as wheels in .whl/ (see /work/.library/device/README.md): they are installed first.
@@ -38,7 +41,7 @@ for backbone in resnet18 resnet50; do
   fitted=0
   for batch in $batches; do
     # A batch that does not fit fails its process (out of memory); the next is smaller.
-    if "$python" benchmarks/train_step.py --backbone "$backbone" --batch_size "$batch" \
+    if "$python" -m benchmarks.train_step --backbone "$backbone" --batch_size "$batch" \
         --image_size "$image_size" --dtype bfloat16 --steps "$steps" --warmup "$warmup" \
         --no_torch --json "$out_dir/step_$backbone.json"; then
       fitted=$batch; break
@@ -49,7 +52,7 @@ for backbone in resnet18 resnet50; do
 done
 
 # End to end at the batch the ResNet-50 step ran at, so that the two compare.
-"$python" benchmarks/end_to_end.py --config configs/resnet50_bf16.py "${e2e[@]}" \
+"$python" -m benchmarks.end_to_end --config configs/resnet50_bf16.py "${e2e[@]}" \
     --batch_size "$fitted" --json "$out_dir/end_to_end.json"
 
 "$python" - "$out_dir" <<'EOF'

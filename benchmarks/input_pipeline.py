@@ -11,21 +11,18 @@ The pipeline's host part decodes and pads; resize, crop and flip run in the jitt
 the accelerator. That device part is timed here too (`device_part_img_s`, on this machine's
 JAX device) and reported apart.
 
-  python benchmarks/input_pipeline.py [--data_dir DIR] [--workers 2] [--json OUT]
+  python -m benchmarks.input_pipeline [--data_dir DIR] [--workers 2] [--json OUT]
 """
 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from deepfashion_jax.data import annotations  # pylint: disable=g-import-not-at-top
+from deepfashion_jax.data import annotations
 from deepfashion_jax.data import device_transforms
 from deepfashion_jax.data import pipeline
 from deepfashion_jax.data import sources

@@ -6,10 +6,10 @@ forward, the three losses (summed BCE, cross-entropy, beta-weighted L1), backwar
 Adam update. Ours is `steps.train_step` as training runs it, jitted with the state donated,
 including the on-device crop/resize/flip of the uint8 canvas (here an identity resize: the
 canvas is the image). The PyTorch side is the parity tests' reference model
-(`tests/torch_reference.py`) with the baseline's loss and `torch.optim.Adam`, on the same
+(`benchmarks/torch_reference.py`) with the baseline's loss and `torch.optim.Adam`, on the same
 number of threads. After warm-up the two steps alternate, N times each; the median counts.
 
-  python benchmarks/train_step.py --backbone resnet18 --batch_size 32 --image_size 224 \\
+  python -m benchmarks.train_step --backbone resnet18 --batch_size 32 --image_size 224 \\
       --steps 10 [--dtype float32] [--no_torch] [--json OUT]
 
 Prints a table and writes jax_img_s and torch_img_s (and the step times) as JSON.
@@ -19,19 +19,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
+import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import jax  # pylint: disable=g-import-not-at-top
-
-from configs import default  # pylint: disable=g-import-not-at-top
+from configs import default
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
+from deepfashion_jax.data import annotations
 from deepfashion_jax.data import vocabulary
 
 NUM_ATTRIBUTES = 1000
@@ -96,9 +92,11 @@ def jax_step(args, batch):
   """A function that runs one training step of this project and waits for it."""
   config = benchmark_config(args)
   mesh = sharding.make_mesh()
-  attribute_types = np.arange(NUM_ATTRIBUTES) % 5 + 1
-  step_config, state = steps.create_train_state(config, mesh, attribute_types)
-  train_step, _, _ = steps.jit_steps(step_config, mesh)
+  attributes = annotations.AttributeFacts(types=np.arange(NUM_ATTRIBUTES) % 5,
+                                          train_positives=np.ones(NUM_ATTRIBUTES, np.int64),
+                                          train_images=2)
+  step_config, state = steps.create_train_state(config, mesh, attributes)
+  train_step = steps.jit_steps(step_config, mesh).train
   device_batch = sharding.global_batch(batch, mesh)
   holder = {'state': state}
 
@@ -138,8 +136,8 @@ def torch_training(args, config):
   """(model, optimiser): the PyTorch reference, seeded, in training mode, with the
   baseline's Adam, on as many threads as this machine has cores."""
   import torch  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(ROOT, 'tests'))
-  import torch_reference  # pylint: disable=g-import-not-at-top
+
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)

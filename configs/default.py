@@ -57,7 +57,7 @@ def get_config():
   config.data.cache_dir = ''  # parsed-annotation cache; '' = annotation_cache/ next to the workdir
   config.data.source = 'folder'  # images from the 'folder', or 'tfds' (prepared by --mode=prepare)
   config.data.tfds_dir = ''  # the prepared TFDS dataset; '' = tfds/ next to the workdir
-  config.data.split = 'official'  # 'official' partition, or 'baseline' (random 90/5/5, seed 0)
+  config.data.partition = 'official'  # 'official' partition, or 'baseline' (random 90/5/5, seed 0)
   config.data.synthetic_images = 0  # > 0 and data_dir empty: write a synthetic folder of this size
   config.data.synthetic_seed = 0  # seed of the synthetic folder
   config.data.synthetic_quirks = False  # add the real release's bad files to the synthetic folder

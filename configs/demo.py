@@ -7,8 +7,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.data.synthetic_images = 6000  # written once into <workdir>/synthetic_deepfashion
-  # Small images: a 2-core CPU trains ResNet-18 at ~85 images/s at 72 px (64 px is no
-  # cheaper; benchmarks/RESULTS.md).
+  # Small images, for a 2-core CPU (64 px is no cheaper: benchmarks/RESULTS.md).
   # No random crop (img_size = crop_size): flips only, so no crop cuts off the sleeves or
   # the hem that tell the synthetic categories apart.
   config.data.img_size = 72

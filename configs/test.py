@@ -8,8 +8,8 @@ def get_config():
   config.data.synthetic_images = 60
   config.batch_size = 8
   config.num_train_steps = 6
-  # 72, not 64: at 64 px ResNet's last stage runs on 2 x 2 maps, where XLA's CPU
-  # convolution is ~40x slower than on 3 x 3 (benchmarks/RESULTS.md).
+  # 72, not 64: at 64 px ResNet's last stage runs on 2 x 2 maps, which XLA:CPU convolves
+  # slowly (models/xla_cpu.py).
   config.data.img_size = 80
   config.data.crop_size = 72
   config.data.threads = 1

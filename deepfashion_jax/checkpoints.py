@@ -23,6 +23,7 @@ import time
 from typing import Optional
 
 from absl import logging
+from flax import nnx
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -39,6 +40,12 @@ _SHAPING_FIELDS = ('model', 'dtype', 'data.crop_size', 'optimizer')
 # the field existed had is given here.
 _MEANING_FIELDS = {'model.roi_pool': 'align', 'model.roi_aligned': True,
                    'model.roi_sampling_ratio': 2, 'data.normalization': 'baseline'}
+# FashionNet's attributes as checkpoints written before they were renamed name them (the
+# baseline's PyTorch names) -> their names now: such checkpoints restore under their own.
+_RENAMED = {'reduce_1x1': 'box_reduce', 'fc_bbox_xy': 'box_top_left',
+            'fc_bbox_offset': 'box_size', 'fc_bin': 'attribute_classifier',
+            'fc_cls': 'category_classifier', 'fc_garment_type': 'garment_type_classifier',
+            'fc_cls_per_type': 'per_type_category_classifiers'}
 
 
 class CheckpointMismatchError(ValueError):
@@ -105,6 +112,27 @@ def abstract_like(state):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
+def rename_model_attributes(tree, names: dict):
+  """`tree` with the top-level keys of every nnx.State in it (params, batch_stats, the
+  optimiser's moments: the model's attributes) renamed by `names`; others kept."""
+  rename = lambda node: type(node)({names.get(k, k): v for k, v in node.raw_mapping.items()})
+  is_state = lambda node: isinstance(node, nnx.State)
+  return jax.tree.map(lambda node: rename(node) if is_state(node) else node, tree,
+                      is_leaf=is_state)
+
+
+def _in_saved_names(manager, step: int, abstract_state):
+  """`abstract_state` with the model's attributes named as the checkpoint of `step` names
+  them: their names before `_RENAMED` when it was written before the rename."""
+  try:
+    saved_params = manager.item_metadata(step)['state']['params']
+  except Exception:  # pylint: disable=broad-except  (unreadable: check_compatible says so)
+    return abstract_state
+  if _RENAMED.keys().isdisjoint(saved_params):
+    return abstract_state
+  return rename_model_attributes(abstract_state, {new: old for old, new in _RENAMED.items()})
+
+
 def _flat_fields(tree: dict, prefix: str = '') -> dict:
   flat = {}
   for key, value in tree.items():
@@ -158,7 +186,7 @@ def check_compatible(manager, step: int, abstract_state, config=None):
     raise DamagedCheckpointError(f'{type(e).__name__}: {e}') from e
   if not saved:
     raise DamagedCheckpointError('it has no readable state')
-  expected = ocp.tree.to_flat_dict(abstract_state, sep='/')
+  expected = ocp.tree.to_flat_dict(_in_saved_names(manager, step, abstract_state), sep='/')
   differences = [f'{k}: only in the checkpoint' for k in saved.keys() - expected.keys()]
   differences += [f'{k}: not in the checkpoint' for k in expected.keys() - saved.keys()]
   differences += [f'{k}: shape {tuple(saved[k].shape)} in the checkpoint, '
@@ -190,9 +218,11 @@ def restore_checked(manager, step: int, abstract_state, data_iterator=None, conf
   DamagedCheckpointError."""
   check_compatible(manager, step, abstract_state, config)
   try:
-    return restore(manager, step, abstract_state, data_iterator)
+    state = restore(manager, step, _in_saved_names(manager, step, abstract_state),
+                    data_iterator)
   except Exception as e:  # pylint: disable=broad-except  (truncated files: many kinds)
     raise DamagedCheckpointError(f'{type(e).__name__}: {str(e)[:300]}') from e
+  return rename_model_attributes(state, _RENAMED)
 
 
 def _set_aside(manager, step: int, reason: str):
@@ -256,13 +286,14 @@ def inference_config(manager, step: int, config):
   return config
 
 
-def restore_for_inference(config, workdir: str, mesh, attribute_types, pos_weight=None):
+def restore_for_inference(config, workdir: str, mesh, attributes=None):
   """(config, step, StepConfig, state) of config.eval.checkpoint in `workdir`, the config
-  holding the values the checkpoint was trained with (`inference_config`)."""
+  holding the values the checkpoint was trained with (`inference_config`); `attributes`
+  as in `steps.create_train_state` (None: for prediction only)."""
   manager = create_manager(workdir, config.keep_checkpoints, config.best_metric,
                            read_only=True)
   step = checkpoint_step(manager, config.eval.checkpoint)
   config = inference_config(manager, step, config)
-  step_config, state = steps.create_train_state(config, mesh, attribute_types, pos_weight)
+  step_config, state = steps.create_train_state(config, mesh, attributes)
   state = restore_checked(manager, step, abstract_like(state), config=config)
   return config, step, step_config, state

@@ -5,20 +5,29 @@ Every message names the field (`config.x.y`) and what it accepts.
 
 import jax
 
+from deepfashion_jax import losses
+from deepfashion_jax import steps
+from deepfashion_jax.data import annotations
+from deepfashion_jax.data import sources
+from deepfashion_jax.data import transforms
+from deepfashion_jax.data import vocabulary
+from deepfashion_jax.models import fashion_net
 from deepfashion_jax.models import resnet
 
+# Each field's allowed values, from the module that acts on them.
 _CHOICES = {
-    'dtype': ('float32', 'bfloat16', 'float16'),
-    'optimizer': ('adam', 'sgd'),
-    'schedule': ('constant', 'cosine'),
-    'model.roi_pool': ('align', 'baseline_max'),
-    'model.category_head': ('single', 'per_garment_type'),
-    'loss.attribute': ('bce', 'hinge'),
-    'data.split': ('official', 'baseline'),
-    'data.eval_crop': ('resize', 'center_crop'),
-    'data.source': ('folder', 'tfds'),
-    'data.normalization': ('baseline', 'imagenet'),
-    'eval.split': ('val', 'test'),
+    'dtype': tuple(steps.DTYPES),
+    'optimizer': steps.OPTIMIZERS,
+    'schedule': steps.SCHEDULES,
+    'model.backbone': tuple(resnet.ARCHITECTURES),
+    'model.roi_pool': fashion_net.ROI_POOLS,
+    'model.category_head': fashion_net.CATEGORY_HEADS,
+    'loss.attribute': losses.ATTRIBUTE_LOSSES,
+    'data.partition': annotations.PARTITIONS,
+    'data.eval_crop': transforms.EVAL_CROPS,
+    'data.source': sources.SOURCES,
+    'data.normalization': tuple(fashion_net.NORMALIZATIONS),
+    'eval.split': vocabulary.SPLIT_NAMES[1:],  # the held-out splits
 }
 _POSITIVE = ('batch_size', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
              'checkpoint_every_steps', 'keep_checkpoints', 'max_nonfinite_in_a_row',
@@ -43,12 +52,15 @@ def check(config):
     value = _get(config, name)
     if not isinstance(value, int) or value <= 0:
       raise ValueError(f'config.{name}={value!r}: expected a positive integer')
-  if config.model.backbone not in resnet.ARCHITECTURES:
-    raise ValueError(f'config.model.backbone={config.model.backbone!r}: expected one of '
-                     f'{sorted(resnet.ARCHITECTURES)}')
+  if config.data.source == 'tfds' and config.data.partition != 'official':
+    raise ValueError(f"config.data.source='tfds' reads the official partition; "
+                     f'config.data.partition={config.data.partition!r} needs '
+                     "config.data.source='folder'")
   if config.data.crop_size > config.data.img_size:
     raise ValueError(f'config.data.crop_size={config.data.crop_size} is larger than '
                      f'config.data.img_size={config.data.img_size}')
+  # Devices are spread evenly over processes: a multiple of the device count is also one
+  # of the process count, which each process's share of a batch needs.
   for name in ('batch_size', 'eval.batch_size'):
     if _get(config, name) % jax.device_count():
       raise ValueError(f'config.{name}={_get(config, name)} must be a multiple of the number '

@@ -2,8 +2,8 @@
 
 Two kinds of file:
 - the baseline's `epoch_N.pth`: {'model': state_dict, 'optim': ..., 'epoch': N}, keys
-  `basemodel.0.weight`, ..., `reduce_1x1.*`, `fc_bbox_xy.*`, `fc_bbox_offset.*`, `fc_bin.*`,
-  `fc_cls.*`: a whole model (`load_baseline_into`);
+  `basemodel.0.weight`, ... and its heads' (`_BASELINE_MODULES` maps its module names to
+  ours): a whole model (`load_baseline_into`);
 - a torchvision ResNet state dict (`conv1.weight`, `layer1.0.conv1.weight`, ..., `fc.*`
   dropped): the backbone only (`load_torchvision_backbone_into`), the ImageNet start.
 Either may come from nn.DataParallel (every key prefixed `module.`) and from any device.
@@ -30,10 +30,15 @@ import zipfile
 
 from absl import logging
 from flax import nnx
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from deepfashion_jax import checkpoints
+from deepfashion_jax import config_checks
+from deepfashion_jax import sharding
+from deepfashion_jax import steps
 from deepfashion_jax.models import fashion_net
 from deepfashion_jax.models import resnet
 
@@ -52,9 +57,18 @@ _NEITHER_FORMAT = ("not a PyTorch checkpoint: neither torch.save's zip format (P
 # What a malformed file can raise while it is parsed: each means "not a usable checkpoint".
 _MALFORMED = (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
               AttributeError, OverflowError, RecursionError, struct.error, zipfile.BadZipFile)
-# The baseline's `basemodel` is an nn.Sequential: index -> torchvision name.
-_BASEMODEL = {'0': 'conv1', '1': 'bn1', '4': 'layer1', '5': 'layer2', '6': 'layer3',
-              '7': 'layer4'}
+# The baseline's module names -> ours. Its `basemodel` is an nn.Sequential of torchvision's
+# ResNet modules, whose names our backbone keeps below them.
+_BASELINE_MODULES = {
+    'basemodel.0': 'backbone.conv1', 'basemodel.1': 'backbone.bn1',
+    'basemodel.4': 'backbone.layer1', 'basemodel.5': 'backbone.layer2',
+    'basemodel.6': 'backbone.layer3', 'basemodel.7': 'backbone.layer4',
+    'reduce_1x1': 'box_reduce',
+    'fc_bbox_xy': 'box_top_left',
+    'fc_bbox_offset': 'box_size',
+    'fc_bin': 'attribute_classifier',
+    'fc_cls': 'category_classifier',
+}
 # A converted baseline has no logit for the last category (see `_remap_category_head`).
 NO_LOGIT_BIAS = -1e4
 
@@ -324,16 +338,20 @@ def read_pth(path: str):
 # ----------------------------------------------------------------------------- key mapping
 
 
-def _torchvision_name(key: str) -> str:
-  """A baseline key's torchvision-style name: 'basemodel.4.0.conv1.weight' -> 'layer1.0.conv1.weight'."""
-  if key.startswith('basemodel.'):
-    index, rest = key[len('basemodel.'):].split('.', 1)
-    return f'{_BASEMODEL.get(index, "basemodel." + index)}.{rest}'
+def _our_name(key: str) -> str:
+  """A baseline key with its module named as ours (`_BASELINE_MODULES`):
+  'basemodel.4.0.conv1.weight' -> 'backbone.layer1.0.conv1.weight'; others unchanged."""
+  parts = key.split('.')
+  for length in (2, 1):
+    module = '.'.join(parts[:length])
+    if module in _BASELINE_MODULES:
+      return '.'.join([_BASELINE_MODULES[module]] + parts[length:])
   return key
 
 
 def _flax_path(name: str) -> tuple:
-  """A torchvision-style key -> the path of the Flax variable it fills."""
+  """A torchvision-style key ('layer1.0.bn1.weight', or ours: 'box_reduce.weight') -> the
+  path of the Flax variable it fills."""
   name = name.replace('downsample.0.', 'downsample_conv.').replace('downsample.1.',
                                                                      'downsample_bn.')
   parts = name.split('.')
@@ -396,12 +414,13 @@ def _check_depth(names, model, path):
 
 def _remap_category_head(arrays: dict) -> dict:
   """The baseline's logit i is 1-based category i: drop logit 0, add a never-winning last."""
-  weight, bias = arrays['fc_cls.weight'], arrays['fc_cls.bias']
+  weight, bias = arrays['category_classifier.weight'], arrays['category_classifier.bias']
   logging.warning('Remapping the baseline category head: its logit i is category i (1-based); '
                   'its logit 0 is dropped and the last category, which it has no logit for, '
                   'gets a bias of %g so that it never wins.', NO_LOGIT_BIAS)
-  arrays['fc_cls.weight'] = np.concatenate([weight[1:], np.zeros_like(weight[:1])])
-  arrays['fc_cls.bias'] = np.concatenate([bias[1:], np.full_like(bias[:1], NO_LOGIT_BIAS)])
+  arrays['category_classifier.weight'] = np.concatenate([weight[1:], np.zeros_like(weight[:1])])
+  arrays['category_classifier.bias'] = np.concatenate(
+      [bias[1:], np.full_like(bias[:1], NO_LOGIT_BIAS)])
   return arrays
 
 
@@ -454,8 +473,8 @@ def _check_fits_baseline(model: nnx.Module, arrays: dict, path: str):
     fixes.append('it was trained on pixels normalised as (x - 0.5) / 0.5; set '
                  '--config.data.normalization=baseline (config.data.normalization is '
                  f'{normalization!r})')
-  if 'fc_bbox_xy.weight' in arrays:
-    side = math.isqrt(arrays['fc_bbox_xy.weight'].shape[-1] // fashion_net.BOX_CHANNELS)
+  if 'box_top_left.weight' in arrays:
+    side = math.isqrt(arrays['box_top_left.weight'].shape[-1] // fashion_net.BOX_CHANNELS)
     if side != model.feature_size:
       fixes.append(f'its box branch reads {side}x{side} feature maps; set '
                    f'--config.data.crop_size={fashion_net.FEATURE_STRIDE * side} '
@@ -471,19 +490,15 @@ def _load_baseline(model: nnx.Module, checkpoint, path: str) -> int:
     raise CheckpointError(f"{path}: expected the baseline's {{'model', 'optim', 'epoch'}} "
                           f'dict, found {type(checkpoint).__name__} '
                           f'{sorted(checkpoint)[:5] if isinstance(checkpoint, dict) else ""}')
-  arrays = {_torchvision_name(k): np.asarray(v)
+  arrays = {_our_name(k): np.asarray(v)
             for k, v in _state_dict(checkpoint['model'], path).items()
             if not k.endswith('num_batches_tracked')}
-  _check_depth([k for k in arrays if k.startswith('layer')], model, path)
+  _check_depth([k.removeprefix('backbone.') for k in arrays if k.startswith('backbone.layer')],
+               model, path)
   _check_fits_baseline(model, arrays, path)
-  if 'fc_cls.weight' in arrays:
+  if 'category_classifier.weight' in arrays:
     arrays = _remap_category_head(arrays)
-  named = {}
-  for name, array in arrays.items():
-    path_in_model = _flax_path(name)
-    if path_in_model[0] in ('conv1', 'bn1') or path_in_model[0].startswith('layer'):
-      path_in_model = ('backbone',) + path_in_model
-    named[name] = (path_in_model, array)
+  named = {name: (_flax_path(name), array) for name, array in arrays.items()}
   _load(model, named, path)
   return int(checkpoint.get('epoch', 0))
 
@@ -495,3 +510,37 @@ def _load_torchvision(model: nnx.Module, state_dict, path: str):
   _check_depth([k for k in arrays if k.startswith('layer')], model, path)
   named = {k: (('backbone',) + _flax_path(k), v) for k, v in arrays.items()}
   _load(model, named, path, only_prefix=('backbone',))
+
+
+# ----------------------------------------------------------------------------- train states
+
+
+def with_torch_weights(step_config, state, path: str, mesh):
+  """The train state with weights from a PyTorch file: a baseline checkpoint sets the
+  whole model, a torchvision state dict the backbone; the optimiser starts afresh."""
+  model = nnx.merge(step_config.graphdef, state.params, state.batch_stats, copy=True)
+  kind = load_into(model, path)
+  logging.info('Initialised %s from the %s checkpoint %s',
+               'the model' if kind == 'baseline' else 'the backbone', kind, path)
+  if kind == 'torchvision' and model.normalization != 'imagenet':
+    logging.warning('%s is a torchvision backbone: its ImageNet weights expect '
+                    "--config.data.normalization=imagenet, not %r.", path, model.normalization)
+  _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  new_state = state.replace(params=params, batch_stats=batch_stats,
+                            opt_state=step_config.optimizer.init(params))
+  return jax.device_put(new_state, sharding.replicated(mesh))
+
+
+def convert(config, workdir: str, torch_checkpoint: str) -> int:
+  """--mode=convert: writes a PyTorch baseline (or torchvision) checkpoint as this
+  project's step-0 checkpoint in `workdir`, for `--mode=evaluate` and prediction; returns
+  the step."""
+  config_checks.check(config)
+  mesh = sharding.make_mesh()
+  step_config, state = steps.create_train_state(config, mesh)
+  state = with_torch_weights(step_config, state, torch_checkpoint, mesh)
+  manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
+  checkpoints.save(manager, 0, state, config=config)
+  manager.wait_until_finished()
+  logging.info('Wrote %s as the step-0 checkpoint of %s', torch_checkpoint, workdir)
+  return 0

@@ -18,33 +18,20 @@ import tqdm
 
 from deepfashion_jax import checkpoints
 from deepfashion_jax import config_checks
+from deepfashion_jax import data
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
-from deepfashion_jax.data import folder
-from deepfashion_jax.data import pipeline
-from deepfashion_jax.data import sources
 
 
-def eval_dataset(config, index, workdir: str):
-  """This process's share of config.eval.split, padded to whole batches."""
-  process_count = jax.process_count()
-  return pipeline.eval_dataset(
-      sources.make_source(config.data, index, config.eval.split,
-                          folder.tfds_dir(config.data, workdir)),
-      batch_size=pipeline.per_process_batch_size(config.eval.batch_size, process_count),
-      options=pipeline.image_options(config.data), process_index=jax.process_index(),
-      process_count=process_count)
-
-
-def evaluate(eval_step, state, dataset, mesh, description: str = 'evaluating'):
-  """(metrics as floats, number of unreadable images) over one pass of `dataset`."""
+def evaluate(eval_step, state, batches, mesh, description: str = 'evaluating'):
+  """(metrics as floats, number of unreadable images) over one pass of `batches`
+  (`data.EvalBatches`)."""
   merged, skipped = None, 0
-  iterator = pipeline.iterate(dataset)
-  for batch in tqdm.tqdm(iterator, total=len(dataset), desc=description, leave=False,
+  for batch in tqdm.tqdm(batches, total=len(batches), desc=description, leave=False,
                          disable=jax.process_index() > 0):
     skipped += int(batch['skipped'].sum())
-    # Merged on the host: with several processes, small computations on the global
-    # metric arrays hung now and then in their collectives (the multi-host test).
+    # Merged on the host: small computations on the global metric arrays can hang in
+    # their collectives with several processes (tests/test_multihost.py).
     batch_metrics = sharding.local_copy(eval_step(state, sharding.global_batch(batch, mesh)))
     merged = batch_metrics if merged is None else merged.merge(batch_metrics)
   return {name: float(value) for name, value in merged.compute().items()}, skipped
@@ -93,13 +80,12 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   """--mode=evaluate: a checkpoint of the workdir on config.eval.split; prints a table and
   writes eval_<split>_<step>.json."""
   config_checks.check(config)
-  index = folder.load_index(config.data, workdir)
+  eval_data = data.create_eval_data(config, workdir)
   mesh = sharding.make_mesh()
   config, step, step_config, state = checkpoints.restore_for_inference(
-      config, workdir, mesh, index.attribute_types, steps.train_pos_weight(config, index))
-  _, eval_step, _ = steps.jit_steps(step_config, mesh)
-  results, skipped = evaluate(eval_step, state, eval_dataset(config, index, workdir),
-                              mesh)
+      config, workdir, mesh, eval_data.attributes)
+  eval_step = steps.jit_steps(step_config, mesh).evaluate
+  results, skipped = evaluate(eval_step, state, eval_data.eval_batches, mesh)
   results['skipped_images_eval'] = skipped
   if jax.process_index() == 0:
     print(format_table(results, f'{config.eval.split} split, checkpoint of step {step}:'))

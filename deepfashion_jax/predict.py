@@ -3,21 +3,16 @@
 For each image: the top-5 categories with their probabilities (softmax of the logits
 divided by config.predict.temperature, as the baseline's test_on_image.py), the top-k
 attributes of each type with their sigmoid scores, the box in the image's own pixels and,
-with the per-garment-type head, the garment type. The logits of ten crops are averaged
-(the baseline's default: the four corners and the centre of the image resized to
-img_size, and their mirror images), or one centre crop is used.
+with the per-garment-type head, the garment type. The logits of the image's crops (ten,
+the baseline's default, or one: `data/photos.py`) are averaged.
 
-The host decodes each image into the canvas, the jitted predict step resizes, crops and
-runs the model: every batch has the same shape (the last one padded), so the step
+The jitted predict step resizes, crops and runs the model on batches of one shape, so it
 compiles once however many images there are. An unreadable or non-image file gets a line
 with an `error` field, and the run goes on.
 """
 
-import concurrent.futures
-import dataclasses
 import json
 import os
-from typing import Optional
 
 from absl import logging
 import jax
@@ -29,131 +24,12 @@ import tqdm
 
 from deepfashion_jax import checkpoints
 from deepfashion_jax import config_checks
+from deepfashion_jax import data
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
-from deepfashion_jax.data import annotations
-from deepfashion_jax.data import folder
-from deepfashion_jax.data import transforms
-from deepfashion_jax.data import vocabulary
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 FIGURE_INCHES, FIGURE_DPI = (14.0, 7.0), 80  # every figure is 1120 x 560 pixels
 TOP_CATEGORIES = 5
-
-
-@dataclasses.dataclass(frozen=True)
-class Vocabulary:
-  """What the model's outputs are called."""
-  category_names: tuple
-  attribute_names: tuple
-  attribute_groups: tuple  # ((type name, attribute indices), ...)
-
-
-def find_images(paths: str) -> list:
-  """The files of a comma-separated list of files and folders (recursed, image suffixes
-  only, sorted by path). A named file is taken whatever its suffix (a bad one is reported
-  later)."""
-  found = []
-  for path in (p.strip() for p in paths.split(',')):
-    if not path:
-      continue
-    if os.path.isdir(path):
-      found += sorted(os.path.join(parent, f) for parent, _, files in os.walk(path)
-                      for f in files if f.lower().endswith(IMAGE_SUFFIXES))
-    else:
-      found.append(path)
-  if not found:
-    raise ValueError(f'--images={paths!r} names no image: give image files and/or folders '
-                     'that hold some, separated by commas')
-  return found
-
-
-def _labelled_folder(config, workdir: str) -> Optional[str]:
-  """The DeepFashion folder whose lists name the outputs: config.data.data_dir, or the
-  workdir's synthetic folder if training wrote one (never written here)."""
-  if config.data.data_dir:
-    return folder.data_root(config.data, workdir)
-  synthetic = os.path.join(workdir, folder.SYNTHETIC_FOLDER)
-  return synthetic if os.path.isfile(os.path.join(synthetic, annotations.ATTR_CLOTH)) else None
-
-
-def load_vocabulary(config, workdir: str) -> Vocabulary:
-  """Names from the data folder's list_category_cloth.txt and list_attr_cloth.txt; without
-  one, the built-in category names and numbered attributes in one group (their types are
-  only known from the list)."""
-  root = _labelled_folder(config, workdir)
-  if root is None:
-    count = vocabulary.NUM_ATTRIBUTES
-    return Vocabulary(vocabulary.CATEGORY_NAMES, tuple(f'attribute {i}' for i in range(count)),
-                      (('attributes', np.arange(count)),))
-  categories, _ = annotations.read_category_cloth(root)
-  attributes, types = annotations.read_attr_cloth(root)
-  groups = tuple((name, np.flatnonzero(types == t))
-                 for t, name in enumerate(vocabulary.ATTRIBUTE_TYPE_NAMES))
-  return Vocabulary(tuple(categories), tuple(attributes), groups)
-
-
-def crops(height: int, width: int, config) -> list:
-  """The crops of one image: ten (corners, centre and their mirrors of the image resized
-  to img_size) or the centre one, as regions of the image."""
-  img_size, crop_size = config.data.img_size, config.data.crop_size
-  centre = transforms.eval_crop(height, width, img_size, crop_size, 'center_crop')
-  if not config.predict.ten_crop:
-    return [centre]
-  scale = np.array([width / img_size, height / img_size] * 2, np.float32)
-  far = img_size - crop_size
-  corners = [transforms.Crop(np.array([x, y, x + crop_size, y + crop_size], np.float32) * scale,
-                             False) for x, y in ((0, 0), (far, 0), (0, far), (far, far))]
-  unflipped = corners + [centre]
-  return unflipped + [dataclasses.replace(c, flip=True) for c in unflipped]
-
-
-def box_in_pixels(box: np.ndarray, crop: transforms.Crop, scale_to_original: float):
-  """A predicted box in [0, 1] units of a crop -> pixels of the original image."""
-  x1, y1, x2, y2 = box
-  if crop.flip:
-    x1, x2 = 1 - x2, 1 - x1
-  x0, y0, x_end, y_end = crop.region
-  width, height = x_end - x0, y_end - y0
-  return np.array([x0 + x1 * width, y0 + y1 * height, x0 + x2 * width, y0 + y2 * height],
-                  np.float64) * scale_to_original
-
-
-@dataclasses.dataclass
-class LoadedImage:
-  path: str
-  canvas_image: Optional[np.ndarray] = None  # the image as it fits in the canvas
-  original_size: tuple = (0, 0)  # height, width of the file's image
-  error: str = ''
-
-
-def load_image(path: str, canvas_size: int) -> LoadedImage:
-  try:
-    with open(path, 'rb') as f:
-      image = transforms.decode_image(f.read())
-  except (OSError, transforms.ImageDecodeError) as e:
-    return LoadedImage(path, error=f'{type(e).__name__}: {e}')
-  fitted, _ = transforms.fit_to_canvas(image, np.zeros(4, np.float32), canvas_size)
-  return LoadedImage(path, fitted, image.shape[:2])
-
-
-def _batch(images: list, crop_count: int, config) -> tuple:
-  """The predict step's batch of `crop_count` crops (the images' crops, then padding) and
-  each image's crops."""
-  canvas_size = config.data.canvas_size
-  canvas = np.zeros((crop_count, canvas_size, canvas_size, 3), np.uint8)
-  image_size = np.ones((crop_count, 2), np.int32)
-  region = np.tile(np.array([0, 0, 1, 1], np.float32), (crop_count, 1))
-  flip = np.zeros(crop_count, bool)
-  image_crops, row = [], 0
-  for image in images:
-    height, width = image.canvas_image.shape[:2]
-    image_crops.append(crops(height, width, config))
-    for crop in image_crops[-1]:
-      canvas[row, :height, :width] = image.canvas_image
-      image_size[row], region[row], flip[row] = (height, width), crop.region, crop.flip
-      row += 1
-  return dict(canvas=canvas, image_size=image_size, region=region, flip=flip), image_crops
 
 
 def _top(scores: np.ndarray, names, indices: np.ndarray, k: int) -> list:
@@ -166,26 +42,24 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
   return shifted / shifted.sum()
 
 
-def describe_image(image: LoadedImage, outputs: dict, image_crops: list, words: Vocabulary,
-                   config) -> dict:
-  """One image's JSON line from the model outputs of its crops (rows of `outputs`)."""
-  temperature = config.predict.temperature
-  category = _softmax(outputs['category_logits'].mean(axis=0) / temperature)
+def describe_image(image, outputs: dict, names, predict_config) -> dict:
+  """One image's JSON line (`data.photos.LoadedImage`) from the model outputs of its crops
+  (rows of `outputs`); `names`: a `data.photos.OutputNames`."""
+  category = _softmax(outputs['category_logits'].mean(axis=0) / predict_config.temperature)
   attributes = 1 / (1 + np.exp(-outputs['attribute_logits'].mean(axis=0)))
   height, width = image.original_size
-  scale = max(height, width) / max(image.canvas_image.shape[:2])
-  boxes = [box_in_pixels(b, c, scale) for b, c in zip(outputs['box'], image_crops)]
+  boxes = [image.box_in_pixels(crop, box) for box, crop in zip(outputs['box'], image.crops)]
   box = np.clip(np.mean(boxes, axis=0), 0, [width, height, width, height])
   line = dict(path=image.path, width=width, height=height,
-              categories=_top(category, words.category_names, np.arange(len(category)),
+              categories=_top(category, names.category_names, np.arange(len(category)),
                               TOP_CATEGORIES),
-              attributes={name: _top(attributes, words.attribute_names, indices,
-                                     config.predict.top_k_attributes)
-                          for name, indices in words.attribute_groups},
+              attributes={name: _top(attributes, names.attribute_names, indices,
+                                     predict_config.top_k_attributes)
+                          for name, indices in names.attribute_groups},
               box=[round(float(v), 1) for v in box])
   if 'garment_type_logits' in outputs:
     garment = _softmax(outputs['garment_type_logits'].mean(axis=0))
-    line['garment_type'] = _top(garment, vocabulary.GARMENT_TYPE_NAMES,
+    line['garment_type'] = _top(garment, names.garment_type_names,
                                 np.arange(len(garment)), 1)[0]
   return line
 
@@ -199,7 +73,7 @@ def _bars(axis, entries: list, title: str, colour: str):
   axis.tick_params(axis='x', labelsize=7)
 
 
-def draw_figure(image: LoadedImage, line: dict, path: str):
+def draw_figure(image, line: dict, path: str):
   """The image with its predicted box (left); the top categories and each attribute type's
   top attributes as horizontal bars (right, two rows of three); a 1120 x 560 PNG."""
   figure = pyplot.figure(figsize=FIGURE_INCHES, dpi=FIGURE_DPI)
@@ -235,47 +109,40 @@ def predict(config, workdir: str, images: str, output_dir: str) -> str:
   config_checks.check(config)
   if jax.process_count() > 1:
     raise ValueError('--mode=predict runs on one host: start it without the distributed flags')
-  paths = find_images(images)
-  words = load_vocabulary(config, workdir)
   mesh = sharding.make_mesh()
-  config, step, step_config, state = checkpoints.restore_for_inference(
-      config, workdir, mesh, np.zeros(vocabulary.NUM_ATTRIBUTES, np.int8))
+  photos = data.create_photos(config, workdir, images, device_count=mesh.size)
+  config, step, step_config, state = checkpoints.restore_for_inference(config, workdir, mesh)
   logging.info('Predicting with the checkpoint of step %d in %s', step, workdir)
-  _, _, predict_step = steps.jit_steps(step_config, mesh)
-  crops_per_image = 10 if config.predict.ten_crop else 1
-  per_batch = config.predict.batch_size
-  # Whole batches of crops that split evenly over the devices: one compilation.
-  crop_count = -(-per_batch * crops_per_image // mesh.size) * mesh.size
+  predict_step = steps.jit_steps(step_config, mesh).predict
   os.makedirs(output_dir, exist_ok=True)
   jsonl = os.path.join(output_dir, 'predictions.jsonl')
-  with open(jsonl, 'w') as out, concurrent.futures.ThreadPoolExecutor(
-      config.data.threads) as pool, tqdm.tqdm(total=len(paths), desc='predicting') as bar:
-    for start in range(0, len(paths), per_batch):
-      loaded = list(pool.map(lambda p: load_image(p, config.data.canvas_size),
-                             paths[start:start + per_batch]))
-      lines = _predict_batch(loaded, predict_step, state, mesh, words, config,
-                             crops_per_image, crop_count)
-      for number, (image, line) in enumerate(zip(loaded, lines), start):
+  with open(jsonl, 'w') as out, tqdm.tqdm(total=len(photos), desc='predicting') as bar:
+    number = 0
+    for photo_batch in photos.batches():
+      lines = _batch_lines(photo_batch, predict_step, state, mesh, photos.names,
+                           config.predict)
+      for image, line in zip(photo_batch.images, lines):
         if 'error' not in line:
           line['figure'] = _figure_path(output_dir, number, image.path)
           draw_figure(image, line, line['figure'])
         out.write(json.dumps(line) + '\n')
-      bar.update(len(loaded))
+        number += 1
+      bar.update(len(lines))
   return jsonl
 
 
-def _predict_batch(loaded: list, predict_step, state, mesh, words, config, crops_per_image,
-                   crop_count) -> list:
-  """The JSON lines of a batch of loaded images (error lines for unreadable ones)."""
-  readable = [image for image in loaded if not image.error]
-  described = {}
-  if readable:
-    batch, image_crops = _batch(readable, crop_count, config)
-    outputs = predict_step(state, sharding.global_batch(batch, mesh))
+def _batch_lines(photo_batch, predict_step, state, mesh, names, predict_config) -> list:
+  """The JSON lines of one `data.photos.PhotoBatch` (error lines for unreadable files)."""
+  if photo_batch.batch is not None:
+    outputs = predict_step(state, sharding.global_batch(photo_batch.batch, mesh))
     outputs = {k: np.asarray(v) for k, v in outputs.items() if k != 'images'}
-    for i, image in enumerate(readable):
-      rows = slice(i * crops_per_image, (i + 1) * crops_per_image)
-      described[id(image)] = describe_image(
-          image, {k: v[rows] for k, v in outputs.items()}, image_crops[i], words, config)
-  return [described.get(id(image)) or dict(path=image.path, error=image.error)
-          for image in loaded]
+  lines, row = [], 0
+  for image in photo_batch.images:
+    if image.error:
+      lines.append(dict(path=image.path, error=image.error))
+      continue
+    rows = slice(row, row + len(image.crops))
+    row += len(image.crops)
+    lines.append(describe_image(image, {k: v[rows] for k, v in outputs.items()}, names,
+                                predict_config))
+  return lines

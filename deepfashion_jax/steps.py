@@ -13,9 +13,8 @@ bfloat16 the training loop stops on it (see train.py).
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from absl import logging
 import flax
 from flax import nnx
 from flax.training import dynamic_scale as dynamic_scale_lib
@@ -24,23 +23,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from deepfashion_jax import convert_torch
 from deepfashion_jax import losses
 from deepfashion_jax import metrics
 from deepfashion_jax import sharding
 from deepfashion_jax.data import device_transforms
 from deepfashion_jax.data import vocabulary
 from deepfashion_jax.models import fashion_net
+from deepfashion_jax.models import xla_cpu
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+OPTIMIZERS = ('adam', 'sgd')
+SCHEDULES = ('constant', 'cosine')
 
-
-# XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK by default, whose weight gradients
-# are 4-8x slower than XLA's own (Eigen) convolutions on x86, and which run on one core
-# where Eigen's use all: the ResNet-18 train step takes 3.9 s instead of 2.2 s at 224 px
-# (benchmarks/RESULTS.md). This keeps YNNPACK for dots and reductions only.
-CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
-                        'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
 
 # float16 starts its loss scale at 2^15 and doubles it after 2,000 finite steps in a row.
 INITIAL_LOSS_SCALE = 2.0 ** 15
@@ -66,8 +60,16 @@ class StepConfig:
   beta: float
   attribute_loss: str
   reduce_sum: bool
-  attribute_types: np.ndarray
+  attribute_types: Optional[np.ndarray]  # (A,); None: a state for prediction only
   pos_weight: Optional[np.ndarray]  # (A,) BCE weight of positives, or None
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The jitted steps of one model on one mesh (`jit_steps`)."""
+  train: Callable  # (state, global batch) -> (state, metrics); donates the state
+  evaluate: Callable  # (state, global batch) -> metrics
+  predict: Callable  # (state, global batch) -> the model's inputs and outputs
 
 
 def create_model(config, rngs: nnx.Rngs) -> fashion_net.FashionNet:
@@ -108,25 +110,21 @@ def _kernels_only(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def train_pos_weight(config, index) -> Optional[np.ndarray]:
+def _pos_weight(config, attributes) -> Optional[np.ndarray]:
   """The baseline's BCE pos_weight from the training split's positives, scaled so that its
   largest is config.loss.pos_weights_scale; None when that is 0 (no weighting)."""
   if not config.loss.pos_weights_scale:
     return None
-  train = index.split_indices('train')
-  positives = np.zeros(index.num_attributes, np.int64)
-  for start in range(0, len(train), 8192):  # a few MB at a time, not a copy of the split
-    positives += index.attribute_positive[train[start:start + 8192]].sum(axis=0)
-  return losses.attribute_pos_weight(positives, len(train), config.loss.pos_weights_scale)
+  return losses.attribute_pos_weight(attributes.train_positives, attributes.train_images,
+                                     config.loss.pos_weights_scale)
 
 
-def create_train_state(config, mesh, attribute_types: np.ndarray,
-                       pos_weight: Optional[np.ndarray] = None):
+def create_train_state(config, mesh, attributes=None):
   """(StepConfig, TrainState): the state is initialised by a jitted function whose outputs
   land already replicated on the mesh (shapes first, then shardings, then values).
 
-  attribute_types: (A,) type of each attribute, as the dataset's list_attr_cloth.txt says;
-  pos_weight: (A,) BCE weight of each attribute's positives (`losses.attribute_pos_weight`).
+  attributes: the dataset's `annotations.AttributeFacts` (their types for the metrics,
+  their positives for the BCE's pos_weight); None for a state that only predicts.
   """
   optimizer = create_optimizer(config)
 
@@ -150,8 +148,9 @@ def create_train_state(config, mesh, attribute_types: np.ndarray,
   step_config = StepConfig(
       graphdef=graphdef, optimizer=optimizer, crop_size=config.data.crop_size,
       beta=config.loss.beta, attribute_loss=config.loss.attribute,
-      reduce_sum=config.loss.reduce_sum, attribute_types=np.asarray(attribute_types),
-      pos_weight=None if pos_weight is None else np.asarray(pos_weight, np.float32))
+      reduce_sum=config.loss.reduce_sum,
+      attribute_types=None if attributes is None else np.asarray(attributes.types),
+      pos_weight=None if attributes is None else _pos_weight(config, attributes))
   return step_config, state
 
 
@@ -185,6 +184,13 @@ def _gradients(state: TrainState, loss_fn):
   return None, jnp.isfinite(loss), (loss, aux), grads
 
 
+def _attribute_types(step_config: StepConfig) -> jax.Array:
+  if step_config.attribute_types is None:
+    raise ValueError('This state was created without the dataset\'s attribute facts '
+                     '(create_train_state(..., attributes=None)): it can only predict.')
+  return jnp.asarray(step_config.attribute_types)
+
+
 def train_step(step_config: StepConfig, state: TrainState, batch: dict):
   """One optimiser step on a global batch; returns the new state and the batch's metrics.
 
@@ -208,7 +214,7 @@ def train_step(step_config: StepConfig, state: TrainState, batch: dict):
       opt_state=keep_old(opt_state, state.opt_state), dynamic_scale=dynamic_scale,
       nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1))
   batch_metrics = metrics.train_batch_metrics(
-      outputs, batch, dict(parts, loss=loss), jnp.asarray(step_config.attribute_types),
+      outputs, batch, dict(parts, loss=loss), _attribute_types(step_config),
       step=new_state.step, nonfinite=~finite,
       nonfinite_in_a_row=new_state.nonfinite_in_a_row,
       loss_scale=1.0 if dynamic_scale is None else dynamic_scale.scale)
@@ -220,38 +226,18 @@ def eval_step(step_config: StepConfig, state: TrainState, batch: dict):
   loss, (outputs, parts, _) = _forward(step_config, state.params, state.batch_stats, batch,
                                        train=False)
   return metrics.batch_metrics(outputs, batch, dict(parts, loss=loss),
-                               jnp.asarray(step_config.attribute_types))
+                               _attribute_types(step_config))
 
 
-@functools.cache
-def _cpu_compiler_options() -> Optional[dict]:
-  """CPU_COMPILER_OPTIONS if this XLA knows them (a tiny compile tells), else None."""
-  try:
-    zero = jax.device_put(jnp.zeros(()), jax.local_devices(backend='cpu')[0])
-    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS)(zero).block_until_ready()
-  except Exception as error:  # pylint: disable=broad-except
-    logging.warning('XLA:CPU compiler options %s not accepted (%s); convolutions keep '
-                    "XLA's default (slower weight gradients on CPU)",
-                    CPU_COMPILER_OPTIONS, error)
-    return None
-  return CPU_COMPILER_OPTIONS
-
-
-def compiler_options(mesh) -> Optional[dict]:
-  """The XLA options the steps compile with on this mesh's platform."""
-  return _cpu_compiler_options() if mesh.devices.flat[0].platform == 'cpu' else None
-
-
-def jit_steps(step_config: StepConfig, mesh):
+def jit_steps(step_config: StepConfig, mesh) -> Steps:
   """The train, eval and predict steps compiled for the mesh: batch split on `data`,
   state replicated and, for training, donated."""
   replicated = sharding.replicated(mesh)
   jit = functools.partial(jax.jit, out_shardings=replicated,
-                          compiler_options=compiler_options(mesh))
-  train = jit(functools.partial(train_step, step_config), donate_argnums=0)
-  evaluate = jit(functools.partial(eval_step, step_config))
-  predict = jit(functools.partial(predict_step, step_config))
-  return train, evaluate, predict
+                          compiler_options=xla_cpu.compiler_options(mesh))
+  return Steps(train=jit(functools.partial(train_step, step_config), donate_argnums=0),
+               evaluate=jit(functools.partial(eval_step, step_config)),
+               predict=jit(functools.partial(predict_step, step_config)))
 
 
 def predict_step(step_config: StepConfig, state: TrainState, batch: dict) -> dict:
@@ -260,19 +246,3 @@ def predict_step(step_config: StepConfig, state: TrainState, batch: dict) -> dic
   model.eval()
   images = device_transforms.batch_images(batch, step_config.crop_size)
   return dict(model(images), images=images)
-
-
-def with_torch_weights(step_config: StepConfig, state: TrainState, path: str, mesh) -> TrainState:
-  """The state with weights from a PyTorch file: a baseline checkpoint sets the whole
-  model, a torchvision state dict the backbone; the optimiser starts afresh."""
-  model = nnx.merge(step_config.graphdef, state.params, state.batch_stats, copy=True)
-  kind = convert_torch.load_into(model, path)
-  logging.info('Initialised %s from the %s checkpoint %s',
-               'the model' if kind == 'baseline' else 'the backbone', kind, path)
-  if kind == 'torchvision' and model.normalization != 'imagenet':
-    logging.warning('%s is a torchvision backbone: its ImageNet weights expect '
-                    "--config.data.normalization=imagenet, not %r.", path, model.normalization)
-  _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  new_state = state.replace(params=params, batch_stats=batch_stats,
-                            opt_state=step_config.optimizer.init(params))
-  return jax.device_put(new_state, sharding.replicated(mesh))

@@ -4,14 +4,16 @@ Started again on the same workdir, a run continues from its newest intact checkp
 (model, optimiser, step, rng and the data iterator's position), so that N steps in one go
 and k steps, a restart and N - k more give the same parameters and the same logged
 metrics. SIGTERM or SIGINT stops it after the current step with a checkpoint (`Preempted`);
-a non-finite step stops it at the next log without saving (`_stop_if_diverged`).
+a non-finite step stops it at the next log without saving (`stop_if_diverged`).
 """
 
+import dataclasses
 import os
 import signal
 import tempfile
 import threading
 import time
+from typing import Any
 
 from absl import logging
 from clu import metric_writers
@@ -22,48 +24,47 @@ import numpy as np
 
 from deepfashion_jax import checkpoints
 from deepfashion_jax import config_checks
+from deepfashion_jax import convert_torch
+from deepfashion_jax import data
 from deepfashion_jax import evaluate
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
-from deepfashion_jax.data import folder
-from deepfashion_jax.data import pipeline
-from deepfashion_jax.data import sources
-from deepfashion_jax.data import vocabulary
 
 
-def _train_dataset(config, index, workdir):
-  """This process's share of the endless, shuffled training batches."""
-  process_count = jax.process_count()
-  return pipeline.train_dataset(
-      sources.make_source(config.data, index, 'train', folder.tfds_dir(config.data, workdir)),
-      batch_size=pipeline.per_process_batch_size(config.batch_size, process_count),
-      seed=config.seed, options=pipeline.image_options(config.data),
-      process_index=jax.process_index(), process_count=process_count)
+@dataclasses.dataclass
+class _Run:
+  """What the training loop works with, besides the state it updates."""
+  config: Any
+  workdir: str
+  mesh: Any
+  steps: steps.Steps
+  data: data.TrainingData
+  manager: Any  # orbax CheckpointManager
+  writer: Any  # clu MetricWriter
+  stop: Any = None  # _StopSignals
 
 
-def _box_images(predict_step, state, eval_data, mesh, count: int):
+def _box_images(run: _Run, state, count: int):
   """The first `count` evaluation images with their true and predicted boxes."""
-  batch = eval_data[0]
-  outputs = predict_step(state, sharding.global_batch(batch, mesh))
+  batch = run.data.eval_batches.first()
+  outputs = run.steps.predict(state, sharding.global_batch(batch, run.mesh))
   outputs = jax.tree.map(np.asarray, outputs)
   return evaluate.box_figure(outputs['images'][:count], batch['bbox'][:count],
                              outputs['box'][:count])
 
 
-def _evaluate_and_report(config, workdir, writer, evaluators, state, eval_data, mesh, step,
-                         skipped_in_training):
-  eval_step, predict_step = evaluators
-  results, skipped = evaluate.evaluate(eval_step, state, eval_data, mesh,
-                                       f'evaluating step {step}')
+def _evaluate_and_report(run: _Run, state, step: int, skipped_in_training: int) -> dict:
+  results, skipped = evaluate.evaluate(run.steps.evaluate, state, run.data.eval_batches,
+                                       run.mesh, f'evaluating step {step}')
   logging.info('Step %d: %d unreadable images skipped in training since the last '
                'evaluation, %d in this evaluation', step, skipped_in_training, skipped)
   results.update(skipped_images_train=skipped_in_training, skipped_images_eval=skipped)
-  writer.write_scalars(step, {f'eval_{k}': v for k, v in results.items()})
-  if config.num_box_images:
-    writer.write_images(step, {'eval_boxes': _box_images(predict_step, state, eval_data,
-                                                         mesh, config.num_box_images)})
+  run.writer.write_scalars(step, {f'eval_{k}': v for k, v in results.items()})
+  if run.config.num_box_images:
+    run.writer.write_images(step, {'eval_boxes': _box_images(run, state,
+                                                             run.config.num_box_images)})
   if jax.process_index() == 0:
-    evaluate.append_jsonl(workdir, step, results)
+    evaluate.append_jsonl(run.workdir, step, results)
   return results
 
 
@@ -109,7 +110,7 @@ class _StopSignals:
 _NONFINITE_BOOKKEEPING = ('first_nonfinite_step', 'nonfinite_in_a_row')
 
 
-def _stop_if_diverged(config, train_metrics: dict, manager):
+def stop_if_diverged(config, train_metrics: dict, manager):
   """Raises FloatingPointError when steps since the last log had a non-finite loss or
   gradient: any in float32 or bfloat16; in float16, whose loss scaling skips a few steps as
   a matter of course, more than config.max_nonfinite_in_a_row in a row. Those steps left
@@ -149,84 +150,72 @@ def train_and_evaluate(config, workdir: str):
   and, when the run logged twice or more, its `train_images_per_sec` (see Throughput)."""
   config_checks.check(config)
   _check_writable(workdir)
-  if jax.process_count() > 1:  # process 0 writes the synthetic folder (if any), once
-    if jax.process_index() == 0:
-      folder.data_root(config.data, workdir)
-    multihost_utils.sync_global_devices('data folder ready')
-  index = folder.load_index(config.data, workdir)
+  training_data = data.create_datasets(config, workdir)
   mesh = sharding.make_mesh()
-  step_config, state = steps.create_train_state(config, mesh, index.attribute_types,
-                                                steps.train_pos_weight(config, index))
-  train_step, eval_step, predict_step = steps.jit_steps(step_config, mesh)
-  eval_data = evaluate.eval_dataset(config, index, workdir)
-  train_iterator = pipeline.iterate(_train_dataset(config, index, workdir),
-                                    threads=config.data.threads, processes=config.data.processes)
-
+  step_config, state = steps.create_train_state(config, mesh, training_data.attributes)
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
   # Step 0 is a converted checkpoint: weights only, the data starts from the beginning.
   latest, restored = checkpoints.restore_newest_intact(
-      manager, checkpoints.abstract_like(state), train_iterator, config)
+      manager, checkpoints.abstract_like(state), training_data.train_batches, config)
   if latest is not None:
     logging.info('Resuming from the checkpoint of step %d in %s', latest, workdir)
     state = restored
   elif config.model.init_from:
-    state = steps.with_torch_weights(step_config, state, config.model.init_from, mesh)
-  first_step = int(state.step) + 1
-  if first_step > config.num_train_steps:
+    state = convert_torch.with_torch_weights(step_config, state, config.model.init_from, mesh)
+  if int(state.step) >= config.num_train_steps:
     logging.info('%s is already trained to step %d (config.num_train_steps); nothing to do. '
-                 'Evaluate it with --mode=evaluate.', workdir, first_step - 1)
+                 'Evaluate it with --mode=evaluate.', workdir, int(state.step))
 
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=jax.process_index() > 0)
-  if first_step == 1:
+  if int(state.step) == 0:
     writer.write_hparams({k: v for k, v in config.items() if not hasattr(v, 'items')})
+  run = _Run(config, workdir, mesh, steps.jit_steps(step_config, mesh), training_data,
+             manager, writer)
   try:
-    with _StopSignals() as stop:
-      return _train_loop(config, workdir, writer, manager, state, train_iterator,
-                         (train_step, eval_step, predict_step), eval_data, mesh, stop)
+    with _StopSignals() as run.stop:
+      return _train_loop(run, state)
   finally:  # what was logged and saved before an error or a signal is kept
     writer.flush()
     manager.wait_until_finished()
 
 
-def _train_loop(config, workdir, writer, manager, state, train_iterator, jitted, eval_data,
-                mesh, stop):
+def _train_loop(run: _Run, state) -> dict:
   """Steps from the state's step + 1 to config.num_train_steps, with the periodic logs,
   evaluations and checkpoints; returns the last evaluation's metrics."""
-  train_step, eval_step, predict_step = jitted
+  config, train_batches = run.config, run.data.train_batches
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                                    writer=writer)
+                                                    writer=run.writer)
   train_metrics, skipped, results = None, 0, {}
   throughput = Throughput(config.batch_size, int(state.step))
   for step in range(int(state.step) + 1, config.num_train_steps + 1):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      batch = next(train_iterator)
+      batch = next(train_batches)
       skipped += int(batch['skipped'].sum())
-      state, batch_metrics = train_step(state, sharding.global_batch(batch, mesh))
+      state, batch_metrics = run.steps.train(state, sharding.global_batch(batch, run.mesh))
     train_metrics = (batch_metrics if train_metrics is None
                      else train_metrics.merge(batch_metrics))
     report_progress(step)
-    last, stopping = step == config.num_train_steps, stop.requested()
+    last, stopping = step == config.num_train_steps, run.stop.requested()
     if step % config.log_every_steps == 0 or last or stopping:
-      _write_train_metrics(config, writer, manager, step, train_metrics)
+      _write_train_metrics(run, step, train_metrics)
       train_metrics = None
-      writer.write_scalars(step, {'images_per_sec': throughput.measure(step)})
+      run.writer.write_scalars(step, {'images_per_sec': throughput.measure(step)})
     evaluated = step % config.eval_every_steps == 0 or last
     if evaluated:
       with report_progress.timed('eval'):
-        results = _evaluate_and_report(config, workdir, writer, (eval_step, predict_step),
-                                       state, eval_data, mesh, step, skipped)
+        results = _evaluate_and_report(run, state, step, skipped)
       skipped = 0
     if step % config.checkpoint_every_steps == 0 or last or stopping:
       with report_progress.timed('checkpoint'):
-        checkpoints.save(manager, step, state, train_iterator,
+        checkpoints.save(run.manager, step, state, train_batches,
                          metrics=results if evaluated else None, config=config)
     if evaluated or step % config.checkpoint_every_steps == 0:
       throughput.restart(step)
     if stopping and not last:
-      raise Preempted(f'Pre-empted by {stop.received or "another process"} after step '
-                      f'{step}: saved its checkpoint in {manager.directory}. Run the same '
-                      'command again to resume from it.')
+      raise Preempted(f'Pre-empted by {run.stop.received or "another process"} after step '
+                      f'{step}: saved its checkpoint in {run.manager.directory}. Run the '
+                      'same command again to resume from it.')
   if throughput.steady() is not None:
     results = dict(results, train_images_per_sec=throughput.steady())
   return results
@@ -263,25 +252,9 @@ class Throughput:
     return sum(i for i, _ in later) / max(sum(s for _, s in later), 1e-9)
 
 
-def _write_train_metrics(config, writer, manager, step: int, train_metrics):
+def _write_train_metrics(run: _Run, step: int, train_metrics):
   """Logs the training metrics merged since the last log, after checking their steps."""
   computed = {k: float(v) for k, v in train_metrics.compute().items()}
-  _stop_if_diverged(config, computed, manager)
-  writer.write_scalars(step, {f'train_{k}': v for k, v in computed.items()
-                              if k not in _NONFINITE_BOOKKEEPING})
-
-
-def convert(config, workdir: str, torch_checkpoint: str) -> int:
-  """Writes a PyTorch baseline (or torchvision) checkpoint as this project's step-0
-  checkpoint in `workdir`, for `--mode=evaluate` and prediction; returns the step."""
-  config_checks.check(config)
-  mesh = sharding.make_mesh()
-  # Attribute types only matter to the metrics, which converting does not compute.
-  step_config, state = steps.create_train_state(config, mesh,
-                                                np.zeros(vocabulary.NUM_ATTRIBUTES, np.int8))
-  state = steps.with_torch_weights(step_config, state, torch_checkpoint, mesh)
-  manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
-  checkpoints.save(manager, 0, state, config=config)
-  manager.wait_until_finished()
-  logging.info('Wrote %s as the step-0 checkpoint of %s', torch_checkpoint, workdir)
-  return 0
+  stop_if_diverged(run.config, computed, run.manager)
+  run.writer.write_scalars(step, {f'train_{k}': v for k, v in computed.items()
+                                  if k not in _NONFINITE_BOOKKEEPING})

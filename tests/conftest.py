@@ -1,18 +1,37 @@
-"""Shared fixtures: small synthetic DeepFashion folders, written once per test session."""
+"""Shared set-up: small synthetic DeepFashion folders, written once per test session, and
+one compilation cache for the session.
 
+The suite runs on one CPU device. Long runs on several forced host devices
+(--xla_force_host_platform_device_count) can deadlock in XLA:CPU's in-process all-reduce
+on a 2-core machine, so the sharded checks run in processes of their own
+(test_sharding.py, test_multihost.py).
+"""
+
+import atexit
 import os
-import sys
+import shutil
+import tempfile
 
 import pytest
 
-# The suite runs on one CPU device. Long runs on several forced host devices
-# (--xla_force_host_platform_device_count) now and then deadlock in XLA:CPU's in-process
-# all-reduce on this 2-core machine (a rendezvous timeout aborts the process), so the
-# sharding checks start their own 4-device processes (test_steps.py, test_multihost.py).
+from deepfashion_jax.data import synthetic
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deepfashion_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+def pytest_configure(config):  # pylint: disable=unused-argument
+  """Before any test: a persistent compilation cache shared by this process and the ones
+  the tests start (main.py runs, workers), since many tests compile the same few steps;
+  and absl flags marked parsed, which grain's worker processes read (main.py parses them:
+  tests take their defaults)."""
+  cache = tempfile.mkdtemp(prefix='deepfashion_jax_test_cache_')
+  atexit.register(shutil.rmtree, cache, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = cache
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '1'
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir', cache)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 @pytest.fixture(scope='session')

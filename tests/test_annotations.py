@@ -292,7 +292,7 @@ def test_strict_comes_from_the_config(lists, tmp_path):
   _plant_boxes(root, ODD_BOXES)
   config = test_config.get_config()
   config.data.data_dir = root
-  config.data.split = 'official'
+  config.data.partition = 'official'
   assert len(folder.load_index(config.data, str(tmp_path / 'run'))) == NUM_IMAGES
   config.data.strict = True
   with pytest.raises(annotations.AnnotationError, match='list_bbox.txt, line 7: '):
@@ -420,9 +420,9 @@ def test_baseline_split_is_disjoint_90_5_5_and_fixed(lists):
   split = annotations.baseline_split(10000)
   np.testing.assert_array_equal(np.bincount(split), [9000, 500, 500])
   np.testing.assert_array_equal(split, annotations.baseline_split(10000))
-  index = annotations.load_deepfashion(root, split='baseline')
+  index = annotations.load_deepfashion(root, partition='baseline')
   parts = [set(index.split_indices(name)) for name in vocabulary.SPLIT_NAMES]
   assert sum(len(p) for p in parts) == NUM_IMAGES
   assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
-  with pytest.raises(ValueError, match='split must be one of'):
-    annotations.load_deepfashion(root, split='random')
+  with pytest.raises(ValueError, match='partition must be one of'):
+    annotations.load_deepfashion(root, partition='random')

@@ -4,24 +4,25 @@ are refused with a message that says why."""
 
 import collections
 import dataclasses
+import json
 import os
 import pickle
 import re
 import struct
-import sys
 import zipfile
 
 from flax import nnx
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 torch = pytest.importorskip('torch')
 
-from deepfashion_jax import convert_torch  # pylint: disable=g-import-not-at-top
+from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+from deepfashion_jax import convert_torch
 from deepfashion_jax.models import fashion_net
-sys.path.insert(0, os.path.dirname(__file__))
-import torch_reference  # pylint: disable=g-import-not-at-top
+from tests import helpers
 
 # torch.save's zip format (PyTorch >= 1.6) and its legacy format (what PyTorch < 1.6 wrote).
 FORMATS = ('zip', 'legacy')
@@ -368,5 +369,44 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
   model = fashion_net.FashionNet(backbone=18, image_size=64, roi_pool='baseline_max',
                                  rngs=nnx.Rngs(0))
   with pytest.raises(convert_torch.CheckpointError,
-                     match=r"unexpected \['extra_head.weight'\]; missing \['fc_bin.bias'\]"):
+                     match=r"unexpected \['extra_head.weight'\]; "
+                           r"missing \['attribute_classifier.bias'\]"):
     convert_torch.load_baseline_into(model, path)
+
+
+def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path, saves_as_on_a_gpu):
+  """A checkpoint as the baseline's users have them (PyTorch < 1.6's format, saved from a
+  GPU, through nn.DataParallel) converts, evaluates and predicts."""
+  torch = pytest.importorskip('torch')
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from deepfashion_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from deepfashion_jax import convert_torch  # pylint: disable=g-import-not-at-top
+  reference = torch_reference.FashionResnet(18, feature_size=3)  # 72 px
+  path = str(tmp_path / 'epoch_3.pth')
+  optimiser = torch.optim.Adam(reference.parameters())
+  torch.save({'model': torch.nn.DataParallel(reference).state_dict(),
+              'optim': optimiser.state_dict(), 'epoch': 3}, path,
+             _use_new_zipfile_serialization=False)
+  config = test_config.get_config()
+  workdir = str(tmp_path / 'converted')
+  with pytest.raises(ValueError, match='--config.model.roi_pool=baseline_max'):
+    convert_torch.convert(config, workdir, path)
+  config.model.roi_pool = 'baseline_max'
+  assert convert_torch.convert(config, workdir, path) == 0
+  results = evaluate.evaluate_checkpoint(config, workdir)
+  assert 0 <= results['category_top5'] <= 1 and os.path.isfile(
+      os.path.join(workdir, 'eval_val_0.json'))
+  state = helpers.saved_state(workdir, 0)
+  kernel = np.asarray(state['params']['backbone']['conv1']['kernel']['value'])
+  np.testing.assert_array_equal(
+      kernel, reference.state_dict()['basemodel.0.weight'].numpy().transpose(2, 3, 1, 0))
+  # Prediction uses the converted checkpoint directly, with the baseline's pooling even
+  # when the config names another (the checkpoint's config wins, with a warning).
+  from deepfashion_jax import predict  # pylint: disable=g-import-not-at-top
+  photo = str(tmp_path / 'photo.jpg')
+  Image.new('RGB', (120, 200), (200, 30, 30)).save(photo)
+  config.model.roi_pool = 'align'
+  with open(predict.predict(config, workdir, photo, str(tmp_path / 'out'))) as f:
+    line = json.loads(f.readline())
+  assert line['path'] == photo and len(line['categories']) == 5 and os.path.isfile(line['figure'])

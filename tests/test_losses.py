@@ -8,7 +8,11 @@ import pytest
 from deepfashion_jax import losses
 from deepfashion_jax.data import vocabulary
 
-torch = pytest.importorskip('torch')
+
+@pytest.fixture(name='torch')
+def torch_module():
+  """PyTorch, for the comparisons (skipped where no CPU build is installed)."""
+  return pytest.importorskip('torch')
 
 
 def _random(seed, batch=6, attributes=40):
@@ -19,7 +23,7 @@ def _random(seed, batch=6, attributes=40):
 
 @pytest.mark.parametrize('reduce_sum', [False, True])
 @pytest.mark.parametrize('weighted', [False, True])
-def test_bce_is_torchs(reduce_sum, weighted):
+def test_bce_is_torchs(reduce_sum, weighted, torch):
   logits, positive = _random(0)
   pos_weight = np.linspace(0.5, 3.0, logits.shape[1]).astype(np.float32) if weighted else None
   got = losses.attribute_loss(jnp.asarray(logits), jnp.asarray(positive), 'bce', reduce_sum,
@@ -49,7 +53,7 @@ def test_pos_weight_is_negatives_over_positives_scaled_to_its_maximum():
   np.testing.assert_allclose(weights, np.array([1, 9, 99]) * 5 / 99, rtol=1e-6)
 
 
-def test_single_head_category_loss_is_torchs_cross_entropy():
+def test_single_head_category_loss_is_torchs_cross_entropy(torch):
   rng = np.random.default_rng(1)
   logits = rng.normal(size=(5, 50)).astype(np.float32)
   labels = rng.integers(0, 50, 5)

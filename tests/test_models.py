@@ -1,8 +1,5 @@
 """The Flax ResNet and FashionNet: architecture, dtypes, heads and the box-gradient option."""
 
-import os
-import sys
-
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -12,6 +9,7 @@ import pytest
 from deepfashion_jax.data import vocabulary
 from deepfashion_jax.models import fashion_net
 from deepfashion_jax.models import resnet
+from deepfashion_jax.models import xla_cpu
 
 # torchvision's published parameter counts (with fc) minus fc (512 or 2048 x 1000 + 1000).
 TORCHVISION_BACKBONE_PARAMETERS = {
@@ -32,8 +30,7 @@ def test_parameter_counts_equal_torchvision(depth):
 @pytest.mark.parametrize('depth', [18, 50])
 def test_parameter_counts_equal_the_torch_reference(depth):
   torch = pytest.importorskip('torch')
-  sys.path.insert(0, os.path.dirname(__file__))
-  import torch_reference  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
   model = nnx.eval_shape(lambda: fashion_net.FashionNet(backbone=depth, rngs=nnx.Rngs(0)))
   reference = torch_reference.FashionResnet(depth, 7)
   assert _parameter_count(model) == sum(p.numel() for p in reference.parameters())
@@ -50,8 +47,7 @@ def test_initialisation_has_the_moments_of_the_baselines(tmp_path):
   """Every array starts with the spread torch gives it: torchvision's ResNet init for the
   backbone, nn.Linear / nn.Conv2d defaults for the box branch and the heads."""
   torch = pytest.importorskip('torch')
-  sys.path.insert(0, os.path.dirname(__file__))
-  import torch_reference  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
   from deepfashion_jax import convert_torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   path = str(tmp_path / 'init.pth')
@@ -61,7 +57,7 @@ def test_initialisation_has_the_moments_of_the_baselines(tmp_path):
   ours = _flat_parameters(fashion_net.FashionNet(rngs=nnx.Rngs(0)))
   theirs = _flat_parameters(as_torch)
   # The converted category head moves the baseline's logit i + 1 to our column i.
-  for leaf in ('fc_cls.kernel', 'fc_cls.bias'):
+  for leaf in ('category_classifier.kernel', 'category_classifier.bias'):
     ours[leaf], theirs[leaf] = ours[leaf][..., :49], theirs[leaf][..., :49]
   assert ours.keys() == theirs.keys()
   for name, value in ours.items():
@@ -97,12 +93,14 @@ def test_unknown_depth_is_refused():
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
 def test_activations_in_dtype_parameters_and_outputs_in_float32(dtype):
   model = fashion_net.FashionNet(image_size=64, dtype=dtype, rngs=nnx.Rngs(0))
-  stages = model.backbone(jnp.zeros((1, 64, 64, 3), dtype))
+  # Jitted: one compilation is quicker than running the model op by op.
+  run = nnx.jit(lambda model, images: (model.backbone(jnp.zeros((1, 64, 64, 3), dtype)),
+                                       model(images)))
+  stages, outputs = run(model, jnp.zeros((2, 64, 64, 3), jnp.uint8))
   assert stages['layer4'].dtype == dtype
   dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Any(nnx.Param,
                                                                       nnx.BatchStat)))}
   assert dtypes == {jnp.dtype(jnp.float32)}
-  outputs = model(jnp.zeros((2, 64, 64, 3), jnp.uint8))
   assert all(v.dtype == jnp.float32 for v in outputs.values())
   assert all(bool(jnp.isfinite(v).all()) for v in outputs.values())
 
@@ -132,7 +130,7 @@ def test_per_garment_type_head_is_type_times_category_given_type():
   model = fashion_net.FashionNet(image_size=64, category_head='per_garment_type',
                                  category_types=vocabulary.CATEGORY_TYPES, rngs=nnx.Rngs(0))
   images = jax.random.randint(jax.random.PRNGKey(0), (3, 64, 64, 3), 0, 256).astype(jnp.uint8)
-  outputs = model(images)
+  outputs = nnx.jit(lambda model, images: model(images))(model, images)
   p_type = jax.nn.softmax(outputs['garment_type_logits'])
   p_category = jax.nn.softmax(outputs['category_logits'])
   np.testing.assert_allclose(p_category.sum(axis=1), 1.0, rtol=1e-5)
@@ -152,8 +150,8 @@ def test_box_gradient_into_roi_is_an_option(flows):
   def category_loss(model):  # reaches the box branch only through the pooled box
     return model(images)['category_logits'].sum()
 
-  grads = nnx.grad(category_loss)(model)
-  box_grad = jnp.abs(grads.fc_bbox_xy.kernel[...]).sum()
+  grads = nnx.jit(nnx.grad(category_loss))(model)
+  box_grad = jnp.abs(grads.box_top_left.kernel[...]).sum()
   assert (box_grad > 0) == flows
 
 
@@ -193,16 +191,15 @@ def test_convolution_gradients_are_lax_convolutions(size, in_features, kernel, s
   # convolution as lax's, on operands laid out for XLA: equal bit for bit. The input
   # gradient of a 3 x 3 stride-2 convolution on even maps is summed by phases: equal up to
   # rounding; every other input gradient is lax's own.
-  from deepfashion_jax import steps  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(3, size, size + 2, in_features)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, in_features, 5)), jnp.float32)
   pad = ((kernel // 2,) * 2,) * 2
-  ours = lambda x, w: resnet.conv_general_dilated(x, w, (stride, stride), pad,
-                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ours = lambda x, w: xla_cpu.conv_general_dilated(x, w, (stride, stride), pad,
+                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   reference = lambda x, w: _lax_conv(w, x, stride, kernel // 2)
   loss = lambda f: lambda x, w: (jnp.sin(f(x, w)) * jnp.arange(5)).sum()
-  jit = lambda f: jax.jit(f, compiler_options=steps.CPU_COMPILER_OPTIONS)
+  jit = lambda f: jax.jit(f, compiler_options=xla_cpu.CPU_COMPILER_OPTIONS)
   grads = [jit(jax.grad(loss(f), (0, 1)))(x, w) for f in (ours, reference)]
   np.testing.assert_array_equal(ours(x, w), reference(x, w))
   np.testing.assert_array_equal(grads[0][1], grads[1][1])
@@ -219,12 +216,12 @@ def test_backbone_convolutions_take_the_custom_gradient():
   # bfloat16 too: the gradient stays within bfloat16's rounding of lax's.
   w = conv.kernel[...].astype(jnp.bfloat16)
   f = lambda g: lambda w: (g(x, w).astype(jnp.float32) ** 2).sum()
-  ours = jax.grad(f(lambda x, w: resnet.conv_general_dilated(
+  ours = jax.grad(f(lambda x, w: xla_cpu.conv_general_dilated(
       x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))))(w)
   theirs = jax.grad(f(lambda x, w: _lax_conv(w, x, 2, 1)))(w)
   np.testing.assert_allclose(ours.astype(np.float32), theirs.astype(np.float32), rtol=2e-2)
   # Anything but a plain NHWC convolution is lax's, untouched.
-  dilated = lambda x: resnet.conv_general_dilated(
+  dilated = lambda x: xla_cpu.conv_general_dilated(
       x, w, (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2),
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   assert 'custom_vjp_call' not in str(jax.make_jaxpr(dilated)(x))
@@ -238,14 +235,14 @@ def test_max_pool_value_and_gradient_are_reduce_windows(shape):
   rng = np.random.default_rng(0)
   x = jnp.asarray(np.maximum(rng.integers(-2, 3, shape), 0), jnp.float32)
   reference = lambda x: nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-  out = resnet.max_pool_3x3_stride_2(x)
+  out = xla_cpu.max_pool_3x3_stride_2(x)
   np.testing.assert_array_equal(out, reference(x))
   g = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
-  ours = jax.vjp(resnet.max_pool_3x3_stride_2, x)[1](g)[0]
+  ours = jax.vjp(xla_cpu.max_pool_3x3_stride_2, x)[1](g)[0]
   theirs = jax.vjp(reference, x)[1](g)[0]
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
   # Every output's gradient lands on exactly one input: nothing is split between ties.
-  ones = jax.vjp(resnet.max_pool_3x3_stride_2, x)[1](jnp.ones_like(out))[0]
+  ones = jax.vjp(xla_cpu.max_pool_3x3_stride_2, x)[1](jnp.ones_like(out))[0]
   assert set(np.unique(np.asarray(ones))) <= set(range(10))
 
 
@@ -264,7 +261,7 @@ def test_max_pool_gradient_reaches_every_window_when_xla_recomputes_its_input():
       return jnp.vdot(pool(jax.nn.relu(normalised * 1.3 + 0.1)), g)
     return jax.jit(jax.grad(loss))(x)
 
-  np.testing.assert_allclose(gradient(resnet.max_pool_3x3_stride_2), gradient(reference),
+  np.testing.assert_allclose(gradient(xla_cpu.max_pool_3x3_stride_2), gradient(reference),
                              rtol=1e-4, atol=1e-5)
 
 

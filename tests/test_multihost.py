@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from deepfashion_jax import checkpoints
 
@@ -91,7 +92,7 @@ def _initial_params():
   config = test_config.get_config()
   config.data.crop_size, config.data.img_size = 64, 72  # as FLAGS
   mesh = sharding.make_mesh(jax.devices()[:1])
-  _, state = steps.create_train_state(config, mesh, np.zeros(1000, np.int8))
+  _, state = steps.create_train_state(config, mesh)
   return [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
@@ -99,6 +100,7 @@ def _updates(workdir, step, initial):
   return [np.asarray(x) - start for x, start in zip(_params(workdir, step), initial)]
 
 
+@pytest.mark.slow
 def test_two_processes_preempted_and_resumed_equal_uninterrupted_ones(synthetic_folder,
                                                                       tmp_path):
   data_dir, workdir = synthetic_folder[0], str(tmp_path / 'two')

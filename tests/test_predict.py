@@ -14,6 +14,7 @@ from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax import train
 from deepfashion_jax.data import annotations
+from deepfashion_jax.data import photos as photos_lib
 from deepfashion_jax.data import transforms
 from deepfashion_jax.data import vocabulary
 
@@ -60,10 +61,10 @@ def _lines(path):
 
 
 def test_finds_files_and_recurses_folders(photos):
-  found = predict.find_images(f"{photos['small'][0]}, {photos['folder']}")
+  found = photos_lib.find_images(f"{photos['small'][0]}, {photos['folder']}")
   assert found == [photos['small'][0], photos['big'], photos['text']]
   with pytest.raises(ValueError, match='names no image'):
-    predict.find_images(' , ')
+    photos_lib.find_images(' , ')
 
 
 @pytest.mark.parametrize('ten_crop', [True, False])
@@ -74,13 +75,14 @@ def test_a_box_maps_back_to_the_original_pixels(ten_crop):
   config.predict.ten_crop = ten_crop
   original = np.array([150.0, 120.0, 420.0, 500.0])  # in a 600 x 540 photo
   scale = 2.0  # the photo's canvas copy is 300 x 270
-  image_crops = predict.crops(270, 300, config)
+  image_crops = photos_lib.crops(270, 300, config.data.img_size, config.data.crop_size,
+                               ten_crop)
   assert len(image_crops) == (10 if ten_crop else 1)
   for crop in image_crops:
     inside = np.array([*np.maximum(crop.region[:2], original[:2] / scale),
                        *np.minimum(crop.region[2:], original[2:] / scale)])
     in_crop = transforms.crop_box(inside, crop)
-    np.testing.assert_allclose(predict.box_in_pixels(in_crop, crop, scale), inside * scale,
+    np.testing.assert_allclose(crop.box_in_image(in_crop) * scale, inside * scale,
                                rtol=1e-5, atol=1e-3)
 
 
@@ -92,7 +94,7 @@ def test_predictions_and_figures(trained_workdir, photos, synthetic_folder, tmp_
 
   def capture(*args):
     jitted = jit_steps(*args)
-    compiled.append(jitted[2])
+    compiled.append(jitted.predict)
     return jitted
 
   monkeypatch.setattr(steps, 'jit_steps', capture)
@@ -129,7 +131,7 @@ def test_centre_crop_temperature_and_the_per_garment_type_head(synthetic_folder,
   config.predict.ten_crop = False
   workdir = str(tmp_path / 'run')
   mesh = sharding.make_mesh()
-  _, state = steps.create_train_state(config, mesh, np.zeros(vocabulary.NUM_ATTRIBUTES))
+  _, state = steps.create_train_state(config, mesh)
   manager = checkpoints.create_manager(workdir)
   checkpoints.save(manager, 0, state)
   manager.wait_until_finished()
@@ -147,7 +149,7 @@ def test_centre_crop_temperature_and_the_per_garment_type_head(synthetic_folder,
 def test_without_a_data_folder_the_built_in_names(tmp_path):
   config = _config('')
   config.data.synthetic_images = 0
-  words = predict.load_vocabulary(config, str(tmp_path))
+  words = photos_lib.load_output_names(config.data, str(tmp_path))
   assert words.category_names == vocabulary.CATEGORY_NAMES
   assert [name for name, _ in words.attribute_groups] == ['attributes']
   assert len(words.attribute_groups[0][1]) == vocabulary.NUM_ATTRIBUTES

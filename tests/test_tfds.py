@@ -13,6 +13,7 @@ from deepfashion_jax.data import annotations
 from deepfashion_jax.data import pipeline
 from deepfashion_jax.data import sources
 from deepfashion_jax.data import tfds_builder
+from deepfashion_jax.data import vocabulary
 
 OPTIONS = pipeline.ImageOptions(img_size=80, crop_size=72)
 
@@ -37,7 +38,7 @@ def _assert_same_record(a: dict, b: dict, where: str):
       assert value == b[key], f'{where} {key}: {value!r} != {b[key]!r}'
 
 
-@pytest.mark.parametrize('split', tfds_builder.SPLITS)
+@pytest.mark.parametrize('split', vocabulary.SPLIT_NAMES)
 def test_both_sources_hold_the_same_examples_in_the_same_order(prepared, split):
   index, tfds_dir = prepared
   folder_source = sources.FolderSource(index, index.split_indices(split))
@@ -54,7 +55,7 @@ def test_missing_images_stay_missing(prepared):
   index, tfds_dir = prepared
   del index
   missing = 0
-  for split in tfds_builder.SPLITS:
+  for split in vocabulary.SPLIT_NAMES:
     source = sources.TfdsSource(tfds_dir, split)
     missing += sum(source[p]['image_bytes'] is None for p in range(len(source)))
   assert missing

@@ -41,7 +41,8 @@ PARTITION = 'Eval/list_eval_partition.txt'
 REQUIRED_FILES = (CATEGORY_CLOTH, CATEGORY_IMG, ATTR_CLOTH, ATTR_IMG, BBOX, PARTITION)
 ALL_FILES = REQUIRED_FILES + (LANDMARKS,)
 
-SPLITS = ('official', 'baseline')
+# How the images are cut into train / val / test (config.data.partition).
+PARTITIONS = ('official', 'baseline')
 # Bump when the cached arrays change meaning, so that old caches are parsed anew.
 _CACHE_FORMAT = 1
 _ATTR_CHUNK_BYTES = 32 << 20
@@ -51,6 +52,14 @@ _ODD_ROWS_SHOWN = 5
 
 class AnnotationError(ValueError):
   """A DeepFashion list file is missing or does not have the documented format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributeFacts:
+  """What the loss and the metrics need to know of a dataset's attributes."""
+  types: np.ndarray  # (A,) int8: 0 texture, 1 fabric, 2 shape, 3 part, 4 style
+  train_positives: np.ndarray  # (A,) int64: training images with the attribute positive
+  train_images: int  # images in the training split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +102,14 @@ class DeepFashionIndex:
     if name not in vocabulary.SPLIT_NAMES:
       raise ValueError(f'split must be one of {vocabulary.SPLIT_NAMES}, got {name!r}')
     return np.flatnonzero(self.split == vocabulary.SPLIT_NAMES.index(name))
+
+  def attribute_facts(self) -> AttributeFacts:
+    """The attributes' types and their positives in the training split."""
+    train = self.split_indices('train')
+    positives = np.zeros(self.num_attributes, np.int64)
+    for start in range(0, len(train), 8192):  # a few MB at a time, not a copy of the split
+      positives += self.attribute_positive[train[start:start + 8192]].sum(axis=0)
+    return AttributeFacts(self.attribute_types, positives, len(train))
 
   def image_dir(self) -> str:
     """The folder that the lists' 'img/...' paths are relative to."""
@@ -624,13 +641,13 @@ def baseline_split(num_images: int, seed: int = 0) -> np.ndarray:
   return split
 
 
-def with_split(index: DeepFashionIndex, split: str) -> DeepFashionIndex:
-  """The index with its `split` field set by the option `official` or `baseline`."""
-  if split == 'official':
+def with_partition(index: DeepFashionIndex, partition: str) -> DeepFashionIndex:
+  """The index with its `split` field set by the partition `official` or `baseline`."""
+  if partition == 'official':
     return index
-  if split == 'baseline':
+  if partition == 'baseline':
     return dataclasses.replace(index, split=baseline_split(len(index)))
-  raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+  raise ValueError(f'partition must be one of {PARTITIONS}, got {partition!r}')
 
 
 # ----------------------------------------------------------------------------- cache
@@ -692,7 +709,7 @@ def _load_cache(path: str) -> DeepFashionIndex:
   return DeepFashionIndex(**fields)
 
 
-def load_deepfashion(root: str, cache_dir: Optional[str] = None, split: str = 'official',
+def load_deepfashion(root: str, cache_dir: Optional[str] = None, partition: str = 'official',
                      strict: bool = False) -> DeepFashionIndex:
   """The index of a DeepFashion folder, parsed once and then read from `cache_dir`.
 
@@ -701,12 +718,12 @@ def load_deepfashion(root: str, cache_dir: Optional[str] = None, split: str = 'o
   Cached or parsed, the index's geometry is checked (`check_geometry`, refusing odd boxes
   and landmarks when `strict`).
   """
-  if split not in SPLITS:
-    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+  if partition not in PARTITIONS:
+    raise ValueError(f'partition must be one of {PARTITIONS}, got {partition!r}')
   root = os.path.abspath(root)
   index = _cached_or_parsed(root, cache_dir) if cache_dir else _parse_lists(root)
   check_geometry(index, strict)
-  return with_split(index, split)
+  return with_partition(index, partition)
 
 
 def _cached_or_parsed(root: str, cache_dir: str) -> DeepFashionIndex:

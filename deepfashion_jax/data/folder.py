@@ -81,4 +81,4 @@ def load_index(data_config, workdir: str) -> annotations.DeepFashionIndex:
   config.data.strict, boxes and landmarks outside their image are refused."""
   root = data_root(data_config, workdir)
   return annotations.load_deepfashion(root, annotation_cache_dir(data_config, workdir),
-                                      split=data_config.split, strict=data_config.strict)
+                                      partition=data_config.partition, strict=data_config.strict)

@@ -238,15 +238,19 @@ def iterate(dataset: grain.MapDataset, threads: int = 2, processes: int = 0,
   """A checkpointable iterator over a dataset's batches.
 
   `threads` decode in parallel within a process: libjpeg-turbo releases the GIL, and with
-  no copy between processes this is the fastest layout on a few cores (RESULTS.md).
+  no copy between processes this is the fastest layout on a few cores
+  (benchmarks/RESULTS.md).
   `processes` > 0 adds grain worker processes, each with `threads` threads, for hosts with
   many cores, where the Python work per image would otherwise contend for one GIL.
   """
   iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                            prefetch_buffer_size=prefetch))
   if processes > 0:
-    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside main.py
-      flags.FLAGS.mark_as_parsed()  # (tests, notebooks) take their defaults
+    if not flags.FLAGS.is_parsed():
+      raise ValueError(
+          f'config.data.processes={processes} starts grain worker processes, which read '
+          "grain's absl flags: parse the flags first (main.py does; a test or a notebook "
+          'calls absl.flags.FLAGS.mark_as_parsed() to take their defaults)')
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=processes, per_worker_buffer_size=prefetch))
   return iter(iter_dataset)

@@ -15,6 +15,8 @@ import numpy as np
 
 from deepfashion_jax.data import annotations
 
+SOURCES = ('folder', 'tfds')  # config.data.source
+
 
 class FolderSource:
   """The images of chosen rows of a DeepFashion folder, read from disk on demand.
@@ -60,9 +62,8 @@ class TfdsSource:
   the folder source's position p of the same split.
 
   Records are read as raw bytes and only the fields the pipeline uses are parsed, with
-  TFDS's own tf.train.Example proto: 24-36 us a record against 101 us for TFDS's full
-  deserialisation of every field (landmarks and sizes included), which held the GIL
-  against two decoding threads: 1,810 img/s instead of 2,487 (benchmarks/RESULTS.md).
+  TFDS's own tf.train.Example proto: TFDS's full deserialisation of every field holds the
+  GIL against the decoding threads (figures in benchmarks/RESULTS.md).
   """
 
   def __init__(self, tfds_dir: str, split: str):
@@ -99,13 +100,11 @@ class TfdsSource:
 def make_source(data_config, index: annotations.DeepFashionIndex, split: str, tfds_dir: str):
   """The configured source of one split: the folder's files or the prepared TFDS dataset.
 
-  The TFDS dataset holds the official partition; its split must have the index's rows.
+  The TFDS dataset holds the official partition (config_checks refuses another); its split
+  must have the index's rows.
   """
   if data_config.source == 'folder':
     return FolderSource(index, index.split_indices(split))
-  if data_config.split != 'official':
-    raise ValueError(f"config.data.source='tfds' reads the official partition; "
-                     f"config.data.split={data_config.split!r} needs config.data.source='folder'")
   source = TfdsSource(tfds_dir, split)
   if len(source) != len(index.split_indices(split)):
     raise ValueError(

@@ -25,13 +25,11 @@ from tensorflow_datasets.core import shuffle as tfds_shuffle
 from deepfashion_jax.data import annotations
 from deepfashion_jax.data import vocabulary
 
-SPLITS = ('train', 'val', 'test')
 NUM_ATTRIBUTES = vocabulary.NUM_ATTRIBUTES  # the benchmark's; stored bit-packed
 _ATTRIBUTE_BYTES = -(-NUM_ATTRIBUTES // 8)
 # TFDS buffers examples in memory up to this size before it spills them to disk; its
-# default (1 GB) would hold a sixth of the real images (5.8 GB of JPEGs). Measured on the
-# demo's 6,000-image folder (under this buffer): 241 MB peak for the whole process, index
-# and imports included; the real folder, which spills, was not measured here.
+# default (1 GB) would hold a sixth of the real images (memory figures in
+# benchmarks/RESULTS.md).
 _WRITER_MEMORY_BYTES = 128 << 20
 _LOG_EVERY_SECONDS = 30
 
@@ -87,7 +85,7 @@ class DeepFashionCategoryAttribute(tfds.core.GeneratorBasedBuilder):
     index = self._index
     if index is None:
       index = annotations.load_deepfashion(os.fspath(dl_manager.manual_dir))
-    return {split: self._generate_examples(index, split) for split in SPLITS}
+    return {split: self._generate_examples(index, split) for split in vocabulary.SPLIT_NAMES}
 
   def _generate_examples(self, index: annotations.DeepFashionIndex, split: str):
     rows = index.split_indices(split)
@@ -173,9 +171,9 @@ def prepare(index: annotations.DeepFashionIndex, tfds_dir: str) -> str:
   if index.num_attributes != NUM_ATTRIBUTES:
     raise ValueError(f'{index.root} lists {index.num_attributes} attributes; the TFDS dataset '
                      f'stores the benchmark\'s {NUM_ATTRIBUTES}')
-  if not all(len(index.split_indices(split)) for split in SPLITS):
+  if not all(len(index.split_indices(split)) for split in vocabulary.SPLIT_NAMES):
     raise ValueError('The TFDS dataset needs the official train/val/test partition '
-                     '(config.data.split=official) with images in every split.')
+                     '(config.data.partition=official) with images in every split.')
   builder = DeepFashionCategoryAttribute(data_dir=tfds_dir, index=index,
                                          file_format='array_record')
   total = len(index)

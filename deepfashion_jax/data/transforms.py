@@ -76,10 +76,23 @@ def fit_to_canvas(image: np.ndarray, bbox: np.ndarray, canvas_size: int):
   return resized, bbox * factors
 
 
+EVAL_CROPS = ('resize', 'center_crop')  # config.data.eval_crop
+
+
 @dataclasses.dataclass(frozen=True)
 class Crop:
   region: np.ndarray  # (4,) float32: x0, y0, x1, y1 in original-image pixels
   flip: bool  # mirror horizontally after cropping
+
+  def box_in_image(self, box: np.ndarray) -> np.ndarray:
+    """A box in [0, 1] units of the crop -> pixels of the image: `crop_box`'s inverse."""
+    x1, y1, x2, y2 = box
+    if self.flip:
+      x1, x2 = 1 - x2, 1 - x1
+    x0, y0, x_end, y_end = self.region
+    width, height = x_end - x0, y_end - y0
+    return np.array([x0 + x1 * width, y0 + y1 * height, x0 + x2 * width, y0 + y2 * height],
+                    np.float64)
 
 
 def random_train_crop(rng: np.random.Generator, height: int, width: int, img_size: int,
@@ -104,7 +117,7 @@ def eval_crop(height: int, width: int, img_size: int, crop_size: int, mode: str)
     scale_x, scale_y = width / img_size, height / img_size
     return Crop(np.array([offset * scale_x, offset * scale_y, (offset + crop_size) * scale_x,
                           (offset + crop_size) * scale_y], np.float32), False)
-  raise ValueError(f"eval crop mode must be 'resize' or 'center_crop', got {mode!r}")
+  raise ValueError(f'eval crop mode must be one of {EVAL_CROPS}, got {mode!r}')
 
 
 def crop_box(bbox: np.ndarray, crop: Crop) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 from deepfashion_jax.models import resnet
 from deepfashion_jax.models import roi
 
-BOX_CHANNELS = 32  # the baseline's reduce_1x1 output channels
+BOX_CHANNELS = 32  # box_reduce's output channels (the baseline's)
 FEATURE_STRIDE = 32  # input pixels per cell of the last feature map
 ROI_POOLS = ('align', 'baseline_max')
 CATEGORY_HEADS = ('single', 'per_garment_type')
@@ -78,19 +78,19 @@ class FashionNet(nnx.Module):
     self.dtype = dtype
     linear = lambda n_in, n_out: nnx.Linear(n_in, n_out, dtype=dtype, param_dtype=jnp.float32,
                                             rngs=rngs, **torch_default_init(n_in))
-    self.reduce_1x1 = nnx.Conv(channels, BOX_CHANNELS, (1, 1), dtype=dtype,
+    self.box_reduce = nnx.Conv(channels, BOX_CHANNELS, (1, 1), dtype=dtype,
                                param_dtype=jnp.float32, rngs=rngs,
                                **torch_default_init(channels))
     flat = BOX_CHANNELS * self.feature_size ** 2
-    self.fc_bbox_xy = linear(flat, 2)
-    self.fc_bbox_offset = linear(flat, 2)
+    self.box_top_left = linear(flat, 2)
+    self.box_size = linear(flat, 2)
     joined = channels * (1 + roi_output_size ** 2)
     # Not in the baseline (0 by default); its randomness comes from the step's rng.
     self.dropout = nnx.Dropout(dropout)
-    self.fc_bin = linear(joined, num_attributes)
+    self.attribute_classifier = linear(joined, num_attributes)
     self.category_head = category_head
     if category_head == 'single':
-      self.fc_cls = linear(joined, num_categories)
+      self.category_classifier = linear(joined, num_categories)
     else:
       if category_types is None:
         raise ValueError("category_head='per_garment_type' needs each category's garment type")
@@ -99,16 +99,17 @@ class FashionNet(nnx.Module):
       # Static: the categories (columns of the 50-way logits) of each garment type.
       self.type_columns = tuple(tuple(np.flatnonzero(types == t).tolist())
                                 for t in range(int(types.max()) + 1))
-      self.fc_garment_type = linear(joined, len(self.type_columns))
-      self.fc_cls_per_type = nnx.List([linear(joined, len(c)) for c in self.type_columns])
+      self.garment_type_classifier = linear(joined, len(self.type_columns))
+      self.per_type_category_classifiers = nnx.List(
+          [linear(joined, len(c)) for c in self.type_columns])
 
   def predict_box(self, features):
     """The baseline's box branch; flattens in PyTorch's NCHW order so its weights map."""
-    reduced = self.reduce_1x1(features)
+    reduced = self.box_reduce(features)
     flat = jnp.transpose(reduced, (0, 3, 1, 2)).reshape(reduced.shape[0], -1)
-    xy = jax.nn.sigmoid(self.fc_bbox_xy(flat).astype(jnp.float32))
-    offset = jax.nn.sigmoid(self.fc_bbox_offset(flat).astype(jnp.float32))
-    return jnp.concatenate([xy, xy + offset], axis=-1)
+    top_left = jax.nn.sigmoid(self.box_top_left(flat).astype(jnp.float32))
+    size = jax.nn.sigmoid(self.box_size(flat).astype(jnp.float32))
+    return jnp.concatenate([top_left, top_left + size], axis=-1)
 
   def local_features(self, features, box):
     """(B, C * S * S) features pooled from the box, flattened channel-major like PyTorch.
@@ -140,20 +141,21 @@ class FashionNet(nnx.Module):
     joined = jnp.concatenate([global_features, self.local_features(features, box)], axis=-1)
     joined = self.dropout(joined, rngs=dropout_rng)
     outputs = {'box': box,
-               'attribute_logits': self.fc_bin(joined).astype(jnp.float32)}
+               'attribute_logits': self.attribute_classifier(joined).astype(jnp.float32)}
     if self.category_head == 'single':
-      outputs['category_logits'] = self.fc_cls(joined).astype(jnp.float32)
+      outputs['category_logits'] = self.category_classifier(joined).astype(jnp.float32)
     else:
       outputs.update(self._per_garment_type(joined))
     return outputs
 
   def _per_garment_type(self, joined) -> dict:
     """A garment-type head and one classifier per type, combined into 50-way logits."""
-    type_logits = self.fc_garment_type(joined).astype(jnp.float32)
+    type_logits = self.garment_type_classifier(joined).astype(jnp.float32)
     log_type = jax.nn.log_softmax(type_logits)
     within = jnp.full((joined.shape[0], self.num_categories), -jnp.inf, jnp.float32)
     category = within
-    for t, (head, columns) in enumerate(zip(self.fc_cls_per_type, self.type_columns)):
+    for t, (head, columns) in enumerate(zip(self.per_type_category_classifiers,
+                                            self.type_columns)):
       logits = head(joined).astype(jnp.float32)
       columns = np.asarray(columns)
       within = within.at[:, columns].set(logits)

@@ -2,7 +2,8 @@
 
 Plain torch modules named so that the state-dict keys are the baseline's (`basemodel.0.weight`,
 `basemodel.4.0.conv1.weight`, ..., `reduce_1x1.*`, `fc_bbox_xy.*`, `fc_cls.*`, `fc_bin.*`);
-torchvision is not needed. Used only by the tests, to check the conversion and the model.
+torchvision is not needed. Used by the tests, to check the conversion and the model, and by
+the benchmarks that run the baseline's step (train_step, compare_baseline).
 """
 
 import torch

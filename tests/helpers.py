@@ -1,0 +1,50 @@
+"""What the end-to-end tests share: running main.py on the tiny config, reading back what
+a run saved."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import orbax.checkpoint as ocp
+
+from configs import test as test_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One CPU device whatever the caller's XLA_FLAGS: what these runs test does not depend on
+# the device count (tests/test_sharding.py checks that).
+ONE_DEVICE = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+
+
+def tiny_config(data_dir: str, **fields):
+  """configs/test.py on `data_dir`, with top-level fields changed."""
+  config = test_config.get_config()
+  config.data.data_dir = data_dir
+  for name, value in fields.items():
+    config[name] = value
+  return config
+
+
+def main_command(workdir: str, data_dir: str, *flags) -> list:
+  return [sys.executable, os.path.join(ROOT, 'main.py'), '--config=configs/test.py',
+          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *flags]
+
+
+def run_main(workdir: str, data_dir: str, *flags) -> subprocess.CompletedProcess:
+  """main.py on the tiny config in a process of its own; it must succeed."""
+  result = subprocess.run(main_command(workdir, data_dir, *flags), cwd=ROOT, env=ONE_DEVICE,
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def saved_state(workdir: str, step: int) -> dict:
+  """The train state saved at `step`, as orbax reads it without a target."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                                  item_names=('state', 'data'))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored['state']
+
+
+def saved_params(workdir: str, step: int) -> list:
+  return jax.tree.leaves(saved_state(workdir, step)['params'])

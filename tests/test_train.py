@@ -1,0 +1,172 @@
+"""The main job: exact resume, pre-emption, non-finite steps, failed saves, unwritable
+workdirs, and its throughput figure."""
+
+import glob
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import test as test_config
+from deepfashion_jax import checkpoints
+from deepfashion_jax import train
+from tests import helpers
+
+
+def _scalars(workdir):
+  """(step, tag) -> value of every scalar in the workdir's TensorBoard event files."""
+  from tensorflow.compat.v1 import train as tf_train  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  values = {}
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    for event in tf_train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == 'scalars':
+          values[(event.step, value.tag)] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
+def _jsonl(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {line['step']: line for line in map(json.loads, f)}
+
+
+def test_resumed_run_equals_uninterrupted_run_bit_for_bit(synthetic_folder, tmp_path,
+                                                          caplog):
+  """In this process (the SIGTERM test below resumes in a new one)."""
+  caplog.set_level(logging.INFO)
+  data_dir = synthetic_folder[0]
+  straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+  train.train_and_evaluate(helpers.tiny_config(data_dir), straight)  # 6 steps
+  train.train_and_evaluate(helpers.tiny_config(data_dir, num_train_steps=4), split)
+  caplog.clear()
+  train.train_and_evaluate(helpers.tiny_config(data_dir), split)  # steps 5 and 6
+  assert 'Resuming from the checkpoint of step 4' in caplog.text
+
+  for a, b in zip(jax.tree.leaves(helpers.saved_state(straight, 6)),
+                  jax.tree.leaves(helpers.saved_state(split, 6))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  straight_scalars, split_scalars = _scalars(straight), _scalars(split)
+  train_tags = [key for key in straight_scalars if key[1].startswith('train_')]
+  assert {step for step, _ in train_tags} == {2, 4, 6}
+  eval_tags = [key for key in straight_scalars if key[1].startswith('eval_')]
+  assert {step for step, _ in eval_tags} == {3, 6}
+  for key in train_tags + [key for key in eval_tags if key[0] == 6]:
+    np.testing.assert_equal(split_scalars[key], straight_scalars[key], err_msg=str(key))
+  assert _jsonl(split)[6] == _jsonl(straight)[6]  # the evaluation logged at the end
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(
+    synthetic_folder, tmp_path):
+  data_dir = synthetic_folder[0]
+  flags = ('--config.num_train_steps=30', '--config.eval_every_steps=30',
+           '--config.checkpoint_every_steps=30')
+  straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
+  process = subprocess.Popen(helpers.main_command(interrupted, data_dir, *flags),
+                             cwd=helpers.ROOT, stderr=subprocess.PIPE, text=True,
+                             env=helpers.ONE_DEVICE)
+  try:
+    for line in process.stderr:  # signal once step 4's training metrics are logged
+      if '] [4] train_' in line:
+        process.send_signal(signal.SIGTERM)
+        break
+    rest = process.stderr.read()
+    assert process.wait(timeout=300) == train.Preempted.EXIT_STATUS, rest[-3000:]
+  finally:
+    process.kill()
+  stopped_at = int(re.search(r'Pre-empted by SIGTERM after step (\d+)', rest).group(1))
+  assert 4 <= stopped_at < 30
+  assert os.path.isdir(os.path.join(interrupted, 'checkpoints', str(stopped_at)))
+
+  resumed = helpers.run_main(interrupted, data_dir, *flags)
+  helpers.run_main(straight, data_dir, *flags)
+  assert f'Resuming from the checkpoint of step {stopped_at}' in resumed.stderr
+  for a, b in zip(helpers.saved_params(straight, 30), helpers.saved_params(interrupted, 30)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    synthetic_folder, tmp_path):
+  # Plain SGD with an absurd learning rate: the first step is finite, then it overflows.
+  config = helpers.tiny_config(synthetic_folder[0], optimizer='sgd', learning_rate=1e30,
+                               num_train_steps=3, log_every_steps=1,
+                               checkpoint_every_steps=1, eval_every_steps=3)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(FloatingPointError) as error:
+    train.train_and_evaluate(config, workdir)
+  message = str(error.value)
+  bad_step = int(re.search(r'Step (\d+): the loss or a gradient is not finite', message).group(1))
+  kept = int(re.search(r'the last good checkpoint, step (\d+), is kept', message).group(1))
+  assert kept == bad_step - 1 >= 1
+  manager = checkpoints.create_manager(workdir, read_only=True)
+  assert max(manager.all_steps()) == kept  # nothing saved after it
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in helpers.saved_params(workdir, kept))
+
+
+def test_a_workdir_that_cannot_be_written_fails_at_start(synthetic_folder, tmp_path):
+  a_file = tmp_path / 'file'
+  a_file.write_text('')
+  with pytest.raises(OSError, match='is not a writable folder'):
+    train.train_and_evaluate(helpers.tiny_config(synthetic_folder[0]), str(a_file / 'run'))
+
+
+def test_a_failed_save_says_so_and_keeps_the_checkpoints_before_it(
+    synthetic_folder, tmp_path, monkeypatch):
+  save = ocp.CheckpointManager.save
+
+  def full_disk_after_step_2(manager, step, *args, **kwargs):
+    if step > 2:
+      raise OSError(28, 'No space left on device')
+    return save(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', full_disk_after_step_2)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(OSError, match=r'Could not save the checkpoint of step 4 .* No space left '
+                                    r'on device\. The checkpoints written before are intact: '
+                                    r'steps \[2\]'):
+    train.train_and_evaluate(helpers.tiny_config(synthetic_folder[0]), workdir)
+  assert len(helpers.saved_params(workdir, 2)) > 0
+
+
+class _Manager:
+  directory = '/runs/x/checkpoints'
+
+  def latest_step(self):
+    return 40
+
+
+@pytest.mark.parametrize('dtype, in_a_row, stops', [
+    ('float32', 1, True), ('bfloat16', 3, True), ('float16', 3, False),
+    ('float16', 25, False), ('float16', 26, True)])
+def test_float16_tolerates_a_few_skipped_steps_in_a_row_and_stops_on_many(
+    dtype, in_a_row, stops):
+  config = test_config.get_config()
+  config.dtype = dtype  # config.max_nonfinite_in_a_row = 25
+  logged = dict(nonfinite_steps=in_a_row, first_nonfinite_step=43,
+                nonfinite_in_a_row=in_a_row, loss_scale=2.0 ** 10)
+  if not stops:
+    train.stop_if_diverged(config, logged, _Manager())
+    return
+  with pytest.raises(FloatingPointError, match='Step 43: .* the last good checkpoint, '
+                                               'step 40, is kept in /runs/x/checkpoints'):
+    train.stop_if_diverged(config, logged, _Manager())
+
+
+def test_throughput_leaves_out_the_first_interval(monkeypatch):
+  clock = iter([0.0, 10.0, 12.0, 13.0, 14.0])  # start, logs at 5 and 10, restart, log at 12
+  monkeypatch.setattr(train.time, 'perf_counter', lambda: next(clock))
+  throughput = train.Throughput(batch_size=4, step=0)
+  assert throughput.steady() is None
+  assert throughput.measure(5) == 20 / 10  # compiling included
+  assert throughput.measure(10) == 20 / 2
+  throughput.restart(10)  # an evaluation, say: not counted
+  assert throughput.measure(12) == 8 / 1
+  assert throughput.steady() == (20 + 8) / (2 + 1)
