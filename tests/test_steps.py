@@ -135,6 +135,15 @@ def test_dropout_draws_a_new_mask_each_step_and_the_same_one_on_a_restart(synthe
   assert losses[0] == losses[1] != losses[2], losses
 
 
+def test_a_state_made_for_prediction_only_refuses_to_evaluate(synthetic_folder):
+  config = test_config.get_config()
+  index, batches = _batches(synthetic_folder[0], config, 1)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  step_config, state = steps.create_train_state(config, mesh)  # no attribute facts
+  with pytest.raises(ValueError, match='it can only predict'):
+    steps.jit_steps(step_config, mesh).evaluate(state, sharding.global_batch(batches[0], mesh))
+
+
 def test_pos_weight_follows_the_training_split(synthetic_folder):
   config = test_config.get_config()
   index = annotations.read_deepfashion(synthetic_folder[0])
