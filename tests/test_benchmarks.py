@@ -27,6 +27,7 @@ def test_train_step_times_both_sides_on_the_same_batch(tmp_path):
     assert result[f'{side}_img_s'] == 2 / result[f'{side}_step_s']
 
 
+@pytest.mark.slow
 def test_the_jax_step_trains(tmp_path):
   # The timed function is a real training step: the parameters move and stay finite.
   args = train_step.parse_args(['--batch_size', '2', '--image_size', '64'])

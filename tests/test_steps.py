@@ -85,6 +85,7 @@ def test_float16_skips_an_overflowing_step_and_halves_the_loss_scale(synthetic_f
   config = test_config.get_config()
   config.dtype = 'float16'
   config.loss.reduce_sum = False  # a mean attribute loss: fewer halvings to a finite step
+  config.batch_size = 4  # float16 runs slowly on CPU
   index, batches = _batches(synthetic_folder[0], config, 1)
   huge = lambda state: state.replace(dynamic_scale=state.dynamic_scale.replace(
       scale=jax.numpy.asarray(2.0 ** 100, jax.numpy.float32)))  # float16 gradients overflow
