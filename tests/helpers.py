@@ -1,6 +1,7 @@
 """What the end-to-end tests share: running main.py on the tiny config, reading back what
 a run saved."""
 
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,12 @@ def run_main(workdir: str, data_dir: str, *flags) -> subprocess.CompletedProcess
                           capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   return result
+
+
+def logged_evaluations(workdir: str) -> dict:
+  """step -> the evaluation the run logged in metrics.jsonl at that step."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {line['step']: line for line in map(json.loads, f)}
 
 
 def saved_state(workdir: str, step: int) -> dict:

@@ -12,11 +12,6 @@ from deepfashion_jax import train
 from tests import helpers
 
 
-def _jsonl(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {line['step']: line for line in map(json.loads, f)}
-
-
 def test_evaluate_mode_writes_the_table_and_json(quirky_folder, tmp_path, capsys, caplog):
   """On the folder with bad images: the run completes and counts what it skipped."""
   caplog.set_level(logging.INFO)
@@ -34,7 +29,7 @@ def test_evaluate_mode_writes_the_table_and_json(quirky_folder, tmp_path, capsys
                    'baseline_attr_recall_top3_texture', 'bbox_iou', 'loss'}
   assert expected_keys <= set(written) and written['step'] == 6
   assert 'category_top1' in printed and 'eval_val_6.json' in printed
-  logged = _jsonl(workdir)[6]  # the training run's own evaluation of step 6
+  logged = helpers.logged_evaluations(workdir)[6]  # the training run's own evaluation of step 6
   for key in expected_keys:
     assert written[key] == pytest.approx(logged[key], rel=1e-5, abs=1e-7, nan_ok=True), key
   assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))

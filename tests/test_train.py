@@ -2,7 +2,6 @@
 workdirs, and its throughput figure."""
 
 import glob
-import json
 import logging
 import os
 import re
@@ -33,11 +32,6 @@ def _scalars(workdir):
   return values
 
 
-def _jsonl(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {line['step']: line for line in map(json.loads, f)}
-
-
 def test_resumed_run_equals_uninterrupted_run_bit_for_bit(synthetic_folder, tmp_path,
                                                           caplog):
   """In this process (the SIGTERM test below resumes in a new one)."""
@@ -60,7 +54,7 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(synthetic_folder, tmp_
   assert {step for step, _ in eval_tags} == {3, 6}
   for key in train_tags + [key for key in eval_tags if key[0] == 6]:
     np.testing.assert_equal(split_scalars[key], straight_scalars[key], err_msg=str(key))
-  assert _jsonl(split)[6] == _jsonl(straight)[6]  # the evaluation logged at the end
+  assert helpers.logged_evaluations(split)[6] == helpers.logged_evaluations(straight)[6]  # the evaluation logged at the end
 
 
 @pytest.mark.slow

@@ -103,14 +103,10 @@ def create_photos(config, workdir: str, images: str, device_count: int) -> photo
   """--images (files and folders) in batches of config.predict.batch_size photos, named
   by the folder's lists when there is a folder. Every batch has the same number of crops,
   a multiple of `device_count`: the predict step compiles once."""
-  crops_per_image = 10 if config.predict.ten_crop else 1
-  crops = config.predict.batch_size * crops_per_image
-  crops_per_batch = -(-crops // device_count) * device_count
   return photos.Photos(photos.find_images(images),
                        photos.load_output_names(config.data, workdir), config.data,
                        ten_crop=config.predict.ten_crop,
-                       images_per_batch=config.predict.batch_size,
-                       crops_per_batch=crops_per_batch)
+                       images_per_batch=config.predict.batch_size, device_count=device_count)
 
 
 def summary(config, workdir: str) -> str:

@@ -121,12 +121,15 @@ class PhotoBatch:
 
 
 class Photos:
-  """The photos to predict on, in batches of `images_per_batch` (the last one shorter)."""
+  """The photos to predict on, in batches of `images_per_batch` (the last one shorter);
+  every batch holds the same number of crops, a multiple of `device_count`."""
 
   def __init__(self, paths: list, names: OutputNames, data_config, ten_crop: bool,
-               images_per_batch: int, crops_per_batch: int):
+               images_per_batch: int, device_count: int):
     self.paths, self.names = paths, names
-    self.images_per_batch, self.crops_per_batch = images_per_batch, crops_per_batch
+    crop_count = images_per_batch * (10 if ten_crop else 1)
+    self.images_per_batch = images_per_batch
+    self.crops_per_batch = -(-crop_count // device_count) * device_count
     self._data, self._ten_crop = data_config, ten_crop
 
   def __len__(self):
