@@ -114,7 +114,7 @@ def main(argv=None):
                 data_processes=config.data.processes,
                 device=str(jax.devices()[0].device_kind), device_count=jax.device_count(),
                 end_to_end_img_s=figure, wall_s=wall)
-  print(f"end to end, {result['config']}, ResNet-{result['backbone']}, batch "
+  print(f"end to end, {result['config']}, {result['backbone']}, batch "
         f"{result['batch_size']}, {result['image_size']} px, {result['dtype']}, "
         f"{result['device']} x {result['device_count']}")
   print(f"training images/s over steps {args.warmup + 1}-{args.steps}: {figure:.1f} "

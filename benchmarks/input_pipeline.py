@@ -68,7 +68,7 @@ def device_part_rate(batch, repeats=10):
   """The jitted resize-crop-flip on this machine's JAX device (an accelerator in training)."""
   import jax  # pylint: disable=g-import-not-at-top
   step = jax.jit(lambda b: device_transforms.batch_images(b, 224))
-  arrays = {k: batch[k] for k in ('canvas', 'image_size', 'region', 'flip')}
+  arrays = {k: batch[k] for k in ('canvas', 'window', 'region', 'flip')}
   device_batch = jax.device_put(arrays)
   step(device_batch).block_until_ready()
   start = time.perf_counter()

@@ -63,7 +63,7 @@ def make_batch(batch_size: int, image_size: int, seed: int = 0) -> dict:
   categories = rng.integers(0, NUM_CATEGORIES, batch_size).astype(np.int32)
   return dict(
       canvas=rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8),
-      image_size=np.full((batch_size, 2), image_size, np.int32),
+      window=np.tile(np.array([0, 0, image_size, image_size], np.int32), (batch_size, 1)),
       region=np.tile(np.array([0, 0, image_size, image_size], np.float32), (batch_size, 1)),
       flip=np.zeros(batch_size, bool),
       bbox=np.concatenate([x1y1, x2y2], 1).astype(np.float32),
@@ -79,7 +79,7 @@ def make_batch(batch_size: int, image_size: int, seed: int = 0) -> dict:
 def benchmark_config(args):
   """The default (baseline) recipe with the reference model's box pooling."""
   config = default.get_config()
-  config.model.backbone = depth_of(args.backbone)
+  config.model.backbone = f'resnet{depth_of(args.backbone)}'  # a ResNet: torch's side is one
   config.model.roi_pool = 'baseline_max'
   config.batch_size = args.batch_size
   config.data.img_size = config.data.crop_size = args.image_size

@@ -15,7 +15,9 @@ def get_config():
   config.momentum = 0.9  # SGD momentum
   config.weight_decay = 0.0  # AdamW's decoupled decay / SGD's coupled L2 (baseline: none)
   config.decay_norms_and_biases = False  # decay biases and batch-norm parameters too
-  config.schedule = 'constant'  # 'constant' (the baseline's) or 'cosine' decay
+  config.schedule = 'constant'  # 'constant' (the baseline's), 'cosine' or 'step_decay'
+  config.decay_rate = 0.8  # 'step_decay': the rate's factor every decay_every_steps
+  config.decay_every_steps = 13_077  # 'step_decay': an epoch of 209,222 images at batch 16
   config.warmup_steps = 0  # linear warm-up from 0 to learning_rate
   config.max_nonfinite_in_a_row = 25  # float16: stop after more skipped steps in a row
   config.log_every_steps = 100  # train metrics to TensorBoard and the console
@@ -28,7 +30,7 @@ def get_config():
   config.eval = ml_collections.ConfigDict()
   config.eval.split = 'val'  # 'val' or 'test'
   config.eval.batch_size = 64  # global evaluation batch
-  config.eval.checkpoint = ''  # --mode=evaluate: '' newest, 'best', or a step number
+  config.eval.checkpoint = ''  # --mode=evaluate: '' newest, 'best', a step number, or 'all' kept
 
   config.predict = ml_collections.ConfigDict()
   config.predict.ten_crop = True  # average ten crops (the baseline's), else one centre crop
@@ -37,7 +39,8 @@ def get_config():
   config.predict.batch_size = 16  # images per jitted batch
 
   config.model = ml_collections.ConfigDict()
-  config.model.backbone = 18  # ResNet depth: 18, 34, 50, 101 or 152
+  # 'resnet18' | 'resnet34' | 'resnet50' | 'resnet101' | 'resnet152' | 'vgg16' | 'vgg16_bn'
+  config.model.backbone = 'resnet18'
   config.model.roi_pool = 'align'  # 'align' (ROI-Align) or 'baseline_max' (the baseline's)
   config.model.roi_sampling_ratio = 2  # ROI-Align samples per bin and axis (<= 0: adaptive)
   config.model.roi_aligned = True  # ROI-Align's half-pixel alignment (torchvision `aligned`)
@@ -63,8 +66,11 @@ def get_config():
   config.data.synthetic_quirks = False  # add the real release's bad files to the synthetic folder
   config.data.img_size = 256  # training: resize to img_size x img_size, then ...
   config.data.crop_size = 224  # ... a random crop_size crop (and flip); the model's input side
+  config.data.random_flip = True  # training: mirror half the crops (the baseline's; not Liu & Lu's)
   config.data.canvas_size = 300  # side of the uint8 canvas each decoded image is sent in
   config.data.eval_crop = 'resize'  # evaluation: 'resize' to crop_size (baseline) or 'center_crop'
+  config.data.crop = 'none'  # first cut to: 'none' (whole image, baseline) or 'gt_box' (published)
+  config.data.crop_margin = 10.0  # 'gt_box': pixels added to each side of the box (mmfashion's 10)
   config.data.normalization = 'baseline'  # pixels: 'baseline' (x/255-0.5)/0.5, or 'imagenet' mean/std
   config.data.strict = False  # raise on an unreadable image or an odd box/landmark row instead
   config.data.threads = 2  # decoding threads per process (libjpeg-turbo releases the GIL)

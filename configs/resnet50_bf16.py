@@ -9,7 +9,7 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.model.backbone = 50
+  config.model.backbone = 'resnet50'
   config.data.normalization = 'imagenet'  # what torchvision's ImageNet weights expect
   config.dtype = 'bfloat16'  # activations; parameters, statistics and losses stay float32
   config.batch_size = 256

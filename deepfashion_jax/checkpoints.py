@@ -14,7 +14,8 @@ used. A checkpoint whose arrays do not fit this run's model is never half-loaded
 run stops with the differences named; so does one trained with another pooling or pixel
 scaling (`_MEANING_FIELDS`), whose arrays fit but would compute something else.
 Evaluation and prediction restore through `restore_for_inference`, which takes those
-fields from the checkpoint's own config instead.
+fields from the checkpoint's own config instead (`restore_every_kept`: each kept one in
+turn, for config.eval.checkpoint=all).
 """
 
 import os
@@ -30,6 +31,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from deepfashion_jax import steps
+from deepfashion_jax.models import backbones
 
 CHECKPOINT_FOLDER = 'checkpoints'
 DAMAGED_FOLDER = 'damaged_checkpoints'
@@ -39,7 +41,8 @@ _SHAPING_FIELDS = ('model', 'dtype', 'data.crop_size', 'optimizer')
 # with the values it was trained (or converted) with. The value a checkpoint saved before
 # the field existed had is given here.
 _MEANING_FIELDS = {'model.roi_pool': 'align', 'model.roi_aligned': True,
-                   'model.roi_sampling_ratio': 2, 'data.normalization': 'baseline'}
+                   'model.roi_sampling_ratio': 2, 'data.normalization': 'baseline',
+                   'data.crop': 'none'}
 # FashionNet's attributes as checkpoints written before they were renamed name them (the
 # baseline's PyTorch names) -> their names now: such checkpoints restore under their own.
 _RENAMED = {'reduce_1x1': 'box_reduce', 'fc_bbox_xy': 'box_top_left',
@@ -145,12 +148,19 @@ def _flat_fields(tree: dict, prefix: str = '') -> dict:
 
 def _saved_config(manager, step: int) -> Optional[dict]:
   """The flattened config saved with the checkpoint of `step`; None for checkpoints
-  written without one."""
+  written without one. A backbone saved as a ResNet depth (`18`, before backbones were
+  named) reads as its name ('resnet18'), so that it is no difference from a config that
+  names the same backbone."""
   try:
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   except Exception:  # pylint: disable=broad-except  (orbax raises many kinds here)
     return None
-  return _flat_fields(saved['config']) if saved.get('config') else None
+  if not saved.get('config'):
+    return None
+  flat = _flat_fields(saved['config'])
+  if 'model.backbone' in flat:
+    flat['model.backbone'] = backbones.canonical_name(flat['model.backbone'])
+  return flat
 
 
 def _config_differences(manager, step: int, config) -> list:
@@ -253,14 +263,19 @@ def restore_newest_intact(manager, abstract_state, data_iterator=None, config=No
 # ----------------------------------------------------------------------------- inference
 
 
+EVERY_CHECKPOINT = 'all'  # config.eval.checkpoint: every kept one (--mode=evaluate only)
+
+
 def checkpoint_step(manager, choice: str) -> int:
   """config.eval.checkpoint: '' the newest, 'best', or a step number."""
   if choice == 'best':
     step = manager.best_step()
   elif choice:
     if not choice.isdigit() or int(choice) not in manager.all_steps():
+      also = (f" ('{EVERY_CHECKPOINT}' is for --mode=evaluate only)"
+              if choice == EVERY_CHECKPOINT else '')
       raise ValueError(f'config.eval.checkpoint={choice!r}: expected \'\', \'best\' or one of '
-                       f'the saved steps {manager.all_steps()}')
+                       f'the saved steps {manager.all_steps()}{also}')
     step = int(choice)
   else:
     step = manager.latest_step()
@@ -290,10 +305,35 @@ def restore_for_inference(config, workdir: str, mesh, attributes=None):
   """(config, step, StepConfig, state) of config.eval.checkpoint in `workdir`, the config
   holding the values the checkpoint was trained with (`inference_config`); `attributes`
   as in `steps.create_train_state` (None: for prediction only)."""
-  manager = create_manager(workdir, config.keep_checkpoints, config.best_metric,
-                           read_only=True)
+  manager = _read_only_manager(config, workdir)
   step = checkpoint_step(manager, config.eval.checkpoint)
   config = inference_config(manager, step, config)
   step_config, state = steps.create_train_state(config, mesh, attributes)
   state = restore_checked(manager, step, abstract_like(state), config=config)
   return config, step, step_config, state
+
+
+def restore_every_kept(config, workdir: str, mesh, attributes=None):
+  """Yields `restore_for_inference`'s (config, step, StepConfig, state) for every kept
+  checkpoint of `workdir`, in step order, one state at a time (config.eval.checkpoint=all).
+
+  They share the first one's config and StepConfig, so that the steps compile once: a
+  workdir's checkpoints come from one configuration (training refuses another), and one
+  that does not fit stops here with CheckpointMismatchError.
+  """
+  manager = _read_only_manager(config, workdir)
+  kept = sorted(manager.all_steps())
+  if not kept:
+    raise ValueError(f'no checkpoint in {manager.directory}: train first, or write one '
+                     'with --mode=convert')
+  config = inference_config(manager, kept[0], config)
+  step_config, state = steps.create_train_state(config, mesh, attributes)
+  abstract_state = abstract_like(state)
+  del state  # the initial values: only their shapes and shardings are needed
+  for step in kept:
+    yield config, step, step_config, restore_checked(manager, step, abstract_state,
+                                                     config=config)
+
+
+def _read_only_manager(config, workdir: str) -> ocp.CheckpointManager:
+  return create_manager(workdir, config.keep_checkpoints, config.best_metric, read_only=True)

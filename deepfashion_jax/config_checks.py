@@ -11,26 +11,28 @@ from deepfashion_jax.data import annotations
 from deepfashion_jax.data import sources
 from deepfashion_jax.data import transforms
 from deepfashion_jax.data import vocabulary
+from deepfashion_jax.models import backbones
 from deepfashion_jax.models import fashion_net
-from deepfashion_jax.models import resnet
 
 # Each field's allowed values, from the module that acts on them.
 _CHOICES = {
     'dtype': tuple(steps.DTYPES),
     'optimizer': steps.OPTIMIZERS,
     'schedule': steps.SCHEDULES,
-    'model.backbone': tuple(resnet.ARCHITECTURES),
+    'model.backbone': tuple(backbones.BACKBONES),
     'model.roi_pool': fashion_net.ROI_POOLS,
     'model.category_head': fashion_net.CATEGORY_HEADS,
     'loss.attribute': losses.ATTRIBUTE_LOSSES,
     'data.partition': annotations.PARTITIONS,
     'data.eval_crop': transforms.EVAL_CROPS,
+    'data.crop': transforms.CROPS,
     'data.source': sources.SOURCES,
     'data.normalization': tuple(fashion_net.NORMALIZATIONS),
     'eval.split': vocabulary.SPLIT_NAMES[1:],  # the held-out splits
 }
 _POSITIVE = ('batch_size', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
              'checkpoint_every_steps', 'keep_checkpoints', 'max_nonfinite_in_a_row',
+             'decay_every_steps',
              'eval.batch_size', 'predict.top_k_attributes', 'predict.batch_size',
              'data.img_size', 'data.crop_size', 'data.canvas_size',
              'data.threads')
@@ -45,6 +47,8 @@ def _get(config, name):
 
 def check(config):
   """Raises ValueError naming the first field with a wrong value."""
+  # The registry's own check: an old config's ResNet depth (18) is told its name now.
+  backbones.check_name(config.model.backbone, field='config.model.backbone')
   for name, choices in _CHOICES.items():
     if _get(config, name) not in choices:
       raise ValueError(f'config.{name}={_get(config, name)!r}: expected one of {choices}')
@@ -56,6 +60,8 @@ def check(config):
     raise ValueError(f"config.data.source='tfds' reads the official partition; "
                      f'config.data.partition={config.data.partition!r} needs '
                      "config.data.source='folder'")
+  if not config.data.crop_margin >= 0:
+    raise ValueError(f'config.data.crop_margin={config.data.crop_margin}: expected pixels >= 0')
   if config.data.crop_size > config.data.img_size:
     raise ValueError(f'config.data.crop_size={config.data.crop_size} is larger than '
                      f'config.data.img_size={config.data.img_size}')
@@ -72,6 +78,8 @@ def check(config):
   if config.schedule == 'cosine' and config.warmup_steps >= config.num_train_steps:
     raise ValueError(f'config.warmup_steps={config.warmup_steps} leaves no steps for the cosine '
                      f'decay: config.num_train_steps={config.num_train_steps} must be larger')
+  if not 0 < config.decay_rate <= 1:
+    raise ValueError(f'config.decay_rate={config.decay_rate}: expected a factor in (0, 1]')
   if config.learning_rate <= 0:
     raise ValueError(f'config.learning_rate={config.learning_rate}: expected a positive number')
   if not 0.0 <= config.model.dropout < 1.0:

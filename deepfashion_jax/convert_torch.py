@@ -5,7 +5,9 @@ Two kinds of file:
   `basemodel.0.weight`, ... and its heads' (`_BASELINE_MODULES` maps its module names to
   ours): a whole model (`load_baseline_into`);
 - a torchvision ResNet state dict (`conv1.weight`, `layer1.0.conv1.weight`, ..., `fc.*`
-  dropped): the backbone only (`load_torchvision_backbone_into`), the ImageNet start.
+  dropped) or VGG-16 / VGG-16-BN one (`features.<i>.weight`, ..., `classifier.*` dropped):
+  the backbone only (`load_torchvision_backbone_into`), the ImageNet start.
+A file whose backbone is not config.model.backbone is refused, saying what it holds.
 Either may come from nn.DataParallel (every key prefixed `module.`) and from any device.
 
 `read_pth` reads both formats torch.save writes: the zip archive (PyTorch >= 1.6: a pickle
@@ -22,7 +24,6 @@ import io
 import math
 import os
 import pickle
-import re
 import struct
 import sys
 import types
@@ -39,8 +40,10 @@ from deepfashion_jax import checkpoints
 from deepfashion_jax import config_checks
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
+from deepfashion_jax.models import backbones
 from deepfashion_jax.models import fashion_net
 from deepfashion_jax.models import resnet
+from deepfashion_jax.models import vgg
 
 _STORAGE_DTYPES = {
     'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
@@ -349,14 +352,22 @@ def _our_name(key: str) -> str:
   return key
 
 
-def _flax_path(name: str) -> tuple:
-  """A torchvision-style key ('layer1.0.bn1.weight', or ours: 'box_reduce.weight') -> the
-  path of the Flax variable it fills."""
+def _norm_modules(names) -> frozenset:
+  """The batch norms among the modules that torchvision-style keys name: those with running
+  statistics (ResNet's `bn1`, `downsample.1`; VGG-16-BN's `features.1`, whose name alone
+  does not tell)."""
+  return frozenset(n.rsplit('.', 1)[0] for n in names if n.endswith('.running_mean'))
+
+
+def _flax_path(name: str, norms: frozenset) -> tuple:
+  """A torchvision-style key ('layer1.0.bn1.weight', 'features.0.bias', or ours:
+  'box_reduce.weight') -> the path of the Flax variable it fills; `norms`: the batch-norm
+  modules (`_norm_modules`)."""
+  is_norm = name.rsplit('.', 1)[0] in norms
   name = name.replace('downsample.0.', 'downsample_conv.').replace('downsample.1.',
                                                                      'downsample_bn.')
   parts = name.split('.')
   module, leaf = parts[:-1], parts[-1]
-  is_norm = re.fullmatch(r'bn\d|downsample_bn', module[-1]) is not None
   leaf = {('weight', True): 'scale', ('weight', False): 'kernel', ('bias', True): 'bias',
           ('bias', False): 'bias', ('running_mean', True): 'mean',
           ('running_var', True): 'var'}.get((leaf, is_norm), leaf)
@@ -383,6 +394,28 @@ def depth_of(names) -> int:
   raise CheckpointError(f'the checkpoint holds no known ResNet (blocks per stage {blocks})')
 
 
+def _vgg_of(names) -> str:
+  """'vgg16' or 'vgg16_bn', whichever VGG a set of torchvision-style `features.*` keys
+  describes: torchvision's VGGs differ in their number of convolutions (VGG-16: 13) and
+  in batch norms after them (`_bn`)."""
+  modules = {n.rsplit('.', 1)[0] for n in names if n.startswith('features.')}
+  norms = _norm_modules(names)
+  convolutions = len(modules - norms)
+  if convolutions != vgg.CONVOLUTIONS:
+    raise CheckpointError(f'the checkpoint holds a VGG with {convolutions} convolutions; the '
+                          f'VGG backbone here is VGG-16 ({vgg.CONVOLUTIONS})')
+  return 'vgg16_bn' if norms else 'vgg16'
+
+
+def backbone_of(names) -> str:
+  """The backbone (its name in backbones.BACKBONES: 'resnet50', 'vgg16_bn') that a set of
+  torchvision-style keys describes."""
+  names = set(names)
+  if any(n.startswith('features.') for n in names):
+    return _vgg_of(names)
+  return f'resnet{depth_of(names)}'
+
+
 def _load(model: nnx.Module, named_arrays: dict, path: str, only_prefix: tuple = ()):
   """Writes arrays into the model's variables by path; lists missing and unexpected keys."""
   state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
@@ -405,11 +438,18 @@ def _load(model: nnx.Module, named_arrays: dict, path: str, only_prefix: tuple =
   nnx.update(model, nnx.from_flat_state(flat))
 
 
-def _check_depth(names, model, path):
-  depth = depth_of(names)
-  if depth != model.backbone.depth:
-    raise CheckpointError(f'{path} holds a ResNet-{depth} backbone; the configured model is '
-                          f'ResNet-{model.backbone.depth} (config.model.backbone)')
+def _check_backbone(names, model, path):
+  """Refuses a file whose backbone (from its keys) is not the configured model's."""
+  try:
+    held = backbone_of(names)
+  except CheckpointError as e:
+    raise CheckpointError(f'{path}: {e}') from None
+  if held != model.backbone_name:
+    title = lambda name: backbones.BACKBONES[name].title
+    raise CheckpointError(
+        f'{path} holds a {title(held)} backbone; the configured model is '
+        f'{title(model.backbone_name)} (config.model.backbone={model.backbone_name!r}): '
+        f'set --config.model.backbone={held} to load it')
 
 
 def _remap_category_head(arrays: dict) -> dict:
@@ -425,8 +465,8 @@ def _remap_category_head(arrays: dict) -> dict:
 
 
 def load_into(model: nnx.Module, path: str) -> str:
-  """Loads a baseline checkpoint (the whole model) or a torchvision ResNet state dict (the
-  backbone), whichever the file is; returns 'baseline' or 'torchvision'."""
+  """Loads a baseline checkpoint (the whole model) or a torchvision ResNet or VGG-16(-BN)
+  state dict (the backbone), whichever the file is; returns 'baseline' or 'torchvision'."""
   content = read_pth(path)
   if isinstance(content, dict) and 'model' in content:
     _load_baseline(model, content, path)
@@ -441,7 +481,8 @@ def load_baseline_into(model: nnx.Module, path: str) -> int:
 
 
 def load_torchvision_backbone_into(model: nnx.Module, path: str):
-  """Initialises the backbone from a torchvision ResNet state dict (its fc is dropped)."""
+  """Initialises the backbone from a torchvision ResNet or VGG-16(-BN) state dict (its
+  classifier is dropped)."""
   state_dict = read_pth(path)
   if isinstance(state_dict, dict) and 'model' in state_dict:
     raise CheckpointError(f'{path} is a baseline checkpoint, not a torchvision state dict')
@@ -477,7 +518,7 @@ def _check_fits_baseline(model: nnx.Module, arrays: dict, path: str):
     side = math.isqrt(arrays['box_top_left.weight'].shape[-1] // fashion_net.BOX_CHANNELS)
     if side != model.feature_size:
       fixes.append(f'its box branch reads {side}x{side} feature maps; set '
-                   f'--config.data.crop_size={fashion_net.FEATURE_STRIDE * side} '
+                   f'--config.data.crop_size={model.feature_stride * side} '
                    f'(config.data.crop_size gives {model.feature_size}x{model.feature_size} maps)')
   if fixes:
     raise CheckpointError(f'{path} is a baseline checkpoint: ' + '; and '.join(fixes))
@@ -493,22 +534,26 @@ def _load_baseline(model: nnx.Module, checkpoint, path: str) -> int:
   arrays = {_our_name(k): np.asarray(v)
             for k, v in _state_dict(checkpoint['model'], path).items()
             if not k.endswith('num_batches_tracked')}
-  _check_depth([k.removeprefix('backbone.') for k in arrays if k.startswith('backbone.layer')],
-               model, path)
+  _check_backbone([k.removeprefix('backbone.') for k in arrays if k.startswith('backbone.')],
+                  model, path)
   _check_fits_baseline(model, arrays, path)
   if 'category_classifier.weight' in arrays:
     arrays = _remap_category_head(arrays)
-  named = {name: (_flax_path(name), array) for name, array in arrays.items()}
+  norms = _norm_modules(arrays)
+  named = {name: (_flax_path(name, norms), array) for name, array in arrays.items()}
   _load(model, named, path)
   return int(checkpoint.get('epoch', 0))
 
 
 def _load_torchvision(model: nnx.Module, state_dict, path: str):
-  """Loads a torchvision ResNet state dict into the backbone; its fc is dropped."""
+  """Loads a torchvision ResNet or VGG-16(-BN) state dict into the backbone; its ImageNet
+  classifier (ResNet's `fc`, VGG's `classifier`) is dropped."""
   arrays = {k: np.asarray(v) for k, v in _state_dict(state_dict, path).items()
-            if not k.startswith('fc.') and not k.endswith('num_batches_tracked')}
-  _check_depth([k for k in arrays if k.startswith('layer')], model, path)
-  named = {k: (('backbone',) + _flax_path(k), v) for k, v in arrays.items()}
+            if not k.startswith(('fc.', 'classifier.'))
+            and not k.endswith('num_batches_tracked')}
+  _check_backbone(arrays, model, path)
+  norms = _norm_modules(arrays)
+  named = {k: (('backbone',) + _flax_path(k, norms), v) for k, v in arrays.items()}
   _load(model, named, path, only_prefix=('backbone',))
 
 

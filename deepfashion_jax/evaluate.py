@@ -1,40 +1,89 @@
 """Evaluation over a whole split, every example exactly once, and its reports.
 
 The loop merges the clu metrics of every padded batch (padding and unreadable images carry
-`valid` False and count nowhere) and counts the unreadable images met. Reports: a console
-table, `eval_<split>_<step>.json`, one line per evaluation in `metrics.jsonl`, and an image
-of ground-truth (green) and predicted (red) boxes on a few images for TensorBoard.
+`valid` False and count nowhere) and counts the unreadable images met. Training's reports:
+one line per evaluation in `metrics.jsonl`, and an image of ground-truth (green) and
+predicted (red) boxes on a few images for TensorBoard.
+
+--mode=evaluate also keeps every example's logits and labels, to show where the model
+fails (`breakdown.py`), and writes into the workdir:
+- `eval_<split>_<step>.json`: `step`, `split`, the metrics of metrics.py, the
+  `skipped_images_eval`, `mean_attribute_average_precision`, and `per_category`,
+  `per_garment_type`, `confusion_matrix` (counts), `most_confused_pairs` and
+  `per_attribute` (breakdown.py's docstring says what each holds);
+- `confusion_<split>_<step>.png`: the confusion matrix, rows normalised, 1000 x 1000
+  pixels, also in TensorBoard as the image `eval_<split>_confusion` at the step;
+- with config.eval.checkpoint=all, each kept checkpoint's two files above, then
+  `eval_<split>_all.json` ({split, checkpoints: [{step, <HEADLINE_METRICS>}, ...]}, in step
+  order, also printed as a table) and `eval_<split>_<metric>_vs_step.png` for each of
+  HEADLINE_METRICS.
+It prints the metrics and the most confused pairs. The logits are kept in float32 (a
+40,000-image split's attribute scores take 160 MB): float16 would tie close scores and so
+change the rankings that average precision measures (a bfloat16 model's logits come coarse
+already; breakdown.py says how ties count).
 """
 
 import json
 import math
 import os
 
+from clu import metric_writers
 import jax
+import matplotlib
+matplotlib.use('Agg')  # files only, no display
+from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 import tqdm
 
+from deepfashion_jax import breakdown
 from deepfashion_jax import checkpoints
 from deepfashion_jax import config_checks
 from deepfashion_jax import data
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
+from deepfashion_jax.data import photos
+from deepfashion_jax.data import vocabulary
+
+# The columns of config.eval.checkpoint=all's table, each also drawn against the step.
+HEADLINE_METRICS = ('category_top1', 'category_top3', 'category_top5', 'attr_recall_top3',
+                    'attr_recall_top5', 'mean_attribute_average_precision', 'bbox_iou')
+CONFUSION_INCHES, CONFUSION_DPI = 12.5, 80  # 1000 x 1000 pixels
+CURVE_INCHES, CURVE_DPI = (8.0, 5.0), 80  # 640 x 400 pixels
 
 
 def evaluate(eval_step, state, batches, mesh, description: str = 'evaluating'):
   """(metrics as floats, number of unreadable images) over one pass of `batches`
   (`data.EvalBatches`)."""
-  merged, skipped = None, 0
+  results, skipped, _ = _one_pass(eval_step, state, batches, mesh, description)
+  return results, skipped
+
+
+def evaluate_with_examples(eval_examples_step, state, batches, mesh,
+                           description: str = 'evaluating'):
+  """`evaluate`'s two values and, third, the examples of the whole split (the logits and
+  labels of `Steps.evaluate_examples`, one row per example, padding included)."""
+  results, skipped, examples = _one_pass(eval_examples_step, state, batches, mesh,
+                                         description, with_examples=True)
+  return results, skipped, breakdown.concatenate(examples)
+
+
+def _one_pass(step, state, batches, mesh, description: str, with_examples: bool = False):
+  """(metrics, unreadable images, each batch's examples if `step` returns them too)."""
+  merged, skipped, examples = None, 0, []
   for batch in tqdm.tqdm(batches, total=len(batches), desc=description, leave=False,
                          disable=jax.process_index() > 0):
     skipped += int(batch['skipped'].sum())
     # Merged on the host: small computations on the global metric arrays can hang in
-    # their collectives with several processes (tests/test_multihost.py).
-    batch_metrics = sharding.local_copy(eval_step(state, sharding.global_batch(batch, mesh)))
+    # their collectives with several processes (tests/test_multihost.py). The step's
+    # outputs are replicated: every process reads every example of the global batch.
+    batch_metrics = sharding.local_copy(step(state, sharding.global_batch(batch, mesh)))
+    if with_examples:
+      batch_metrics, batch_examples = batch_metrics
+      examples.append(batch_examples)
     merged = batch_metrics if merged is None else merged.merge(batch_metrics)
-  return {name: float(value) for name, value in merged.compute().items()}, skipped
+  return {name: float(value) for name, value in merged.compute().items()}, skipped, examples
 
 
 def box_figure(images: np.ndarray, true_boxes: np.ndarray, predicted_boxes: np.ndarray):
@@ -51,10 +100,68 @@ def box_figure(images: np.ndarray, true_boxes: np.ndarray, predicted_boxes: np.n
   return np.stack(drawn)
 
 
+def confusion_image(counts: np.ndarray, names, title: str) -> np.ndarray:
+  """(H, W, 3) uint8, 1000 x 1000: the confusion matrix with each row divided by its images
+  (`breakdown.row_shares`), true categories down (with their image counts), predicted
+  across."""
+  figure = pyplot.figure(figsize=(CONFUSION_INCHES, CONFUSION_INCHES), dpi=CONFUSION_DPI)
+  axis = figure.add_subplot()
+  shown = axis.imshow(breakdown.row_shares(counts), cmap='Blues', vmin=0, vmax=1)
+  ticks = np.arange(len(names))
+  axis.set_xticks(ticks, names, rotation=90, fontsize=8)
+  axis.set_yticks(ticks, [f'{name} ({n})' for name, n in zip(names, counts.sum(axis=1))],
+                  fontsize=8)
+  # Lines between the garment types: a confusion across them is a different failure (the
+  # wrong garment of a photo showing two) from one within a type.
+  for boundary in np.flatnonzero(np.diff(vocabulary.CATEGORY_TYPES)) + 0.5:
+    axis.axhline(boundary, color='grey', linewidth=0.6)
+    axis.axvline(boundary, color='grey', linewidth=0.6)
+  axis.set_xlabel('predicted category')
+  axis.set_ylabel('true category (images)')
+  axis.set_title(title)
+  figure.colorbar(shown, fraction=0.046, pad=0.02, label="share of the true category's images")
+  figure.tight_layout()
+  figure.canvas.draw()
+  image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+  pyplot.close(figure)
+  return image
+
+
+def draw_curve(steps_evaluated: list, values: list, metric: str, split: str, path: str):
+  """One metric against the step, as a PNG."""
+  figure = pyplot.figure(figsize=CURVE_INCHES, dpi=CURVE_DPI)
+  axis = figure.add_subplot()
+  axis.plot(steps_evaluated, values, marker='o')
+  axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  axis.set_xlabel('step')
+  axis.set_ylabel(metric)
+  axis.set_title(f'{metric} on the {split} split')
+  axis.grid(alpha=0.3)
+  figure.tight_layout()
+  figure.savefig(path)
+  pyplot.close(figure)
+
+
 def format_table(results: dict, title: str) -> str:
   """The metrics as an aligned two-column table."""
   width = max(len(name) for name in results)
   lines = [title] + [f'  {name:<{width}}  {value:.4f}' for name, value in results.items()]
+  return '\n'.join(lines)
+
+
+def format_pairs(pairs: list) -> str:
+  """`breakdown.most_confused_pairs` as lines 'true -> predicted: count (share)'."""
+  lines = [f'  {p["true"]} -> {p["predicted"]}: {p["count"]} ({p["share"]:.1%})'
+           for p in pairs]
+  return '\n'.join(['most confused categories (true -> predicted):'] + (lines or ['  none']))
+
+
+def format_steps_table(rows: list) -> str:
+  """Rows of {step, metric: value} as a table, one line per step."""
+  width = {name: max(len(name), 8) for name in rows[0]}
+  lines = ['  '.join(f'{name:>{w}}' for name, w in width.items())]
+  lines += ['  '.join(f'{row[name]:>{w}}' if name == 'step' else f'{row[name]:>{w}.4f}'
+                      for name, w in width.items()) for row in rows]
   return '\n'.join(lines)
 
 
@@ -63,11 +170,13 @@ def _json_values(results: dict) -> dict:
   return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in results.items()}
 
 
-def write_json(workdir: str, split: str, step: int, results: dict) -> str:
+def write_json(workdir: str, split: str, step: int, results: dict,
+               details: dict = None) -> str:
+  """eval_<split>_<step>.json: the metrics, then `details` (the breakdowns) if given."""
   path = os.path.join(workdir, f'eval_{split}_{step}.json')
   with open(path, 'w') as f:
-    json.dump(dict(step=step, split=split, **_json_values(results)), f, indent=2,
-              allow_nan=False)
+    json.dump(dict(step=step, split=split, **_json_values(results), **(details or {})), f,
+              indent=2, allow_nan=False)
   return path
 
 
@@ -76,18 +185,80 @@ def append_jsonl(workdir: str, step: int, results: dict):
     f.write(json.dumps(dict(step=step, **_json_values(results)), allow_nan=False) + '\n')
 
 
+def evaluate_with_breakdown(eval_examples_step, state, eval_data, mesh, names,
+                            description: str = 'evaluating') -> tuple:
+  """(results, details) over `eval_data` (`data.EvalData`): the metrics with
+  skipped_images_eval and mean_attribute_average_precision, and the rest of
+  `breakdown.breakdown` (named by `names`, a `data.photos.OutputNames`)."""
+  results, skipped, examples = evaluate_with_examples(
+      eval_examples_step, state, eval_data.eval_batches, mesh, description)
+  details = breakdown.breakdown(examples, names.category_names, names.attribute_names,
+                                eval_data.attributes.types)
+  results.update(skipped_images_eval=skipped, mean_attribute_average_precision=details.pop(
+      'mean_attribute_average_precision'))
+  return results, details
+
+
+def report_checkpoint(workdir: str, split: str, step: int, results: dict, details: dict,
+                      category_names, writer):
+  """Process 0: prints the table and the most confused pairs, writes the JSON and the
+  confusion PNG, and the PNG to TensorBoard."""
+  if jax.process_index() > 0:
+    return
+  print(format_table(results, f'{split} split, checkpoint of step {step}:'))
+  print(format_pairs(details['most_confused_pairs']))
+  image = confusion_image(np.array(details['confusion_matrix']), category_names,
+                          f'{split} split, step {step}: rows normalised')
+  writer.write_images(step, {f'eval_{split}_confusion': image[None]})
+  picture = os.path.join(workdir, f'confusion_{split}_{step}.png')
+  Image.fromarray(image).save(picture)
+  print('written to', write_json(workdir, split, step, results, details), 'and', picture)
+
+
+def report_steps(workdir: str, split: str, evaluated: dict):
+  """config.eval.checkpoint=all, process 0: the HEADLINE_METRICS of each step ({step:
+  results}) as a table, eval_<split>_all.json, and one PNG per metric against the step."""
+  rows = [dict(step=step, **{name: results[name] for name in HEADLINE_METRICS})
+          for step, results in sorted(evaluated.items())]
+  print(f'{split} split, every kept checkpoint:')
+  print(format_steps_table(rows))
+  path = os.path.join(workdir, f'eval_{split}_all.json')
+  with open(path, 'w') as f:
+    json.dump(dict(split=split, checkpoints=[_json_values(row) for row in rows]), f, indent=2,
+              allow_nan=False)
+  for name in HEADLINE_METRICS:
+    draw_curve([row['step'] for row in rows], [row[name] for row in rows], name, split,
+               os.path.join(workdir, f'eval_{split}_{name}_vs_step.png'))
+  print('written to', path, f'and eval_{split}_<metric>_vs_step.png')
+
+
 def evaluate_checkpoint(config, workdir: str) -> dict:
-  """--mode=evaluate: a checkpoint of the workdir on config.eval.split; prints a table and
-  writes eval_<split>_<step>.json."""
+  """--mode=evaluate: config.eval.checkpoint of the workdir on config.eval.split, with the
+  breakdowns; prints and writes what the module's docstring lists. Returns its results;
+  with config.eval.checkpoint=all, {step: results} of every kept checkpoint."""
   config_checks.check(config)
   eval_data = data.create_eval_data(config, workdir)
   mesh = sharding.make_mesh()
-  config, step, step_config, state = checkpoints.restore_for_inference(
-      config, workdir, mesh, eval_data.attributes)
-  eval_step = steps.jit_steps(step_config, mesh).evaluate
-  results, skipped = evaluate(eval_step, state, eval_data.eval_batches, mesh)
-  results['skipped_images_eval'] = skipped
+  names = photos.load_output_names(config.data, workdir)
+  every = config.eval.checkpoint == checkpoints.EVERY_CHECKPOINT
+  restored = (checkpoints.restore_every_kept(config, workdir, mesh, eval_data.attributes)
+              if every else
+              [checkpoints.restore_for_inference(config, workdir, mesh, eval_data.attributes)])
+  split, evaluated, eval_examples_step = config.eval.split, {}, None
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  try:
+    for _, step, step_config, state in restored:
+      if eval_examples_step is None:  # shared by every restored state: compiled once
+        eval_examples_step = steps.jit_steps(step_config, mesh).evaluate_examples
+      results, details = evaluate_with_breakdown(eval_examples_step, state, eval_data, mesh,
+                                                 names, f'evaluating step {step}')
+      report_checkpoint(workdir, split, step, results, details, names.category_names, writer)
+      evaluated[step] = results
+      del state  # freed before the next checkpoint is restored
+  finally:
+    writer.close()
+  if not every:
+    return results
   if jax.process_index() == 0:
-    print(format_table(results, f'{config.eval.split} split, checkpoint of step {step}:'))
-    print('written to', write_json(workdir, config.eval.split, step, results))
-  return results
+    report_steps(workdir, split, evaluated)
+  return evaluated

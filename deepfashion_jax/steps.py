@@ -33,7 +33,7 @@ from deepfashion_jax.models import xla_cpu
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 OPTIMIZERS = ('adam', 'sgd')
-SCHEDULES = ('constant', 'cosine')
+SCHEDULES = ('constant', 'cosine', 'step_decay')
 
 
 # float16 starts its loss scale at 2^15 and doubles it after 2,000 finite steps in a row.
@@ -69,6 +69,9 @@ class Steps:
   """The jitted steps of one model on one mesh (`jit_steps`)."""
   train: Callable  # (state, global batch) -> (state, metrics); donates the state
   evaluate: Callable  # (state, global batch) -> metrics
+  # (state, global batch) -> (metrics, per-example scores and labels); --mode=evaluate's
+  # breakdowns. Compiled only when called: training never pays for it.
+  evaluate_examples: Callable
   predict: Callable  # (state, global batch) -> the model's inputs and outputs
 
 
@@ -84,13 +87,21 @@ def create_model(config, rngs: nnx.Rngs) -> fashion_net.FashionNet:
 
 
 def create_optimizer(config) -> optax.GradientTransformation:
-  """Adam (the baseline's) or SGD with momentum; optional warm-up, cosine decay, and
-  weight decay (AdamW's decoupled decay with Adam, coupled L2 with SGD) on the kernels
-  only unless config.decay_norms_and_biases."""
+  """Adam (the baseline's) or SGD with momentum; optional warm-up, then a constant rate,
+  cosine decay, or a step decay (x config.decay_rate every config.decay_every_steps: Liu &
+  Lu's x0.8 per epoch); weight decay (AdamW's decoupled decay with Adam, coupled L2 with
+  SGD) on the kernels only unless config.decay_norms_and_biases."""
   peak = config.learning_rate
   if config.schedule == 'cosine':
     schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(config.warmup_steps, 1),
                                                   max(config.num_train_steps, 2))
+  elif config.schedule == 'step_decay':
+    schedule = optax.exponential_decay(peak, config.decay_every_steps, config.decay_rate,
+                                       staircase=True)
+    if config.warmup_steps > 0:
+      schedule = optax.join_schedules(
+          [optax.linear_schedule(0.0, peak, config.warmup_steps), schedule],
+          [config.warmup_steps])
   elif config.warmup_steps > 0:
     schedule = optax.linear_schedule(0.0, peak, config.warmup_steps)
   else:
@@ -221,12 +232,22 @@ def train_step(step_config: StepConfig, state: TrainState, batch: dict):
   return new_state, batch_metrics
 
 
-def eval_step(step_config: StepConfig, state: TrainState, batch: dict):
-  """The metrics of one evaluation batch (batch-norm in inference mode)."""
+def eval_step(step_config: StepConfig, state: TrainState, batch: dict,
+              with_examples: bool = False):
+  """The metrics of one evaluation batch (batch-norm in inference mode); with_examples:
+  (metrics, examples), the examples being what the breakdowns of `breakdown.py` rank over
+  the whole split, from the same forward pass: the logits (float32) and the labels, one
+  row per example of the global batch (padding rows included, `valid` False)."""
   loss, (outputs, parts, _) = _forward(step_config, state.params, state.batch_stats, batch,
                                        train=False)
-  return metrics.batch_metrics(outputs, batch, dict(parts, loss=loss),
-                               _attribute_types(step_config))
+  batch_metrics = metrics.batch_metrics(outputs, batch, dict(parts, loss=loss),
+                                        _attribute_types(step_config))
+  if not with_examples:
+    return batch_metrics
+  examples = {name: outputs[name].astype(jnp.float32)
+              for name in ('category_logits', 'attribute_logits')}
+  examples.update({name: batch[name] for name in ('category', 'attribute_positive', 'valid')})
+  return batch_metrics, examples
 
 
 def jit_steps(step_config: StepConfig, mesh) -> Steps:
@@ -237,6 +258,8 @@ def jit_steps(step_config: StepConfig, mesh) -> Steps:
                           compiler_options=xla_cpu.compiler_options(mesh))
   return Steps(train=jit(functools.partial(train_step, step_config), donate_argnums=0),
                evaluate=jit(functools.partial(eval_step, step_config)),
+               evaluate_examples=jit(functools.partial(eval_step, step_config,
+                                                       with_examples=True)),
                predict=jit(functools.partial(predict_step, step_config)))
 
 

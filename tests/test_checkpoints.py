@@ -7,6 +7,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -84,6 +85,28 @@ def test_a_checkpoint_with_the_old_names_restores_for_inference(tmp_path):
       config, workdir, sharding.make_mesh(jax.devices()[:1]))
   assert step == 4
   _assert_equal_states(restored, saved)
+
+
+def test_a_checkpoint_whose_config_numbers_the_backbone_restores(tmp_path):
+  """Configs saved before backbones were named say `backbone: 18`: such a checkpoint
+  restores under 'resnet18', and its 18 is no difference from that name."""
+  workdir, config = str(tmp_path), _config('single')
+  config.best_metric = ''
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  _, state = steps.create_train_state(config, mesh)
+  old_config = config.to_dict()
+  old_config['model']['backbone'] = 18
+  manager = checkpoints.create_manager(workdir, best_metric='')
+  checkpoints.save(manager, 4, state, config=ml_collections.ConfigDict(old_config))
+  manager.wait_until_finished()
+  assert checkpoints.create_manager(workdir, read_only=True).restore(
+      4, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']['model'][
+          'backbone'] == 18
+  differences = checkpoints._config_differences  # pylint: disable=protected-access
+  assert differences(manager, 4, config) == []
+  _, step, _, restored = checkpoints.restore_for_inference(config, workdir, mesh)
+  assert step == 4
+  _assert_equal_states(restored, state)
 
 
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(

@@ -28,6 +28,9 @@ from tests import helpers
 FORMATS = ('zip', 'legacy')
 NEITHER_FORMAT = re.escape("not a PyTorch checkpoint: neither torch.save's zip format "
                            '(PyTorch >= 1.6) nor its legacy format (PyTorch < 1.6)')
+# torch_reference.resnet_layers' positions -> torchvision's ResNet module names.
+TORCHVISION_RESNET_MODULES = {'0': 'conv1', '1': 'bn1', '4': 'layer1', '5': 'layer2',
+                              '6': 'layer3', '7': 'layer4'}
 
 
 def _save(obj, path, file_format='zip'):
@@ -60,7 +63,7 @@ def _relative_error(ours, reference):
 
 def _assert_converts_with_parity(reference, path, depth=18, image_size=72):
   """The file loads into a FashionNet that computes what `reference` computes."""
-  model = fashion_net.FashionNet(backbone=depth, image_size=image_size,
+  model = fashion_net.FashionNet(backbone=f'resnet{depth}', image_size=image_size,
                                  roi_pool='baseline_max', rngs=nnx.Rngs(1))
   assert convert_torch.load_baseline_into(model, path) == 7
   model.eval()
@@ -130,15 +133,14 @@ def test_torchvision_state_dict_initialises_the_backbone(tmp_path, prefix, file_
   with torch.no_grad():
     torch_reference.randomise_batch_norm(backbone, torch.Generator().manual_seed(0))
   backbone.eval()
-  names = {'0': 'conv1', '1': 'bn1', '4': 'layer1', '5': 'layer2', '6': 'layer3',
-           '7': 'layer4'}
+  names = TORCHVISION_RESNET_MODULES
   state_dict = {prefix + names[k.split('.', 1)[0]] + '.' + k.split('.', 1)[1]: v
                 for k, v in backbone.state_dict().items()}
   state_dict[prefix + 'fc.weight'] = torch.zeros(1000, 512)
   state_dict[prefix + 'fc.bias'] = torch.zeros(1000)
   path = _save(state_dict, str(tmp_path / 'resnet18.pth'), file_format)
 
-  model = fashion_net.FashionNet(backbone=18, image_size=64, rngs=nnx.Rngs(0))
+  model = fashion_net.FashionNet(backbone='resnet18', image_size=64, rngs=nnx.Rngs(0))
   convert_torch.load_torchvision_backbone_into(model, path)
   model.eval()
   images = torch.randn(2, 3, 64, 64)
@@ -146,6 +148,47 @@ def test_torchvision_state_dict_initialises_the_backbone(tmp_path, prefix, file_
     expected = backbone(images).numpy().transpose(0, 2, 3, 1)
   got = model.backbone(jnp.asarray(images.numpy().transpose(0, 2, 3, 1)))['layer4']
   assert _relative_error(got, expected) < 1e-4
+
+
+def _torchvision_vgg(name, seed=0):
+  """torchvision's `vgg16` or `vgg16_bn` (a small classifier, same keys) in eval mode, with
+  random convolution biases and batch-norm statistics, so that a wrong mapping shows."""
+  torch.manual_seed(seed)
+  model = torch_reference.VGG(batch_norm=name == 'vgg16_bn', hidden=8)
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    torch_reference.randomise_batch_norm(model, generator)
+    for module in model.features:
+      if isinstance(module, torch.nn.Conv2d):
+        module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+  return model.eval()
+
+
+@pytest.mark.parametrize('name, prefix, file_format', [
+    ('vgg16', '', 'zip'), ('vgg16_bn', 'module.', 'legacy')])
+def test_torchvision_vgg_state_dict_initialises_the_backbone(tmp_path, name, prefix,
+                                                             file_format):
+  """A torchvision VGG-16(-BN) state dict, its classifier included, loads as
+  --config.model.init_from does; conv4_3 and conv5_3 are then torchvision's. At 40 px the
+  pools floor 5 to 2: conv4_3 is 5 x 5, conv5_3 2 x 2."""
+  reference = _torchvision_vgg(name)
+  state_dict = {prefix + k: v for k, v in reference.state_dict().items()}
+  assert any(k.startswith(prefix + 'classifier.') for k in state_dict)
+  path = _save(state_dict, str(tmp_path / f'{name}.pth'), file_format)
+
+  model = fashion_net.FashionNet(backbone=name, image_size=40, rngs=nnx.Rngs(0))
+  assert convert_torch.load_into(model, path) == 'torchvision'
+  model.eval()
+  images = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+  with torch.no_grad():
+    expected = torch_reference.vgg_feature_maps(reference, images)
+  got = model.backbone(jnp.asarray(images.numpy().transpose(0, 2, 3, 1)))
+  for stage, side in (('conv4_3', 5), ('conv5_3', 2)):
+    reference_map = expected[stage].numpy().transpose(0, 2, 3, 1)
+    assert got[stage].shape == reference_map.shape == (2, side, side, 512)
+    # Measured: ~1e-6 in both, the maps' largest values being 0.5 to 3.
+    assert np.abs(np.asarray(got[stage]) - reference_map).max() < 1e-4, stage
+    assert _relative_error(got[stage], reference_map) < 1e-4, stage
 
 
 # ------------------------------------------------------------------------ what read_pth reads
@@ -166,7 +209,7 @@ def test_optimiser_state_and_extra_keys_are_read_and_ignored(tmp_path, file_form
   assert optimiser.state_dict()['state'][0]  # the optimiser state is not empty
 
   _assert_same_content(convert_torch.read_pth(path), torch.load(path, weights_only=False))
-  model = fashion_net.FashionNet(backbone=18, image_size=64, roi_pool='baseline_max',
+  model = fashion_net.FashionNet(backbone='resnet18', image_size=64, roi_pool='baseline_max',
                                  rngs=nnx.Rngs(0))
   assert convert_torch.load_baseline_into(model, path) == 7
 
@@ -333,10 +376,38 @@ def test_a_truncated_legacy_file_is_refused(tmp_path, end):
 
 def test_wrong_depth_is_named(tmp_path):
   _, path = _baseline_checkpoint(tmp_path, 18, 2)
-  model = fashion_net.FashionNet(backbone=34, image_size=64, rngs=nnx.Rngs(0))
+  model = fashion_net.FashionNet(backbone='resnet34', image_size=64, rngs=nnx.Rngs(0))
   with pytest.raises(convert_torch.CheckpointError,
-                     match='holds a ResNet-18 backbone; the configured model is ResNet-34'):
+                     match=re.escape("holds a ResNet-18 backbone; the configured model is "
+                                     "ResNet-34 (config.model.backbone='resnet34')")):
     convert_torch.load_baseline_into(model, path)
+
+
+def _torchvision_keys_only(name):
+  """The keys of torchvision's state dict of backbone `name`, classifier included, each
+  holding one zero: all a file needs to say what it holds."""
+  if name.startswith('vgg'):
+    keys = list(torch_reference.VGG(batch_norm=name == 'vgg16_bn', hidden=8).state_dict())
+  else:
+    layers, _ = torch_reference.resnet_layers(int(name.removeprefix('resnet')))
+    keys = [TORCHVISION_RESNET_MODULES[k.split('.', 1)[0]] + '.' + k.split('.', 1)[1]
+            for k in torch.nn.Sequential(*layers).state_dict()] + ['fc.weight', 'fc.bias']
+  return {key: torch.zeros(1) for key in keys}
+
+
+@pytest.mark.parametrize('held, configured', [
+    ('vgg16', 'resnet18'), ('vgg16_bn', 'vgg16'), ('resnet50', 'resnet18'),
+    ('resnet18', 'vgg16_bn')])
+def test_a_torchvision_file_of_another_backbone_is_refused(tmp_path, held, configured):
+  path = _save(_torchvision_keys_only(held), str(tmp_path / f'{held}.pth'))
+  model = nnx.eval_shape(lambda: fashion_net.FashionNet(backbone=configured, image_size=64,
+                                                        rngs=nnx.Rngs(0)))
+  titles = {'vgg16': 'VGG-16', 'vgg16_bn': 'VGG-16-BN', 'resnet18': 'ResNet-18',
+            'resnet50': 'ResNet-50'}
+  with pytest.raises(convert_torch.CheckpointError, match=re.escape(
+      f'{path} holds a {titles[held]} backbone; the configured model is {titles[configured]} '
+      f"(config.model.backbone='{configured}'): set --config.model.backbone={held}")):
+    convert_torch.load_into(model, path)
 
 
 def _imagenet_normalised(model):
@@ -353,7 +424,7 @@ def _imagenet_normalised(model):
 def test_a_baseline_checkpoint_needs_the_baseline_config(tmp_path, roi_pool, image_size,
                                                          adjust, message):
   _, path = _baseline_checkpoint(tmp_path, feature_size=7 if image_size == 96 else 3)
-  model = fashion_net.FashionNet(backbone=18, image_size=image_size, roi_pool=roi_pool,
+  model = fashion_net.FashionNet(backbone='resnet18', image_size=image_size, roi_pool=roi_pool,
                                  rngs=nnx.Rngs(0))
   model = adjust(model) if adjust else model
   with pytest.raises(convert_torch.CheckpointError, match=f'--config.*{re.escape(message)}'):
@@ -366,7 +437,7 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
   del state['fc_bin.bias']
   state['extra_head.weight'] = torch.zeros(3)
   path = _save({'model': state, 'optim': {}, 'epoch': 1}, str(tmp_path / 'edited.pth'))
-  model = fashion_net.FashionNet(backbone=18, image_size=64, roi_pool='baseline_max',
+  model = fashion_net.FashionNet(backbone='resnet18', image_size=64, roi_pool='baseline_max',
                                  rngs=nnx.Rngs(0))
   with pytest.raises(convert_torch.CheckpointError,
                      match=r"unexpected \['extra_head.weight'\]; "

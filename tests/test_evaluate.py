@@ -1,24 +1,64 @@
-"""--mode=evaluate: the table, the JSON, and the unreadable images counted."""
+"""--mode=evaluate: the table, the JSON, the breakdowns, every kept checkpoint, and the
+unreadable images counted. One training run serves every test here."""
 
 import glob
 import json
 import logging
 import os
 
+import numpy as np
+from PIL import Image
 import pytest
 
 from deepfashion_jax import evaluate
 from deepfashion_jax import train
+from deepfashion_jax.data import vocabulary
 from tests import helpers
 
 
-def test_evaluate_mode_writes_the_table_and_json(quirky_folder, tmp_path, capsys, caplog):
+class _Messages(logging.Handler):
+  """The messages logged (INFO and up) while it is attached to the root logger."""
+
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope='module')
+def trained_run(quirky_folder, tmp_path_factory):
+  """(config, workdir, what training logged): the tiny config trained for 6 steps on the
+  folder with bad images; the checkpoints of steps 4 and 6 are kept."""
+  config = helpers.tiny_config(quirky_folder[0], keep_checkpoints=2)
+  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
+  root, messages = logging.getLogger(), _Messages()
+  level = root.level
+  root.addHandler(messages)
+  root.setLevel(logging.INFO)
+  try:
+    train.train_and_evaluate(config, workdir)
+  finally:
+    root.removeHandler(messages)
+    root.setLevel(level)
+  return config, workdir, '\n'.join(messages.lines)
+
+
+def _image_tags(workdir) -> set:
+  """(step, tag) of every image in the workdir's TensorBoard event files."""
+  from tensorflow.compat.v1 import train as tf_train  # pylint: disable=g-import-not-at-top
+  return {(event.step, value.tag)
+          for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+          for event in tf_train.summary_iterator(path) for value in event.summary.value
+          if value.metadata.plugin_data.plugin_name == 'images'}
+
+
+def test_evaluate_mode_writes_the_table_and_json(trained_run, quirky_folder, capsys):
   """On the folder with bad images: the run completes and counts what it skipped."""
-  caplog.set_level(logging.INFO)
-  data_dir, workdir = quirky_folder[0], str(tmp_path / 'run')
-  config = helpers.tiny_config(data_dir)
-  train.train_and_evaluate(config, workdir)
-  assert 'unreadable images skipped in training since the last evaluation' in caplog.text
+  config, workdir, training_log = trained_run
+  data_dir = quirky_folder[0]
+  assert 'unreadable images skipped in training since the last evaluation' in training_log
   capsys.readouterr()
   evaluate.evaluate_checkpoint(config, workdir)
   printed = capsys.readouterr().out
@@ -38,3 +78,63 @@ def test_evaluate_mode_writes_the_table_and_json(quirky_folder, tmp_path, capsys
     split_of = dict(line.split() for line in f.read().splitlines()[2:])
   bad_in_val = sum(split_of[quirks[name]] == 'val' for name in ('truncated', 'missing'))
   assert written['skipped_images_eval'] == logged['skipped_images_eval'] == bad_in_val
+  images = sum(split == 'val' for split in split_of.values()) - bad_in_val
+  _check_breakdowns(written, images)
+  assert 'most confused categories' in printed and 'confusion_val_6.png' in printed
+  with Image.open(os.path.join(workdir, 'confusion_val_6.png')) as picture:
+    assert picture.size == (1000, 1000)
+  assert (6, 'eval_val_confusion') in _image_tags(workdir)
+
+
+def _check_breakdowns(written: dict, images: int):
+  """The breakdowns of an eval_<split>_<step>.json: named, one per category and per
+  attribute, over the split's readable images, and pooled, equal to the clu metrics."""
+  categories = written['per_category']
+  assert [c['name'] for c in categories] == list(vocabulary.CATEGORY_NAMES)
+  assert all(set(c) == {'name', 'images', 'top1', 'top3', 'top5'} for c in categories)
+  assert sum(c['images'] for c in categories) == images
+  assert any(c['images'] == 0 for c in categories)  # a tiny split: some have no image
+  assert all(c['top1'] is c['top5'] is None for c in categories if c['images'] == 0)
+  for k in (1, 3, 5):
+    hits = sum(c['images'] * c[f'top{k}'] for c in categories if c['images'])
+    assert hits / images == pytest.approx(written[f'category_top{k}'], rel=1e-5), k
+  counts = np.array(written['confusion_matrix'])
+  assert counts.shape == (50, 50) and counts.sum() == images
+  assert len(written['most_confused_pairs']) <= 10
+  attributes = written['per_attribute']
+  assert len(attributes) == 1000 and all(
+      set(a) == {'name', 'type', 'positives', 'recall_top3', 'recall_top5', 'average_precision'}
+      for a in attributes)
+  with_positives = [a for a in attributes if a['positives']]
+  assert written['mean_attribute_average_precision'] == pytest.approx(
+      np.mean([a['average_precision'] for a in with_positives]))
+  for type_name in vocabulary.ATTRIBUTE_TYPE_NAMES:
+    of_type = [a for a in with_positives if a['type'] == type_name]
+    if of_type:
+      found = sum(a['recall_top3'] * a['positives'] for a in of_type)
+      assert found / sum(a['positives'] for a in of_type) == pytest.approx(
+          written[f'attr_recall_top3_{type_name}'], rel=1e-5), type_name
+
+
+def test_every_kept_checkpoint_is_evaluated_into_one_table(trained_run, capsys):
+  """config.eval.checkpoint=all: each kept step's files, then one table and a figure per
+  headline metric against the step."""
+  config, workdir, _ = trained_run
+  config = config.copy_and_resolve_references()
+  config.eval.checkpoint = 'all'
+  evaluated = evaluate.evaluate_checkpoint(config, workdir)
+  assert sorted(evaluated) == [4, 6]
+  assert 'every kept checkpoint' in capsys.readouterr().out
+  with open(os.path.join(workdir, 'eval_val_all.json')) as f:
+    table = json.load(f)
+  assert table['split'] == 'val' and [row['step'] for row in table['checkpoints']] == [4, 6]
+  for row in table['checkpoints']:
+    assert set(row) == {'step', *evaluate.HEADLINE_METRICS}
+    with open(os.path.join(workdir, f'eval_val_{row["step"]}.json')) as f:
+      one = json.load(f)
+    assert {name: one[name] for name in evaluate.HEADLINE_METRICS} == {
+        name: row[name] for name in evaluate.HEADLINE_METRICS}
+    assert os.path.isfile(os.path.join(workdir, f'confusion_val_{row["step"]}.png'))
+  for name in evaluate.HEADLINE_METRICS:
+    assert os.path.isfile(os.path.join(workdir, f'eval_val_{name}_vs_step.png')), name
+  assert {(4, 'eval_val_confusion'), (6, 'eval_val_confusion')} <= _image_tags(workdir)

@@ -1,4 +1,7 @@
-"""The Flax ResNet and FashionNet: architecture, dtypes, heads and the box-gradient option."""
+"""The Flax ResNets, VGG-16 and FashionNet: architecture, dtypes, heads and the
+box-gradient option."""
+
+import re
 
 from flax import nnx
 import jax
@@ -7,31 +10,38 @@ import numpy as np
 import pytest
 
 from deepfashion_jax.data import vocabulary
+from deepfashion_jax.models import backbones
 from deepfashion_jax.models import fashion_net
 from deepfashion_jax.models import resnet
+from deepfashion_jax.models import vgg
 from deepfashion_jax.models import xla_cpu
 
-# torchvision's published parameter counts (with fc) minus fc (512 or 2048 x 1000 + 1000).
+# torchvision's published parameter counts less the classifier: ResNet's fc (512 or
+# 2048 x 1000 + 1000), VGG's (25088 x 4096 + 4096, 4096 x 4096 + 4096, 4096 x 1000 + 1000).
 TORCHVISION_BACKBONE_PARAMETERS = {
-    18: 11_689_512 - 513_000, 34: 21_797_672 - 513_000, 50: 25_557_032 - 2_049_000,
-    101: 44_549_160 - 2_049_000, 152: 60_192_808 - 2_049_000}
+    'resnet18': 11_689_512 - 513_000, 'resnet34': 21_797_672 - 513_000,
+    'resnet50': 25_557_032 - 2_049_000, 'resnet101': 44_549_160 - 2_049_000,
+    'resnet152': 60_192_808 - 2_049_000, 'vgg16': 138_357_544 - 123_642_856,
+    'vgg16_bn': 138_365_992 - 123_642_856}
 
 
 def _parameter_count(module):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
-@pytest.mark.parametrize('depth', sorted(TORCHVISION_BACKBONE_PARAMETERS))
-def test_parameter_counts_equal_torchvision(depth):
-  model = nnx.eval_shape(lambda: resnet.ResNet(depth, rngs=nnx.Rngs(0)))
-  assert _parameter_count(model) == TORCHVISION_BACKBONE_PARAMETERS[depth]
+@pytest.mark.parametrize('name', sorted(TORCHVISION_BACKBONE_PARAMETERS))
+def test_parameter_counts_equal_torchvision(name):
+  assert sorted(TORCHVISION_BACKBONE_PARAMETERS) == sorted(backbones.BACKBONES)
+  model = nnx.eval_shape(lambda: backbones.create(name, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+  assert _parameter_count(model) == TORCHVISION_BACKBONE_PARAMETERS[name]
 
 
 @pytest.mark.parametrize('depth', [18, 50])
 def test_parameter_counts_equal_the_torch_reference(depth):
   torch = pytest.importorskip('torch')
   from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
-  model = nnx.eval_shape(lambda: fashion_net.FashionNet(backbone=depth, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: fashion_net.FashionNet(backbone=f'resnet{depth}',
+                                                        rngs=nnx.Rngs(0)))
   reference = torch_reference.FashionResnet(depth, 7)
   assert _parameter_count(model) == sum(p.numel() for p in reference.parameters())
   del torch
@@ -88,6 +98,75 @@ def test_backbone_returns_every_stage_by_name():
 def test_unknown_depth_is_refused():
   with pytest.raises(ValueError, match='ResNet depth must be one of'):
     resnet.ResNet(26, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('name, final_map, stride, sides', [
+    ('resnet18', 'layer4', 32, {224: 7, 100: 4, 72: 3, 40: 2}),  # ceil(side / 32)
+    ('vgg16', 'conv5_3', 16, {224: 14, 100: 6, 72: 4, 40: 2}),  # floor(side / 16)
+])
+def test_each_backbone_says_its_last_map_name_stride_and_side(name, final_map, stride, sides):
+  model = nnx.eval_shape(lambda: backbones.create(name, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+  assert (model.final_map, model.stride, model.out_features) == (final_map, stride, 512)
+  for side, cells in sides.items():
+    assert model.feature_size(side) == cells
+    outputs = nnx.eval_shape(lambda m, x: m(x), model,
+                             jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32))
+    assert outputs[final_map].shape == (1, cells, cells, 512)
+    if name == 'vgg16':  # Liu & Lu's landmark branch reads conv4_3, at stride 8
+      assert tuple(outputs) == vgg.STAGES
+      assert outputs['conv4_3'].shape == (1, side // 8, side // 8, 512)
+
+
+@pytest.mark.parametrize('value', [18, '50'])
+def test_a_resnet_depth_as_old_configs_gave_it_is_refused_with_its_name(value):
+  name = f'resnet{value}'
+  with pytest.raises(ValueError, match=re.escape(
+      f"backbone={value!r} is a ResNet depth, as configs used to give it; backbones are "
+      f"named now: use '{name}' (--config.model.backbone={name})")):
+    fashion_net.FashionNet(backbone=value, image_size=64, rngs=nnx.Rngs(0))
+  assert backbones.canonical_name(value) == name  # how an old checkpoint's config reads
+  with pytest.raises(ValueError, match=re.escape("backbone='vgg19': expected one of ('resnet18'")):
+    fashion_net.FashionNet(backbone='vgg19', image_size=64, rngs=nnx.Rngs(0))
+
+
+def test_fashion_net_stands_on_vgg16():
+  """The box branch, ROI-Align and the heads read conv5_3: 512 channels, a 3 x 3 map at
+  48 px (floor(48 / 16)), boxes in cells of 16 pixels."""
+  model = fashion_net.FashionNet(backbone='vgg16', image_size=48, rngs=nnx.Rngs(0))
+  assert (model.feature_size, model.feature_stride) == (3, 16)
+  assert model.box_top_left.kernel.shape == (fashion_net.BOX_CHANNELS * 3 * 3, 2)
+  assert model.attribute_classifier.kernel.shape == (512 * (1 + 3 * 3), 1000)
+  images = jax.random.randint(jax.random.PRNGKey(0), (2, 48, 48, 3), 0, 256).astype(jnp.uint8)
+  outputs = nnx.jit(lambda model, images: model(images))(model, images)
+  assert {k: v.shape for k, v in outputs.items()} == {
+      'box': (2, 4), 'category_logits': (2, 50), 'attribute_logits': (2, 1000)}
+  assert all(bool(jnp.isfinite(v).all()) for v in outputs.values())
+  with pytest.raises(ValueError, match='smaller than one cell'):
+    fashion_net.FashionNet(backbone='vgg16', image_size=15, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('shape', [(2, 7, 9, 3), (2, 8, 6, 3), (1, 1, 1, 2), (1, 2, 3, 1)])
+def test_vgg_max_pool_value_and_gradient_are_reduce_windows(shape):
+  # Many ties (ReLU'd small integers): each window's gradient goes to its first maximum in
+  # row-major order, as XLA's select-and-scatter and PyTorch route it; odd sizes floor.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(np.maximum(rng.integers(-2, 3, shape), 0), jnp.float32)
+  reference = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+  out = vgg.max_pool_2x2(x)
+  np.testing.assert_array_equal(out, reference(x))
+  g = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+  np.testing.assert_array_equal(jax.vjp(vgg.max_pool_2x2, x)[1](g)[0],
+                                jax.vjp(reference, x)[1](g)[0])
+
+
+def test_small_maps_add_the_bias():
+  # VGG's convolutions have a bias; maps of <= 2 x 2 take xla_cpu.Conv's matrix product.
+  conv = vgg.conv3x3(4, 5, jnp.float32, nnx.Rngs(0))
+  conv.bias[...] = jnp.arange(5.0)
+  plain = nnx.Conv(4, 5, (3, 3), padding=((1, 1), (1, 1)), rngs=nnx.Rngs(1))
+  plain.kernel[...], plain.bias[...] = conv.kernel[...], conv.bias[...]
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 2, 4)), jnp.float32)
+  np.testing.assert_allclose(conv(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])

@@ -38,7 +38,7 @@ def test_batches_hold_the_documented_fields(index):
   source = sources.FolderSource(index, index.split_indices('train'))
   batch = next(pipeline.iterate(pipeline.train_dataset(source, batch_size=4, seed=0,
                                                        options=OPTIONS)))
-  expected = dict(canvas=((4, 300, 300, 3), np.uint8), image_size=((4, 2), np.int32),
+  expected = dict(canvas=((4, 300, 300, 3), np.uint8), window=((4, 4), np.int32),
                   region=((4, 4), np.float32), flip=((4,), np.bool_),
                   bbox=((4, 4), np.float32), box_valid=((4,), np.bool_),
                   category=((4,), np.int32),
@@ -186,11 +186,11 @@ def test_boxes_are_clipped_to_the_image_and_empty_ones_masked_in_evaluation(odd_
   np.testing.assert_array_equal(batch['index'], rows)
   np.testing.assert_array_equal(batch['valid'], [True] * 4)
   np.testing.assert_array_equal(batch['box_valid'], [False, True, False, True])
-  height = batch['image_size'][1, 0]  # 'resize': the crop is the whole image
+  height = batch['window'][1, 3]  # 'resize': the crop is the whole image
   np.testing.assert_allclose(batch['bbox'][1], [0, 20 / height, 1, 1], atol=1e-6)
   np.testing.assert_allclose(batch['bbox'][2, [0, 2]], [1, 1])  # nothing left: x1 = x2 = W
   x1, y1, x2, y2 = index.bbox[3]
-  height, width = batch['image_size'][3]
+  width, height = batch['window'][3, 2:]
   np.testing.assert_allclose(batch['bbox'][3], [x1 / width, y1 / height, x2 / width,
                                                 y2 / height], atol=1e-6)  # untouched
 
@@ -204,7 +204,7 @@ def test_boxes_are_clipped_and_empty_ones_masked_in_training(odd_boxes):
   assert batch['valid'].all()
   assert (batch['bbox'] >= 0).all() and (batch['bbox'] <= 1).all()
   for i, row in enumerate(batch['index']):  # the clipped box, moved with the crop
-    height, width = batch['image_size'][i]
+    width, height = batch['window'][i, 2:]
     clipped = np.clip(np.array(index.bbox[row], np.float32), 0, [width, height] * 2)
     crop = transforms.Crop(batch['region'][i], bool(batch['flip'][i]))
     if batch['box_valid'][i]:
@@ -252,9 +252,87 @@ def test_images_larger_than_the_canvas_are_shrunk_with_their_crop_and_box():
   Image.new('RGB', (600, 400), (200, 30, 30)).save(buffer, format='JPEG')
   source = _OneImageSource(buffer.getvalue())
   batch = pipeline.eval_dataset(source, batch_size=1, options=OPTIONS)[0]
-  np.testing.assert_array_equal(batch['image_size'], [[200, 300]])
+  np.testing.assert_array_equal(batch['window'], [[0, 0, 300, 200]])
   np.testing.assert_allclose(batch['region'], [[0, 0, 300, 200]])
   np.testing.assert_allclose(batch['bbox'], [[0.1, 0.1, 1.0, 1.0]], atol=1e-6)
   assert batch['attribute_positive'].all() and batch['valid'].all()
   train = pipeline.train_dataset(source, batch_size=1, seed=0, options=OPTIONS)[0]
   assert (train['region'][0, 2:] <= [300, 200]).all()  # a crop of the shrunk image
+
+
+class _DrawnBoxSource:
+  """Records whose image is grey with the box drawn in: its left half red, its right half
+  blue, so that a flip shows."""
+  num_attributes = 8
+  boxes = np.array([[40, 30, 160, 170], [150, 10, 290, 120], [5, 60, 120, 195],
+                    [100, 50, 200, 150]], np.float32)
+
+  def __len__(self):
+    return len(self.boxes)
+
+  def __getitem__(self, position):
+    import io  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    image = np.full((200, 300, 3), 128, np.uint8)
+    x1, y1, x2, y2 = self.boxes[position].astype(int)
+    middle = (x1 + x2) // 2
+    image[y1:y2, x1:middle] = (255, 0, 0)
+    image[y1:y2, middle:x2] = (0, 0, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format='PNG')  # lossless: colours stay exact
+    return dict(image_bytes=buffer.getvalue(), path=f'{position}.png', index=position,
+                position=position, category=1, category_type=0,
+                attribute_positive_bits=np.packbits(np.ones(8, bool)),
+                attribute_unknown_bits=np.packbits(np.zeros(8, bool)),
+                bbox=self.boxes[position])
+
+
+def _assert_box_drawn_where_the_target_says(images: np.ndarray, batch: dict, boxes):
+  """Inside the target box (less 2 pixels) only the drawn colours, red left of the drawn
+  middle unless flipped; outside it (more 2 pixels) only grey."""
+  side = images.shape[1]
+  rows, cols = np.mgrid[:side, :side]
+  for image, row, target, region, flip in zip(images, batch['index'], batch['bbox'],
+                                              batch['region'], batch['flip']):
+    x1, y1, x2, y2 = target * side
+    inside = (cols > x1 + 2) & (cols < x2 - 2) & (rows > y1 + 2) & (rows < y2 - 2)
+    box_x1, box_y1, box_x2, box_y2 = boxes[row]
+    middle = (box_x1 + box_x2) // 2
+    middle = transforms.crop_box(np.array([middle, box_y1, middle, box_y2]),
+                                 transforms.Crop(region, bool(flip)))[0] * side
+    left, right = inside & (cols < middle - 2), inside & (cols > middle + 2)
+    red, blue = (right, left) if flip else (left, right)
+    assert left.sum() + right.sum() > 100
+    assert (image[red][:, 0] > 200).all() and (image[red][:, 2] < 50).all()
+    assert (image[blue][:, 2] > 200).all() and (image[blue][:, 0] < 50).all()
+    outside = (cols < x1 - 2) | (cols > x2 + 2) | (rows < y1 - 2) | (rows > y2 + 2)
+    np.testing.assert_array_equal(image[outside], 128)
+
+
+@pytest.mark.parametrize('margin', [0.0, 10.0])
+def test_a_gt_box_crop_puts_the_drawn_box_where_its_target_says(margin):
+  """config.data.crop='gt_box': the crop is cut from the box and its margin, before the
+  resize, random crop and flip; the target box moves with it, to the whole frame less
+  the margin (evaluation's 'resize'), or about it (training's random crop)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from deepfashion_jax.data import device_transforms  # pylint: disable=g-import-not-at-top
+  options = pipeline.ImageOptions(img_size=80, crop_size=72, crop='gt_box', crop_margin=margin)
+  source = _DrawnBoxSource()
+  to_images = jax.jit(lambda b: device_transforms.batch_images(b, 72))
+  evaluation = pipeline.eval_dataset(source, batch_size=4, options=options)[0]
+  _assert_box_drawn_where_the_target_says(np.asarray(to_images(evaluation)), evaluation,
+                                          source.boxes)
+  for (x1, y1, x2, y2), window, target in zip(source.boxes, evaluation['window'],
+                                               evaluation['bbox']):
+    np.testing.assert_array_equal(window, [max(x1 - margin, 0), max(y1 - margin, 0),
+                                           min(x2 + margin, 300), min(y2 + margin, 200)])
+    width, height = window[2] - window[0], window[3] - window[1]
+    np.testing.assert_allclose(target, [(x1 - window[0]) / width, (y1 - window[1]) / height,
+                                        (x2 - window[0]) / width, (y2 - window[1]) / height],
+                               atol=1e-6)
+  flips = []
+  for seed in range(3):
+    train = pipeline.train_dataset(source, batch_size=4, seed=seed, options=options)[0]
+    _assert_box_drawn_where_the_target_says(np.asarray(to_images(train)), train, source.boxes)
+    flips += train['flip'].tolist()
+  assert any(flips) and not all(flips)

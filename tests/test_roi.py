@@ -132,18 +132,34 @@ def test_fashion_net_pools_the_box_at_one_cell_per_32_pixels(image_size, samplin
   """The model's [0, 1] box covers box x image_size pixels, i.e. spatial_scale 1/32 on a
   map of ceil(image_size / 32) cells (torchvision's rule), at sides that are not multiples
   of 32 too."""
-  model = fashion_net.FashionNet(backbone=18, image_size=image_size,
+  model = fashion_net.FashionNet(backbone='resnet18', image_size=image_size,
                                  roi_sampling_ratio=sampling_ratio, rngs=nnx.Rngs(0))
+  assert model.feature_size == -(-image_size // 32)
+  _assert_pools_at_stride(model, image_size, 32, sampling_ratio)
+
+
+@pytest.mark.parametrize('image_size', [72, 100, 224])
+def test_fashion_net_on_vgg16_pools_the_box_at_one_cell_per_16_pixels(image_size):
+  """VGG-16's conv5_3: spatial_scale 1/16 on a map of floor(image_size / 16) cells (the
+  pools floor), which can end short of the image."""
+  model = nnx.eval_shape(lambda: fashion_net.FashionNet(
+      backbone='vgg16', image_size=image_size, rngs=nnx.Rngs(0)))
+  assert model.feature_size == image_size // 16
+  _assert_pools_at_stride(model, image_size, 16, model.roi_sampling_ratio)
+
+
+def _assert_pools_at_stride(model, image_size, stride, sampling_ratio):
+  """model.local_features is torchvision's ROI-Align at spatial_scale 1 / stride of the
+  box in input pixels, on random maps of the model's side."""
   side = model.feature_size
-  assert side == -(-image_size // 32)
   rng = np.random.default_rng(image_size)
   features = rng.normal(size=(5, side, side, 512)).astype(np.float32)
   xy = rng.uniform(0, 1, (5, 2))
   boxes = np.concatenate([xy, xy + rng.uniform(0.05, 1, (5, 2))], 1).astype(np.float32)
-  boxes[0] = [0.0, 0.0, 1.0, 1.0]  # the whole input: image_size / 32 cells, not `side`
+  boxes[0] = [0.0, 0.0, 1.0, 1.0]  # the whole input: image_size / stride cells, not `side`
   got = np.asarray(model.local_features(jnp.asarray(features), jnp.asarray(boxes)))
   for i, box in enumerate(boxes):
-    expected = reference_roi_align(features[i], box * image_size, 3, 1 / 32, sampling_ratio,
-                                   True)
+    expected = reference_roi_align(features[i], box * image_size, 3, 1 / stride,
+                                   sampling_ratio, True)
     np.testing.assert_allclose(got[i], expected.transpose(2, 0, 1).ravel(), rtol=1e-5,
                                atol=1e-5, err_msg=f'box {i}')

@@ -200,3 +200,25 @@ def test_weight_decay_shrinks_kernels_and_by_default_only_kernels(optimizer, nor
     decayed = value.ndim > 1 or norms_and_biases
     expected = -0.5 * 0.1 * np.asarray(value) if decayed else np.zeros_like(value)
     np.testing.assert_allclose(update, expected, rtol=1e-5, atol=1e-8, err_msg=str(path))
+
+
+@pytest.mark.parametrize('warmup_steps', [0, 2])
+def test_step_decay_multiplies_the_rate_by_decay_rate_every_decay_every_steps(warmup_steps):
+  """'step_decay' (Liu & Lu's x0.8 per epoch): SGD without momentum on a gradient of ones
+  moves each parameter by minus the rate of its step."""
+  config = test_config.get_config()
+  config.optimizer, config.momentum, config.learning_rate = 'sgd', 0.0, 1.0
+  config.schedule, config.decay_rate, config.decay_every_steps = 'step_decay', 0.8, 3
+  config.warmup_steps = warmup_steps
+  optimizer_fn = steps.create_optimizer(config)
+  params = {'w': jnp.zeros(())}
+  opt_state = optimizer_fn.init(params)
+  rates = []
+  for _ in range(8):
+    updates, opt_state = optimizer_fn.update({'w': jnp.ones(())}, opt_state, params)
+    rates.append(-float(updates['w']))
+  if warmup_steps:  # a linear warm-up, then the decay counted from its end
+    expected = [0.0, 0.5, 1.0, 1.0, 1.0, 0.8, 0.8, 0.8]
+  else:
+    expected = [1.0, 1.0, 1.0, 0.8, 0.8, 0.8, 0.64, 0.64]
+  np.testing.assert_allclose(rates, expected, rtol=1e-6)

@@ -1,6 +1,7 @@
 """The TFDS (ArrayRecord) dataset: prepared from a folder, the same examples in the same
 order as the folder source, the same batches, and training from it."""
 
+import dataclasses
 import logging
 import os
 
@@ -61,16 +62,22 @@ def test_missing_images_stay_missing(prepared):
   assert missing
 
 
-def test_the_same_training_batches_come_from_both_sources(prepared):
+@pytest.mark.parametrize('crop', ['none', 'gt_box'])
+def test_the_same_batches_come_from_both_sources(prepared, crop):
   index, tfds_dir = prepared
+  options = dataclasses.replace(OPTIONS, crop=crop)
   batches = {}
   for name, source in (('folder', sources.FolderSource(index, index.split_indices('train'))),
                        ('tfds', sources.TfdsSource(tfds_dir, 'train'))):
-    dataset = pipeline.train_dataset(source, batch_size=8, seed=3, options=OPTIONS)
+    dataset = pipeline.train_dataset(source, batch_size=8, seed=3, options=options)
     iterator = pipeline.iterate(dataset, threads=1)
     batches[name] = [next(iterator) for _ in range(3)]
+    batches[name].append(pipeline.eval_dataset(source, batch_size=8, options=options)[0])
   for i, (a, b) in enumerate(zip(batches['folder'], batches['tfds'])):
     _assert_same_record(a, b, f'batch {i}')
+  windows = np.concatenate([b['window'] for b in batches['folder']])
+  whole = (windows[:, :2] == 0).all(axis=1) & (windows[:, 2:] >= 100).all(axis=1)
+  assert whole.all() if crop == 'none' else whole.mean() < 0.5  # box crops, mostly
 
 
 def test_the_stored_fields_are_the_index(prepared):

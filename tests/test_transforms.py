@@ -143,27 +143,74 @@ def test_large_images_are_shrunk_into_the_canvas():
   assert transforms.fit_to_canvas(small, np.zeros(4), 300)[0] is small
 
 
+def _window_and_crop(seed: int, height: int, width: int):
+  """One case of the resampling test: a whole image or a 'gt_box' window (odd seeds from
+  4 on), and a training crop (odd seeds) or the evaluation resize of it."""
+  window = transforms.whole_image(height, width)
+  if seed >= 4:
+    rng = np.random.default_rng(seed)
+    x1, y1 = rng.uniform(0, 0.4, 2) * (width, height)
+    x2, y2 = (x1, y1) + rng.uniform(0.3, 0.6, 2) * (width, height)
+    window = transforms.box_window(np.array([x1, y1, x2, y2]), 10.0, height, width)
+  window_height, window_width = transforms.window_size(window)
+  crop = (transforms.random_train_crop(np.random.default_rng(seed), window_height,
+                                       window_width, 256, 224)
+          if seed % 2 else transforms.eval_crop(window_height, window_width, 256, 224, 'resize'))
+  return window, transforms.in_window(crop, window)
+
+
 def test_device_resampling_matches_pil():
-  """The device's crop-resize-flip is PIL's to within one grey level.
+  """The device's crop-resize-flip is PIL's (crop to the window, then resize, crop and
+  flip) to within one grey level.
 
   Pillow runs some crops' passes in the other order and its weights in float64, so
   rounding differs by one level on a few percent of the pixels of some crops.
   """
   canvas_size, shapes = 300, [(200, 300), (300, 180), (120, 97), (300, 300)]
-  canvases, sizes, regions, flips, expected = [], [], [], [], []
-  for seed, (height, width) in enumerate(shapes * 2):
+  canvases, windows, regions, flips, expected = [], [], [], [], []
+  for seed, (height, width) in enumerate(shapes * 3):
     image = _photo(height, width, seed)
-    crop = (transforms.random_train_crop(np.random.default_rng(seed), height, width, 256, 224)
-            if seed % 2 else transforms.eval_crop(height, width, 256, 224, 'resize'))
+    window, crop = _window_and_crop(seed, height, width)
     canvas = np.zeros((canvas_size, canvas_size, 3), np.uint8)
     canvas[:height, :width] = image
     canvases.append(canvas)
-    sizes.append((height, width))
+    windows.append(window)
     regions.append(crop.region)
     flips.append(crop.flip)
-    expected.append(transforms.resize_crop_flip(image, crop, 224))
+    expected.append(transforms.resize_crop_flip(image, crop, 224, window))
+  assert sum(w[0] > 0 for w in windows) >= 4  # box windows are among the cases
   got = jax.jit(device_transforms.crop_resize_flip, static_argnums=4)(
-      np.stack(canvases), np.array(sizes, np.int32), np.stack(regions), np.array(flips), 224)
+      np.stack(canvases), np.stack(windows), np.stack(regions), np.array(flips), 224)
   difference = np.abs(np.asarray(got).astype(int) - np.stack(expected))
   assert difference.max() <= 1
   assert difference.mean() < 0.05
+
+
+def test_a_box_window_is_the_box_and_its_margin_out_to_whole_pixels_in_the_image():
+  window = transforms.box_window(np.array([20.4, 30.6, 100.2, 150.0]), 10, 200, 300)
+  np.testing.assert_array_equal(window, [10, 20, 111, 160])
+  assert window.dtype == np.int32
+  clipped = transforms.box_window(np.array([5.0, 3.0, 295.0, 198.0]), 10, 200, 300)
+  np.testing.assert_array_equal(clipped, [0, 0, 300, 200])
+  empty = transforms.box_window(np.array([50.0, 50.0, 50.0, 80.0]), 10, 200, 300)
+  np.testing.assert_array_equal(empty, transforms.whole_image(200, 300))
+  assert transforms.window_size(window) == (140, 101)
+
+
+def test_a_crop_of_a_window_moves_with_the_window():
+  window = np.array([10, 20, 111, 160], np.int32)
+  crop = transforms.eval_crop(140, 101, 256, 224, 'resize')
+  shifted = transforms.in_window(crop, window)
+  np.testing.assert_allclose(shifted.region, [10, 20, 111, 160])
+  # The whole window is the crop: the box target is the box within its margin.
+  np.testing.assert_allclose(transforms.crop_box(np.array([20, 30, 101, 150]), shifted),
+                             [10 / 101, 10 / 140, 91 / 101, 130 / 140], atol=1e-6)
+
+
+def test_without_random_flip_the_same_crops_unflipped():
+  for seed in range(8):
+    flipped = transforms.random_train_crop(np.random.default_rng(seed), 200, 300, 256, 224)
+    plain = transforms.random_train_crop(np.random.default_rng(seed), 200, 300, 256, 224,
+                                         random_flip=False)
+    np.testing.assert_array_equal(plain.region, flipped.region)
+    assert not plain.flip

@@ -1,9 +1,9 @@
 """The pixel half of the augmentation, on the device: resize, crop and flip from the canvas.
 
 The host sends each image as decoded, at the top-left of a fixed canvas, with the crop's
-region and flip (`transforms.py`). Here each output row and column is a weighted sum of
-canvas rows and columns with PIL's bilinear weights (a triangle filter widened by the
-downscaling factor, clipped to the image and renormalised), a horizontal pass rounded to
+window, region and flip (`transforms.py`). Here each output row and column is a weighted
+sum of canvas rows and columns with PIL's bilinear weights (a triangle filter widened by
+the downscaling factor, clipped to the window and renormalised), a horizontal pass rounded to
 8 bits and then a vertical one. The result is the baseline's PIL resize bit for bit for
 most crops; the installed Pillow does some crops vertical pass first, and those differ by
 one grey level on a few percent of pixels. Two small matrix products per image.
@@ -13,23 +13,28 @@ import jax
 import jax.numpy as jnp
 
 
-def pil_bilinear_weights(start, end, image_extent, out_size: int, canvas_size: int):
-  """(out_size, canvas_size) weights resampling [start, end) of an axis of image_extent pixels."""
+def pil_bilinear_weights(start, end, window_start, window_end, out_size: int,
+                         canvas_size: int):
+  """(out_size, canvas_size) weights resampling [start, end) of an axis from the pixels
+  [window_start, window_end) of it."""
   scale = (end - start) / out_size
   filter_scale = jnp.maximum(scale, 1.0)
   centres = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
   pixel_centres = jnp.arange(canvas_size, dtype=jnp.float32) + 0.5
   weights = jnp.maximum(0.0, 1.0 - jnp.abs(pixel_centres[None, :] - centres[:, None])
                         / filter_scale)
-  weights = weights * (jnp.arange(canvas_size) < image_extent)[None, :]
+  pixels = jnp.arange(canvas_size)
+  weights = weights * ((pixels >= window_start) & (pixels < window_end))[None, :]
   total = weights.sum(axis=1, keepdims=True)
   return jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
 
 
-def _one_image(canvas, image_size, region, flip, out_size):
+def _one_image(canvas, window, region, flip, out_size):
   canvas_size = canvas.shape[0]
-  rows = pil_bilinear_weights(region[1], region[3], image_size[0], out_size, canvas_size)
-  cols = pil_bilinear_weights(region[0], region[2], image_size[1], out_size, canvas_size)
+  rows = pil_bilinear_weights(region[1], region[3], window[1], window[3], out_size,
+                              canvas_size)
+  cols = pil_bilinear_weights(region[0], region[2], window[0], window[2], out_size,
+                              canvas_size)
   cols = jnp.where(flip, cols[::-1], cols)
   # Like PIL: the horizontal pass first, rounded to 8 bits, then the vertical pass.
   to_8_bits = lambda x: jnp.clip(jnp.floor(x + 0.5), 0, 255)
@@ -40,17 +45,18 @@ def _one_image(canvas, image_size, region, flip, out_size):
                               precision=highest)).astype(jnp.uint8)
 
 
-def crop_resize_flip(canvas, image_size, region, flip, out_size: int):
+def crop_resize_flip(canvas, window, region, flip, out_size: int):
   """(B, S, S, 3) uint8 canvases -> (B, out_size, out_size, 3) uint8 crops.
 
-  image_size: (B, 2) int, each image's (height, width) inside its canvas; region: (B, 4)
-  float (x0, y0, x1, y1) pixels of the image to resample; flip: (B,) bool.
+  window: (B, 4) int (x0, y0, x1, y1), the canvas pixels each crop may read (its image, or
+  a box of it); region: (B, 4) float (x0, y0, x1, y1) pixels of the image to resample;
+  flip: (B,) bool.
   """
-  return jax.vmap(lambda c, s, r, f: _one_image(c, s, r, f, out_size))(
-      canvas, image_size, region, flip)
+  return jax.vmap(lambda c, w, r, f: _one_image(c, w, r, f, out_size))(
+      canvas, window, region, flip)
 
 
 def batch_images(batch: dict, out_size: int):
   """The model's input images of a pipeline batch (see pipeline.py)."""
-  return crop_resize_flip(batch['canvas'], batch['image_size'], batch['region'],
+  return crop_resize_flip(batch['canvas'], batch['window'], batch['region'],
                           batch['flip'], out_size)

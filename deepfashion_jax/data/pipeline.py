@@ -7,15 +7,18 @@ each element from the pipeline seed and the element's position, so the batches d
 depend on the number of worker threads or processes; and the resulting iterator's state (a position)
 is what orbax saves with the model, through `grain.checkpoint`.
 
-Host work per image is decoding and copying into a fixed canvas; the random crop and flip
-are drawn here but applied to the pixels on the device (`device_transforms.batch_images`).
+Host work per image is decoding and copying into a fixed canvas; the crop's window (the
+whole image, or the ground-truth box with config.data.crop='gt_box'), the random crop and
+the flip are drawn here but applied to the pixels on the device
+(`device_transforms.batch_images`): a box crop costs no second decode and no copy.
 
 A batch is a dict of NumPy arrays, B = the per-process batch size:
   canvas (B, S, S, 3) uint8: each decoded image at the top-left of an S x S canvas
-  image_size (B, 2) int32: (height, width) of the image inside its canvas
+  window (B, 4) int32: (x0, y0, x1, y1), the canvas pixels the crop reads: the image, or
+    its enlarged ground-truth box (see transforms.py)
   region (B, 4) float32, flip (B,) bool: what to resample (see transforms.py)
   bbox (B, 4) float32: the ground-truth box in [0, 1] coordinates of the crop, clipped to
-    the image and to the crop
+    the image and to the crop (with 'gt_box' crops: about the whole frame, less the margin)
   category, category_type (B,) int32; attribute_positive, attribute_unknown (B, 1000) bool
   index (B,) int32: the example's row in the annotation index (-1 for padding)
   valid (B,) bool: False for evaluation padding and for unreadable evaluation images
@@ -46,15 +49,19 @@ class ImageOptions:
   canvas_size: int = 300  # side of the canvas the host sends (DeepFashion's long side)
   img_size: int = 256  # training: resize to img_size x img_size, then
   crop_size: int = 224  # a random crop_size crop; the model's input side
+  random_flip: bool = True  # training: mirror half the crops
   eval_crop: str = 'resize'  # 'resize' to crop_size (baseline) or 'center_crop'
+  crop: str = 'none'  # the window crops are drawn from: 'none' (the image) or 'gt_box'
+  crop_margin: float = 10.0  # 'gt_box': pixels added to each side of the box
   strict: bool = False  # raise on an unreadable image instead of skipping it
 
 
 def image_options(data_config) -> ImageOptions:
   """The image options of a config's `data` section."""
   return ImageOptions(canvas_size=data_config.canvas_size, img_size=data_config.img_size,
-                      crop_size=data_config.crop_size, eval_crop=data_config.eval_crop,
-                      strict=data_config.strict)
+                      crop_size=data_config.crop_size, random_flip=data_config.random_flip,
+                      eval_crop=data_config.eval_crop, crop=data_config.crop,
+                      crop_margin=data_config.crop_margin, strict=data_config.strict)
 
 
 def _decode(record: dict, strict: bool):
@@ -70,20 +77,34 @@ def _decode(record: dict, strict: bool):
     return None
 
 
-def _fit(record: dict, image: np.ndarray, canvas_size: int):
-  """The decoded image and the record's box as they fit in the canvas.
+def _fit(record: dict, image: np.ndarray, options: ImageOptions):
+  """The decoded image, the record's box and the crops' window, as they fit in the canvas.
 
   The box is clipped to the image first: the decoded image is the one place that knows
-  its size, and a list's box may be empty or run past its image.
+  its size, and a list's box may be empty or run past its image. A 'gt_box' window is
+  measured (its margin counted) in the file's pixels and shrinks with an image larger than
+  the canvas, out to whole pixels again.
   """
-  bbox = transforms.clip_box_to_image(record['bbox'], *image.shape[:2])
-  return transforms.fit_to_canvas(image, bbox, canvas_size)
+  height, width = image.shape[:2]
+  bbox = transforms.clip_box_to_image(record['bbox'], height, width)
+  if options.crop == 'gt_box':
+    window = transforms.box_window(bbox, options.crop_margin, height, width)
+  else:
+    window = transforms.whole_image(height, width)
+  image, boxes = transforms.fit_to_canvas(image, np.stack([bbox, window.astype(np.float32)]),
+                                          options.canvas_size)
+  if image.shape[:2] != (height, width):
+    x0, y0, x1, y1 = boxes[1]
+    window = np.array([np.floor(x0), np.floor(y0), min(np.ceil(x1), image.shape[1]),
+                       min(np.ceil(y1), image.shape[0])], np.int32)
+  return image, boxes[0], window
 
 
-def _example(record: dict, image: np.ndarray, bbox: np.ndarray, crop: transforms.Crop,
-             valid: bool, skipped: int) -> dict:
-  """One example; image, bbox and crop are those of the image as it fits in the canvas."""
-  return dict(image=image, image_size=image.shape[:2], region=crop.region, flip=crop.flip,
+def _example(record: dict, image: np.ndarray, bbox: np.ndarray, window: np.ndarray,
+             crop: transforms.Crop, valid: bool, skipped: int) -> dict:
+  """One example; image, bbox, window and crop are those of the image as it fits in the
+  canvas."""
+  return dict(image=image, window=window, region=crop.region, flip=crop.flip,
               bbox=transforms.crop_box(bbox, crop),
               box_valid=valid and transforms.box_area(bbox) > 0,
               category=record['category'], category_type=record['category_type'],
@@ -109,11 +130,12 @@ class TrainExample(grain.transforms.RandomMap):
     else:
       raise RuntimeError(f'{_MAX_CONSECUTIVE_BAD_FILES} unreadable images in a row, the '
                          f'last {record["path"]}: is the image folder complete?')
-    image, bbox = _fit(record, image, self.options.canvas_size)
-    height, width = image.shape[:2]
-    crop = transforms.random_train_crop(rng, height, width, self.options.img_size,
-                                        self.options.crop_size)
-    return _example(record, image, bbox, crop, valid=True, skipped=skipped)
+    image, bbox, window = _fit(record, image, self.options)
+    crop = transforms.random_train_crop(rng, *transforms.window_size(window),
+                                        self.options.img_size, self.options.crop_size,
+                                        self.options.random_flip)
+    return _example(record, image, bbox, window, transforms.in_window(crop, window),
+                    valid=True, skipped=skipped)
 
 
 class EvalExample(grain.transforms.Map):
@@ -129,17 +151,17 @@ class EvalExample(grain.transforms.Map):
     image = _decode(record, self.options.strict)
     if image is None:
       return self._invalid(record, skipped=1)
-    image, bbox = _fit(record, image, self.options.canvas_size)
-    height, width = image.shape[:2]
-    crop = transforms.eval_crop(height, width, self.options.img_size, self.options.crop_size,
-                                self.options.eval_crop)
-    return _example(record, image, bbox, crop, valid=True, skipped=0)
+    image, bbox, window = _fit(record, image, self.options)
+    crop = transforms.eval_crop(*transforms.window_size(window), self.options.img_size,
+                                self.options.crop_size, self.options.eval_crop)
+    return _example(record, image, bbox, window, transforms.in_window(crop, window),
+                    valid=True, skipped=0)
 
   def _invalid(self, record: dict, skipped: int) -> dict:
     """A masked-out example: a 1-pixel black image; its labels are never counted."""
     crop = transforms.eval_crop(1, 1, self.options.img_size, self.options.crop_size, 'resize')
     example = _example(record, np.zeros((1, 1, 3), np.uint8), np.array([0, 0, 1, 1], np.float32),
-                       crop, valid=False, skipped=skipped)
+                       transforms.whole_image(1, 1), crop, valid=False, skipped=skipped)
     example['index'] = -1
     return example
 
@@ -163,7 +185,7 @@ class Collate:
     stack = lambda key, dtype=None: np.array([e[key] for e in examples], dtype)
     unpack = lambda key: np.unpackbits(stack(key + '_bits'), axis=1,
                                        count=self.num_attributes).view(bool)
-    return dict(canvas=canvas, image_size=stack('image_size', np.int32), region=stack('region'),
+    return dict(canvas=canvas, window=stack('window', np.int32), region=stack('region'),
                 flip=stack('flip', bool), bbox=stack('bbox'),
                 box_valid=stack('box_valid', bool),
                 category=stack('category', np.int32),

@@ -12,6 +12,14 @@ in pixels, that lands on the output square. Resizing to img_size x img_size and 
 cropping crop_size at (left, top) is the region
 (left * w / img_size, top * h / img_size, (left + crop_size) * w / img_size, ...);
 PIL's bilinear resampling of that region equals resize-then-crop bit for bit.
+
+A crop reads the pixels of a *window* of the image: the whole image (config.data.crop
+'none', the baseline's), or the ground-truth box enlarged by config.data.crop_margin
+pixels on each side ('gt_box', the published protocol), out to whole pixels and clipped to
+the image. A crop of a window is drawn as if the window were the image (`random_train_crop`
+and `eval_crop` of its size), then shifted by the window's top-left corner (`in_window`);
+the resampling never reads outside the window, so that the result is PIL's crop to the
+window followed by the usual resize, crop and flip (`resize_crop_flip`, the reference).
 """
 
 import dataclasses
@@ -77,6 +85,27 @@ def fit_to_canvas(image: np.ndarray, bbox: np.ndarray, canvas_size: int):
 
 
 EVAL_CROPS = ('resize', 'center_crop')  # config.data.eval_crop
+CROPS = ('none', 'gt_box')  # config.data.crop: the window a crop is drawn from
+
+
+def whole_image(height: int, width: int) -> np.ndarray:
+  """The window (x0, y0, x1, y1) of a whole image, int32."""
+  return np.array([0, 0, width, height], np.int32)
+
+
+def box_window(bbox: np.ndarray, margin: float, height: int, width: int) -> np.ndarray:
+  """A 'gt_box' window: the box enlarged by `margin` pixels on each side, out to whole
+  pixels, clipped to the image; the whole image when the box is empty (no box to cut to)."""
+  if box_area(bbox) <= 0:
+    return whole_image(height, width)
+  x1, y1 = np.floor(np.asarray(bbox[:2], np.float64) - margin)
+  x2, y2 = np.ceil(np.asarray(bbox[2:], np.float64) + margin)
+  return np.array([max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)], np.int32)
+
+
+def window_size(window: np.ndarray) -> tuple:
+  """(height, width) of a window."""
+  return int(window[3] - window[1]), int(window[2] - window[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +125,12 @@ class Crop:
 
 
 def random_train_crop(rng: np.random.Generator, height: int, width: int, img_size: int,
-                      crop_size: int) -> Crop:
-  """The baseline's training augmentation: resize to img_size, random crop_size, flip p 0.5."""
+                      crop_size: int, random_flip: bool = True) -> Crop:
+  """The baseline's training augmentation: resize to img_size, random crop_size, flip p 0.5
+  (unless not `random_flip`: the flip is drawn all the same, so the crops stay the same)."""
   left = int(rng.integers(0, img_size - crop_size + 1))
   top = int(rng.integers(0, img_size - crop_size + 1))
-  flip = bool(rng.random() < 0.5)
+  flip = bool(rng.random() < 0.5) and random_flip
   scale_x, scale_y = width / img_size, height / img_size
   region = np.array([left * scale_x, top * scale_y, (left + crop_size) * scale_x,
                      (top + crop_size) * scale_y], np.float32)
@@ -120,6 +150,12 @@ def eval_crop(height: int, width: int, img_size: int, crop_size: int, mode: str)
   raise ValueError(f'eval crop mode must be one of {EVAL_CROPS}, got {mode!r}')
 
 
+def in_window(crop: Crop, window: np.ndarray) -> Crop:
+  """A crop drawn on a window's own pixels -> the same crop in pixels of the image."""
+  x0, y0 = np.asarray(window[:2], np.float32)
+  return Crop(crop.region + np.array([x0, y0, x0, y0], np.float32), crop.flip)
+
+
 def crop_box(bbox: np.ndarray, crop: Crop) -> np.ndarray:
   """A pixel box (x1, y1, x2, y2) of the original -> [0, 1] coordinates of the crop.
 
@@ -134,9 +170,15 @@ def crop_box(bbox: np.ndarray, crop: Crop) -> np.ndarray:
   return box
 
 
-def resize_crop_flip(image: np.ndarray, crop: Crop, out_size: int) -> np.ndarray:
-  """The crop's pixels by PIL's bilinear resampling: the baseline's resize, crop and flip."""
-  resized = Image.fromarray(image).resize((out_size, out_size), Image.BILINEAR,
-                                          box=tuple(float(v) for v in crop.region))
+def resize_crop_flip(image: np.ndarray, crop: Crop, out_size: int,
+                     window: np.ndarray | None = None) -> np.ndarray:
+  """The crop's pixels by PIL's bilinear resampling: the baseline's resize, crop and flip,
+  after PIL's crop to the window (default: the whole image)."""
+  if window is None:
+    window = whole_image(*image.shape[:2])
+  x0, y0, x1, y1 = (int(v) for v in window)
+  region = crop.region - np.array([x0, y0, x0, y0], np.float32)
+  resized = Image.fromarray(image[y0:y1, x0:x1]).resize(
+      (out_size, out_size), Image.BILINEAR, box=tuple(float(v) for v in region))
   pixels = np.asarray(resized)
   return pixels[:, ::-1] if crop.flip else pixels

@@ -1,5 +1,7 @@
-"""The DeepFashion network: ResNet features, a box branch, local features pooled from the
-predicted box, and category and attribute heads (see shared/BASELINE.md, Model).
+"""The DeepFashion network: backbone features (a ResNet or VGG-16, `backbones.py`), a box
+branch, local features pooled from the predicted box, and category and attribute heads
+(see shared/BASELINE.md, Model). The box branch, ROI-Align and the heads take the
+backbone's last map, its channels, side and stride from the backbone.
 
 Outputs, all float32 whatever the activation dtype:
   category_logits (B, 50), attribute_logits (B, 1000), box (B, 4) as (x1, y1, x2, y2) in
@@ -17,11 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepfashion_jax.models import resnet
+from deepfashion_jax.models import backbones
 from deepfashion_jax.models import roi
 
 BOX_CHANNELS = 32  # box_reduce's output channels (the baseline's)
-FEATURE_STRIDE = 32  # input pixels per cell of the last feature map
 ROI_POOLS = ('align', 'baseline_max')
 CATEGORY_HEADS = ('single', 'per_garment_type')
 # Per-channel (mean, std) of x / 255: the baseline's (0.5, 0.5), or torchvision's ImageNet
@@ -54,8 +55,9 @@ def torch_default_init(fan_in: int) -> dict:
 class FashionNet(nnx.Module):
   """The baseline's FashionResnet, with options where it had bugs or shortcuts."""
 
-  def __init__(self, *, backbone: int = 18, image_size: int = 224, num_categories: int = 50,
-               num_attributes: int = 1000, roi_pool: str = 'align', roi_output_size: int = 3,
+  def __init__(self, *, backbone: str = 'resnet18', image_size: int = 224,
+               num_categories: int = 50, num_attributes: int = 1000, roi_pool: str = 'align',
+               roi_output_size: int = 3,
                roi_sampling_ratio: int = 2, roi_aligned: bool = True,
                box_gradient_into_roi: bool = False, category_head: str = 'single',
                category_types=None, dropout: float = 0.0, normalization: str = 'baseline',
@@ -68,10 +70,15 @@ class FashionNet(nnx.Module):
       raise ValueError(f'normalization must be one of {tuple(NORMALIZATIONS)}, got '
                        f'{normalization!r}')
     self.normalization = normalization
-    self.backbone = resnet.ResNet(backbone, dtype=dtype, rngs=rngs)
+    self.backbone_name = backbone
+    self.backbone = backbones.create(backbone, dtype=dtype, rngs=rngs)
     channels = self.backbone.out_features
     self.image_size = image_size
-    self.feature_size = -(-image_size // FEATURE_STRIDE)  # every stride-2 layer rounds up
+    self.feature_stride = self.backbone.stride  # input pixels per cell of the last map
+    self.feature_size = self.backbone.feature_size(image_size)
+    if self.feature_size < 1:
+      raise ValueError(f'image_size={image_size} is smaller than one cell of '
+                       f'{backbone}\'s last feature map ({self.feature_stride} px)')
     self.roi_pool, self.roi_output_size = roi_pool, roi_output_size
     self.roi_sampling_ratio, self.roi_aligned = roi_sampling_ratio, roi_aligned
     self.box_gradient_into_roi = box_gradient_into_roi
@@ -114,9 +121,11 @@ class FashionNet(nnx.Module):
   def local_features(self, features, box):
     """(B, C * S * S) features pooled from the box, flattened channel-major like PyTorch.
 
-    ROI-Align takes the box in input pixels with torchvision's `spatial_scale` = 1/32: a
-    feature cell covers 32 pixels, though the map has ceil(side / 32) cells (its last cell
-    runs past the image when the side is not a multiple of 32).
+    ROI-Align takes the box in input pixels with torchvision's `spatial_scale` = 1 / the
+    backbone's stride: a feature cell covers 32 pixels of a ResNet's input, though the map
+    has ceil(side / 32) cells (its last cell runs past the image when the side is not a
+    multiple of 32); 16 of VGG-16's, whose map has floor(side / 16) (the pools drop an
+    odd last row: the map can end short of the image).
     """
     if not self.box_gradient_into_roi:
       box = jax.lax.stop_gradient(box)
@@ -125,7 +134,7 @@ class FashionNet(nnx.Module):
     else:
       pooled = roi.roi_align(features, box * self.image_size,
                              output_size=self.roi_output_size,
-                             spatial_scale=1.0 / FEATURE_STRIDE,
+                             spatial_scale=1.0 / self.feature_stride,
                              sampling_ratio=self.roi_sampling_ratio, aligned=self.roi_aligned)
     return jnp.transpose(pooled, (0, 3, 1, 2)).reshape(pooled.shape[0], -1)
 
@@ -135,7 +144,7 @@ class FashionNet(nnx.Module):
     dropout_rng: a key for the dropout on the joined features (training with dropout > 0)."""
     if images.dtype == jnp.uint8:
       images = normalize_images(images, self.dtype, self.normalization)
-    features = self.backbone(images.astype(self.dtype))['layer4']
+    features = self.backbone(images.astype(self.dtype))[self.backbone.final_map]
     box = self.predict_box(features)
     global_features = features.mean(axis=(1, 2))
     joined = jnp.concatenate([global_features, self.local_features(features, box)], axis=-1)

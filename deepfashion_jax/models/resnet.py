@@ -133,6 +133,9 @@ def _shortcut(block, x):
 class ResNet(nnx.Module):
   """The backbone without avgpool and fc; returns every stage's output by name."""
 
+  final_map = 'layer4'
+  stride = 32  # input pixels per cell of layer4
+
   def __init__(self, depth: int, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if depth not in ARCHITECTURES:
       raise ValueError(f'ResNet depth must be one of {sorted(ARCHITECTURES)}, got {depth}')
@@ -151,6 +154,10 @@ class ResNet(nnx.Module):
         in_features = planes * block.expansion
       setattr(self, f'layer{stage + 1}', nnx.List(layer))
     self.out_features = in_features
+
+  def feature_size(self, side: int) -> int:
+    """layer4's side for an input side: each of the five stride-2 layers rounds up."""
+    return -(-side // self.stride)
 
   def __call__(self, x) -> dict:
     x = jax.nn.relu(self.bn1(self.conv1(x)))

@@ -203,7 +203,10 @@ class Conv(nnx.Conv):
     matrix = _dense_conv_matrix(self.kernel[...].astype(self.dtype), (height, width),
                                 strides, self.padding)
     flat = inputs.astype(self.dtype).reshape(inputs.shape[0], -1) @ matrix
-    return flat.reshape(inputs.shape[0], out_height, out_width, self.out_features)
+    outputs = flat.reshape(inputs.shape[0], out_height, out_width, self.out_features)
+    if self.bias is not None:  # VGG's convolutions have one, ResNet's none
+      outputs = outputs + self.bias[...].astype(self.dtype)
+    return outputs
 
 
 def _output_size(size: int, kernel: int, stride: int, padding) -> int:

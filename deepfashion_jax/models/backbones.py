@@ -1,0 +1,72 @@
+"""The backbones FashionNet stands on, by the names configs give them.
+
+`config.model.backbone` is one of BACKBONES: 'resnet18', 'resnet34', 'resnet50',
+'resnet101', 'resnet152', 'vgg16' or 'vgg16_bn', torchvision's names. Each backbone is an
+nnx.Module called on (B, H, W, 3) images that returns its intermediate feature maps by
+name, and says what FashionNet needs of its last one:
+  out_features      its channels (512 for ResNet-18/34 and VGG-16, 2048 for ResNet-50+);
+  final_map         its name ('layer4' for a ResNet, 'conv5_3' for VGG-16);
+  stride            input pixels per cell (32, 16): ROI-Align's spatial_scale is 1 / stride;
+  feature_size(s)   its side for an input side s (ceil(s / 32), floor(s / 16)).
+
+Configs written before VGG named a ResNet by its depth (`config.model.backbone = 18`).
+Such a value is refused, with the name it now has (`check_name`); checkpoints saved with
+one restore as before, their saved depth read as that name (`canonical_name`).
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+from flax import nnx
+
+from deepfashion_jax.models import resnet
+from deepfashion_jax.models import vgg
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  title: str  # how messages name it: 'ResNet-50', 'VGG-16-BN'
+  build: Callable[..., nnx.Module]  # (*, dtype, rngs) -> the module
+
+
+BACKBONES = {
+    **{f'resnet{depth}': Backbone(f'ResNet-{depth}', functools.partial(resnet.ResNet, depth))
+       for depth in resnet.ARCHITECTURES},
+    'vgg16': Backbone('VGG-16', functools.partial(vgg.VGG16, batch_norm=False)),
+    'vgg16_bn': Backbone('VGG-16-BN', functools.partial(vgg.VGG16, batch_norm=True)),
+}
+
+
+def legacy_name(value) -> Optional[str]:
+  """The name of an old config's ResNet depth (18, or '18' from a command line:
+  'resnet18'); None for any other value."""
+  if isinstance(value, bool) or not isinstance(value, (int, str)):
+    return None
+  name = f'resnet{value}'
+  return name if str(value).isdigit() and name in BACKBONES else None
+
+
+def canonical_name(value):
+  """`value` as a backbone name: an old config's ResNet depth becomes its name; anything
+  else is returned as it is."""
+  return legacy_name(value) or value
+
+
+def check_name(value, field: str = 'backbone'):
+  """Raises ValueError, naming `field`, unless `value` is one of BACKBONES; an old
+  config's ResNet depth is told the name it has now."""
+  if isinstance(value, str) and value in BACKBONES:
+    return
+  legacy = legacy_name(value)
+  if legacy is not None:
+    raise ValueError(f'{field}={value!r} is a ResNet depth, as configs used to give it; '
+                     f'backbones are named now: use {legacy!r} '
+                     f'(--config.model.backbone={legacy})')
+  raise ValueError(f'{field}={value!r}: expected one of {tuple(BACKBONES)}')
+
+
+def create(name: str, *, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
+  """The backbone called `name` (one of BACKBONES)."""
+  check_name(name)
+  return BACKBONES[name].build(dtype=dtype, rngs=rngs)
