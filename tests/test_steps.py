@@ -81,6 +81,7 @@ def _assert_same_model(a, b):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow  # 35 s (float16 is a GPU option): run by `make test-slow` and CI
 def test_float16_skips_an_overflowing_step_and_halves_the_loss_scale(synthetic_folder):
   config = test_config.get_config()
   config.dtype = 'float16'
