@@ -7,15 +7,16 @@ with the per-garment-type head, the garment type. The logits of the image's crop
 the baseline's default, or one: `data/photos.py`) are averaged.
 
 A model trained on ground-truth-box crops (config.data.crop='gt_box', the published
-protocol) has learnt from garments cut out of their photos, and a user's photo has no
-ground-truth box. Such a model runs twice per batch: on the whole photo, for the box, then
-on the photo cut to that predicted box enlarged by config.data.crop_margin, as in training,
-for the category and the attributes. The line gives the box of the first pass and the
-`window` (pixels) the second read; the figure draws the window dashed.
+protocol) expects a photo cut to its garment, as the benchmark's inputs are, and reads
+each photo whole as such a cut. It cannot cut a larger photo itself: its box branch only
+ever learnt the box of its crops, about the whole frame, and so answers the whole photo
+on any photo (measured on synthetic photos, benchmarks/RESULTS.md; a second pass on the
+photo cut to that box would read the same pixels). Cut photos to the garment first, or
+find boxes with a model trained the baseline's way (config.data.crop='none').
 
 The jitted predict step resizes, crops and runs the model on batches of one shape, so it
-compiles once however many images there are (twice as many calls with 'gt_box'). An
-unreadable or non-image file gets a line with an `error` field, and the run goes on.
+compiles once however many images there are. An unreadable or non-image file gets a line
+with an `error` field, and the run goes on.
 """
 
 import json
@@ -49,20 +50,14 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
   return shifted / shifted.sum()
 
 
-def predicted_box(image, outputs: dict) -> np.ndarray:
-  """The box of an image (`data.photos.LoadedImage`) in its file's pixels: the mean over
-  its crops (rows of `outputs`), clipped to the image."""
-  height, width = image.original_size
-  boxes = [image.box_in_pixels(crop, box) for box, crop in zip(outputs['box'], image.crops)]
-  return np.clip(np.mean(boxes, axis=0), 0, [width, height, width, height])
-
-
-def describe_image(image, outputs: dict, box: np.ndarray, names, predict_config) -> dict:
+def describe_image(image, outputs: dict, names, predict_config) -> dict:
   """One image's JSON line (`data.photos.LoadedImage`) from the model outputs of its crops
-  (rows of `outputs`) and its `predicted_box`; `names`: a `data.photos.OutputNames`."""
+  (rows of `outputs`); `names`: a `data.photos.OutputNames`."""
   category = _softmax(outputs['category_logits'].mean(axis=0) / predict_config.temperature)
   attributes = 1 / (1 + np.exp(-outputs['attribute_logits'].mean(axis=0)))
   height, width = image.original_size
+  boxes = [image.box_in_pixels(crop, box) for box, crop in zip(outputs['box'], image.crops)]
+  box = np.clip(np.mean(boxes, axis=0), 0, [width, height, width, height])
   line = dict(path=image.path, width=width, height=height,
               categories=_top(category, names.category_names, np.arange(len(category)),
                               TOP_CATEGORIES),
@@ -97,11 +92,6 @@ def draw_figure(image, line: dict, path: str):
   x1, y1, x2, y2 = line['box']
   photo.add_patch(matplotlib.patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
                                                edgecolor='red', linewidth=2))
-  if 'window' in line:
-    x1, y1, x2, y2 = line['window']
-    photo.add_patch(matplotlib.patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
-                                                 edgecolor='gold', linewidth=1.5,
-                                                 linestyle='--'))
   title = os.path.basename(line['path'])
   if 'garment_type' in line:
     title += f" ({line['garment_type']['name']}, {line['garment_type']['probability']:.2f})"
@@ -131,13 +121,18 @@ def predict(config, workdir: str, images: str, output_dir: str) -> str:
   photos = data.create_photos(config, workdir, images, device_count=mesh.size)
   config, step, step_config, state = checkpoints.restore_for_inference(config, workdir, mesh)
   logging.info('Predicting with the checkpoint of step %d in %s', step, workdir)
+  if config.data.crop == 'gt_box':
+    logging.warning('This model was trained on images cut to their ground-truth box '
+                    "(config.data.crop='gt_box'): each photo is read whole, as such a cut; "
+                    'photos showing more than the garment should be cut to it first.')
   predict_step = steps.jit_steps(step_config, mesh).predict
   os.makedirs(output_dir, exist_ok=True)
   jsonl = os.path.join(output_dir, 'predictions.jsonl')
   with open(jsonl, 'w') as out, tqdm.tqdm(total=len(photos), desc='predicting') as bar:
     number = 0
     for photo_batch in photos.batches():
-      lines = _batch_lines(photo_batch, photos, predict_step, state, mesh, config)
+      lines = _batch_lines(photo_batch, predict_step, state, mesh, photos.names,
+                           config.predict)
       for image, line in zip(photo_batch.images, lines):
         if 'error' not in line:
           line['figure'] = _figure_path(output_dir, number, image.path)
@@ -148,34 +143,18 @@ def predict(config, workdir: str, images: str, output_dir: str) -> str:
   return jsonl
 
 
-def _outputs_per_image(predict_step, state, mesh, batch: dict, images: list) -> list:
-  """The model's outputs on a batch of crops, split into the rows of each image."""
-  outputs = predict_step(state, sharding.global_batch(batch, mesh))
-  outputs = {k: np.asarray(v) for k, v in outputs.items() if k != 'images'}
-  per_image, row = [], 0
-  for image in images:
-    per_image.append({k: v[row:row + len(image.crops)] for k, v in outputs.items()})
+def _batch_lines(photo_batch, predict_step, state, mesh, names, predict_config) -> list:
+  """The JSON lines of one `data.photos.PhotoBatch` (error lines for unreadable files)."""
+  if photo_batch.batch is not None:
+    outputs = predict_step(state, sharding.global_batch(photo_batch.batch, mesh))
+    outputs = {k: np.asarray(v) for k, v in outputs.items() if k != 'images'}
+  lines, row = [], 0
+  for image in photo_batch.images:
+    if image.error:
+      lines.append(dict(path=image.path, error=image.error))
+      continue
+    rows = slice(row, row + len(image.crops))
     row += len(image.crops)
-  return per_image
-
-
-def _batch_lines(photo_batch, photos, predict_step, state, mesh, config) -> list:
-  """The JSON lines of one `data.photos.PhotoBatch` (error lines for unreadable files);
-  with config.data.crop='gt_box', the second pass reads each photo cut to its box."""
-  readable = [image for image in photo_batch.images if not image.error]
-  described = {}
-  if readable:
-    outputs = _outputs_per_image(predict_step, state, mesh, photo_batch.batch, readable)
-    boxes = [predicted_box(image, out) for image, out in zip(readable, outputs)]
-    if config.data.crop == 'gt_box':
-      windows = [image.window_around(box, config.data.crop_margin)
-                 for image, box in zip(readable, boxes)]
-      outputs = _outputs_per_image(predict_step, state, mesh,
-                                   photos.batch_in_windows(readable, windows), readable)
-    for image, out, box in zip(readable, outputs, boxes):
-      line = describe_image(image, out, box, photos.names, config.predict)
-      if config.data.crop == 'gt_box':
-        line['window'] = [round(float(v) * image.scale, 1) for v in image.window]
-      described[id(image)] = line
-  return [described.get(id(image)) or dict(path=image.path, error=image.error)
-          for image in photo_batch.images]
+    lines.append(describe_image(image, {k: v[rows] for k, v in outputs.items()}, names,
+                                predict_config))
+  return lines

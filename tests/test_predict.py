@@ -155,12 +155,12 @@ def test_without_a_data_folder_the_built_in_names(tmp_path):
   assert len(words.attribute_groups[0][1]) == vocabulary.NUM_ATTRIBUTES
 
 
-def test_a_gt_box_model_reads_each_photo_cut_to_its_predicted_box(synthetic_folder, photos,
-                                                                   tmp_path, monkeypatch):
-  """config.data.crop='gt_box': a first pass on the whole photo gives the box; a second
-  reads the photo cut to that box and its margin, as the model was trained."""
+def test_a_gt_box_model_reads_each_photo_whole_and_says_so(synthetic_folder, photos,
+                                                         tmp_path, monkeypatch, caplog):
+  """config.data.crop='gt_box': the photo is taken as cut to its garment already (the model
+  cannot cut it: predict.py), read whole in one pass, with a warning saying so."""
   config = _config(synthetic_folder[0])
-  config.data.crop, config.data.crop_margin = 'gt_box', 10.0
+  config.data.crop = 'gt_box'
   config.predict.ten_crop = False
   workdir = str(tmp_path / 'run')
   _, state = steps.create_train_state(config, sharding.make_mesh())
@@ -168,28 +168,11 @@ def test_a_gt_box_model_reads_each_photo_cut_to_its_predicted_box(synthetic_fold
   checkpoints.save(manager, 0, state)
   manager.wait_until_finished()
   batches = []
-  outputs_per_image = predict._outputs_per_image  # pylint: disable=protected-access
-
-  def capture(predict_step, state, mesh, batch, images):
-    batches.append(batch)
-    return outputs_per_image(predict_step, state, mesh, batch, images)
-
-  monkeypatch.setattr(predict, '_outputs_per_image', capture)
-  images = ','.join([photos['small'][0], photos['big']])
-  lines = _lines(predict.predict(config, workdir, images, str(tmp_path / 'out')))
-  assert len(batches) == 2  # one batch of photos, two passes
-  whole, cut = batches
-  for row, line in enumerate(lines):
-    assert whole['window'][row, :2].tolist() == [0, 0]  # the first pass: the whole photo
-    scale = line['width'] / whole['window'][row, 2]
-    expected = transforms.box_window(np.array(line['box']) / scale, 10.0 / scale,
-                                     whole['window'][row, 3], whole['window'][row, 2])
-    np.testing.assert_allclose(cut['window'][row], expected, atol=1)
-    np.testing.assert_allclose(line['window'], cut['window'][row] * scale, atol=0.1)
-    region = cut['region'][row]
-    assert (region[:2] >= cut['window'][row, :2] - 1e-3).all()
-    assert (region[2:] <= cut['window'][row, 2:] + 1e-3).all()
-  # The photo at twice its size: the same box, the same 10-pixel margin in its own pixels.
-  margin = np.array([10, 10, -10, -10])
-  np.testing.assert_allclose(lines[1]['window'], 2 * np.array(lines[0]['window']) + margin,
-                             atol=6.0)
+  global_batch = sharding.global_batch
+  monkeypatch.setattr(sharding, 'global_batch',
+                      lambda batch, mesh: batches.append(batch) or global_batch(batch, mesh))
+  lines = _lines(predict.predict(config, workdir, photos['small'][0], str(tmp_path / 'out')))
+  assert len(lines) == 1 and len(batches) == 1
+  np.testing.assert_array_equal(batches[0]['window'][0], [0, 0, lines[0]['width'],
+                                                          lines[0]['height']])
+  assert any("config.data.crop='gt_box'" in r.getMessage() for r in caplog.records)

@@ -3,11 +3,9 @@
 Each photo is decoded into the canvas on the host (as in training); its crops are regions
 the jitted predict step resizes and crops on the device. Ten crops (the baseline's: the
 four corners and the centre of the image resized to img_size, and their mirror images) or
-one centre crop, of the whole photo (`Photos.batches`) or of a window of it
-(`Photos.batch_in_windows`: a model trained on 'gt_box' crops reads the photo cut to its
-own predicted box, see predict.py). Every batch has the same number of crops (the last one
-padded), so that the predict step compiles once. An unreadable or non-image file is kept,
-with its error.
+one centre crop, of the whole photo (the crops' window, see transforms.py). Every batch
+has the same number of crops (the last one padded), so that the predict step compiles
+once. An unreadable or non-image file is kept, with its error.
 """
 
 import concurrent.futures
@@ -100,23 +98,11 @@ class LoadedImage:
   original_size: tuple = (0, 0)  # height, width of the file's image
   error: str = ''
   crops: list = dataclasses.field(default_factory=list)  # its transforms.Crop, in the batch
-  window: Optional[np.ndarray] = None  # the canvas pixels its crops read (transforms.py)
-
-  @property
-  def scale(self) -> float:
-    """The file's pixels per canvas pixel (1 unless the photo was shrunk to fit)."""
-    return max(self.original_size) / max(self.canvas_image.shape[:2])
 
   def box_in_pixels(self, crop: transforms.Crop, box: np.ndarray) -> np.ndarray:
     """A box predicted in [0, 1] units of one of its crops -> pixels of the file's image."""
-    return crop.box_in_image(box) * self.scale
-
-  def window_around(self, box: np.ndarray, margin: float) -> np.ndarray:
-    """The 'gt_box' window of a box in the file's pixels: `transforms.box_window` in
-    canvas pixels, the margin counted in the file's pixels as in training."""
-    height, width = self.canvas_image.shape[:2]
-    return transforms.box_window(np.asarray(box) / self.scale, margin / self.scale, height,
-                                 width)
+    scale = max(self.original_size) / max(self.canvas_image.shape[:2])
+    return crop.box_in_image(box) * scale
 
 
 def load_image(path: str, canvas_size: int) -> LoadedImage:
@@ -157,26 +143,24 @@ class Photos:
         images = list(pool.map(lambda p: load_image(p, canvas_size),
                                self.paths[start:start + self.images_per_batch]))
         readable = [image for image in images if not image.error]
-        windows = [transforms.whole_image(*image.canvas_image.shape[:2]) for image in readable]
-        yield PhotoBatch(images, self.batch_in_windows(readable, windows) if readable else None)
+        yield PhotoBatch(images, self._batch(readable) if readable else None)
 
-  def batch_in_windows(self, images: list, windows: list) -> dict:
-    """The predict step's batch of crops_per_batch crops (the crops of each readable image
-    within its window, then padding); sets each image's window and crops."""
+  def _batch(self, images: list) -> dict:
+    """The predict step's batch of crops_per_batch crops (the images' crops, then
+    padding); sets each image's crops."""
     count, canvas_size = self.crops_per_batch, self._data.canvas_size
     canvas = np.zeros((count, canvas_size, canvas_size, 3), np.uint8)
-    window_rows = np.tile(transforms.whole_image(1, 1), (count, 1))
+    window = np.tile(transforms.whole_image(1, 1), (count, 1))
     region = np.tile(np.array([0, 0, 1, 1], np.float32), (count, 1))
     flip = np.zeros(count, bool)
     row = 0
-    for image, window in zip(images, windows):
+    for image in images:
       height, width = image.canvas_image.shape[:2]
-      image.window = window
-      image.crops = [transforms.in_window(crop, window)
-                     for crop in crops(*transforms.window_size(window), self._data.img_size,
-                                       self._data.crop_size, self._ten_crop)]
+      image.crops = crops(height, width, self._data.img_size, self._data.crop_size,
+                          self._ten_crop)
       for crop in image.crops:
         canvas[row, :height, :width] = image.canvas_image
-        window_rows[row], region[row], flip[row] = window, crop.region, crop.flip
+        window[row] = transforms.whole_image(height, width)
+        region[row], flip[row] = crop.region, crop.flip
         row += 1
-    return dict(canvas=canvas, window=window_rows, region=region, flip=flip)
+    return dict(canvas=canvas, window=window, region=region, flip=flip)
