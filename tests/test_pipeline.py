@@ -1,5 +1,6 @@
 """The grain pipeline: batch contents, determinism, epochs, sharding, resume, bad images."""
 
+import dataclasses
 import os
 import re
 import shutil
@@ -258,6 +259,11 @@ def test_images_larger_than_the_canvas_are_shrunk_with_their_crop_and_box():
   assert batch['attribute_positive'].all() and batch['valid'].all()
   train = pipeline.train_dataset(source, batch_size=1, seed=0, options=OPTIONS)[0]
   assert (train['region'][0, 2:] <= [300, 200]).all()  # a crop of the shrunk image
+  # A box window's margin counts the file's pixels: (50, 30, 610 -> 600, 410 -> 400), halved.
+  boxed = pipeline.eval_dataset(source, batch_size=1, options=dataclasses.replace(
+      OPTIONS, crop='gt_box', crop_margin=10.0))[0]
+  np.testing.assert_array_equal(boxed['window'], [[25, 15, 300, 200]])
+  np.testing.assert_allclose(boxed['region'], [[25, 15, 300, 200]])
 
 
 class _DrawnBoxSource:
