@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from deepfashion_jax.data import annotations
+from deepfashion_jax.data import landmark_slots
 from deepfashion_jax.data import pipeline
 from deepfashion_jax.data import sources
 from deepfashion_jax.data import transforms
@@ -42,6 +43,7 @@ def test_batches_hold_the_documented_fields(index):
   expected = dict(canvas=((4, 300, 300, 3), np.uint8), window=((4, 4), np.int32),
                   region=((4, 4), np.float32), flip=((4,), np.bool_),
                   bbox=((4, 4), np.float32), box_valid=((4,), np.bool_),
+                  landmarks=((4, 8, 2), np.float32), landmark_visible=((4, 8), np.bool_),
                   category=((4,), np.int32),
                   category_type=((4,), np.int32), attribute_positive=((4, 1000), np.bool_),
                   attribute_unknown=((4, 1000), np.bool_), index=((4,), np.int32),
@@ -53,10 +55,18 @@ def test_batches_hold_the_documented_fields(index):
   np.testing.assert_array_equal(batch['attribute_unknown'], index.attribute_unknown[rows])
   assert batch['valid'].all() and batch['box_valid'].all() and not batch['skipped'].any()
   assert (batch['bbox'] >= 0).all() and (batch['bbox'] <= 1).all()
-  for i, row in enumerate(rows):  # the box is the index's box moved with the crop
+  visibility, xy = landmark_slots.to_slots(index.landmark_garment_type[rows],
+                                           index.landmark_visibility[rows],
+                                           index.landmark_xy[rows])
+  for i, row in enumerate(rows):  # the box and landmarks are the index's, moved with the crop
     crop = transforms.Crop(batch['region'][i], bool(batch['flip'][i]))
     np.testing.assert_allclose(batch['bbox'][i], transforms.crop_box(index.bbox[row], crop),
                                atol=1e-6)
+    landmarks, visible = transforms.crop_landmarks(xy[i], visibility[i], crop)
+    np.testing.assert_allclose(batch['landmarks'][i], landmarks, atol=1e-6)
+    np.testing.assert_array_equal(batch['landmark_visible'][i], visible)
+  assert batch['landmark_visible'].any()
+  assert (batch['landmarks'] >= 0).all() and (batch['landmarks'] <= 1).all()
 
 
 def test_the_same_seed_gives_the_same_batches_whatever_the_workers(index):
@@ -213,13 +223,19 @@ def test_boxes_are_clipped_and_empty_ones_masked_in_training(odd_boxes):
                                  atol=1e-6)
 
 
-def test_padding_and_unreadable_images_have_no_box(quirky_folder):
+def test_padding_and_unreadable_images_have_no_box_and_no_landmarks(quirky_folder):
   root, _ = quirky_folder
   quirky = annotations.read_deepfashion(root)
   source = sources.FolderSource(quirky, np.arange(len(quirky)))
-  for batch in pipeline.eval_dataset(source, batch_size=16, options=OPTIONS):
-    assert not batch['box_valid'][~batch['valid']].any()
-    assert batch['box_valid'][batch['valid']].all()
+  batches = list(pipeline.eval_dataset(source, batch_size=16, options=OPTIONS))
+  invalid = np.concatenate([~batch['valid'] for batch in batches])
+  box_valid, landmarks, landmark_visible = (
+      np.concatenate([batch[key] for batch in batches])
+      for key in ('box_valid', 'landmarks', 'landmark_visible'))
+  assert invalid.sum() >= 3  # two unreadable images and padding
+  assert not box_valid[invalid].any() and box_valid[~invalid].all()
+  assert not landmark_visible[invalid].any() and (landmarks[invalid] == 0).all()
+  assert landmark_visible[~invalid].mean() > 0.4  # of 8 slots: 4, 6 or 8 there, 9 in 10 seen
 
 
 def test_per_process_batch_must_divide_the_global_batch():
@@ -228,8 +244,18 @@ def test_per_process_batch_must_divide_the_global_batch():
     pipeline.per_process_batch_size(30, 4)
 
 
+def _landmarks(xy=None, visibility=None) -> dict:
+  """A record's landmark fields: every slot absent unless given."""
+  if xy is None:
+    xy = np.zeros((8, 2))
+    visibility = np.full(8, landmark_slots.ABSENT)
+  return dict(landmark_xy=np.asarray(xy, np.float32),
+              landmark_visibility=np.asarray(visibility, np.int8))
+
+
 class _OneImageSource:
-  """A source of one record whose image is larger than the canvas."""
+  """A source of one record whose image is larger than the canvas; its one landmark (a
+  left collar) is at its bottom-right pixel."""
   num_attributes = 8
 
   def __init__(self, image_bytes):
@@ -237,7 +263,8 @@ class _OneImageSource:
                        category=1, category_type=0,
                        attribute_positive_bits=np.packbits(np.ones(8, bool)),
                        attribute_unknown_bits=np.packbits(np.zeros(8, bool)),
-                       bbox=np.array([60, 40, 600, 400], np.float32))
+                       bbox=np.array([60, 40, 600, 400], np.float32),
+                       **_landmarks([[599, 399]] + [[0, 0]] * 7, [0] + [-1] * 7))
 
   def __len__(self):
     return 1
@@ -256,6 +283,9 @@ def test_images_larger_than_the_canvas_are_shrunk_with_their_crop_and_box():
   np.testing.assert_array_equal(batch['window'], [[0, 0, 300, 200]])
   np.testing.assert_allclose(batch['region'], [[0, 0, 300, 200]])
   np.testing.assert_allclose(batch['bbox'], [[0.1, 0.1, 1.0, 1.0]], atol=1e-6)
+  # The last pixel's centre, (599.5, 399.5) of 600 x 400, halved with the image.
+  np.testing.assert_allclose(batch['landmarks'][0, 0], [599.5 / 600, 399.5 / 400], atol=1e-6)
+  assert batch['landmark_visible'][0].tolist() == [True] + [False] * 7
   assert batch['attribute_positive'].all() and batch['valid'].all()
   train = pipeline.train_dataset(source, batch_size=1, seed=0, options=OPTIONS)[0]
   assert (train['region'][0, 2:] <= [300, 200]).all()  # a crop of the shrunk image
@@ -290,7 +320,7 @@ class _DrawnBoxSource:
                 position=position, category=1, category_type=0,
                 attribute_positive_bits=np.packbits(np.ones(8, bool)),
                 attribute_unknown_bits=np.packbits(np.zeros(8, bool)),
-                bbox=self.boxes[position])
+                bbox=self.boxes[position], **_landmarks())
 
 
 def _assert_box_drawn_where_the_target_says(images: np.ndarray, batch: dict, boxes):
@@ -342,3 +372,120 @@ def test_a_gt_box_crop_puts_the_drawn_box_where_its_target_says(margin):
     _assert_box_drawn_where_the_target_says(np.asarray(to_images(train)), train, source.boxes)
     flips += train['flip'].tolist()
   assert any(flips) and not all(flips)
+
+
+# A dotted folder: grey 300 x 200 images that show each landmark as a 7 x 7 dot of its
+# slot's colour, centred on the landmark's pixel.
+_DOT_XY = np.array([[120, 50], [180, 50], [75, 100], [225, 100], [130, 110], [170, 110],
+                    [100, 155], [200, 155]])
+_DOT_COLOURS = np.array([(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 0),
+                         (255, 0, 255), (0, 255, 255), (0, 0, 0), (255, 255, 255)])
+_WIDE_BOX = (40, 30, 260, 180)  # with its margin, every dot stays in any crop
+# Category, box and per-slot visibility (-1 absent: no dot) of each image of the folder.
+# The small box holds only the collars and the waistline: a 'gt_box' crop cuts the other
+# dots out, whole.
+_DOTTED_IMAGES = (
+    ('Dress', _WIDE_BOX, (0, 0, 0, 0, 0, 0, 0, 0)),
+    ('Dress', (100, 40, 200, 120), (0, 0, 0, 0, 0, 0, 0, 0)),
+    ('Tee', _WIDE_BOX, (0, 0, 1, 0, -1, -1, 0, 0)),  # left sleeve occluded
+    ('Skirt', _WIDE_BOX, (-1, -1, -1, -1, 0, 0, 0, 2)),  # right hem truncated
+)
+
+
+def _dotted_png(visibility) -> bytes:
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = np.full((200, 300, 3), 128, np.uint8)
+  for (x, y), colour, seen in zip(_DOT_XY, _DOT_COLOURS, visibility):
+    if seen != landmark_slots.ABSENT:
+      image[y - 3:y + 4, x - 3:x + 4] = colour
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format='PNG')  # lossless (a PNG under a .jpg name)
+  return buffer.getvalue()
+
+
+@pytest.fixture(scope='module')
+def dotted_sources(tmp_path_factory):
+  """The dotted folder's training split (every image; val and test hold one each) from
+  the folder and from its TFDS dataset, and each index row's per-slot visibility.
+
+  Its list_landmarks.txt has each garment type's own order, as the release's has.
+  """
+  from deepfashion_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from deepfashion_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  from deepfashion_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('dotted')
+  images = _DOTTED_IMAGES + _DOTTED_IMAGES[:2]
+  paths, categories, landmarks = [], [], []
+  for i, (name, _, visibility) in enumerate(images):
+    paths.append(f'img/Dotted_{name}/img_{i + 1:08d}.jpg')
+    categories.append(vocabulary.CATEGORY_NAMES.index(name))
+    file_order = list(landmark_slots.FILE_ORDER_SLOTS[vocabulary.CATEGORY_TYPES[categories[-1]]])
+    landmarks.append(np.column_stack([np.array(visibility)[file_order], _DOT_XY[file_order]]))
+    os.makedirs(root / 'Img' / os.path.dirname(paths[-1]), exist_ok=True)
+    (root / 'Img' / paths[-1]).write_bytes(_dotted_png(visibility))
+  names, types = synthetic.attribute_vocabulary()
+  synthetic.write_lists(str(root), synthetic.ListContents(
+      image_paths=paths, category=np.array(categories),
+      attribute_values=np.full((len(images), len(names)), -1, np.int8),
+      bbox=np.array([box for _, box, _ in images]), split=np.array([0, 0, 0, 0, 1, 2], np.int8),
+      landmarks=landmarks), names, types)
+  index = annotations.read_deepfashion(str(root))
+  tfds_dir = str(tmp_path_factory.mktemp('dotted_tfds'))
+  tfds_builder.prepare(index, tfds_dir)
+  train = index.split_indices('train')
+  return ((sources.FolderSource(index, train), sources.TfdsSource(tfds_dir, 'train')),
+          {row: np.array(images[row][2]) for row in train})
+
+
+# The slot named as each slot with left and right swapped: 'left_hem' -> 'right_hem'.
+_MIRRORED_SLOT = [landmark_slots.SLOT_NAMES.index(
+    name.replace('left', 'RIGHT').replace('right', 'left').replace('RIGHT', 'right'))
+                  for name in landmark_slots.SLOT_NAMES]
+
+
+def _assert_dots_where_the_landmarks_say(images: np.ndarray, batch: dict, visibilities: dict):
+  """Each visible landmark is the centre of its dot (after a flip, the dot of its mirror
+  slot); a landmark visible in the list but not in the crop has its dot cut out whole;
+  occluded, truncated and absent ones are not visible, absent ones at 0."""
+  side = images.shape[1]
+  for image, row, landmarks, visible, flip in zip(images, batch['index'], batch['landmarks'],
+                                                  batch['landmark_visible'], batch['flip']):
+    for slot in range(landmark_slots.NUM_SLOTS):
+      dot = _MIRRORED_SLOT[slot] if flip else slot
+      listed = visibilities[row][dot]
+      distance = np.abs(image.astype(int) - _DOT_COLOURS[dot]).max(axis=-1)
+      rows, cols = np.nonzero(distance <= 40)
+      if listed == 0:
+        assert visible[slot] == (len(rows) > 0), (row, slot, flip)
+      else:
+        assert not visible[slot], (row, slot, flip)
+      if visible[slot]:
+        np.testing.assert_allclose([cols.mean() + 0.5, rows.mean() + 0.5],
+                                   landmarks[slot] * side, atol=0.75, err_msg=f'{row} {slot}')
+      if listed == landmark_slots.ABSENT:
+        np.testing.assert_array_equal(landmarks[slot], 0)
+
+
+@pytest.mark.parametrize('crop', ['none', 'gt_box'])
+def test_each_landmark_lands_on_its_drawn_dot(dotted_sources, crop):
+  """Through the crop's window, the resize, the crop and the flip, from the folder and
+  from TFDS, in training and in evaluation."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from deepfashion_jax.data import device_transforms  # pylint: disable=g-import-not-at-top
+  both, visibilities = dotted_sources
+  options = dataclasses.replace(OPTIONS, crop=crop)
+  to_images = jax.jit(lambda b: device_transforms.batch_images(b, options.crop_size))
+  small_box = [True, True, False, False, True, True, False, False]  # collars and waistline
+  for source in both:
+    evaluation = pipeline.eval_dataset(source, batch_size=4, options=options)[0]
+    _assert_dots_where_the_landmarks_say(np.asarray(to_images(evaluation)), evaluation,
+                                         visibilities)
+    np.testing.assert_array_equal(evaluation['landmark_visible'][1],
+                                  small_box if crop == 'gt_box' else [True] * 8)
+    flips = []
+    for seed in range(3):
+      train = pipeline.train_dataset(source, batch_size=4, seed=seed, options=options)[0]
+      _assert_dots_where_the_landmarks_say(np.asarray(to_images(train)), train, visibilities)
+      flips += train['flip'].tolist()
+    assert any(flips) and not all(flips)

@@ -8,6 +8,7 @@ from PIL import Image
 import pytest
 
 from deepfashion_jax.data import annotations
+from deepfashion_jax.data import landmark_slots
 from deepfashion_jax.data import synthetic
 from deepfashion_jax.data import vocabulary
 
@@ -99,7 +100,8 @@ def test_the_same_seed_writes_the_same_folder(tmp_path):
   synthetic.write_synthetic_deepfashion(second, num_images=12, seed=3)
   synthetic.write_synthetic_deepfashion(other, num_images=12, seed=4)
   comparison = filecmp.dircmp(first, second)
-  for name in ('Anno/list_attr_img.txt', 'Anno/list_bbox.txt', 'Eval/list_eval_partition.txt'):
+  for name in ('Anno/list_attr_img.txt', 'Anno/list_bbox.txt', 'Anno/list_landmarks.txt',
+               'Eval/list_eval_partition.txt'):
     assert filecmp.cmp(os.path.join(first, name), os.path.join(second, name), shallow=False)
     assert not filecmp.cmp(os.path.join(first, name), os.path.join(other, name), shallow=False)
   for path in annotations.read_deepfashion(first).image_paths:
@@ -128,6 +130,43 @@ def test_every_category_has_its_own_silhouette():
     for b in range(a + 1, len(masks)):
       iou = (masks[a] & masks[b]).sum() / (masks[a] | masks[b]).sum()
       assert iou < 0.98, (vocabulary.CATEGORY_NAMES[a], vocabulary.CATEGORY_NAMES[b], iou)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+  """Garment pixels with background (or the image's edge) among their 8 neighbours."""
+  padded = np.pad(mask, 1)
+  height, width = mask.shape
+  all_garment = np.ones_like(mask)
+  for dy in (0, 1, 2):
+    for dx in (0, 1, 2):
+      all_garment &= padded[dy:dy + height, dx:dx + width]
+  return mask & ~all_garment
+
+
+def test_every_landmark_is_a_point_of_the_drawn_garments_outline():
+  """Each drawn landmark lies on the garment's outline, within 3% of the garment's size of
+  its planned point (collar corner, cuff, waistline or hem corner), left of its right twin;
+  written in the list's order of its type, mostly visible."""
+  visibility = []
+  for category in range(vocabulary.NUM_CATEGORIES):
+    garment_type = vocabulary.CATEGORY_TYPES[category]
+    slots = list(landmark_slots.FILE_ORDER_SLOTS[garment_type])
+    planned = synthetic.landmark_points(category)
+    assert np.isnan(planned).any(axis=1).tolist() == [s not in slots for s in range(8)]
+    for seed in range(3):
+      drawn = synthetic.draw_image(np.random.default_rng(seed), category, 'solid')
+      assert drawn.landmarks.shape == (len(slots), 3)
+      x, y = drawn.landmarks[:, 1], drawn.landmarks[:, 2]
+      assert _outline(drawn.mask)[y, x].all(), (vocabulary.CATEGORY_NAMES[category], seed)
+      x1, y1, x2, y2 = drawn.bbox
+      expected = planned[slots] * (x2 - 1 - x1, y2 - 1 - y1) + (x1, y1)
+      assert np.abs(drawn.landmarks[:, 1:] - expected).max() <= 0.03 * max(x2 - x1, y2 - y1)
+      slot_x = dict(zip(slots, x))
+      for left in range(0, 8, 2):
+        if left in slot_x:
+          assert slot_x[left] < slot_x[left + 1]
+      visibility += drawn.landmarks[:, 0].tolist()
+  assert set(visibility) == {0, 1} and np.mean(visibility) < 0.2
 
 
 def _between_category_spread(colours, category):

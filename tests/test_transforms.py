@@ -214,3 +214,40 @@ def test_without_random_flip_the_same_crops_unflipped():
                                          random_flip=False)
     np.testing.assert_array_equal(plain.region, flipped.region)
     assert not plain.flip
+
+
+# One landmark per slot, in file pixels, and the file's visibility (-1: the slot is absent).
+_LANDMARK_XY = np.array([[39, 19], [79, 19], [9, 59], [119, 59], [0, 0], [0, 0], [49, 149],
+                         [69, 99]], np.float32)
+_LANDMARK_VISIBILITY = np.array([0, 1, 0, 0, -1, -1, 2, 0], np.int8)
+
+
+def test_landmarks_move_with_the_shrink_and_the_crop():
+  """An image shrunk to half its size in the canvas, cropped to the canvas's (10, 5, 60,
+  55): a landmark at pixel x sits at (x + 0.5) / 2 canvas pixels."""
+  crop = transforms.Crop(np.array([10, 5, 60, 55], np.float32), False)
+  points, visible = transforms.crop_landmarks(_LANDMARK_XY, _LANDMARK_VISIBILITY, crop,
+                                              scale=(0.5, 0.5))
+  np.testing.assert_allclose(points, [
+      [0.195, 0.095], [0.595, 0.095],  # visible; occluded
+      [0.0, 0.495], [0.995, 0.495],  # left of the crop: clipped; visible
+      [0, 0], [0, 0],  # absent
+      [0.295, 1.0], [0.495, 0.895]], atol=1e-6)  # truncated, below the crop; visible
+  np.testing.assert_array_equal(visible, [True, False, False, True, False, False, False, True])
+  assert points.dtype == np.float32 and visible.dtype == bool
+
+
+def test_a_flip_mirrors_the_landmarks_and_swaps_left_and_right():
+  crop = transforms.Crop(np.array([10, 5, 60, 55], np.float32), True)
+  points, visible = transforms.crop_landmarks(_LANDMARK_XY, _LANDMARK_VISIBILITY, crop,
+                                              scale=(0.5, 0.5))
+  np.testing.assert_allclose(points, [
+      [0.405, 0.095], [0.805, 0.095],  # right collar (occluded), left collar (visible)
+      [0.005, 0.495], [1.0, 0.495],  # right sleeve, left sleeve (outside)
+      [0, 0], [0, 0],
+      [0.505, 0.895], [0.705, 1.0]], atol=1e-6)  # right hem, left hem (truncated)
+  np.testing.assert_array_equal(visible, [False, True, True, False, False, False, True, False])
+  # On a whole image, the flipped landmark sits on the mirrored pixel, W - 1 - x.
+  whole = transforms.Crop(np.array([0, 0, 300, 200], np.float32), True)
+  points, _ = transforms.crop_landmarks(_LANDMARK_XY, _LANDMARK_VISIBILITY, whole)
+  np.testing.assert_allclose(points[1] * (300, 200) - 0.5, [300 - 1 - 39, 19], atol=1e-4)

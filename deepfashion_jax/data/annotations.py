@@ -576,7 +576,8 @@ def check_geometry(index: DeepFashionIndex, strict: bool = False):
       index, LANDMARKS, rows, [_odd_landmarks_text(index, i) for i in rows[:_ODD_ROWS_SHOWN]],
       'images have a visible or occluded landmark at a negative coordinate',
       'expected visible and occluded landmarks at coordinates >= 0',
-      'they are kept as they are (the model does not use landmarks yet)', strict)
+      'they are kept as they are (outside every crop: the pipeline marks them not visible)',
+      strict)
 
 
 def _odd_landmarks_text(index: DeepFashionIndex, row: int) -> str:

@@ -19,6 +19,11 @@ A batch is a dict of NumPy arrays, B = the per-process batch size:
   region (B, 4) float32, flip (B,) bool: what to resample (see transforms.py)
   bbox (B, 4) float32: the ground-truth box in [0, 1] coordinates of the crop, clipped to
     the image and to the crop (with 'gt_box' crops: about the whole frame, less the margin)
+  landmarks (B, 8, 2) float32: each slot's landmark (x, y) in [0, 1] coordinates of the
+    crop (`landmark_slots.SLOT_NAMES`; a flipped crop's left slots hold the landmarks
+    that were on the right), clipped to the crop; 0 for slots the garment type lacks
+  landmark_visible (B, 8) bool: the landmark is there, visible in the list (not occluded
+    or truncated) and inside the crop; False for every slot where valid is False
   category, category_type (B,) int32; attribute_positive, attribute_unknown (B, 1000) bool
   index (B,) int32: the example's row in the annotation index (-1 for padding)
   valid (B,) bool: False for evaluation padding and for unreadable evaluation images
@@ -78,7 +83,8 @@ def _decode(record: dict, strict: bool):
 
 
 def _fit(record: dict, image: np.ndarray, options: ImageOptions):
-  """The decoded image, the record's box and the crops' window, as they fit in the canvas.
+  """The decoded image, the record's box and the crops' window, as they fit in the canvas,
+  and the (x, y) scale from the file's pixels to the canvas's (for the landmarks).
 
   The box is clipped to the image first: the decoded image is the one place that knows
   its size, and a list's box may be empty or run past its image. A 'gt_box' window is
@@ -97,16 +103,20 @@ def _fit(record: dict, image: np.ndarray, options: ImageOptions):
     x0, y0, x1, y1 = boxes[1]
     window = np.array([np.floor(x0), np.floor(y0), min(np.ceil(x1), image.shape[1]),
                        min(np.ceil(y1), image.shape[0])], np.int32)
-  return image, boxes[0], window
+  scale = np.array([image.shape[1] / width, image.shape[0] / height])
+  return image, boxes[0], window, scale
 
 
 def _example(record: dict, image: np.ndarray, bbox: np.ndarray, window: np.ndarray,
-             crop: transforms.Crop, valid: bool, skipped: int) -> dict:
+             scale: np.ndarray, crop: transforms.Crop, valid: bool, skipped: int) -> dict:
   """One example; image, bbox, window and crop are those of the image as it fits in the
-  canvas."""
+  canvas, `scale` that of its landmarks (the record's, in the file's pixels)."""
+  landmarks, landmark_visible = transforms.crop_landmarks(
+      record['landmark_xy'], record['landmark_visibility'], crop, scale)
   return dict(image=image, window=window, region=crop.region, flip=crop.flip,
               bbox=transforms.crop_box(bbox, crop),
               box_valid=valid and transforms.box_area(bbox) > 0,
+              landmarks=landmarks, landmark_visible=landmark_visible & valid,
               category=record['category'], category_type=record['category_type'],
               attribute_positive_bits=record['attribute_positive_bits'],
               attribute_unknown_bits=record['attribute_unknown_bits'],
@@ -130,11 +140,11 @@ class TrainExample(grain.transforms.RandomMap):
     else:
       raise RuntimeError(f'{_MAX_CONSECUTIVE_BAD_FILES} unreadable images in a row, the '
                          f'last {record["path"]}: is the image folder complete?')
-    image, bbox, window = _fit(record, image, self.options)
+    image, bbox, window, scale = _fit(record, image, self.options)
     crop = transforms.random_train_crop(rng, *transforms.window_size(window),
                                         self.options.img_size, self.options.crop_size,
                                         self.options.random_flip)
-    return _example(record, image, bbox, window, transforms.in_window(crop, window),
+    return _example(record, image, bbox, window, scale, transforms.in_window(crop, window),
                     valid=True, skipped=skipped)
 
 
@@ -151,18 +161,20 @@ class EvalExample(grain.transforms.Map):
     image = _decode(record, self.options.strict)
     if image is None:
       return self._invalid(record, skipped=1)
-    image, bbox, window = _fit(record, image, self.options)
+    image, bbox, window, scale = _fit(record, image, self.options)
     crop = transforms.eval_crop(*transforms.window_size(window), self.options.img_size,
                                 self.options.crop_size, self.options.eval_crop)
-    return _example(record, image, bbox, window, transforms.in_window(crop, window),
+    return _example(record, image, bbox, window, scale, transforms.in_window(crop, window),
                     valid=True, skipped=0)
 
   def _invalid(self, record: dict, skipped: int) -> dict:
     """A masked-out example: a 1-pixel black image; its labels are never counted."""
     crop = transforms.eval_crop(1, 1, self.options.img_size, self.options.crop_size, 'resize')
     example = _example(record, np.zeros((1, 1, 3), np.uint8), np.array([0, 0, 1, 1], np.float32),
-                       transforms.whole_image(1, 1), crop, valid=False, skipped=skipped)
+                       transforms.whole_image(1, 1), np.ones(2), crop, valid=False,
+                       skipped=skipped)
     example['index'] = -1
+    example['landmarks'] = np.zeros_like(example['landmarks'])
     return example
 
 
@@ -188,6 +200,8 @@ class Collate:
     return dict(canvas=canvas, window=stack('window', np.int32), region=stack('region'),
                 flip=stack('flip', bool), bbox=stack('bbox'),
                 box_valid=stack('box_valid', bool),
+                landmarks=stack('landmarks', np.float32),
+                landmark_visible=stack('landmark_visible', bool),
                 category=stack('category', np.int32),
                 category_type=stack('category_type', np.int32),
                 attribute_positive=unpack('attribute_positive'),

@@ -3,7 +3,9 @@
 A source's record is what the transforms need and nothing decoded: the image file's bytes
 as stored (None when the file is missing), its path for messages, the example's row in the
 annotation index, its position in the source, the labels (the 1,000 attribute flags
-bit-packed, `np.packbits` order) and the box in pixels. Any source
+bit-packed, `np.packbits` order), the box in pixels and the landmarks in slot order
+(`landmark_slots`: xy (8, 2) float32 pixels, visibility (8,) int8, -1 where the garment
+type has no such landmark or the folder no landmark list). Any source
 that yields these records plugs into `pipeline.py` unchanged: the folder itself
 (`FolderSource`) or the prepared TFDS dataset (`TfdsSource`, see tfds_builder.py), chosen
 by config.data.source (`make_source`).
@@ -14,6 +16,7 @@ import os
 import numpy as np
 
 from deepfashion_jax.data import annotations
+from deepfashion_jax.data import landmark_slots
 
 SOURCES = ('folder', 'tfds')  # config.data.source
 
@@ -35,6 +38,7 @@ class FolderSource:
     self.attribute_unknown = np.packbits(index.attribute_unknown[self.rows], axis=1)
     self.num_attributes = index.num_attributes
     self.bbox = index.bbox[self.rows].astype(np.float32)
+    self.landmark_visibility, self.landmark_xy = _landmarks_in_slots(index, self.rows)
 
   def __len__(self):
     return len(self.rows)
@@ -51,10 +55,22 @@ class FolderSource:
                 category_type=self.category_type[position],
                 attribute_positive_bits=self.attribute_positive[position],
                 attribute_unknown_bits=self.attribute_unknown[position],
-                bbox=self.bbox[position])
+                bbox=self.bbox[position],
+                landmark_visibility=self.landmark_visibility[position],
+                landmark_xy=self.landmark_xy[position])
 
   def __repr__(self):
     return f'FolderSource({self.image_dir}, {len(self)} images)'
+
+
+def _landmarks_in_slots(index: annotations.DeepFashionIndex, rows: np.ndarray):
+  """The rows' landmark visibility (N, 8) and xy (N, 8, 2) in slot order; all absent
+  when the folder has no landmark list."""
+  if index.landmark_xy is None:
+    none = np.full((len(rows), landmark_slots.NUM_SLOTS), landmark_slots.ABSENT, np.int8)
+    return landmark_slots.to_slots(none[:, 0], none, np.zeros(none.shape + (2,), np.int16))
+  return landmark_slots.to_slots(index.landmark_garment_type[rows],
+                                 index.landmark_visibility[rows], index.landmark_xy[rows])
 
 
 class TfdsSource:
@@ -85,13 +101,18 @@ class TfdsSource:
     first_bytes = lambda name: feature[name].bytes_list.value[0]
     first_int = lambda name: feature[name].int64_list.value[0]
     bits = lambda name: np.frombuffer(first_bytes(name), np.uint8)
+    ints = lambda name: np.array(feature[name].int64_list.value, np.int64)
+    landmark_visibility, landmark_xy = landmark_slots.to_slots(  # TFDS keeps the file's order
+        ints('landmark_garment_type'), ints('landmark_visibility')[None],
+        ints('landmark_xy').reshape(1, -1, 2))
     return dict(image_bytes=first_bytes('image_bytes') or None,
                 path=first_bytes('file_name').decode(), index=int(first_int('index')),
                 position=position, category=np.int32(first_int('category')),
                 category_type=np.int32(first_int('category_type')),
                 attribute_positive_bits=bits('attribute_positive_bits'),
                 attribute_unknown_bits=bits('attribute_unknown_bits'),
-                bbox=np.array(feature['bbox'].int64_list.value, np.float32))
+                bbox=ints('bbox').astype(np.float32),
+                landmark_visibility=landmark_visibility[0], landmark_xy=landmark_xy[0])
 
   def __repr__(self):
     return f'TfdsSource({self.tfds_dir}, {self.split}, {len(self)} images)'

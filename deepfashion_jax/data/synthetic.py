@@ -9,9 +9,10 @@ headers, `Img/img/<Product_Title_Category>/img_XXXXXXXX.jpg` JPEGs whose long si
 The data is learnable, and not trivially: a garment's category follows from its silhouette
 (its geometry: sleeves, length, flare, neckline, legs or skirt), never from its colour;
 colours, background, clutter, position and scale are random; the box is the drawn garment's
-exact extent. The texture attributes named in `VISIBLE_TEXTURES` are painted in the
-garment's fill; all other attributes are random, sparse and skewed, with unknowns, as in the
-real lists. `--quirks` adds the real release's hazards for robustness tests.
+exact extent, and the landmarks are points of its outline (collar corners, cuffs, waistline
+and hem corners, `landmark_points`). The texture attributes named in `VISIBLE_TEXTURES` are
+painted in the garment's fill; all other attributes are random, sparse and skewed, with
+unknowns, as in the real lists. `--quirks` adds the real release's hazards for robustness tests.
 
   python -m deepfashion_jax.data.synthetic --root DIR --num_images N --seed S [--quirks]
 """
@@ -28,6 +29,7 @@ from PIL import Image
 from PIL import ImageDraw
 
 from deepfashion_jax.data import annotations
+from deepfashion_jax.data import landmark_slots
 from deepfashion_jax.data import vocabulary
 
 IMAGE_LONG_SIDE = 300
@@ -109,17 +111,23 @@ def _torso(neck: str, hem_y: float, zigzag: bool):
   points += [(0.58, top), (0.7, top), (0.69, top + 0.3)]
   points += _hem(0.7, 0.3, hem_y, zigzag)
   points += [(0.31, top + 0.3)]
-  return [(points, False)]
+  corners = dict(left_collar=(0.42, top), right_collar=(0.58, top), left_hem=(0.3, hem_y),
+                 right_hem=(0.7, hem_y))
+  return [(points, False)], corners
 
 
 def _sleeves(length: float):
+  """The sleeves and their landmarks: the middle of each cuff, or of each armhole when
+  there are no sleeves."""
   if length <= 0:
-    return []
+    middle = _TORSO_TOP + 0.15
+    return [], dict(left_sleeve=(0.305, middle), right_sleeve=(0.695, middle))
   reach = 0.45 * length
   right = [(0.7, 0.12), (0.7 + 0.5 * reach, 0.12 + reach),
            (0.7 + 0.5 * reach - 0.09, 0.12 + reach + 0.04), (0.69, 0.3)]
   left = [(1.0 - x, y) for x, y in right]
-  return [(right, False), (left, False)]
+  cuff = lambda sleeve: tuple(np.mean(sleeve[1:3], axis=0))
+  return [(right, False), (left, False)], dict(left_sleeve=cuff(left), right_sleeve=cuff(right))
 
 
 def _legs(top: float, length: float, zigzag: bool):
@@ -127,12 +135,16 @@ def _legs(top: float, length: float, zigzag: bool):
   crotch = top + min(0.2, 0.5 * length)
   points = [(0.3, top), (0.7, top)] + _hem(0.74, 0.52, hem, zigzag) + [(0.5, crotch)]
   points += _hem(0.48, 0.26, hem, zigzag)
-  return [(points, False)]
+  corners = dict(left_waistline=(0.3, top), right_waistline=(0.7, top), left_hem=(0.26, hem),
+                 right_hem=(0.74, hem))
+  return [(points, False)], corners
 
 
 def _skirt(top: float, length: float, zigzag: bool):
   hem = top + length
-  return [([(0.32, top), (0.68, top)] + _hem(0.78, 0.22, hem, zigzag), False)]
+  corners = dict(left_waistline=(0.32, top), right_waistline=(0.68, top),
+                 left_hem=(0.22, hem), right_hem=(0.78, hem))
+  return [([(0.32, top), (0.68, top)] + _hem(0.78, 0.22, hem, zigzag), False)], corners
 
 
 def _belt_slot(top: float):
@@ -142,45 +154,84 @@ def _belt_slot(top: float):
 
 _SLEEVES = (0.0, 0.4, 1.0)
 
+# A garment type's builder returns its (polygon, hole) pairs and its landmarks in the same
+# frame: {slot name: (x, y)} for each of its type's slots (landmark_slots).
+
 
 def _upper_body(c: int):
   neck = ('round', 'v', 'high', 'hood')[(c // 3) % 4]
-  return _torso(neck, _TORSO_HEM, zigzag=c >= 12) + _sleeves(_SLEEVES[c % 3])
+  torso, landmarks = _torso(neck, _TORSO_HEM, zigzag=c >= 12)
+  sleeves, sleeve_ends = _sleeves(_SLEEVES[c % 3])
+  return torso + sleeves, dict(landmarks, **sleeve_ends)
 
 
 def _lower_body(c: int):
   length, zigzag, slot, legs = (0.35, 1.0)[c % 2], bool((c // 2) % 2), bool((c // 4) % 2), c < 8
-  garment = _legs(0.0, length, zigzag) if legs else _skirt(0.0, length, zigzag)
-  return garment + (_belt_slot(0.0) if slot else [])
+  garment, landmarks = _legs(0.0, length, zigzag) if legs else _skirt(0.0, length, zigzag)
+  return garment + (_belt_slot(0.0) if slot else []), landmarks
 
 
 def _full_body(c: int):
+  """A torso over legs or a skirt; the waistline's landmarks are the torso's hem corners,
+  where the bottom takes over the outline."""
   legs, slot, zigzag = bool((c // 3) % 2), bool((c // 6) % 2), c >= 12
   waist = 0.5
-  top = _torso('round', waist + 0.02, zigzag=False) + _sleeves(_SLEEVES[c % 3])
-  bottom = _legs(waist, 0.75, zigzag) if legs else _skirt(waist, 0.75, zigzag)
-  return top + bottom + (_belt_slot(waist - 0.02) if slot else [])
+  torso, torso_corners = _torso('round', waist + 0.02, zigzag=False)
+  sleeves, sleeve_ends = _sleeves(_SLEEVES[c % 3])
+  bottom, landmarks = _legs(waist, 0.75, zigzag) if legs else _skirt(waist, 0.75, zigzag)
+  landmarks = dict(landmarks, left_collar=torso_corners['left_collar'],
+                   right_collar=torso_corners['right_collar'],
+                   left_waistline=torso_corners['left_hem'],
+                   right_waistline=torso_corners['right_hem'], **sleeve_ends)
+  return torso + sleeves + bottom + (_belt_slot(waist - 0.02) if slot else []), landmarks
+
+
+def _garment(category: int):
+  """A category's (polygon, hole) pairs and landmarks in its builder's frame, and that
+  frame's garment extent: lowest (x, y) and (width, height)."""
+  garment_type = vocabulary.CATEGORY_TYPES[category]
+  first = vocabulary.CATEGORY_TYPES.index(garment_type)
+  build = (_upper_body, _lower_body, _full_body)[garment_type]
+  parts, landmarks = build(category - first)
+  parts = [(np.array(p, np.float64), hole) for p, hole in parts]
+  outline = np.concatenate([p for p, hole in parts if not hole])
+  low, high = outline.min(axis=0), outline.max(axis=0)
+  return parts, landmarks, low, high - low
 
 
 def silhouette(category: int):
   """The (polygon, hole) pairs of a category's garment, normalised so that the garment
   spans [0, 1] on both axes, and the garment's natural (width, height) before that."""
-  garment_type = vocabulary.CATEGORY_TYPES[category]
-  first = vocabulary.CATEGORY_TYPES.index(garment_type)
-  build = (_upper_body, _lower_body, _full_body)[garment_type]
-  parts = [(np.array(p, np.float64), hole) for p, hole in build(category - first)]
-  outline = np.concatenate([p for p, hole in parts if not hole])
-  low, high = outline.min(axis=0), outline.max(axis=0)
-  return [((p - low) / (high - low), hole) for p, hole in parts], (high - low)
+  parts, _, low, size = _garment(category)
+  return [((p - low) / size, hole) for p, hole in parts], size
 
 
-def _landmark_points(garment_type: int):
-  """Landmarks in the normalised frame: collars, sleeves, waist and hems, by garment type."""
-  upper = [(0.42, 0.0), (0.58, 0.0), (0.15, 0.35), (0.85, 0.35), (0.3, 1.0), (0.7, 1.0)]
-  lower = [(0.3, 0.0), (0.7, 0.0), (0.25, 1.0), (0.75, 1.0)]
-  full = [(0.42, 0.0), (0.58, 0.0), (0.15, 0.25), (0.85, 0.25), (0.35, 0.45), (0.65, 0.45),
-          (0.25, 1.0), (0.75, 1.0)]
-  return np.array((upper, lower, full)[garment_type], np.float64)
+def landmark_points(category: int) -> np.ndarray:
+  """(8, 2) the garment's landmarks in `silhouette`'s normalised frame, in slot order
+  (landmark_slots), NaN for slots its type lacks: the collar's corners, the middles of
+  the cuffs (of the armholes, sleeveless), the waistline's corners and the hem's outer
+  corners, left the side of smaller x."""
+  _, landmarks, low, size = _garment(category)
+  points = np.full((landmark_slots.NUM_SLOTS, 2), np.nan)
+  for name, point in landmarks.items():
+    points[landmark_slots.SLOT_NAMES.index(name)] = (np.array(point) - low) / size
+  return points
+
+
+def _on_outline(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+  """(k, 2) int: each point (x, y) moved to the nearest pixel of the mask's outline (a
+  garment pixel beside background or the image's edge), column and row.
+
+  The drawn polygons' corners are jittered and overlap one another, so a corner of the
+  plan may fall a pixel or two inside the garment or outside it. Points are in PIL's
+  drawing coordinates, where (x, y) is the pixel at column x, row y, as in the lists.
+  """
+  padded = np.pad(mask, 1)
+  interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+  rows, cols = np.nonzero(mask & ~interior)
+  outline = np.column_stack([cols, rows])
+  distances = ((outline[None] - points[:, None]) ** 2).sum(axis=-1)
+  return outline[distances.argmin(axis=1)]
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -243,11 +294,16 @@ def _texture(rng, texture: str, width: int, height: int):
 class DrawnGarment:
   image: Image.Image
   bbox: tuple  # x1, y1, x2, y2 pixels; x2, y2 exclusive (one past the last garment pixel)
-  landmarks: np.ndarray  # (k, 3) int: visibility, x, y
+  landmarks: np.ndarray  # (k, 3) int: visibility, x, y, in the list's order of the type
+  mask: np.ndarray  # (H, W) bool: the garment's pixels
 
 
 def draw_image(rng, category: int, texture: str) -> DrawnGarment:
-  """One photo: background, clutter, then the category's silhouette filled with a texture."""
+  """One photo: background, clutter, then the category's silhouette filled with a texture.
+
+  The landmarks are the drawn garment's own points (`landmark_points`), each on its
+  outline; about one in ten is marked occluded, all the same drawn.
+  """
   short = int(rng.integers(180, IMAGE_LONG_SIDE + 1))
   width, height = ((short, IMAGE_LONG_SIDE) if rng.random() < 0.7
                    else (IMAGE_LONG_SIDE, short))
@@ -269,13 +325,14 @@ def draw_image(rng, category: int, texture: str) -> DrawnGarment:
     jitter = rng.uniform(-0.01, 0.01, polygon.shape)
     mask_draw.polygon([tuple(p) for p in to_pixels(polygon + jitter)], fill=0 if hole else 255)
   image.paste(_texture(rng, texture, width, height), mask=mask)
-  rows, cols = np.nonzero(np.asarray(mask))
+  mask = np.asarray(mask) > 0
+  rows, cols = np.nonzero(mask)
   bbox = (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
 
-  points = np.round(to_pixels(_landmark_points(vocabulary.CATEGORY_TYPES[category])))
-  points = np.clip(points, 0, (width - 1, height - 1)).astype(int)
+  file_order = list(landmark_slots.FILE_ORDER_SLOTS[vocabulary.CATEGORY_TYPES[category]])
+  points = _on_outline(mask, to_pixels(landmark_points(category)[file_order]))
   visibility = (rng.random(len(points)) < 0.1).astype(int)  # a few occluded
-  return DrawnGarment(image, bbox, np.column_stack([visibility, points]))
+  return DrawnGarment(image, bbox, np.column_stack([visibility, points]), mask)
 
 
 # ----------------------------------------------------------------------------- lists

@@ -2,10 +2,10 @@
 
 The expensive pixel work is split so that a CPU core does as little as possible per image:
 the host decodes the JPEG and copies it into a fixed-size canvas; it also draws the random
-crop and flip and moves the box accordingly. The resize, crop and flip of the pixels happen
-on the device, in the jitted step (`device_transforms.py`), as two small matrix products per
-image. `resize_crop_flip` here is the same resampling done by PIL on the host: the
-baseline's own operation, used as the reference in the tests.
+crop and flip and moves the box and the landmarks accordingly. The resize, crop and flip of
+the pixels happen on the device, in the jitted step (`device_transforms.py`), as two small
+matrix products per image. `resize_crop_flip` here is the same resampling done by PIL on
+the host: the baseline's own operation, used as the reference in the tests.
 
 A crop is described by its *region*: the rectangle (x0, y0, x1, y1) of the original image,
 in pixels, that lands on the output square. Resizing to img_size x img_size and then
@@ -28,6 +28,8 @@ import io
 import numpy as np
 from PIL import Image
 import simplejpeg
+
+from deepfashion_jax.data import landmark_slots
 
 
 class ImageDecodeError(ValueError):
@@ -168,6 +170,36 @@ def crop_box(bbox: np.ndarray, crop: Crop) -> np.ndarray:
   if crop.flip:
     box = np.array([1 - box[2], box[1], 1 - box[0], box[3]], np.float32)
   return box
+
+
+def crop_landmarks(xy: np.ndarray, visibility: np.ndarray, crop: Crop,
+                   scale=(1.0, 1.0)):
+  """Landmarks in the file's pixels -> [0, 1] coordinates of the crop, and which are seen.
+
+  xy (8, 2) and visibility (8,) are in slot order (`landmark_slots`). A landmark (x, y)
+  names the pixel at column x, row y: it sits at that pixel's centre, so that a flip
+  takes it to the mirrored pixel. `scale` is (x, y) canvas pixels per file pixel
+  (`fit_to_canvas` shrinks large images), the crop's region is in canvas pixels. A flip
+  mirrors x and swaps each left/right pair of slots.
+
+  Returns landmarks (8, 2) float32, clipped to [0, 1] (absent slots 0), and
+  landmark_visible (8,) bool: present, visible in the file (not occluded or truncated)
+  and inside the crop.
+  """
+  visibility = np.asarray(visibility)
+  x0, y0, x1, y1 = np.asarray(crop.region, np.float64)
+  centres = (np.asarray(xy, np.float64) + 0.5) * np.asarray(scale, np.float64)
+  points = (centres - (x0, y0)) / (x1 - x0, y1 - y0)
+  inside = ((points >= 0) & (points <= 1)).all(axis=1)
+  visible = (visibility == landmark_slots.VISIBLE) & inside
+  absent = visibility == landmark_slots.ABSENT
+  points = np.clip(points, 0.0, 1.0)
+  if crop.flip:
+    order = list(landmark_slots.FLIP_ORDER)
+    points = np.column_stack([1 - points[order, 0], points[order, 1]])
+    visible, absent = visible[order], absent[order]
+  points[absent] = 0.0
+  return points.astype(np.float32), visible
 
 
 def resize_crop_flip(image: np.ndarray, crop: Crop, out_size: int,
