@@ -19,6 +19,7 @@ def get_config():
   config.decay_rate = 0.8  # 'step_decay': the rate's factor every decay_every_steps
   config.decay_every_steps = 13_077  # 'step_decay': an epoch of 209,222 images at batch 16
   config.warmup_steps = 0  # linear warm-up from 0 to learning_rate
+  config.grad_clip_norm = 0.0  # > 0: clip the gradient's global L2 norm to this (0: off)
   config.max_nonfinite_in_a_row = 25  # float16: stop after more skipped steps in a row
   config.log_every_steps = 100  # train metrics to TensorBoard and the console
   config.eval_every_steps = 10_000  # evaluate on config.eval.split (and at the end)

@@ -36,7 +36,7 @@ from deepfashion_jax.models import backbones
 CHECKPOINT_FOLDER = 'checkpoints'
 DAMAGED_FOLDER = 'damaged_checkpoints'
 # The config fields that shape the model's arrays, named when a checkpoint does not fit.
-_SHAPING_FIELDS = ('model', 'dtype', 'data.crop_size', 'optimizer')
+_SHAPING_FIELDS = ('model', 'dtype', 'data.crop_size', 'optimizer', 'grad_clip_norm')
 # Fields that change no array but what the weights compute: a checkpoint is meaningful only
 # with the values it was trained (or converted) with. The value a checkpoint saved before
 # the field existed had is given here.

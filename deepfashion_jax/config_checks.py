@@ -78,6 +78,9 @@ def check(config):
   if config.schedule == 'cosine' and config.warmup_steps >= config.num_train_steps:
     raise ValueError(f'config.warmup_steps={config.warmup_steps} leaves no steps for the cosine '
                      f'decay: config.num_train_steps={config.num_train_steps} must be larger')
+  if not config.grad_clip_norm >= 0:
+    raise ValueError(f'config.grad_clip_norm={config.grad_clip_norm}: expected 0 (off) or a '
+                     'positive norm')
   if not 0 < config.decay_rate <= 1:
     raise ValueError(f'config.decay_rate={config.decay_rate}: expected a factor in (0, 1]')
   if config.learning_rate <= 0:

@@ -12,8 +12,10 @@ so batches merge exactly and a split is summarised once, whatever its batching:
 - bbox_iou, bbox_l1: mean IoU and mean absolute error of the predicted box, over the
   valid examples that have a box (`losses.box_mask`);
 - loss and its parts (box_loss weighted, like the box metrics, by the examples with a box).
-Training adds loss_scale (float16's dynamic loss scale at the last step; 1 otherwise) and
-nonfinite_steps (steps skipped for a non-finite loss or gradient), with the first such
+Training adds grad_norm, param_norm and update_norm (global L2 norms of the gradient, of
+the parameters after the update and of the update, averaged over the finite steps: the
+first figures to look at when a run diverges), loss_scale (float16's dynamic loss scale at
+the last step; 1 otherwise) and nonfinite_steps (steps skipped for a non-finite loss or gradient), with the first such
 step and the longest run of them, which the training loop acts on.
 """
 
@@ -139,20 +141,26 @@ def _reduced(name: str, reduce):
 
 NO_STEP = np.iinfo(np.int32).max  # first_nonfinite_step when every step was finite
 
+NORM_NAMES = ('grad_norm', 'param_norm', 'update_norm')
+
 TrainMetrics = collection_class(
+    **{name: _named_average(name) for name in NORM_NAMES},
     loss_scale=metrics.LastValue.from_output('loss_scale'),
     nonfinite_steps=_reduced('nonfinite_steps', jnp.add),
     first_nonfinite_step=_reduced('first_nonfinite_step', jnp.minimum),
     nonfinite_in_a_row=_reduced('nonfinite_in_a_row', jnp.maximum))
 
 
-def train_batch_metrics(outputs, batch, losses, attribute_types, *, step, nonfinite,
+def train_batch_metrics(outputs, batch, losses, attribute_types, *, norms, step, nonfinite,
                         nonfinite_in_a_row, loss_scale) -> metrics.Collection:
-  """One training step's metrics: those of `batch_metrics`, the loss scale, and whether
-  the step was skipped for a non-finite loss or gradient (merged: how many were, the
-  first, and the longest run of them in a row)."""
+  """One training step's metrics: those of `batch_metrics`, the norms ({name in
+  NORM_NAMES: scalar}; a skipped step's count nowhere), the loss scale, and whether the
+  step was skipped for a non-finite loss or gradient (merged: how many were, the first,
+  and the longest run of them in a row)."""
+  finite = ~nonfinite[None]
   return TrainMetrics.single_from_model_output(
       **metric_values(outputs, batch, losses, attribute_types),
+      **{name: (jnp.where(finite, norms[name], 0.0), finite) for name in NORM_NAMES},
       loss_scale=jnp.asarray(loss_scale, jnp.float32),
       nonfinite_steps=nonfinite.astype(jnp.int32),
       first_nonfinite_step=jnp.where(nonfinite, step, NO_STEP).astype(jnp.int32),

@@ -90,7 +90,8 @@ def create_optimizer(config) -> optax.GradientTransformation:
   """Adam (the baseline's) or SGD with momentum; optional warm-up, then a constant rate,
   cosine decay, or a step decay (x config.decay_rate every config.decay_every_steps: Liu &
   Lu's x0.8 per epoch); weight decay (AdamW's decoupled decay with Adam, coupled L2 with
-  SGD) on the kernels only unless config.decay_norms_and_biases."""
+  SGD) on the kernels only unless config.decay_norms_and_biases; the gradient's global
+  norm clipped to config.grad_clip_norm first when that is > 0."""
   peak = config.learning_rate
   if config.schedule == 'cosine':
     schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(config.warmup_steps, 1),
@@ -107,6 +108,13 @@ def create_optimizer(config) -> optax.GradientTransformation:
   else:
     schedule = peak
   mask = None if config.decay_norms_and_biases else _kernels_only
+  optimizer = _base_optimizer(config, schedule, mask)
+  if config.grad_clip_norm > 0:  # only then: the optimiser state keeps its old structure
+    optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
+  return optimizer
+
+
+def _base_optimizer(config, schedule, mask) -> optax.GradientTransformation:
   if config.optimizer == 'adam':  # AdamW: decay decoupled from the gradient's scaling
     return optax.adamw(schedule, eps=config.adam_eps, weight_decay=config.weight_decay,
                        mask=mask)
@@ -214,6 +222,8 @@ def train_step(step_config: StepConfig, state: TrainState, batch: dict):
       state, loss_fn)
   updates, opt_state = step_config.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  norms = dict(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+               update_norm=optax.global_norm(updates))
   # A non-finite step (its loss, a gradient, or an update that overflows a parameter; a
   # NaN or inf gradient makes its parameter's update one) leaves the model and the
   # optimiser as they were: the state never holds a NaN or inf.
@@ -225,7 +235,7 @@ def train_step(step_config: StepConfig, state: TrainState, batch: dict):
       opt_state=keep_old(opt_state, state.opt_state), dynamic_scale=dynamic_scale,
       nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1))
   batch_metrics = metrics.train_batch_metrics(
-      outputs, batch, dict(parts, loss=loss), _attribute_types(step_config),
+      outputs, batch, dict(parts, loss=loss), _attribute_types(step_config), norms=norms,
       step=new_state.step, nonfinite=~finite,
       nonfinite_in_a_row=new_state.nonfinite_in_a_row,
       loss_scale=1.0 if dynamic_scale is None else dynamic_scale.scale)

@@ -32,6 +32,7 @@ def test_a_wrong_config_value_is_refused_naming_the_field(synthetic_folder, tmp_
     ('data.crop', 'bbox', "config.data.crop='bbox': expected one of ('none', 'gt_box')"),
     ('data.crop_margin', -1.0, 'config.data.crop_margin=-1.0: expected pixels >= 0'),
     ('decay_rate', 1.5, 'config.decay_rate=1.5: expected a factor in (0, 1]'),
+    ('grad_clip_norm', -1.0, 'config.grad_clip_norm=-1.0: expected 0 (off) or a positive'),
     ('decay_every_steps', 0, 'config.decay_every_steps=0: expected a positive integer'),
 ])
 

@@ -223,3 +223,28 @@ def test_step_decay_multiplies_the_rate_by_decay_rate_every_decay_every_steps(wa
   else:
     expected = [1.0, 1.0, 1.0, 0.8, 0.8, 0.8, 0.64, 0.64]
   np.testing.assert_allclose(rates, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize('clip, expected', [(0.0, -1.0), (0.5, -0.25)])
+def test_grad_clip_norm_scales_the_gradient_to_that_global_norm(clip, expected):
+  """SGD at rate 1 on a gradient of four ones (global norm 2): clipped to 0.5, each
+  component moves by 0.5 / 2; unclipped, by 1."""
+  config = test_config.get_config()
+  config.optimizer, config.momentum, config.learning_rate = 'sgd', 0.0, 1.0
+  config.grad_clip_norm = clip
+  optimizer_fn = steps.create_optimizer(config)
+  params = {'w': jnp.zeros((4,))}
+  updates, _ = optimizer_fn.update({'w': jnp.ones((4,))}, optimizer_fn.init(params), params)
+  np.testing.assert_allclose(updates['w'], [expected] * 4, rtol=1e-6)
+
+
+def test_the_train_metrics_carry_the_gradient_parameter_and_update_norms(synthetic_folder):
+  config = test_config.get_config()
+  index, batches = _batches(synthetic_folder[0], config, 1)
+  before, after, computed = _one_step(config, index, batches[0], lambda state: state)
+  norm = lambda tree: float(np.sqrt(sum(np.sum(np.square(x, dtype=np.float64))
+                                        for x in jax.tree.leaves(tree))))
+  np.testing.assert_allclose(computed['param_norm'], norm(after.params), rtol=1e-5)
+  moved = jax.tree.map(lambda a, b: a - b, after.params, before.params)
+  np.testing.assert_allclose(computed['update_norm'], norm(moved), rtol=1e-3)
+  assert computed['grad_norm'] > 0 and np.isfinite(computed['grad_norm'])
