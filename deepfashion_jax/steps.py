@@ -222,8 +222,8 @@ def train_step(step_config: StepConfig, state: TrainState, batch: dict):
       state, loss_fn)
   updates, opt_state = step_config.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  norms = dict(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
-               update_norm=optax.global_norm(updates))
+  norms = dict(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+               update_norm=optax.tree.norm(updates))
   # A non-finite step (its loss, a gradient, or an update that overflows a parameter; a
   # NaN or inf gradient makes its parameter's update one) leaves the model and the
   # optimiser as they were: the state never holds a NaN or inf.
