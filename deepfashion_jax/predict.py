@@ -10,9 +10,9 @@ A model trained on ground-truth-box crops (config.data.crop='gt_box', the publis
 protocol) expects a photo cut to its garment, as the benchmark's inputs are, and reads
 each photo whole as such a cut. It cannot cut a larger photo itself: its box branch only
 ever learnt the box of its crops, about the whole frame, and so answers the whole photo
-on any photo (measured on synthetic photos, benchmarks/RESULTS.md; a second pass on the
-photo cut to that box would read the same pixels). Cut photos to the garment first, or
-find boxes with a model trained the baseline's way (config.data.crop='none').
+on any photo: a second pass on the photo cut to that box would read the same pixels. Cut
+photos to the garment first, or find boxes with a model trained the baseline's way
+(config.data.crop='none').
 
 The jitted predict step resizes, crops and runs the model on batches of one shape, so it
 compiles once however many images there are. An unreadable or non-image file gets a line

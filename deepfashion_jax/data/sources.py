@@ -67,8 +67,8 @@ def _landmarks_in_slots(index: annotations.DeepFashionIndex, rows: np.ndarray):
   """The rows' landmark visibility (N, 8) and xy (N, 8, 2) in slot order; all absent
   when the folder has no landmark list."""
   if index.landmark_xy is None:
-    none = np.full((len(rows), landmark_slots.NUM_SLOTS), landmark_slots.ABSENT, np.int8)
-    return landmark_slots.to_slots(none[:, 0], none, np.zeros(none.shape + (2,), np.int16))
+    return (np.full((len(rows), landmark_slots.NUM_SLOTS), landmark_slots.ABSENT, np.int8),
+            np.zeros((len(rows), landmark_slots.NUM_SLOTS, 2), np.float32))
   return landmark_slots.to_slots(index.landmark_garment_type[rows],
                                  index.landmark_visibility[rows], index.landmark_xy[rows])
 
