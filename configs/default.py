@@ -48,13 +48,25 @@ def get_config():
   config.model.box_gradient_into_roi = False  # let the local features train the box branch
   config.model.category_head = 'single'  # 'single' 50-way, or 'per_garment_type'
   config.model.dropout = 0.0  # dropout on the joined features before the heads (baseline: none)
+  # 'fashionnet' (box branch, global + ROI-pooled local features) or 'liu_lu' (Liu & Lu
+  # 2018: fully connected heads on the pooled last map, no box)
+  config.model.heads = 'fashionnet'
+  # 'none', 'heatmaps' (a landmark branch beside the heads) or 'attention' (Liu & Lu's
+  # landmark-driven attention); both read VGG-16's conv4_3 or a ResNet's layer2
+  config.model.landmarks = 'none'
   config.model.init_from = ''  # a baseline epoch_N.pth (whole model) or torchvision .pth (backbone)
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.attribute = 'bce'  # 'bce' or 'hinge'
+  config.loss.attribute = 'bce'  # 'bce', 'hinge' or 'two_way' (Liu & Lu's; heads='liu_lu')
   config.loss.reduce_sum = True  # sum attribute losses over attributes (baseline --reduce_sum)
   config.loss.pos_weights_scale = 0.0  # > 0: BCE weights positives by negatives/positives, max this
   config.loss.beta = 0.001  # weight of the box loss
+  config.loss.category_weight = 1.0  # weight of the category loss (Liu & Lu: 1)
+  config.loss.attribute_weight = 1.0  # weight of the attribute loss (Liu & Lu: 20)
+  config.loss.two_way_negative_weight = 0.1  # attribute='two_way': negatives' weight (positives 1)
+  config.loss.landmark_weight = 100.0  # weight of the landmark heatmap loss (Liu & Lu's)
+  config.loss.landmark_heatmap = 'gaussian'  # target: 'gaussian' or 'liu_lu' (exp(-d / 2r))
+  config.loss.landmark_radius = 16.0  # the target's r in input pixels (Liu & Lu: 16 at 224)
 
   config.data = ml_collections.ConfigDict()
   config.data.data_dir = ''  # DeepFashion folder holding Anno/, Eval/ and Img/ (or img/)

@@ -22,7 +22,10 @@ _CHOICES = {
     'model.backbone': tuple(backbones.BACKBONES),
     'model.roi_pool': fashion_net.ROI_POOLS,
     'model.category_head': fashion_net.CATEGORY_HEADS,
+    'model.heads': fashion_net.HEADS,
+    'model.landmarks': fashion_net.LANDMARKS,
     'loss.attribute': losses.ATTRIBUTE_LOSSES,
+    'loss.landmark_heatmap': losses.LANDMARK_HEATMAPS,
     'data.partition': annotations.PARTITIONS,
     'data.eval_crop': transforms.EVAL_CROPS,
     'data.crop': transforms.CROPS,
@@ -93,6 +96,33 @@ def check(config):
   if config.loss.pos_weights_scale and config.loss.attribute != 'bce':
     raise ValueError('config.loss.pos_weights_scale weights the BCE loss; it has no meaning '
                      f'with config.loss.attribute={config.loss.attribute!r}')
+  _check_liu_lu_parts(config)
   if not config.predict.temperature > 0:
     raise ValueError(f'config.predict.temperature={config.predict.temperature}: expected a '
                      'positive number')
+
+
+def _check_liu_lu_parts(config):
+  """The options of Liu & Lu's design (heads, landmarks, their losses) that need others."""
+  model, loss = config.model, config.loss
+  if loss.attribute == 'two_way' and model.heads != 'liu_lu':
+    raise ValueError("config.loss.attribute='two_way' needs two logits per attribute: "
+                     "config.model.heads='liu_lu'")
+  if model.heads == 'liu_lu' and (model.category_head != 'single' or model.dropout):
+    raise ValueError("config.model.heads='liu_lu' has its own category head and no "
+                     "dropout: leave config.model.category_head='single' and "
+                     'config.model.dropout=0')
+  for name in ('category_weight', 'attribute_weight', 'landmark_weight',
+               'two_way_negative_weight'):
+    if not loss[name] >= 0:
+      raise ValueError(f'config.loss.{name}={loss[name]}: expected a weight >= 0')
+  if not loss.landmark_radius > 0:
+    raise ValueError(f'config.loss.landmark_radius={loss.landmark_radius}: expected pixels > 0')
+  side = config.data.crop_size
+  if model.landmarks != 'none' and side % 8:
+    raise ValueError(f'config.model.landmarks={model.landmarks!r} predicts heatmaps at 8x '
+                     f'a stride-8 map: config.data.crop_size={side} must be a multiple of 8')
+  if model.landmarks == 'attention' and side % 32:
+    raise ValueError(f"config.model.landmarks='attention' runs a U-Net over the stride-8 "
+                     f'map, halving it twice: config.data.crop_size={side} must be a '
+                     'multiple of 32')

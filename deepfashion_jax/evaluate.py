@@ -3,7 +3,7 @@
 The loop merges the clu metrics of every padded batch (padding and unreadable images carry
 `valid` False and count nowhere) and counts the unreadable images met. Training's reports:
 one line per evaluation in `metrics.jsonl`, and an image of ground-truth (green) and
-predicted (red) boxes on a few images for TensorBoard.
+predicted (red) boxes and landmarks on a few images for TensorBoard (`box_figure`).
 
 --mode=evaluate also keeps every example's logits and labels, to show where the model
 fails (`breakdown.py`), and writes into the workdir:
@@ -47,8 +47,11 @@ from deepfashion_jax.data import photos
 from deepfashion_jax.data import vocabulary
 
 # The columns of config.eval.checkpoint=all's table, each also drawn against the step.
+# Those a model does not have (bbox_iou without a box branch, landmark_error without
+# landmarks) are left out.
 HEADLINE_METRICS = ('category_top1', 'category_top3', 'category_top5', 'attr_recall_top3',
-                    'attr_recall_top5', 'mean_attribute_average_precision', 'bbox_iou')
+                    'attr_recall_top5', 'mean_attribute_average_precision', 'bbox_iou',
+                    'landmark_error')
 CONFUSION_INCHES, CONFUSION_DPI = 12.5, 80  # 1000 x 1000 pixels
 CURVE_INCHES, CURVE_DPI = (8.0, 5.0), 80  # 640 x 400 pixels
 
@@ -86,16 +89,28 @@ def _one_pass(step, state, batches, mesh, description: str, with_examples: bool 
   return {name: float(value) for name, value in merged.compute().items()}, skipped, examples
 
 
-def box_figure(images: np.ndarray, true_boxes: np.ndarray, predicted_boxes: np.ndarray):
-  """(N, S, S, 3) uint8: each image with its true box in green and the predicted in red."""
+TRUE_COLOUR, PREDICTED_COLOUR = (0, 220, 0), (230, 0, 0)
+
+
+def box_figure(images: np.ndarray, batch: dict, outputs: dict):
+  """(N, S, S, 3) uint8: each of the N images (the model's inputs) with what is true in
+  green and what the model predicts in red: the boxes (a model with a box branch) and the
+  landmarks (one with a landmark branch: the visible ones true, every slot predicted, a
+  dot each). batch: the pipeline batch's rows of those images; outputs: the model's."""
   drawn = []
-  for image, true_box, predicted in zip(images, true_boxes, predicted_boxes):
+  for i, image in enumerate(images):
     picture = Image.fromarray(np.asarray(image))
     draw = ImageDraw.Draw(picture)
     side = picture.size[0]
-    for box, colour in ((true_box, (0, 220, 0)), (predicted, (230, 0, 0))):
-      x1, y1, x2, y2 = (float(v) * side for v in box)
-      draw.rectangle((x1, y1, max(x1, x2), max(y1, y2)), outline=colour, width=2)
+    if 'box' in outputs:
+      for box, colour in ((batch['bbox'][i], TRUE_COLOUR), (outputs['box'][i], PREDICTED_COLOUR)):
+        x1, y1, x2, y2 = (float(v) * side for v in box)
+        draw.rectangle((x1, y1, max(x1, x2), max(y1, y2)), outline=colour, width=2)
+    if 'landmarks' in outputs:
+      true = batch['landmarks'][i][batch['landmark_visible'][i]]
+      for points, colour in ((true, TRUE_COLOUR), (outputs['landmarks'][i], PREDICTED_COLOUR)):
+        for x, y in np.asarray(points, np.float64) * side:
+          draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
     drawn.append(np.asarray(picture))
   return np.stack(drawn)
 
@@ -218,7 +233,8 @@ def report_checkpoint(workdir: str, split: str, step: int, results: dict, detail
 def report_steps(workdir: str, split: str, evaluated: dict):
   """config.eval.checkpoint=all, process 0: the HEADLINE_METRICS of each step ({step:
   results}) as a table, eval_<split>_all.json, and one PNG per metric against the step."""
-  rows = [dict(step=step, **{name: results[name] for name in HEADLINE_METRICS})
+  names = [name for name in HEADLINE_METRICS if name in next(iter(evaluated.values()))]
+  rows = [dict(step=step, **{name: results[name] for name in names})
           for step, results in sorted(evaluated.items())]
   print(f'{split} split, every kept checkpoint:')
   print(format_steps_table(rows))
@@ -226,7 +242,7 @@ def report_steps(workdir: str, split: str, evaluated: dict):
   with open(path, 'w') as f:
     json.dump(dict(split=split, checkpoints=[_json_values(row) for row in rows]), f, indent=2,
               allow_nan=False)
-  for name in HEADLINE_METRICS:
+  for name in names:
     draw_curve([row['step'] for row in rows], [row[name] for row in rows], name, split,
                os.path.join(workdir, f'eval_{split}_{name}_vs_step.png'))
   print('written to', path, f'and eval_{split}_<metric>_vs_step.png')

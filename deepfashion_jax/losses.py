@@ -1,15 +1,21 @@
-"""The baseline's losses, in float32 whatever the activation dtype (BASELINE.md, Training).
+"""The losses, in float32 whatever the activation dtype: the baseline's (BASELINE.md,
+Training) and Liu & Lu 2018's.
 
-total = attribute loss + category loss + beta * box loss, each averaged over the valid
-examples of the batch (evaluation batches carry padding); the box loss only over those
-that also have a box (`box_mask`: a list's box may be empty or outside its image).
+total = attribute_weight * attribute loss + category_weight * category loss
+        + beta * box loss + landmark_weight * landmark loss,
+each averaged over the valid examples of the batch (evaluation batches carry padding); the
+box loss only over those that also have a box (`box_mask`: a list's box may be empty or
+outside its image). The baseline's weights are 1, 1, beta and no landmarks; Liu & Lu's
+20, 1, no box and 100. A model without a box branch (heads='liu_lu') has no box loss, one
+without landmarks no landmark loss: those parts are 0.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ATTRIBUTE_LOSSES = ('bce', 'hinge')
+ATTRIBUTE_LOSSES = ('bce', 'hinge', 'two_way')
+LANDMARK_HEATMAPS = ('gaussian', 'liu_lu')
 
 
 def attribute_pos_weight(positive_counts: np.ndarray, num_images: int,
@@ -40,6 +46,55 @@ def attribute_loss(logits, positive, kind: str = 'bce', reduce_sum: bool = False
   else:
     raise ValueError(f'attribute loss must be one of {ATTRIBUTE_LOSSES}, got {kind!r}')
   return per_attribute.sum(axis=-1) if reduce_sum else per_attribute.mean(axis=-1)
+
+
+def two_way_attribute_loss(two_way_logits, positive, valid, negative_weight: float):
+  """Liu & Lu's attribute loss: a two-way cross-entropy (negative, positive) per attribute,
+  each term weighted by its target class's weight (negatives `negative_weight`, positives
+  1) and their sum divided by the sum of the weights, over every attribute of every valid
+  example: PyTorch's CrossEntropyLoss(weight=...) with its 'mean' reduction on the batch.
+
+  two_way_logits (B, 2, A); positive (B, A) bool; valid (B,) bool. Returns a scalar.
+  """
+  log_p = jax.nn.log_softmax(two_way_logits.astype(jnp.float32), axis=1)
+  nll = -jnp.where(positive, log_p[:, 1], log_p[:, 0])
+  weight = jnp.where(positive, 1.0, negative_weight) * valid[:, None]
+  return jnp.sum(weight * nll) / jnp.maximum(jnp.sum(weight), 1e-12)
+
+
+def landmark_heatmaps(landmarks, visible, height: int, width: int, radius: float,
+                      shape: str = 'gaussian'):
+  """(B, H, W, S) target heatmaps: for each visible landmark a peak of 1 at its point,
+  falling with the distance d (in pixels of the H x W input) as exp(-d^2 / (2 r^2))
+  ('gaussian') or as Liu & Lu's exp(-d / (2 r)) ('liu_lu', r = 16 at 224 px); 0 for
+  landmarks not visible.
+
+  landmarks (B, S, 2) (x, y) in [0, 1] coordinates; pixel (row i, column j) sits at
+  ((j + 0.5) / W, (i + 0.5) / H), the batches' convention (`transforms.crop_landmarks`).
+  """
+  cols = jnp.arange(width, dtype=jnp.float32) + 0.5
+  rows = jnp.arange(height, dtype=jnp.float32) + 0.5
+  dx = cols[None, None, :, None] - landmarks[:, None, None, :, 0] * width  # (B, 1, W, S)
+  dy = rows[None, :, None, None] - landmarks[:, None, None, :, 1] * height  # (B, H, 1, S)
+  squared = dx * dx + dy * dy
+  if shape == 'gaussian':
+    peaks = jnp.exp(-squared / (2.0 * radius * radius))
+  elif shape == 'liu_lu':
+    peaks = jnp.exp(-jnp.sqrt(squared) / (2.0 * radius))
+  else:
+    raise ValueError(f'landmark heatmap must be one of {LANDMARK_HEATMAPS}, got {shape!r}')
+  return jnp.where(visible[:, None, None, :], peaks, 0.0)
+
+
+def landmark_loss(heatmaps, landmarks, visible, radius: float, shape: str = 'gaussian'):
+  """(B,) per-example landmark loss: the squared difference between the predicted and the
+  target heatmaps (`landmark_heatmaps`) over the visible landmarks' maps, averaged over
+  every pixel of every slot (the others count as 0), as Liu & Lu's masked MSE does."""
+  heatmaps = heatmaps.astype(jnp.float32)
+  target = landmark_heatmaps(landmarks, visible, heatmaps.shape[1], heatmaps.shape[2],
+                             radius, shape)
+  squared = jnp.where(visible[:, None, None, :], (heatmaps - target) ** 2, 0.0)
+  return squared.mean(axis=(1, 2, 3))
 
 
 def category_loss(outputs: dict, category, category_type):
@@ -77,15 +132,34 @@ def _masked_mean(values, mask):
 
 
 def total_loss(outputs: dict, batch: dict, *, beta: float, attribute_kind: str = 'bce',
-               reduce_sum: bool = False, pos_weight=None):
-  """attribute + category + beta * box loss, and its parts: each part the mean over the
-  valid examples, the box loss over those with a box (`box_mask`; 0 when none has)."""
-  attributes = attribute_loss(outputs['attribute_logits'], batch['attribute_positive'],
-                              attribute_kind, reduce_sum, pos_weight)
+               reduce_sum: bool = False, pos_weight=None, category_weight: float = 1.0,
+               attribute_weight: float = 1.0, landmark_weight: float = 0.0,
+               landmark_radius: float = 16.0, landmark_heatmap: str = 'gaussian',
+               two_way_negative_weight: float = 0.1):
+  """The weighted sum of the parts (see the module's docstring), and the parts, unweighted:
+  each the mean over the valid examples, the box loss over those with a box (`box_mask`;
+  0 when none has), Liu & Lu's two-way attribute loss their weighted mean."""
+  valid = batch['valid']
+  if attribute_kind == 'two_way':
+    if 'attribute_two_way_logits' not in outputs:
+      raise ValueError("attribute loss 'two_way' needs a model with two logits per "
+                       "attribute (config.model.heads='liu_lu')")
+    attribute_mean = two_way_attribute_loss(outputs['attribute_two_way_logits'],
+                                            batch['attribute_positive'], valid,
+                                            two_way_negative_weight)
+  else:
+    attribute_mean = _masked_mean(
+        attribute_loss(outputs['attribute_logits'], batch['attribute_positive'],
+                       attribute_kind, reduce_sum, pos_weight), valid)
   categories = category_loss(outputs, batch['category'], batch['category_type'])
-  boxes = box_loss(outputs['box'], batch['bbox'])
-  means = dict(attribute_loss=_masked_mean(attributes, batch['valid']),
-               category_loss=_masked_mean(categories, batch['valid']),
-               box_loss=_masked_mean(boxes, box_mask(batch)))
-  loss = means['attribute_loss'] + means['category_loss'] + beta * means['box_loss']
+  means = dict(attribute_loss=attribute_mean, category_loss=_masked_mean(categories, valid))
+  loss = attribute_weight * attribute_mean + category_weight * means['category_loss']
+  if 'box' in outputs:
+    means['box_loss'] = _masked_mean(box_loss(outputs['box'], batch['bbox']), box_mask(batch))
+    loss += beta * means['box_loss']
+  if 'landmark_heatmaps' in outputs:
+    per_example = landmark_loss(outputs['landmark_heatmaps'], batch['landmarks'],
+                                batch['landmark_visible'], landmark_radius, landmark_heatmap)
+    means['landmark_loss'] = _masked_mean(per_example, valid)
+    loss += landmark_weight * means['landmark_loss']
   return loss, means

@@ -11,13 +11,24 @@ so batches merge exactly and a split is summarised once, whatever its batching:
   have a positive of that type (without the baseline's masking bug);
 - bbox_iou, bbox_l1: mean IoU and mean absolute error of the predicted box, over the
   valid examples that have a box (`losses.box_mask`);
-- loss and its parts (box_loss weighted, like the box metrics, by the examples with a box).
+- loss and its parts (box_loss weighted, like the box metrics, by the examples with a box);
+- with a landmark branch, Liu & Lu 2018's landmark metrics, over the visible landmarks
+  (`landmark_visible`), the distance being the Euclidean one between the predicted and the
+  true point in [0, 1] coordinates of the input (x by its width, y by its height):
+  landmark_error_<slot> the mean distance of each slot's landmarks (`SLOT_NAMES`, e.g.
+  landmark_error_left_collar); landmark_error the mean of those per-slot errors over the
+  slots that have a visible landmark (their `lm_dist`, not the mean over all landmarks);
+  landmark_detection_rate the share of all visible landmarks found within
+  DETECTION_DISTANCE (0.1) of their true point.
+A model without a box branch (heads='liu_lu') has no box metrics and no box_loss.
 Training adds grad_norm, param_norm and update_norm (global L2 norms of the gradient, of
 the parameters after the update and of the update, averaged over the finite steps: the
 first figures to look at when a run diverges), loss_scale (float16's dynamic loss scale at
 the last step; 1 otherwise) and nonfinite_steps (steps skipped for a non-finite loss or gradient), with the first such
 step and the longest run of them, which the training loop acts on.
 """
+
+import functools
 
 import flax
 from clu import metrics
@@ -26,20 +37,50 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepfashion_jax import losses as losses_lib
+from deepfashion_jax.data import landmark_slots
 from deepfashion_jax.data import vocabulary
 
 TOP_K_CATEGORY = (1, 3, 5)
 TOP_K_ATTRIBUTE = (3, 5)
 LOSS_NAMES = ('loss', 'attribute_loss', 'category_loss', 'box_loss')
+LANDMARK_LOSS = 'landmark_loss'
+DETECTION_DISTANCE = 0.1  # Liu & Lu's VAL_LM_RELATIVE_DIS
+LANDMARK_METRICS = (('landmark_error', 'landmark_detection_rate')
+                    + tuple(f'landmark_error_{slot}' for slot in landmark_slots.SLOT_NAMES))
 
 
-def metric_names(type_names=vocabulary.ATTRIBUTE_TYPE_NAMES) -> tuple:
+def metric_names(type_names=vocabulary.ATTRIBUTE_TYPE_NAMES, *, box: bool = True,
+                 landmarks: bool = False) -> tuple:
+  """The metrics of a model with a box branch (`box`) and a landmark branch (`landmarks`)."""
   names = [f'category_top{k}' for k in TOP_K_CATEGORY]
   for k in TOP_K_ATTRIBUTE:
     names.append(f'attr_recall_top{k}')
     names += [f'attr_recall_top{k}_{t}' for t in type_names]
     names += [f'baseline_attr_recall_top{k}_{t}' for t in type_names]
-  return tuple(names + ['bbox_iou', 'bbox_l1'] + list(LOSS_NAMES))
+  if box:
+    names += ['bbox_iou', 'bbox_l1']
+  names += [n for n in LOSS_NAMES if box or n != 'box_loss']
+  if landmarks:
+    names += list(LANDMARK_METRICS) + [LANDMARK_LOSS]
+  return tuple(names)
+
+
+def landmark_distances(predicted, true):
+  """(B, S) Euclidean distances between (B, S, 2) points in [0, 1] coordinates."""
+  difference = predicted.astype(jnp.float32) - true.astype(jnp.float32)
+  return jnp.sqrt(jnp.sum(difference * difference, axis=-1))
+
+
+def landmark_values(predicted, batch: dict) -> dict:
+  """name -> (values, mask) of the landmark metrics of one batch (see the docstring)."""
+  visible = batch['landmark_visible'] & batch['valid'][:, None]
+  distances = landmark_distances(predicted, batch['landmarks'])
+  values = {'landmark_error': (distances, visible),
+            'landmark_detection_rate': (
+                (distances <= DETECTION_DISTANCE).astype(jnp.float32), visible)}
+  for s, slot in enumerate(landmark_slots.SLOT_NAMES):
+    values[f'landmark_error_{slot}'] = (distances[:, s], visible[:, s])
+  return values
 
 
 def _in_top_k(scores, k):
@@ -81,11 +122,15 @@ def metric_values(outputs: dict, batch: dict, losses: dict, attribute_types,
       values[f'baseline_attr_recall_top{k}_{name}'] = (
           hits / jnp.maximum(jnp.minimum(count, k), 1), count > 0)
   has_box = losses_lib.box_mask(batch)
-  values['bbox_iou'] = (box_iou(outputs['box'], batch['bbox']), has_box)
-  values['bbox_l1'] = (jnp.abs(outputs['box'] - batch['bbox']).mean(axis=1), has_box)
-  for name in LOSS_NAMES:  # batch means already: weighted by the examples they averaged
-    values[name] = (jnp.full(valid.shape, losses[name], jnp.float32),
-                    has_box if name == 'box_loss' else valid)
+  if 'box' in outputs:
+    values['bbox_iou'] = (box_iou(outputs['box'], batch['bbox']), has_box)
+    values['bbox_l1'] = (jnp.abs(outputs['box'] - batch['bbox']).mean(axis=1), has_box)
+  if 'landmarks' in outputs:
+    values.update(landmark_values(outputs['landmarks'], batch))
+  for name in (*LOSS_NAMES, LANDMARK_LOSS):  # batch means: weighted by what they averaged
+    if name in losses:
+      values[name] = (jnp.full(valid.shape, losses[name], jnp.float32),
+                      has_box if name == 'box_loss' else valid)
   return values
 
 
@@ -103,19 +148,45 @@ def _named_average(name: str):
   return NamedAverage
 
 
+@flax.struct.dataclass
+class MeanOfSlotMeans(metrics.Metric):
+  """landmark_error: per slot a total and a count of distances, merged by sums; computed
+  as the mean over the slots with a count of their mean distance (nan without any)."""
+  total: jnp.ndarray  # (S,)
+  count: jnp.ndarray  # (S,)
+
+  @classmethod
+  def from_model_output(cls, **outputs):
+    distances, visible = outputs['landmark_error']
+    visible = visible.astype(jnp.float32)
+    return cls(total=jnp.sum(distances * visible, axis=0), count=jnp.sum(visible, axis=0))
+
+  def merge(self, other):
+    return type(self)(total=self.total + other.total, count=self.count + other.count)
+
+  def compute(self):
+    seen = self.count > 0
+    per_slot = self.total / jnp.where(seen, self.count, 1.0)
+    return jnp.sum(jnp.where(seen, per_slot, 0.0)) / jnp.sum(seen)
+
+
+def _metric_class(name: str):
+  return MeanOfSlotMeans if name == 'landmark_error' else _named_average(name)
+
+
+@functools.cache
 def collection_class(names=None, **other_metrics):
-  """The clu Collection of every metric of `metric_names()` (and `other_metrics`)."""
-  return metrics.Collection.create(**{n: _named_average(n) for n in names or metric_names()},
-                                   **other_metrics)
-
-
-EvalMetrics = collection_class()
+  """The clu Collection of the metrics `names` (default `metric_names()`, and
+  `other_metrics`); one class per set of names."""
+  return metrics.Collection.create(
+      **{n: _metric_class(n) for n in names or metric_names()}, **other_metrics)
 
 
 def batch_metrics(outputs, batch, losses, attribute_types) -> metrics.Collection:
-  """One batch's metrics, to `merge` with the others and `compute` at log time."""
-  return EvalMetrics.single_from_model_output(
-      **metric_values(outputs, batch, losses, attribute_types))
+  """One batch's metrics, to `merge` with the others and `compute` at log time: those the
+  model's outputs allow (`metric_names`)."""
+  values = metric_values(outputs, batch, losses, attribute_types)
+  return collection_class(tuple(values)).single_from_model_output(**values)
 
 
 
@@ -143,12 +214,18 @@ NO_STEP = np.iinfo(np.int32).max  # first_nonfinite_step when every step was fin
 
 NORM_NAMES = ('grad_norm', 'param_norm', 'update_norm')
 
-TrainMetrics = collection_class(
+_TRAINING_ONLY = dict(
     **{name: _named_average(name) for name in NORM_NAMES},
     loss_scale=metrics.LastValue.from_output('loss_scale'),
     nonfinite_steps=_reduced('nonfinite_steps', jnp.add),
     first_nonfinite_step=_reduced('first_nonfinite_step', jnp.minimum),
     nonfinite_in_a_row=_reduced('nonfinite_in_a_row', jnp.maximum))
+
+
+def train_collection_class(names=None):
+  """The clu Collection of a training step: the metrics `names` and the training-only
+  ones."""
+  return collection_class(names, **_TRAINING_ONLY)
 
 
 def train_batch_metrics(outputs, batch, losses, attribute_types, *, norms, step, nonfinite,
@@ -158,8 +235,9 @@ def train_batch_metrics(outputs, batch, losses, attribute_types, *, norms, step,
   step was skipped for a non-finite loss or gradient (merged: how many were, the first,
   and the longest run of them in a row)."""
   finite = ~nonfinite[None]
-  return TrainMetrics.single_from_model_output(
-      **metric_values(outputs, batch, losses, attribute_types),
+  values = metric_values(outputs, batch, losses, attribute_types)
+  return train_collection_class(tuple(values)).single_from_model_output(
+      **values,
       **{name: (jnp.where(finite, norms[name], 0.0), finite) for name in NORM_NAMES},
       loss_scale=jnp.asarray(loss_scale, jnp.float32),
       nonfinite_steps=nonfinite.astype(jnp.int32),

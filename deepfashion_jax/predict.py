@@ -2,9 +2,13 @@
 
 For each image: the top-5 categories with their probabilities (softmax of the logits
 divided by config.predict.temperature, as the baseline's test_on_image.py), the top-k
-attributes of each type with their sigmoid scores, the box in the image's own pixels and,
-with the per-garment-type head, the garment type. The logits of the image's crops (ten,
-the baseline's default, or one: `data/photos.py`) are averaged.
+attributes of each type with their sigmoid scores, the box in the image's own pixels
+(a model with a box branch), with the per-garment-type head the garment type, and with a
+landmark branch the eight landmark slots' points in the image's pixels, each with its
+heatmap's peak (how sure the branch is; a slot the garment lacks is still answered, with
+a low peak as a rule). The logits of the image's crops (ten, the baseline's default, or
+one: `data/photos.py`) are averaged, and so are the points and peaks (a mirrored crop's
+left and right slots swapped back).
 
 A model trained on ground-truth-box crops (config.data.crop='gt_box', the published
 protocol) expects a photo cut to its garment, as the benchmark's inputs are, and reads
@@ -35,9 +39,13 @@ from deepfashion_jax import config_checks
 from deepfashion_jax import data
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
+from deepfashion_jax.data import landmark_slots
 
 FIGURE_INCHES, FIGURE_DPI = (14.0, 7.0), 80  # every figure is 1120 x 560 pixels
 TOP_CATEGORIES = 5
+# The figure's landmark labels: 'L.col', 'R.sle', ... (Liu & Lu's abbreviations).
+SLOT_LABELS = {slot: slot[0].upper() + '.' + slot.split('_')[1][:3]
+               for slot in landmark_slots.SLOT_NAMES}
 
 
 def _top(scores: np.ndarray, names, indices: np.ndarray, k: int) -> list:
@@ -56,20 +64,35 @@ def describe_image(image, outputs: dict, names, predict_config) -> dict:
   category = _softmax(outputs['category_logits'].mean(axis=0) / predict_config.temperature)
   attributes = 1 / (1 + np.exp(-outputs['attribute_logits'].mean(axis=0)))
   height, width = image.original_size
-  boxes = [image.box_in_pixels(crop, box) for box, crop in zip(outputs['box'], image.crops)]
-  box = np.clip(np.mean(boxes, axis=0), 0, [width, height, width, height])
   line = dict(path=image.path, width=width, height=height,
               categories=_top(category, names.category_names, np.arange(len(category)),
                               TOP_CATEGORIES),
               attributes={name: _top(attributes, names.attribute_names, indices,
                                      predict_config.top_k_attributes)
-                          for name, indices in names.attribute_groups},
-              box=[round(float(v), 1) for v in box])
+                          for name, indices in names.attribute_groups})
+  if 'box' in outputs:
+    boxes = [image.box_in_pixels(crop, box) for box, crop in zip(outputs['box'], image.crops)]
+    box = np.clip(np.mean(boxes, axis=0), 0, [width, height, width, height])
+    line['box'] = [round(float(v), 1) for v in box]
+  if 'landmarks' in outputs:
+    line['landmarks'] = _landmarks(image, outputs)
   if 'garment_type_logits' in outputs:
     garment = _softmax(outputs['garment_type_logits'].mean(axis=0))
     line['garment_type'] = _top(garment, names.garment_type_names,
                                 np.arange(len(garment)), 1)[0]
   return line
+
+
+def _landmarks(image, outputs: dict) -> dict:
+  """{slot: {x, y, peak}}: the crops' points in the image's pixels, and heatmap peaks,
+  averaged (a mirrored crop's peaks back in slot order, like its points)."""
+  points = np.mean([image.landmarks_in_pixels(crop, p)
+                    for p, crop in zip(outputs['landmarks'], image.crops)], axis=0)
+  flip_order = np.asarray(landmark_slots.FLIP_ORDER)
+  peaks = np.mean([p[flip_order] if crop.flip else p
+                   for p, crop in zip(outputs['landmark_peaks'], image.crops)], axis=0)
+  return {slot: dict(x=round(float(x), 1), y=round(float(y), 1), peak=round(float(peak), 4))
+          for slot, (x, y), peak in zip(landmark_slots.SLOT_NAMES, points, peaks)}
 
 
 def _bars(axis, entries: list, title: str, colour: str):
@@ -82,16 +105,22 @@ def _bars(axis, entries: list, title: str, colour: str):
 
 
 def draw_figure(image, line: dict, path: str):
-  """The image with its predicted box (left); the top categories and each attribute type's
+  """The image with its predicted box and landmarks (left); the top categories and each attribute type's
   top attributes as horizontal bars (right, two rows of three); a 1120 x 560 PNG."""
   figure = pyplot.figure(figsize=FIGURE_INCHES, dpi=FIGURE_DPI)
   grid = figure.add_gridspec(2, 5, wspace=1.0, hspace=0.35, left=0.02, right=0.98)
   photo = figure.add_subplot(grid[:, :2])
   # The canvas image may be a shrunk copy: drawn over the original's pixel coordinates.
   photo.imshow(image.canvas_image, extent=(0, line['width'], line['height'], 0))
-  x1, y1, x2, y2 = line['box']
-  photo.add_patch(matplotlib.patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
-                                               edgecolor='red', linewidth=2))
+  if 'box' in line:
+    x1, y1, x2, y2 = line['box']
+    photo.add_patch(matplotlib.patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
+                                                 edgecolor='red', linewidth=2))
+  for slot, point in line.get('landmarks', {}).items():
+    photo.plot(point['x'], point['y'], 'o', color='yellow', markeredgecolor='black',
+               markersize=6)
+    photo.annotate(SLOT_LABELS[slot], (point['x'], point['y']), xytext=(4, 4),
+                   textcoords='offset points', fontsize=7, color='yellow')
   title = os.path.basename(line['path'])
   if 'garment_type' in line:
     title += f" ({line['garment_type']['name']}, {line['garment_type']['probability']:.2f})"

@@ -57,9 +57,7 @@ class StepConfig:
   graphdef: Any
   optimizer: optax.GradientTransformation
   crop_size: int
-  beta: float
-  attribute_loss: str
-  reduce_sum: bool
+  loss_options: dict  # `losses.total_loss`'s keyword arguments but pos_weight
   attribute_types: Optional[np.ndarray]  # (A,); None: a state for prediction only
   pos_weight: Optional[np.ndarray]  # (A,) BCE weight of positives, or None
 
@@ -82,8 +80,18 @@ def create_model(config, rngs: nnx.Rngs) -> fashion_net.FashionNet:
       roi_pool=model.roi_pool, roi_sampling_ratio=model.roi_sampling_ratio,
       roi_aligned=model.roi_aligned, box_gradient_into_roi=model.box_gradient_into_roi,
       category_head=model.category_head, category_types=vocabulary.CATEGORY_TYPES,
-      dropout=model.dropout, normalization=config.data.normalization,
-      dtype=DTYPES[config.dtype], rngs=rngs)
+      dropout=model.dropout, normalization=config.data.normalization, heads=model.heads,
+      landmarks=model.landmarks, dtype=DTYPES[config.dtype], rngs=rngs)
+
+
+def loss_options(config) -> dict:
+  """config.loss as `losses.total_loss`'s keyword arguments (pos_weight aside)."""
+  loss = config.loss
+  return dict(beta=loss.beta, attribute_kind=loss.attribute, reduce_sum=loss.reduce_sum,
+              category_weight=loss.category_weight, attribute_weight=loss.attribute_weight,
+              landmark_weight=loss.landmark_weight, landmark_radius=loss.landmark_radius,
+              landmark_heatmap=loss.landmark_heatmap,
+              two_way_negative_weight=loss.two_way_negative_weight)
 
 
 def create_optimizer(config) -> optax.GradientTransformation:
@@ -166,8 +174,7 @@ def create_train_state(config, mesh, attributes=None):
   state = jax.jit(init, out_shardings=shardings)()
   step_config = StepConfig(
       graphdef=graphdef, optimizer=optimizer, crop_size=config.data.crop_size,
-      beta=config.loss.beta, attribute_loss=config.loss.attribute,
-      reduce_sum=config.loss.reduce_sum,
+      loss_options=loss_options(config),
       attribute_types=None if attributes is None else np.asarray(attributes.types),
       pos_weight=None if attributes is None else _pos_weight(config, attributes))
   return step_config, state
@@ -183,9 +190,8 @@ def _forward(step_config: StepConfig, params, batch_stats, batch, train: bool,
     model.eval()
   outputs = model(device_transforms.batch_images(batch, step_config.crop_size), dropout_rng)
   pos_weight = None if step_config.pos_weight is None else jnp.asarray(step_config.pos_weight)
-  loss, parts = losses.total_loss(outputs, batch, beta=step_config.beta,
-                                  attribute_kind=step_config.attribute_loss,
-                                  reduce_sum=step_config.reduce_sum, pos_weight=pos_weight)
+  loss, parts = losses.total_loss(outputs, batch, pos_weight=pos_weight,
+                                  **step_config.loss_options)
   return loss, (outputs, parts, nnx.state(model, nnx.BatchStat))
 
 
@@ -274,8 +280,13 @@ def jit_steps(step_config: StepConfig, mesh) -> Steps:
 
 
 def predict_step(step_config: StepConfig, state: TrainState, batch: dict) -> dict:
-  """The model's input images and outputs in inference mode (for figures and prediction)."""
+  """The model's input images and outputs in inference mode (for figures and prediction);
+  a landmark model's heatmaps only by their peaks (landmark_peaks (B, 8), each map's
+  highest value: how sure the branch is), which is what the host needs of them."""
   model = nnx.merge(step_config.graphdef, state.params, state.batch_stats, copy=True)
   model.eval()
   images = device_transforms.batch_images(batch, step_config.crop_size)
-  return dict(model(images), images=images)
+  outputs = model(images)
+  if 'landmark_heatmaps' in outputs:
+    outputs['landmark_peaks'] = outputs.pop('landmark_heatmaps').max(axis=(1, 2))
+  return dict(outputs, images=images)

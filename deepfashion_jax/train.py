@@ -45,12 +45,12 @@ class _Run:
 
 
 def _box_images(run: _Run, state, count: int):
-  """The first `count` evaluation images with their true and predicted boxes."""
+  """The first `count` evaluation images with their true and predicted boxes and
+  landmarks (`evaluate.box_figure`)."""
   batch = run.data.eval_batches.first()
   outputs = run.steps.predict(state, sharding.global_batch(batch, run.mesh))
   outputs = jax.tree.map(np.asarray, outputs)
-  return evaluate.box_figure(outputs['images'][:count], batch['bbox'][:count],
-                             outputs['box'][:count])
+  return evaluate.box_figure(outputs['images'][:count], batch, outputs)
 
 
 def _evaluate_and_report(run: _Run, state, step: int, skipped_in_training: int) -> dict:

@@ -101,8 +101,16 @@ class LoadedImage:
 
   def box_in_pixels(self, crop: transforms.Crop, box: np.ndarray) -> np.ndarray:
     """A box predicted in [0, 1] units of one of its crops -> pixels of the file's image."""
-    scale = max(self.original_size) / max(self.canvas_image.shape[:2])
-    return crop.box_in_image(box) * scale
+    return crop.box_in_image(box) * self._canvas_to_file()
+
+  def landmarks_in_pixels(self, crop: transforms.Crop, points: np.ndarray) -> np.ndarray:
+    """Landmarks (8, 2) predicted in [0, 1] units of one of its crops -> (x, y) pixels of
+    the file's image."""
+    return (crop.landmarks_in_image(points) + 0.5) * self._canvas_to_file() - 0.5
+
+  def _canvas_to_file(self) -> float:
+    """File pixels per canvas pixel (`fit_to_canvas` may have shrunk the image)."""
+    return max(self.original_size) / max(self.canvas_image.shape[:2])
 
 
 def load_image(path: str, canvas_size: int) -> LoadedImage:

@@ -3,13 +3,29 @@ branch, local features pooled from the predicted box, and category and attribute
 (see shared/BASELINE.md, Model). The box branch, ROI-Align and the heads take the
 backbone's last map, its channels, side and stride from the backbone.
 
+Two options bring in Liu & Lu 2018's design (`landmarks.py`):
+  landmarks='heatmaps': a landmark branch on the backbone's stride-8 map (`landmark_map`:
+    VGG-16's conv4_3, a ResNet's layer2) predicts one heatmap per landmark slot, trained
+    beside the other heads; the rest of the model is unchanged.
+  landmarks='attention': the same, and the stride-8 map becomes (1 + A) * map, A the
+    attention U-Net's output over the map and the heatmaps' maximum, before the rest of
+    the backbone reads it.
+  heads='liu_lu': instead of the box branch and the global + ROI-pooled local features,
+    their heads: the last map max-pooled 2 x 2 (VGG's pool5), flattened, and for the
+    categories and for the attributes a fully connected layer to 1024, a ReLU and one to
+    the outputs; the attributes' with two logits (negative, positive) per attribute.
+
 Outputs, all float32 whatever the activation dtype:
   category_logits (B, 50), attribute_logits (B, 1000), box (B, 4) as (x1, y1, x2, y2) in
   units of the input side (x2 and y2 can reach 2, as in the baseline);
   with category_head='per_garment_type' also garment_type_logits (B, 3) and
   category_logits_within_type (B, 50): each type's classifier over its own categories, the
   other entries -inf. category_logits is then log p(type) + log p(category | type), so a
-  softmax over it is the 50-way distribution p(type) x p(category | type).
+  softmax over it is the 50-way distribution p(type) x p(category | type);
+  with landmarks: landmark_heatmaps (B, H, W, 8) at the input's side and landmarks
+  (B, 8, 2), each heatmap's highest pixel in [0, 1] coordinates of the input;
+  with heads='liu_lu': no box; attribute_two_way_logits (B, 2, 1000) (negative, positive),
+  and attribute_logits their difference, the log-odds of each attribute.
 """
 
 from typing import Any
@@ -20,11 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepfashion_jax.models import backbones
+from deepfashion_jax.models import landmarks as landmarks_lib
 from deepfashion_jax.models import roi
+from deepfashion_jax.models import vgg
 
 BOX_CHANNELS = 32  # box_reduce's output channels (the baseline's)
 ROI_POOLS = ('align', 'baseline_max')
 CATEGORY_HEADS = ('single', 'per_garment_type')
+HEADS = ('fashionnet', 'liu_lu')
+LANDMARKS = ('none', 'heatmaps', 'attention')
+LIU_LU_HIDDEN = 1024  # their heads' hidden layer
 # Per-channel (mean, std) of x / 255: the baseline's (0.5, 0.5), or torchvision's ImageNet
 # statistics, which torchvision's pretrained backbones expect.
 NORMALIZATIONS = {
@@ -61,9 +82,14 @@ class FashionNet(nnx.Module):
                roi_sampling_ratio: int = 2, roi_aligned: bool = True,
                box_gradient_into_roi: bool = False, category_head: str = 'single',
                category_types=None, dropout: float = 0.0, normalization: str = 'baseline',
+               heads: str = 'fashionnet', landmarks: str = 'none',
                dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if roi_pool not in ROI_POOLS:
       raise ValueError(f'roi_pool must be one of {ROI_POOLS}, got {roi_pool!r}')
+    if heads not in HEADS:
+      raise ValueError(f'heads must be one of {HEADS}, got {heads!r}')
+    if landmarks not in LANDMARKS:
+      raise ValueError(f'landmarks must be one of {LANDMARKS}, got {landmarks!r}')
     if category_head not in CATEGORY_HEADS:
       raise ValueError(f'category_head must be one of {CATEGORY_HEADS}, got {category_head!r}')
     if normalization not in NORMALIZATIONS:
@@ -85,18 +111,34 @@ class FashionNet(nnx.Module):
     self.dtype = dtype
     linear = lambda n_in, n_out: nnx.Linear(n_in, n_out, dtype=dtype, param_dtype=jnp.float32,
                                             rngs=rngs, **torch_default_init(n_in))
-    self.box_reduce = nnx.Conv(channels, BOX_CHANNELS, (1, 1), dtype=dtype,
+    self.heads, self.landmarks, self.category_head = heads, landmarks, category_head
+    # Not in the baseline (0 by default); its randomness comes from the step's rng.
+    self.dropout = nnx.Dropout(dropout)
+    if heads == 'liu_lu':
+      self._liu_lu_heads(channels, num_categories, num_attributes, linear)
+    else:
+      self._fashionnet_heads(channels, num_categories, num_attributes, category_types, linear,
+                             rngs)
+    # Made last, so that the rest starts from the same weights with or without them.
+    if landmarks != 'none':
+      self.landmark_branch = landmarks_lib.LandmarkBranch(self.backbone.landmark_features,
+                                                          dtype=dtype, rngs=rngs)
+    if landmarks == 'attention':
+      self.landmark_attention = landmarks_lib.LandmarkAttention(
+          self.backbone.landmark_features, dtype=dtype, rngs=rngs)
+
+  def _fashionnet_heads(self, channels, num_categories, num_attributes, category_types,
+                        linear, rngs):
+    """The baseline's: the box branch, and the heads on the joined features."""
+    self.box_reduce = nnx.Conv(channels, BOX_CHANNELS, (1, 1), dtype=self.dtype,
                                param_dtype=jnp.float32, rngs=rngs,
                                **torch_default_init(channels))
     flat = BOX_CHANNELS * self.feature_size ** 2
     self.box_top_left = linear(flat, 2)
     self.box_size = linear(flat, 2)
-    joined = channels * (1 + roi_output_size ** 2)
-    # Not in the baseline (0 by default); its randomness comes from the step's rng.
-    self.dropout = nnx.Dropout(dropout)
+    joined = channels * (1 + self.roi_output_size ** 2)
     self.attribute_classifier = linear(joined, num_attributes)
-    self.category_head = category_head
-    if category_head == 'single':
+    if self.category_head == 'single':
       self.category_classifier = linear(joined, num_categories)
     else:
       if category_types is None:
@@ -109,6 +151,22 @@ class FashionNet(nnx.Module):
       self.garment_type_classifier = linear(joined, len(self.type_columns))
       self.per_type_category_classifiers = nnx.List(
           [linear(joined, len(c)) for c in self.type_columns])
+
+  def _liu_lu_heads(self, channels, num_categories, num_attributes, linear):
+    if self.category_head != 'single' or self.dropout.rate:
+      raise ValueError("heads='liu_lu' has its own category head and no dropout: leave "
+                       "category_head='single' and dropout=0")
+    pooled_side = self.feature_size // 2
+    if pooled_side < 1:
+      raise ValueError(f"heads='liu_lu' max-pools the last map 2 x 2, which needs a side "
+                       f"of 2 or more; image_size={self.image_size} gives "
+                       f"{self.feature_size}")
+    flat = channels * pooled_side ** 2
+    self.num_attributes = num_attributes
+    self.category_hidden = linear(flat, LIU_LU_HIDDEN)
+    self.category_classifier = linear(LIU_LU_HIDDEN, num_categories)
+    self.attribute_hidden = linear(flat, LIU_LU_HIDDEN)
+    self.attribute_classifier = linear(LIU_LU_HIDDEN, 2 * num_attributes)
 
   def predict_box(self, features):
     """The baseline's box branch; flattens in PyTorch's NCHW order so its weights map."""
@@ -144,18 +202,46 @@ class FashionNet(nnx.Module):
     dropout_rng: a key for the dropout on the joined features (training with dropout > 0)."""
     if images.dtype == jnp.uint8:
       images = normalize_images(images, self.dtype, self.normalization)
-    features = self.backbone(images.astype(self.dtype))[self.backbone.final_map]
+    found = {}
+
+    def at_landmark_map(features):  # the stride-8 map, on the way through the backbone
+      found['heatmaps'] = self.landmark_branch(features)
+      if self.landmarks == 'attention':
+        features, _ = self.landmark_attention(features, found['heatmaps'])
+      return features
+
+    features = self.backbone(images.astype(self.dtype),
+                             at_landmark_map if self.landmarks != 'none' else None)
+    features = features[self.backbone.final_map]
+    outputs = {}
+    if 'heatmaps' in found:
+      outputs['landmark_heatmaps'] = found['heatmaps']
+      outputs['landmarks'] = landmarks_lib.landmark_positions(found['heatmaps'])
+    if self.heads == 'liu_lu':
+      return dict(outputs, **self._liu_lu_outputs(features))
     box = self.predict_box(features)
     global_features = features.mean(axis=(1, 2))
     joined = jnp.concatenate([global_features, self.local_features(features, box)], axis=-1)
     joined = self.dropout(joined, rngs=dropout_rng)
-    outputs = {'box': box,
-               'attribute_logits': self.attribute_classifier(joined).astype(jnp.float32)}
+    outputs.update(box=box,
+                   attribute_logits=self.attribute_classifier(joined).astype(jnp.float32))
     if self.category_head == 'single':
       outputs['category_logits'] = self.category_classifier(joined).astype(jnp.float32)
     else:
       outputs.update(self._per_garment_type(joined))
     return outputs
+
+  def _liu_lu_outputs(self, features) -> dict:
+    """Their heads on the last map: pool5, flattened in PyTorch's NCHW order (so that
+    their weights map), through each head's two fully connected layers."""
+    pooled = vgg.max_pool_2x2(features)
+    flat = jnp.transpose(pooled, (0, 3, 1, 2)).reshape(pooled.shape[0], -1)
+    category = self.category_classifier(jax.nn.relu(self.category_hidden(flat)))
+    two_way = self.attribute_classifier(jax.nn.relu(self.attribute_hidden(flat)))
+    two_way = two_way.astype(jnp.float32).reshape(-1, 2, self.num_attributes)
+    return {'category_logits': category.astype(jnp.float32),
+            'attribute_two_way_logits': two_way,
+            'attribute_logits': two_way[:, 1] - two_way[:, 0]}
 
   def _per_garment_type(self, joined) -> dict:
     """A garment-type head and one classifier per type, combined into 50-way logits."""

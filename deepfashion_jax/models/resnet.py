@@ -135,6 +135,7 @@ class ResNet(nnx.Module):
 
   final_map = 'layer4'
   stride = 32  # input pixels per cell of layer4
+  landmark_map = 'layer2'  # the stride-8 stage the landmark branch and attention read
 
   def __init__(self, depth: int, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if depth not in ARCHITECTURES:
@@ -153,13 +154,17 @@ class ResNet(nnx.Module):
         layer.append(block(in_features, planes, stride, dtype, rngs))
         in_features = planes * block.expansion
       setattr(self, f'layer{stage + 1}', nnx.List(layer))
+      if f'layer{stage + 1}' == self.landmark_map:
+        self.landmark_features = in_features  # its channels
     self.out_features = in_features
 
   def feature_size(self, side: int) -> int:
     """layer4's side for an input side: each of the five stride-2 layers rounds up."""
     return -(-side // self.stride)
 
-  def __call__(self, x) -> dict:
+  def __call__(self, x, at_landmark_map=None) -> dict:
+    """at_landmark_map: None, or a function of layer2's output whose result layer3 reads
+    instead (the landmark attention); outputs['layer2'] is the map before it."""
     x = jax.nn.relu(self.bn1(self.conv1(x)))
     x = xla_cpu.max_pool_3x3_stride_2(x)
     outputs = {'stem': x}
@@ -167,4 +172,6 @@ class ResNet(nnx.Module):
       for block in getattr(self, name):
         x = block(x)
       outputs[name] = x
+      if name == self.landmark_map and at_landmark_map is not None:
+        x = at_landmark_map(x)
     return outputs

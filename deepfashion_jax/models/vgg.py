@@ -82,6 +82,7 @@ class VGG16(nnx.Module):
 
   final_map = 'conv5_3'
   stride = 2 ** POOLS  # input pixels per cell of conv5_3
+  landmark_map = 'conv4_3'  # Liu & Lu's landmark branch and attention read it (stride 8)
 
   def __init__(self, *, batch_norm: bool = False, dtype: Any = jnp.float32, rngs: nnx.Rngs):
     self.batch_norm = batch_norm
@@ -100,16 +101,22 @@ class VGG16(nnx.Module):
     self.features = nnx.List(layers)
     self.stage_indices = tuple(stage_indices)  # (index in features, name)
     self.out_features = in_features
+    self.landmark_features = BLOCKS[STAGES.index(self.landmark_map)][-1]  # its channels
 
   def feature_size(self, side: int) -> int:
     """conv5_3's side for an input side: the convolutions keep it, each pool floors it."""
     return side // self.stride
 
-  def __call__(self, x) -> dict:
+  def __call__(self, x, at_landmark_map=None) -> dict:
+    """at_landmark_map: None, or a function of conv4_3's output whose result the rest of
+    the network reads instead (the landmark attention); outputs['conv4_3'] is the map
+    before it."""
     stages = dict(self.stage_indices)
     outputs = {}
     for index, layer in enumerate(self.features):
       x = layer(x)
       if index in stages:
         outputs[stages[index]] = x
+        if stages[index] == self.landmark_map and at_landmark_map is not None:
+          x = at_landmark_map(x)
     return outputs
