@@ -1,13 +1,19 @@
 """The config files: each passes the checks, and the published protocol's trains (shrunk)."""
 
 import importlib
+import json
 import os
 
 import pytest
 
+from configs import landmark_attention
 from configs import published_protocol
 from deepfashion_jax import config_checks
+from deepfashion_jax import evaluate
+from deepfashion_jax import predict
 from deepfashion_jax import train
+from deepfashion_jax.data import annotations
+from deepfashion_jax.data import landmark_slots
 from tests import helpers
 
 CONFIG_NAMES = sorted(name[:-3] for name in os.listdir(os.path.join(helpers.ROOT, 'configs'))
@@ -48,3 +54,34 @@ def test_the_published_protocol_trains_and_evaluates_on_a_synthetic_folder(synth
   assert 0 <= results['category_top5'] <= 1 and 0 <= results['bbox_iou'] <= 1
   logged = helpers.logged_evaluations(str(tmp_path))
   assert list(logged) == [2]
+
+
+def test_the_landmark_attention_recipe_trains_evaluates_and_predicts_landmarks(
+    synthetic_folder, tmp_path, capsys):
+  """Liu & Lu's recipe shrunk to 64 px (the U-Net halves conv4_3's 8 x 8 twice): it trains
+  with its three losses, --mode=evaluate reports the landmark metrics, and --mode=predict
+  writes each photo's eight points, inside the photo, and draws them."""
+  config = landmark_attention.get_config()
+  config.data.data_dir = synthetic_folder[0]
+  config.data.img_size = config.data.crop_size = 64
+  config.data.threads = 1
+  config.batch_size = config.eval.batch_size = 8
+  config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+  config.log_every_steps = 1
+  config.num_box_images = 2
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert 'bbox_iou' not in results and 'box_loss' not in results
+  for name in ('landmark_error', 'landmark_loss', 'attribute_loss', 'category_loss'):
+    assert results[name] > 0, name
+  config.eval.checkpoint = ''
+  evaluated = evaluate.evaluate_checkpoint(config, str(tmp_path))
+  assert evaluated['landmark_error'] == pytest.approx(results['landmark_error'], abs=1e-6)
+  assert 'landmark_error_left_collar' in capsys.readouterr().out
+  index = annotations.read_deepfashion(synthetic_folder[0])
+  photo = os.path.join(index.image_dir(), index.image_paths[0])
+  line = json.loads(open(predict.predict(config, str(tmp_path), photo,
+                                         str(tmp_path / 'out'))).readline())
+  assert list(line['landmarks']) == list(landmark_slots.SLOT_NAMES) and 'box' not in line
+  for point in line['landmarks'].values():
+    assert -0.5 <= point['x'] <= line['width'] and -0.5 <= point['y'] <= line['height']
+  assert os.path.getsize(line['figure']) > 0
