@@ -1,14 +1,19 @@
 """PyTorch checkpoints into the Flax model, without PyTorch.
 
-Two kinds of file:
+Three kinds of file:
 - the baseline's `epoch_N.pth`: {'model': state_dict, 'optim': ..., 'epoch': N}, keys
   `basemodel.0.weight`, ... and its heads' (`_BASELINE_MODULES` maps its module names to
   ours): a whole model (`load_baseline_into`);
+- a state dict of Liu & Lu 2018's `WholeNetwork` (their public code,
+  fdjingyuan/Deep-Fashion-Analysis-ECCV2018: `torch.save(net.state_dict())`), told by its
+  `lm_branch.*` and `attention_pred_net.*` keys, directly or under 'model' or
+  'state_dict': a whole FashionNet(backbone='vgg16', heads='liu_lu',
+  landmarks='attention') (`load_liu_lu_into`; `_LIU_LU_MODULES` maps their modules);
 - a torchvision ResNet state dict (`conv1.weight`, `layer1.0.conv1.weight`, ..., `fc.*`
   dropped) or VGG-16 / VGG-16-BN one (`features.<i>.weight`, ..., `classifier.*` dropped):
   the backbone only (`load_torchvision_backbone_into`), the ImageNet start.
 A file whose backbone is not config.model.backbone is refused, saying what it holds.
-Either may come from nn.DataParallel (every key prefixed `module.`) and from any device.
+Any may come from nn.DataParallel (every key prefixed `module.`) and from any device.
 
 `read_pth` reads both formats torch.save writes: the zip archive (PyTorch >= 1.6: a pickle
 plus one file per tensor storage) and the legacy stream (PyTorch < 1.6: a few pickles, then
@@ -72,8 +77,61 @@ _BASELINE_MODULES = {
     'fc_bin': 'attribute_classifier',
     'fc_cls': 'category_classifier',
 }
-# A converted baseline has no logit for the last category (see `_remap_category_head`).
+# A converted baseline has no logit for the last category (see `_remap_category_head`),
+# a converted Liu & Lu network none for the last two (`_pad_liu_lu_categories`).
 NO_LOGIT_BIAS = -1e4
+LIU_LU_CATEGORIES = 48  # their category head's outputs
+
+# Liu & Lu's WholeNetwork (src/networks.py, src/lm_networks.py, src/base_networks.py of
+# fdjingyuan/Deep-Fashion-Analysis-ECCV2018): module names -> the paths of ours.
+_LIU_LU_MARKERS = ('lm_branch.', 'attention_pred_net.')  # prefixes no other file has
+_LIU_LU_EXTRACTOR = 'vgg16_extractor.vgg.'  # torchvision's vgg16().features, run whole
+# The extractor's convolutions up to conv4_3 (features[21]; its ReLU, features[22], gives
+# the map they read): torchvision's indices, which our VGG-16 keeps.
+_LIU_LU_EXTRACTOR_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21)
+_LIU_LU_LAST_USED = 22
+# Their LandmarkBranchUpsample's layers in the order they run: our LandmarkBranch.layers.
+_LIU_LU_BRANCH = ('conv1', 'conv2', 'conv3', 'conv4', 'upconv1', 'conv5', 'conv6', 'upconv2',
+                  'conv7', 'conv8', 'upconv3', 'conv9', 'conv10')
+# Their CustomUnetGenerator(513, 512, num_downs=2, ngf=32): `model` is the outermost
+# UnetSkipConnectionBlock, each block's `model` an nn.Sequential whose index 1 (outermost)
+# or 3 (middle) is the next block: outermost [conv, block, ReLU, convT, Tanh], middle
+# [LeakyReLU, conv, BN, block, ReLU, convT, BN], innermost [LeakyReLU, conv, ReLU, convT,
+# BN]. Below 'attention_pred_net.model.model.' -> our AttentionUNet's names.
+_LIU_LU_UNET = {
+    '0': 'conv_in',
+    '1.model.1': 'down1', '1.model.2': 'down1_bn',
+    '1.model.3.model.1': 'down2', '1.model.3.model.2': 'down2_bn',
+    '1.model.3.model.3.model.1': 'inner_down', '1.model.3.model.3.model.3': 'inner_up',
+    '1.model.3.model.3.model.4': 'inner_bn',
+    '1.model.3.model.5': 'up2', '1.model.3.model.6': 'up2_bn',
+    '1.model.5': 'up1', '1.model.6': 'up1_bn',
+    '3': 'conv_out',
+}
+_LIU_LU_UNET_PREFIX = 'attention_pred_net.model.model.'
+_LIU_LU_MODULES = {
+    **{f'{_LIU_LU_EXTRACTOR}{i}': ('backbone', 'features', i) for i in _LIU_LU_EXTRACTOR_CONVS},
+    # Their own conv5_1..3 (copied from the extractor's features[24/26/28] when built, then
+    # trained) read the attended conv4_3 after pool4; ours are the backbone's, which reads
+    # the attended map in the same place.
+    'conv5_1': ('backbone', 'features', 24), 'conv5_2': ('backbone', 'features', 26),
+    'conv5_3': ('backbone', 'features', 28),
+    **{f'lm_branch.{name}': ('landmark_branch', 'layers', k)
+       for k, name in enumerate(_LIU_LU_BRANCH)},
+    **{_LIU_LU_UNET_PREFIX + theirs: ('landmark_attention', 'unet', ours)
+       for theirs, ours in _LIU_LU_UNET.items()},
+    'category_fc1': ('category_hidden',), 'category_fc2': ('category_classifier',),
+    'attr_fc1': ('attribute_hidden',), 'attr_fc2': ('attribute_classifier',),
+}
+# Their nn.ConvTranspose2d modules: weights (in, out, kh, kw), not a convolution's.
+_LIU_LU_TRANSPOSED = frozenset(
+    [f'lm_branch.{name}' for name in _LIU_LU_BRANCH if name.startswith('upconv')]
+    + [_LIU_LU_UNET_PREFIX + theirs for theirs, ours in _LIU_LU_UNET.items()
+       if ours in ('inner_up', 'up2', 'up1', 'conv_out')])
+_LIU_LU_LEAVES = {'weight': 'kernel', 'bias': 'bias'}
+_LIU_LU_NORM_LEAVES = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean',
+                       'running_var': 'var'}
+_LIU_LU_STEP = '__step'  # their ModuleWithAttr's buffer: the training step it was saved at
 
 
 class CheckpointError(ValueError):
@@ -374,7 +432,9 @@ def _flax_path(name: str, norms: frozenset) -> tuple:
   return tuple(int(p) if p.isdigit() else p for p in module) + (leaf,)
 
 
-def _to_flax_layout(array: np.ndarray) -> np.ndarray:
+def _to_flax_layout(array: np.ndarray, transposed: bool = False) -> np.ndarray:
+  if array.ndim == 4 and transposed:  # ConvTranspose2d: (in, out, kh, kw) -> (kh, kw, in, out)
+    return array.transpose(2, 3, 0, 1)
   if array.ndim == 4:  # conv: (out, in, kh, kw) -> (kh, kw, in, out)
     return array.transpose(2, 3, 1, 0)
   if array.ndim == 2:  # linear: (out, in) -> (in, out)
@@ -416,25 +476,35 @@ def backbone_of(names) -> str:
   return f'resnet{depth_of(names)}'
 
 
-def _load(model: nnx.Module, named_arrays: dict, path: str, only_prefix: tuple = ()):
-  """Writes arrays into the model's variables by path; lists missing and unexpected keys."""
+def _load(model: nnx.Module, named_arrays: dict, path: str, only_prefix: tuple = (), *,
+          transposed: frozenset = frozenset(), key_of=None):
+  """Writes arrays into the model's variables by path; lists missing and unexpected keys,
+  and refuses a shape that differs before anything is written.
+
+  named_arrays: {key in the file: (variable path, array in PyTorch's layout)};
+  transposed: the keys whose 4-D arrays are nn.ConvTranspose2d weights (in, out, kh, kw);
+  key_of: a missing variable's path -> the key the file lacks (default: the path, dotted)."""
   state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
   flat = dict(nnx.to_flat_state(state))
   targets = {p: v for p, v in flat.items() if p[:len(only_prefix)] == only_prefix}
   unexpected = sorted(k for k, p in named_arrays.items() if p[0] not in targets)
-  missing = sorted('.'.join(map(str, p)) for p in set(targets) - {p for p, _ in
-                                                                   named_arrays.values()})
+  key_of = key_of or (lambda p: '.'.join(map(str, p)))
+  missing = sorted(key_of(p) for p in set(targets) - {p for p, _ in named_arrays.values()})
   if unexpected or missing:
     raise CheckpointError(f'{path}: keys do not match the model: unexpected '
                           f'{unexpected or "none"}; missing {missing or "none"}')
+  converted = {}
   for key, (target, array) in named_arrays.items():
+    flax_array = _to_flax_layout(array, key in transposed)
+    expected = tuple(targets[target].shape)
+    if flax_array.shape != expected:
+      raise CheckpointError(f'{path}: {key} has shape {array.shape} ({flax_array.shape} in '
+                            f'Flax layout), the model expects {expected} in Flax layout '
+                            f'({".".join(map(str, target))})')
+    converted[target] = flax_array
+  for target, array in converted.items():
     variable = targets[target]
-    array = _to_flax_layout(array)
-    current = variable[...]
-    if array.shape != current.shape:
-      raise CheckpointError(f'{path}: {key} has shape {array.shape} (in Flax layout), the '
-                            f'model expects {current.shape}')
-    variable[...] = jnp.asarray(array, current.dtype)
+    variable[...] = jnp.asarray(array, variable.dtype)
   nnx.update(model, nnx.from_flat_state(flat))
 
 
@@ -465,9 +535,13 @@ def _remap_category_head(arrays: dict) -> dict:
 
 
 def load_into(model: nnx.Module, path: str) -> str:
-  """Loads a baseline checkpoint (the whole model) or a torchvision ResNet or VGG-16(-BN)
-  state dict (the backbone), whichever the file is; returns 'baseline' or 'torchvision'."""
+  """Loads a baseline checkpoint (the whole model), a state dict of Liu & Lu's WholeNetwork
+  (the whole model) or a torchvision ResNet or VGG-16(-BN) state dict (the backbone),
+  whichever the file is; returns 'baseline', 'liu_lu' or 'torchvision'."""
   content = read_pth(path)
+  if _liu_lu_state_dict(content, path) is not None:
+    _load_liu_lu(model, content, path)
+    return 'liu_lu'
   if isinstance(content, dict) and 'model' in content:
     _load_baseline(model, content, path)
     return 'baseline'
@@ -480,10 +554,20 @@ def load_baseline_into(model: nnx.Module, path: str) -> int:
   return _load_baseline(model, read_pth(path), path)
 
 
+def load_liu_lu_into(model: nnx.Module, path: str) -> int:
+  """Loads a state dict of Liu & Lu's WholeNetwork into a FashionNet(backbone='vgg16',
+  heads='liu_lu', landmarks='attention'); returns the training step it was saved at (their
+  `__step` buffer; 0 without one)."""
+  return _load_liu_lu(model, read_pth(path), path)
+
+
 def load_torchvision_backbone_into(model: nnx.Module, path: str):
   """Initialises the backbone from a torchvision ResNet or VGG-16(-BN) state dict (its
   classifier is dropped)."""
   state_dict = read_pth(path)
+  if _liu_lu_state_dict(state_dict, path) is not None:
+    raise CheckpointError(f"{path} is a state dict of Liu & Lu's WholeNetwork, not a "
+                          'torchvision state dict')
   if isinstance(state_dict, dict) and 'model' in state_dict:
     raise CheckpointError(f'{path} is a baseline checkpoint, not a torchvision state dict')
   _load_torchvision(model, state_dict, path)
@@ -557,16 +641,155 @@ def _load_torchvision(model: nnx.Module, state_dict, path: str):
   _load(model, named, path, only_prefix=('backbone',))
 
 
+# ------------------------------------------------------------ Liu & Lu's WholeNetwork
+
+
+def _liu_lu_state_dict(content, path: str):
+  """The state dict of Liu & Lu's WholeNetwork that `content` is (their training saves
+  `net.state_dict()` itself) or holds under 'model' or 'state_dict', keys without
+  nn.DataParallel's 'module.'; None when it holds none."""
+  candidates = [content]
+  if isinstance(content, dict):
+    candidates += [content[k] for k in ('model', 'state_dict') if isinstance(content.get(k), dict)]
+  for candidate in candidates:
+    if not isinstance(candidate, dict) or not all(isinstance(k, str) for k in candidate):
+      continue
+    state = _state_dict(candidate, path)
+    if all(any(k.startswith(marker) for k in state) for marker in _LIU_LU_MARKERS):
+      return state
+  return None
+
+
+def _liu_lu_unused(key: str) -> bool:
+  """Keys of their state dict that are no part of what the network computes."""
+  if key == _LIU_LU_STEP or key.endswith('.num_batches_tracked'):
+    return True  # counters: their training step, batch norm's batches
+  if key.split('.', 1)[0].endswith('_loss_func'):
+    return True  # a loss's buffers: attr_loss_func.weight, the class weights (0.1, 1)
+  if key.startswith(_LIU_LU_EXTRACTOR):
+    # Their VGG16Extractor runs all of vgg16().features, but WholeNetwork reads only
+    # conv4_3 (features[22]) from it: features[24/26/28] (conv5_x) compute maps nothing
+    # reads, get no gradient and keep the ImageNet weights they started from. Their own
+    # conv5_1..3 (copies of them at the start, then trained) are the ones the network uses.
+    index = key[len(_LIU_LU_EXTRACTOR):].split('.', 1)[0]
+    return index.isdigit() and int(index) > _LIU_LU_LAST_USED
+  return False
+
+
+def _liu_lu_target(key: str) -> tuple:
+  """Their key -> the path of our variable; a path the model lacks for keys of no module
+  of theirs that we know (so that `_load` lists them as unexpected)."""
+  module, leaf = key.rsplit('.', 1) if '.' in key else ('', key)
+  ours = _LIU_LU_MODULES.get(module)
+  if ours is None:
+    return ('<not theirs>', key)
+  leaves = _LIU_LU_NORM_LEAVES if str(ours[-1]).endswith('_bn') else _LIU_LU_LEAVES
+  return ours + (leaves[leaf],) if leaf in leaves else ('<not theirs>', key)
+
+
+def _liu_lu_key(target: tuple) -> str:
+  """The inverse of `_liu_lu_target`: the key of theirs that fills our variable `target`."""
+  modules = {ours: theirs for theirs, ours in _LIU_LU_MODULES.items()}
+  module = modules.get(tuple(target[:-1]))
+  leaves = _LIU_LU_NORM_LEAVES if str(target[-2]).endswith('_bn') else _LIU_LU_LEAVES
+  leaf = {ours: theirs for theirs, ours in leaves.items()}.get(target[-1])
+  if module is None or leaf is None:
+    return f'(none of theirs fills our {".".join(map(str, target))})'
+  return f'{module}.{leaf}'
+
+
+def _check_fits_liu_lu(model: nnx.Module, arrays: dict, path: str):
+  """Their network is a FashionNet(backbone='vgg16', heads='liu_lu', landmarks='attention')
+  on ImageNet-normalised 224 px inputs (pool5 7 x 7) with 48 categories: names each
+  difference of the model, with the value to set, in one error; then a category count
+  that differs."""
+  fixes = []
+  if model.backbone_name != 'vgg16':
+    fixes.append("its backbone is VGG-16 (torchvision's vgg16, without batch norm); set "
+                 f'--config.model.backbone=vgg16 (config.model.backbone is '
+                 f'{model.backbone_name!r})')
+  if model.heads != 'liu_lu':
+    fixes.append('its heads are theirs; set --config.model.heads=liu_lu '
+                 f'(config.model.heads is {model.heads!r})')
+  if model.landmarks != 'attention':
+    fixes.append('it has their landmark branch and landmark-driven attention; set '
+                 '--config.model.landmarks=attention (config.model.landmarks is '
+                 f'{model.landmarks!r})')
+  if model.normalization != 'imagenet':
+    fixes.append("it was trained on pixels normalised with ImageNet's mean and std; set "
+                 '--config.data.normalization=imagenet (config.data.normalization is '
+                 f'{model.normalization!r})')
+  hidden = arrays.get('category_fc1.weight')
+  if not fixes and hidden is not None and hidden.ndim == 2:
+    side = math.isqrt(hidden.shape[1] // model.backbone.out_features)
+    ours = model.feature_size // 2
+    if side != ours:
+      fixes.append(f'its heads read {side}x{side} pool5 maps (category_fc1.weight has shape '
+                   f'{hidden.shape}); set --config.data.crop_size='
+                   f'{2 * model.feature_stride * side} (config.data.crop_size gives '
+                   f'{ours}x{ours})')
+  if fixes:
+    raise CheckpointError(f"{path} is a state dict of Liu & Lu's WholeNetwork: "
+                          + '; and '.join(fixes))
+  classifier = arrays.get('category_fc2.weight')
+  expected = (model.category_classifier.out_features, model.category_classifier.in_features)
+  if classifier is not None and classifier.shape[:1] != expected[:1] and not (
+      classifier.shape[0] == LIU_LU_CATEGORIES and expected[0] > LIU_LU_CATEGORIES):
+    raise CheckpointError(
+        f'{path}: category_fc2.weight has shape {classifier.shape}: {classifier.shape[0]} '
+        f'categories; the model has {expected[0]} categories, its '
+        f'category_classifier expects category_fc2.weight of shape {expected}')
+
+
+def _pad_liu_lu_categories(arrays: dict, categories: int) -> dict:
+  """Their category head has 48 outputs (nn.Linear(1024, 48)): their logit j is category
+  j + 1 of list_category_cloth.txt, as ours is (their label is the file's minus 1), and
+  categories 49 and 50 get never-winning logits, as a converted baseline's last does."""
+  weight, bias = arrays['category_fc2.weight'], arrays['category_fc2.bias']
+  missing = categories - len(weight)
+  if missing <= 0:
+    return arrays
+  logging.warning("Liu & Lu's category head has %d outputs: categories %d to %d get a bias "
+                  'of %g so that they never win.', len(weight), len(weight) + 1, categories,
+                  NO_LOGIT_BIAS)
+  arrays['category_fc2.weight'] = np.concatenate(
+      [weight, np.zeros((missing, weight.shape[1]), weight.dtype)])
+  arrays['category_fc2.bias'] = np.concatenate(
+      [bias, np.full((missing,), NO_LOGIT_BIAS, bias.dtype)])
+  return arrays
+
+
+def _load_liu_lu(model: nnx.Module, content, path: str) -> int:
+  """Loads the state dict of their WholeNetwork in `content` into the whole model; returns
+  their `__step`. Their extractor's convolutions up to conv4_3 fill our backbone's
+  features[0..21]; their conv5_1..3 our features[24/26/28]; the landmark branch, the U-Net
+  and the heads theirs (`_LIU_LU_MODULES`)."""
+  state = _liu_lu_state_dict(content, path)
+  if state is None:
+    raise CheckpointError(f"{path}: not a state dict of Liu & Lu's WholeNetwork (no keys "
+                          f"starting {' and '.join(map(repr, _LIU_LU_MARKERS))})")
+  step = int(np.asarray(state.get(_LIU_LU_STEP, 0)))
+  arrays = {k: np.asarray(v) for k, v in state.items() if not _liu_lu_unused(k)}
+  _check_fits_liu_lu(model, arrays, path)
+  if 'category_fc2.weight' in arrays:
+    arrays = _pad_liu_lu_categories(arrays, model.category_classifier.out_features)
+  named = {key: (_liu_lu_target(key), array) for key, array in arrays.items()}
+  transposed = frozenset(k for k in arrays if k.rsplit('.', 1)[0] in _LIU_LU_TRANSPOSED)
+  _load(model, named, path, transposed=transposed, key_of=_liu_lu_key)
+  return step
+
+
 # ----------------------------------------------------------------------------- train states
 
 
 def with_torch_weights(step_config, state, path: str, mesh):
-  """The train state with weights from a PyTorch file: a baseline checkpoint sets the
-  whole model, a torchvision state dict the backbone; the optimiser starts afresh."""
+  """The train state with weights from a PyTorch file: a baseline checkpoint or Liu &
+  Lu's state dict sets the whole model, a torchvision state dict the backbone; the
+  optimiser starts afresh."""
   model = nnx.merge(step_config.graphdef, state.params, state.batch_stats, copy=True)
   kind = load_into(model, path)
   logging.info('Initialised %s from the %s checkpoint %s',
-               'the model' if kind == 'baseline' else 'the backbone', kind, path)
+               'the backbone' if kind == 'torchvision' else 'the model', kind, path)
   if kind == 'torchvision' and model.normalization != 'imagenet':
     logging.warning('%s is a torchvision backbone: its ImageNet weights expect '
                     "--config.data.normalization=imagenet, not %r.", path, model.normalization)
@@ -577,7 +800,7 @@ def with_torch_weights(step_config, state, path: str, mesh):
 
 
 def convert(config, workdir: str, torch_checkpoint: str) -> int:
-  """--mode=convert: writes a PyTorch baseline (or torchvision) checkpoint as this
+  """--mode=convert: writes a PyTorch baseline, Liu & Lu (or torchvision) checkpoint as this
   project's step-0 checkpoint in `workdir`, for `--mode=evaluate` and prediction; returns
   the step."""
   config_checks.check(config)

@@ -20,10 +20,10 @@ re-weights the features as (1 + A) * features. Its layers, outermost first:
   up2     ReLU, 4x4 stride-2 transposed conv (256 -> 64, no bias), BN; joined    s / 2
   up1     ReLU, 4x4 stride-2 transposed conv (128 -> 32, no bias), BN; joined    s
   out     ReLU, 1x1 transposed conv (64 -> C), tanh                              s
-"Joined" concatenates a block's input before its output (channels first: input, then
-output), and the input it joins is the one after the block's LeakyReLU: their LeakyReLUs
-run in place (pix2pix's `inplace=True`), so the tensor the skip connection holds has been
-activated by the time it is concatenated. The side s must be a multiple of 4.
+"Joined" concatenates a block's input before its output (channels: input, then output).
+Their LeakyReLUs run in place (pix2pix's `inplace=True`), so the input a skip connection
+joins is the activated one, as here; the ReLU after every join makes that immaterial
+(ReLU after LeakyReLU is ReLU). The side s must be a multiple of 4.
 
 Initialisation: PyTorch's defaults (uniform +-1/sqrt(fan_in), fan_in of a transposed
 convolution counting its output channels, as PyTorch's does), BN scale 1 and offset 0.
