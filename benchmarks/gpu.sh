@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One script for a GPU machine: the train-step benchmark of ResNet-18 and ResNet-50 in
-# bfloat16 at the largest batch of 512 / 256 / 128 that fits, then a 300-step training run
-# of configs/resnet50_bf16.py on synthetic data through the real input pipeline; prints
-# images/s for each and the device, and writes step_resnet18.json, step_resnet50.json,
-# end_to_end.json and summary.json into OUT_DIR.
+# bfloat16 at the largest batch of 512 / 256 / 128 that fits, then 300-step training runs
+# on synthetic data through the real input pipeline of configs/resnet50_bf16.py and of
+# Liu & Lu's recipe (configs/landmark_attention.py: VGG-16 with landmark-driven
+# attention, float32, its batch of 16); prints images/s for each and the device, and
+# writes step_resnet18.json, step_resnet50.json, end_to_end.json,
+# landmark_attention.json and summary.json into OUT_DIR.
 #
 #   benchmarks/gpu.sh [--shrink] [OUT_DIR]        (OUT_DIR: $OUT, else benchmarks/out/gpu)
 #
@@ -32,9 +34,11 @@ if (( shrink )); then
   image_size=64; batches="8 4"; steps=2; warmup=1
   e2e=(--steps 6 --warmup 2 --image_size 64 --synthetic_images 48 --threads 2
        --processes 0)
+  recipe_batch=(--batch_size 8)
 else
   image_size=224; batches="512 256 128"; steps=20; warmup=3
   e2e=(--steps 300 --warmup 30 --synthetic_images 4096)
+  recipe_batch=()
 fi
 
 for backbone in resnet18 resnet50; do
@@ -54,16 +58,22 @@ done
 # End to end at the batch the ResNet-50 step ran at, so that the two compare.
 "$python" -m benchmarks.end_to_end --config configs/resnet50_bf16.py "${e2e[@]}" \
     --batch_size "$fitted" --json "$out_dir/end_to_end.json"
+# Liu & Lu's recipe as published: its own batch and precision.
+"$python" -m benchmarks.end_to_end --config configs/landmark_attention.py "${e2e[@]}" \
+    "${recipe_batch[@]}" --json "$out_dir/landmark_attention.json"
 
 "$python" - "$out_dir" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
 read = lambda name: json.load(open(os.path.join(out, name)))
 r18, r50, e2e = read('step_resnet18.json'), read('step_resnet50.json'), read('end_to_end.json')
+recipe = read('landmark_attention.json')
 rows = [('ResNet-18 train step', r18['batch_size'], r18['jax_img_s']),
         ('ResNet-50 train step', r50['batch_size'], r50['jax_img_s']),
-        ('ResNet-50 end to end', e2e['batch_size'], e2e['end_to_end_img_s'])]
-print(f"device: {r50['device']} x {r50['device_count']}, bfloat16, {r50['image_size']} px")
+        ('ResNet-50 end to end', e2e['batch_size'], e2e['end_to_end_img_s']),
+        ('Liu & Lu end to end', recipe['batch_size'], recipe['end_to_end_img_s'])]
+print(f"device: {r50['device']} x {r50['device_count']}, bfloat16 ({recipe['dtype']} for "
+      f"Liu & Lu's recipe), {r50['image_size']} px")
 print(f"{'measure':<24}{'batch':>7}{'img/s':>10}")
 for name, batch, value in rows:
   print(f"{name:<24}{batch:>7}{value:>10.1f}")
@@ -74,6 +84,8 @@ print(f"end to end / step alone (ResNet-50): {ratio:.2f}"
 summary = dict(device=r50['device'], resnet18_step_img_s=r18['jax_img_s'],
                resnet18_batch=r18['batch_size'], resnet50_step_img_s=r50['jax_img_s'],
                resnet50_batch=r50['batch_size'], end_to_end_img_s=e2e['end_to_end_img_s'],
-               end_to_end_batch=e2e['batch_size'], end_to_end_over_step=ratio)
+               end_to_end_batch=e2e['batch_size'], end_to_end_over_step=ratio,
+               landmark_attention_img_s=recipe['end_to_end_img_s'],
+               landmark_attention_batch=recipe['batch_size'])
 json.dump(summary, open(os.path.join(out, 'summary.json'), 'w'), indent=1)
 EOF

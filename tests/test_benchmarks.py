@@ -88,12 +88,16 @@ def test_gpu_script_runs_shrunk_on_cpu(tmp_path):
   assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
   summary = json.loads((tmp_path / 'summary.json').read_text())
   assert summary['resnet18_batch'] == summary['resnet50_batch'] == 8
-  assert summary['end_to_end_batch'] == 8
-  for key in ('resnet18_step_img_s', 'resnet50_step_img_s', 'end_to_end_img_s'):
+  assert summary['end_to_end_batch'] == summary['landmark_attention_batch'] == 8
+  for key in ('resnet18_step_img_s', 'resnet50_step_img_s', 'end_to_end_img_s',
+              'landmark_attention_img_s'):
     assert summary[key] > 0
   step50 = json.loads((tmp_path / 'step_resnet50.json').read_text())
   assert step50['dtype'] == 'bfloat16' and 'torch_img_s' not in step50
   assert 'ResNet-50 end to end' in completed.stdout and 'device: cpu' in completed.stdout
+  assert 'Liu & Lu end to end' in completed.stdout
+  recipe = json.loads((tmp_path / 'landmark_attention.json').read_text())
+  assert (recipe['backbone'], recipe['config']) == ('vgg16', 'configs/landmark_attention.py')
 
 
 

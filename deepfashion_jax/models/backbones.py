@@ -7,7 +7,11 @@ name, and says what FashionNet needs of its last one:
   out_features      its channels (512 for ResNet-18/34 and VGG-16, 2048 for ResNet-50+);
   final_map         its name ('layer4' for a ResNet, 'conv5_3' for VGG-16);
   stride            input pixels per cell (32, 16): ROI-Align's spatial_scale is 1 / stride;
-  feature_size(s)   its side for an input side s (ceil(s / 32), floor(s / 16)).
+  feature_size(s)   its side for an input side s (ceil(s / 32), floor(s / 16));
+and of its stride-8 map, which the landmark branch reads (`landmarks.py`):
+  landmark_map      its name ('layer2', 'conv4_3'), landmark_features its channels.
+Called with at_landmark_map=f, a backbone goes on from f(that map) instead of the map:
+the landmark-driven attention re-weights it there.
 
 Configs written before VGG named a ResNet by its depth (`config.model.backbone = 18`).
 Such a value is refused, with the name it now has (`check_name`); checkpoints saved with
