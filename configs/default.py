@@ -20,6 +20,11 @@ def get_config():
   config.decay_every_steps = 13_077  # 'step_decay': an epoch of 209,222 images at batch 16
   config.warmup_steps = 0  # linear warm-up from 0 to learning_rate
   config.grad_clip_norm = 0.0  # > 0: clip the gradient's global L2 norm to this (0: off)
+  # > 0 (e.g. 0.999): also keep an exponential moving average of the weights and batch-norm
+  # statistics, evaluated beside them (metrics `ema_*`); 0: off
+  config.ema_decay = 0.0
+  # > 1: split each batch into this many micro-batches, one optimiser step (1: off)
+  config.grad_accum_steps = 1
   config.max_nonfinite_in_a_row = 25  # float16: stop after more skipped steps in a row
   config.log_every_steps = 100  # train metrics to TensorBoard and the console
   config.eval_every_steps = 10_000  # evaluate on config.eval.split (and at the end)
@@ -32,12 +37,16 @@ def get_config():
   config.eval.split = 'val'  # 'val' or 'test'
   config.eval.batch_size = 64  # global evaluation batch
   config.eval.checkpoint = ''  # --mode=evaluate: '' newest, 'best', a step number, or 'all' kept
+  config.eval.weights = 'raw'  # evaluate/predict: the trained 'raw' weights or their 'ema'
 
   config.predict = ml_collections.ConfigDict()
   config.predict.ten_crop = True  # average ten crops (the baseline's), else one centre crop
   config.predict.temperature = 1.0  # category softmax temperature
   config.predict.top_k_attributes = 5  # attributes listed per type
   config.predict.batch_size = 16  # images per jitted batch
+
+  config.export = ml_collections.ConfigDict()  # --mode=export (a SavedModel for serving)
+  config.export.ten_crop = False  # one centre crop (10x cheaper), else predict's ten crops
 
   config.model = ml_collections.ConfigDict()
   # 'resnet18' | 'resnet34' | 'resnet50' | 'resnet101' | 'resnet152' | 'vgg16' | 'vgg16_bn'

@@ -12,12 +12,16 @@ Resuming takes the newest checkpoint that reads back: a damaged one (truncated f
 say) is moved to `<workdir>/damaged_checkpoints/` with a warning, and the one before it is
 used. A checkpoint whose arrays do not fit this run's model is never half-loaded: the
 run stops with the differences named; so does one trained with another pooling or pixel
-scaling (`_MEANING_FIELDS`), whose arrays fit but would compute something else.
+scaling (`_MEANING_FIELDS`), whose arrays fit but would compute something else, and one
+that keeps a moving average of the weights (config.ema_decay > 0) in a run that keeps
+none, or the other way round (the message names config.ema_decay).
 Evaluation and prediction restore through `restore_for_inference`, which takes those
-fields from the checkpoint's own config instead (`restore_every_kept`: each kept one in
-turn, for config.eval.checkpoint=all).
+fields, and whether there is a moving average, from the checkpoint itself instead
+(`restore_every_kept`: each kept one in turn, for config.eval.checkpoint=all), and hand
+back the raw weights or, with config.eval.weights='ema', their moving average.
 """
 
+import dataclasses
 import os
 import shutil
 import time
@@ -85,7 +89,10 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None,
          metrics: Optional[dict] = None, config=None):
   """Starts an asynchronous save of the state (and the data iterator, and the config) at
   `step`. A failure (a full disk, say) raises OSError here or at the next save; the
-  checkpoints already written stay intact."""
+  checkpoints already written stay intact. Step 0 holds converted weights: a moving
+  average of the weights, if the state keeps one, is saved equal to them."""
+  if step == 0 and steps.has_ema(state):
+    state = steps.restart_ema(state)
   items = dict(state=ocp.args.StandardSave(state))
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -99,14 +106,39 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None,
                   f'{manager.all_steps()}.') from e
 
 
+# TrainState fields that are None when unused and that checkpoints written before they
+# existed do not have at all (orbax then refuses the tree as another structure).
+_LATER_OPTIONAL_FIELDS = ('ema_params', 'ema_batch_stats')
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
   """The state saved at `step`, placed like `abstract_state` (a tree of
   jax.ShapeDtypeStruct with shardings); restores the data iterator in place if given."""
-  items = dict(state=ocp.args.StandardRestore(abstract_state))
+  absent = _absent_optional_fields(manager, step, abstract_state)
+  target = abstract_state
+  if absent:  # restored as the dict of the other fields, then made a state again
+    target = {f.name: getattr(abstract_state, f.name)
+              for f in dataclasses.fields(abstract_state) if f.name not in absent}
+  items = dict(state=ocp.args.StandardRestore(target))
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
-  return restored['state']
+  restored = manager.restore(step, args=ocp.args.Composite(**items))['state']
+  if absent:
+    restored = type(abstract_state)(**restored, **{name: None for name in absent})
+  return restored
+
+
+def _absent_optional_fields(manager, step: int, abstract_state) -> tuple:
+  """The _LATER_OPTIONAL_FIELDS that are None in `abstract_state` and missing from the
+  checkpoint of `step` (one written before they existed)."""
+  if not dataclasses.is_dataclass(abstract_state):
+    return ()
+  try:
+    saved = manager.item_metadata(step)['state']
+  except Exception:  # pylint: disable=broad-except  (unreadable: check_compatible says so)
+    return ()
+  return tuple(name for name in _LATER_OPTIONAL_FIELDS
+               if getattr(abstract_state, name, 0) is None and name not in saved)
 
 
 def abstract_like(state):
@@ -204,6 +236,7 @@ def check_compatible(manager, step: int, abstract_state, config=None):
                   for k in saved.keys() & expected.keys()
                   if tuple(saved[k].shape) != tuple(expected[k].shape)]
   differences.sort(key=lambda d: (not d.startswith('params/'), d))  # the model's first
+  _check_same_ema(manager, step, saved, expected, config)
   meaning = _meaning_differences(manager, step, config) if config is not None else {}
   if meaning and not differences:
     here = _flat_fields(config.to_dict())
@@ -221,6 +254,36 @@ def check_compatible(manager, step: int, abstract_state, config=None):
         + (f'Config: {"; ".join(fields)}. ' if fields else '')
         + f'{len(differences)} arrays differ, e.g. {"; ".join(differences[:4])}. Use the '
         'configuration it was trained with, or a new --workdir.')
+
+
+_EMA_ARRAYS = ('ema_params/', 'ema_batch_stats/')
+
+
+def _has_ema_arrays(flat: dict) -> bool:
+  return any(key.startswith(_EMA_ARRAYS) for key in flat)
+
+
+def _check_same_ema(manager, step: int, saved: dict, expected: dict, config):
+  """Raises CheckpointMismatchError naming config.ema_decay when the checkpoint keeps a
+  moving average of the weights and this run does not, or the other way round."""
+  in_checkpoint, here = _has_ema_arrays(saved), _has_ema_arrays(expected)
+  if in_checkpoint == here:
+    return
+  saved_decay = (_saved_config(manager, step) or {}).get('ema_decay')
+  here_decay = config.ema_decay if config is not None else None
+  if in_checkpoint:
+    what = ('keeps a moving average of the weights'
+            + (f' (config.ema_decay={saved_decay})' if saved_decay else '')
+            + f' and this run does not (config.ema_decay={here_decay})')
+    fix = (f'--config.ema_decay={saved_decay}' if saved_decay else
+           'a config.ema_decay > 0')
+  else:
+    what = ('keeps no moving average of the weights (config.ema_decay=0) and this run '
+            f'does (config.ema_decay={here_decay})')
+    fix = '--config.ema_decay=0'
+  raise CheckpointMismatchError(
+      f'The checkpoint of step {step} in {manager.directory} {what}; it is not loaded. '
+      f'Set {fix}, or use a new --workdir.')
 
 
 def restore_checked(manager, step: int, abstract_state, data_iterator=None, config=None):
@@ -307,10 +370,39 @@ def restore_for_inference(config, workdir: str, mesh, attributes=None):
   as in `steps.create_train_state` (None: for prediction only)."""
   manager = _read_only_manager(config, workdir)
   step = checkpoint_step(manager, config.eval.checkpoint)
-  config = inference_config(manager, step, config)
+  config = _with_checkpoint_ema(manager, step, inference_config(manager, step, config))
   step_config, state = steps.create_train_state(config, mesh, attributes)
   state = restore_checked(manager, step, abstract_like(state), config=config)
-  return config, step, step_config, state
+  return config, step, step_config, _chosen_weights(manager, step, state, config)
+
+
+def _with_checkpoint_ema(manager, step: int, config):
+  """`config` whose ema_decay keeps a moving average exactly when the checkpoint of
+  `step` does (inference restores it either way: config.eval.weights chooses)."""
+  try:
+    saved = ocp.tree.to_flat_dict(manager.item_metadata(step)['state'], sep='/')
+  except Exception:  # pylint: disable=broad-except  (unreadable: check_compatible says so)
+    return config
+  if _has_ema_arrays(saved) == (config.ema_decay > 0):
+    return config
+  decay = 0.0
+  if _has_ema_arrays(saved):  # the value matters not for inference, only being > 0
+    decay = (_saved_config(manager, step) or {}).get('ema_decay') or 0.999
+  config = config.copy_and_resolve_references()
+  config.ema_decay = decay
+  return config
+
+
+def _chosen_weights(manager, step: int, state, config):
+  """The restored state with config.eval.weights' weights as its params and batch_stats:
+  'raw' as trained, 'ema' their moving average (refused on a checkpoint without one)."""
+  if config.eval.weights != 'ema':
+    return state
+  if not steps.has_ema(state):
+    raise ValueError(f'config.eval.weights=ema: the checkpoint of step {step} in '
+                     f'{manager.directory} keeps no moving average of the weights (it was '
+                     'trained with config.ema_decay=0); use --config.eval.weights=raw')
+  return steps.ema_weights(state)
 
 
 def restore_every_kept(config, workdir: str, mesh, attributes=None):
@@ -326,13 +418,13 @@ def restore_every_kept(config, workdir: str, mesh, attributes=None):
   if not kept:
     raise ValueError(f'no checkpoint in {manager.directory}: train first, or write one '
                      'with --mode=convert')
-  config = inference_config(manager, kept[0], config)
+  config = _with_checkpoint_ema(manager, kept[0], inference_config(manager, kept[0], config))
   step_config, state = steps.create_train_state(config, mesh, attributes)
   abstract_state = abstract_like(state)
   del state  # the initial values: only their shapes and shardings are needed
   for step in kept:
-    yield config, step, step_config, restore_checked(manager, step, abstract_state,
-                                                     config=config)
+    state = restore_checked(manager, step, abstract_state, config=config)
+    yield config, step, step_config, _chosen_weights(manager, step, state, config)
 
 
 def _read_only_manager(config, workdir: str) -> ocp.CheckpointManager:

@@ -32,10 +32,11 @@ _CHOICES = {
     'data.source': sources.SOURCES,
     'data.normalization': tuple(fashion_net.NORMALIZATIONS),
     'eval.split': vocabulary.SPLIT_NAMES[1:],  # the held-out splits
+    'eval.weights': steps.WEIGHTS,
 }
 _POSITIVE = ('batch_size', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
              'checkpoint_every_steps', 'keep_checkpoints', 'max_nonfinite_in_a_row',
-             'decay_every_steps',
+             'decay_every_steps', 'grad_accum_steps',
              'eval.batch_size', 'predict.top_k_attributes', 'predict.batch_size',
              'data.img_size', 'data.crop_size', 'data.canvas_size',
              'data.threads')
@@ -74,6 +75,18 @@ def check(config):
     if _get(config, name) % jax.device_count():
       raise ValueError(f'config.{name}={_get(config, name)} must be a multiple of the number '
                        f'of devices ({jax.device_count()})')
+  if config.batch_size % (config.grad_accum_steps * jax.device_count()):
+    raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of '
+                     f'config.grad_accum_steps={config.grad_accum_steps} times the number of '
+                     f'devices ({jax.device_count()}): each micro-batch is split over the '
+                     'devices')
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ValueError(f'config.ema_decay={config.ema_decay}: expected 0 (off) or a decay in '
+                     '(0, 1), e.g. 0.999')
+  if config.best_metric.startswith('ema_') and not config.ema_decay > 0:
+    raise ValueError(f'config.best_metric={config.best_metric!r} names a metric of the moving '
+                     'average of the weights, which config.ema_decay=0 does not keep: set '
+                     'config.ema_decay > 0, or name a metric of the raw weights')
   if config.checkpoint_every_steps % config.log_every_steps:
     raise ValueError(f'config.checkpoint_every_steps={config.checkpoint_every_steps} must be a '
                      f'multiple of config.log_every_steps={config.log_every_steps}, so that '

@@ -17,6 +17,11 @@ fails (`breakdown.py`), and writes into the workdir:
   `eval_<split>_all.json` ({split, checkpoints: [{step, <HEADLINE_METRICS>}, ...]}, in step
   order, also printed as a table) and `eval_<split>_<metric>_vs_step.png` for each of
   HEADLINE_METRICS.
+With config.eval.weights='ema' it evaluates the moving average of the weights that a run
+with config.ema_decay > 0 keeps (refused on a checkpoint without one) and names its files
+`<split>_ema` for `<split>` (e.g. `eval_val_ema_6.json`); every JSON says its `weights`.
+During training, such a run's evaluations carry both: the EMA model's metrics prefixed
+`ema_` (e.g. `ema_category_top1`) in TensorBoard and `metrics.jsonl`.
 It prints the metrics and the most confused pairs. The logits are kept in float32 (a
 40,000-image split's attribute scores take 160 MB): float16 would tie close scores and so
 change the rankings that average precision measures (a bfloat16 model's logits come coarse
@@ -185,13 +190,20 @@ def _json_values(results: dict) -> dict:
   return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in results.items()}
 
 
+def _named(split: str, weights: str) -> str:
+  """The files' and images' name for a split: `<split>`, or `<split>_ema` for the moving
+  average of the weights (config.eval.weights='ema')."""
+  return split if weights == 'raw' else f'{split}_{weights}'
+
+
 def write_json(workdir: str, split: str, step: int, results: dict,
-               details: dict = None) -> str:
-  """eval_<split>_<step>.json: the metrics, then `details` (the breakdowns) if given."""
-  path = os.path.join(workdir, f'eval_{split}_{step}.json')
+               details: dict = None, weights: str = 'raw') -> str:
+  """eval_<split>_<step>.json (eval_<split>_ema_<step>.json for the moving average of the
+  weights): the metrics, then `details` (the breakdowns) if given."""
+  path = os.path.join(workdir, f'eval_{_named(split, weights)}_{step}.json')
   with open(path, 'w') as f:
-    json.dump(dict(step=step, split=split, **_json_values(results), **(details or {})), f,
-              indent=2, allow_nan=False)
+    json.dump(dict(step=step, split=split, weights=weights, **_json_values(results),
+                   **(details or {})), f, indent=2, allow_nan=False)
   return path
 
 
@@ -215,37 +227,44 @@ def evaluate_with_breakdown(eval_examples_step, state, eval_data, mesh, names,
 
 
 def report_checkpoint(workdir: str, split: str, step: int, results: dict, details: dict,
-                      category_names, writer):
+                      category_names, writer, weights: str = 'raw'):
   """Process 0: prints the table and the most confused pairs, writes the JSON and the
-  confusion PNG, and the PNG to TensorBoard."""
+  confusion PNG, and the PNG to TensorBoard (named `<split>_ema` for the moving average
+  of the weights)."""
   if jax.process_index() > 0:
     return
-  print(format_table(results, f'{split} split, checkpoint of step {step}:'))
+  named = _named(split, weights)
+  of_what = '' if weights == 'raw' else ' (moving average of the weights)'
+  print(format_table(results, f'{split} split, checkpoint of step {step}{of_what}:'))
   print(format_pairs(details['most_confused_pairs']))
   image = confusion_image(np.array(details['confusion_matrix']), category_names,
-                          f'{split} split, step {step}: rows normalised')
-  writer.write_images(step, {f'eval_{split}_confusion': image[None]})
-  picture = os.path.join(workdir, f'confusion_{split}_{step}.png')
+                          f'{split} split, step {step}{of_what}: rows normalised')
+  writer.write_images(step, {f'eval_{named}_confusion': image[None]})
+  picture = os.path.join(workdir, f'confusion_{named}_{step}.png')
   Image.fromarray(image).save(picture)
-  print('written to', write_json(workdir, split, step, results, details), 'and', picture)
+  print('written to', write_json(workdir, split, step, results, details, weights), 'and',
+        picture)
 
 
-def report_steps(workdir: str, split: str, evaluated: dict):
+def report_steps(workdir: str, split: str, evaluated: dict, weights: str = 'raw'):
   """config.eval.checkpoint=all, process 0: the HEADLINE_METRICS of each step ({step:
-  results}) as a table, eval_<split>_all.json, and one PNG per metric against the step."""
+  results}) as a table, eval_<split>_all.json, and one PNG per metric against the step
+  (`<split>_ema` in the names for the moving average of the weights)."""
+  named = _named(split, weights)
   names = [name for name in HEADLINE_METRICS if name in next(iter(evaluated.values()))]
   rows = [dict(step=step, **{name: results[name] for name in names})
           for step, results in sorted(evaluated.items())]
-  print(f'{split} split, every kept checkpoint:')
+  print(f'{split} split, every kept checkpoint ({weights} weights):')
   print(format_steps_table(rows))
-  path = os.path.join(workdir, f'eval_{split}_all.json')
+  path = os.path.join(workdir, f'eval_{named}_all.json')
   with open(path, 'w') as f:
-    json.dump(dict(split=split, checkpoints=[_json_values(row) for row in rows]), f, indent=2,
+    json.dump(dict(split=split, weights=weights,
+                   checkpoints=[_json_values(row) for row in rows]), f, indent=2,
               allow_nan=False)
   for name in names:
-    draw_curve([row['step'] for row in rows], [row[name] for row in rows], name, split,
-               os.path.join(workdir, f'eval_{split}_{name}_vs_step.png'))
-  print('written to', path, f'and eval_{split}_<metric>_vs_step.png')
+    draw_curve([row['step'] for row in rows], [row[name] for row in rows], name, named,
+               os.path.join(workdir, f'eval_{named}_{name}_vs_step.png'))
+  print('written to', path, f'and eval_{named}_<metric>_vs_step.png')
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
@@ -268,7 +287,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         eval_examples_step = steps.jit_steps(step_config, mesh).evaluate_examples
       results, details = evaluate_with_breakdown(eval_examples_step, state, eval_data, mesh,
                                                  names, f'evaluating step {step}')
-      report_checkpoint(workdir, split, step, results, details, names.category_names, writer)
+      report_checkpoint(workdir, split, step, results, details, names.category_names, writer,
+                        config.eval.weights)
       evaluated[step] = results
       del state  # freed before the next checkpoint is restored
   finally:
@@ -276,5 +296,5 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   if not every:
     return results
   if jax.process_index() == 0:
-    report_steps(workdir, split, evaluated)
+    report_steps(workdir, split, evaluated, config.eval.weights)
   return evaluated

@@ -18,6 +18,9 @@ on any photo: a second pass on the photo cut to that box would read the same pix
 photos to the garment first, or find boxes with a model trained the baseline's way
 (config.data.crop='none').
 
+config.eval.weights='ema' predicts with the moving average of the weights that a run with
+config.ema_decay > 0 keeps (refused on a checkpoint without one; `checkpoints`).
+
 The jitted predict step resizes, crops and runs the model on batches of one shape, so it
 compiles once however many images there are. An unreadable or non-image file gets a line
 with an `error` field, and the run goes on.

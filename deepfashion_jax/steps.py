@@ -9,6 +9,21 @@ the state is replicated, so XLA inserts the gradient and batch-norm reductions.
 A step whose loss or gradients are not finite changes nothing but the step count: in
 float16 that is dynamic loss scaling's normal skip (the scale halves); in float32 and
 bfloat16 the training loop stops on it (see train.py).
+
+config.ema_decay > 0 keeps an exponential moving average of the parameters and of the
+batch-norm statistics in the state (`ema_params`, `ema_batch_stats`; None when off, so a
+state without it keeps its old structure), updated in the jitted step after the optimiser:
+ema = decay * ema + (1 - decay) * new; a skipped non-finite step leaves it unchanged.
+
+config.grad_accum_steps = k > 1 splits the global batch into k micro-batches inside the
+jitted step (`jax.lax.scan`: one compiled step), averages their gradients and makes one
+optimiser update, so the step count and the learning-rate schedule count optimiser steps.
+Micro-batch j holds the examples j, j + k, j + 2k, ... of the batch (each device's share of
+the batch holds its share of every micro-batch). Batch-norm statistics follow the
+micro-batches in order, as k smaller steps would: each micro-batch is normalised by its
+own statistics and updates the running ones in turn, so with batch-norm in training mode
+the gradient is close to, not equal to, a single big batch's. The reported metrics are the
+micro-batches' merged: the whole batch's.
 """
 
 import dataclasses
@@ -34,6 +49,7 @@ from deepfashion_jax.models import xla_cpu
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 OPTIMIZERS = ('adam', 'sgd')
 SCHEDULES = ('constant', 'cosine', 'step_decay')
+WEIGHTS = ('raw', 'ema')  # config.eval.weights: the trained weights or their moving average
 
 
 # float16 starts its loss scale at 2^15 and doubles it after 2,000 finite steps in a row.
@@ -49,6 +65,9 @@ class TrainState:
   rng: jax.Array  # raw key; step s uses fold_in(rng, s)
   nonfinite_in_a_row: jax.Array  # steps skipped in a row up to this one
   dynamic_scale: Optional[dynamic_scale_lib.DynamicScale]  # float16 only, else None
+  # config.ema_decay > 0 only, else None: the moving averages of params and batch_stats
+  ema_params: Any = None
+  ema_batch_stats: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +79,8 @@ class StepConfig:
   loss_options: dict  # `losses.total_loss`'s keyword arguments but pos_weight
   attribute_types: Optional[np.ndarray]  # (A,); None: a state for prediction only
   pos_weight: Optional[np.ndarray]  # (A,) BCE weight of positives, or None
+  ema_decay: float = 0.0  # > 0: the state keeps a moving average of the weights
+  grad_accum_steps: int = 1  # micro-batches per optimiser step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,9 +185,10 @@ def create_train_state(config, mesh, attributes=None):
           fin_steps=jnp.zeros((), jnp.int32), scale=jnp.asarray(INITIAL_LOSS_SCALE, jnp.float32))
     # Its own stream: the parameters' initialisation used nnx.Rngs(seed).
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=optimizer.init(params), rng=rng,
-                      nonfinite_in_a_row=jnp.zeros((), jnp.int32), dynamic_scale=dynamic_scale)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                       opt_state=optimizer.init(params), rng=rng,
+                       nonfinite_in_a_row=jnp.zeros((), jnp.int32), dynamic_scale=dynamic_scale)
+    return restart_ema(state) if config.ema_decay > 0 else state
 
   abstract_model = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(config.seed)))
   graphdef = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)[0]
@@ -176,8 +198,35 @@ def create_train_state(config, mesh, attributes=None):
       graphdef=graphdef, optimizer=optimizer, crop_size=config.data.crop_size,
       loss_options=loss_options(config),
       attribute_types=None if attributes is None else np.asarray(attributes.types),
-      pos_weight=None if attributes is None else _pos_weight(config, attributes))
+      pos_weight=None if attributes is None else _pos_weight(config, attributes),
+      ema_decay=float(config.ema_decay), grad_accum_steps=int(config.grad_accum_steps))
   return step_config, state
+
+
+def restart_ema(state: TrainState) -> TrainState:
+  """The state with moving averages equal to its weights: a fresh start, or weights loaded
+  from elsewhere (init_from, a converted checkpoint), which are their own average."""
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  return state.replace(ema_params=copy(state.params), ema_batch_stats=copy(state.batch_stats))
+
+
+def has_ema(state: TrainState) -> bool:
+  return state.ema_params is not None
+
+
+def ema_weights(state: TrainState) -> TrainState:
+  """The state with its moving averages as its weights: what evaluates and predicts the
+  EMA model (config.eval.weights='ema'). Raises ValueError on a state without them."""
+  if not has_ema(state):
+    raise ValueError('this state keeps no moving average of the weights '
+                     '(config.ema_decay=0)')
+  return state.replace(params=state.ema_params, batch_stats=state.ema_batch_stats)
+
+
+def _update_ema(decay: float, average, new):
+  """decay * average + (1 - decay) * new, leaf by leaf, in the average's dtype."""
+  return jax.tree.map(lambda a, n: (decay * a + (1.0 - decay) * n).astype(a.dtype),
+                      average, new)
 
 
 def _forward(step_config: StepConfig, params, batch_stats, batch, train: bool,
@@ -216,16 +265,95 @@ def _attribute_types(step_config: StepConfig) -> jax.Array:
   return jnp.asarray(step_config.attribute_types)
 
 
+def split_micro_batches(tree, k: int):
+  """Each (B, ...) leaf as (k, B / k, ...): micro-batch j holds rows j, j + k, j + 2k, ...,
+  so that a device's consecutive rows hold rows of every micro-batch."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]),
+                                             0, 1), tree)
+
+
+def merge_micro_batches(tree):
+  """`split_micro_batches`' inverse: (k, B / k, ...) leaves back to (B, ...), in order."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), tree)
+
+
+def _updated_loss_scale(dynamic_scale, finite):
+  """flax's DynamicScale update for a step whose gradients were `finite`: grow after
+  growth_interval finite steps, back off on a non-finite one."""
+  grow = dynamic_scale.fin_steps == dynamic_scale.growth_interval
+  fin_scale = jnp.where(grow & finite, jnp.minimum(dynamic_scale.scale
+                                                   * dynamic_scale.growth_factor,
+                                                   jnp.finfo(jnp.float32).max),
+                        dynamic_scale.scale)
+  inf_scale = dynamic_scale.scale * dynamic_scale.backoff_factor
+  if dynamic_scale.minimum_scale is not None:
+    inf_scale = jnp.maximum(inf_scale, dynamic_scale.minimum_scale)
+  return dynamic_scale.replace(
+      fin_steps=jnp.where(grow | ~finite, 0, dynamic_scale.fin_steps + 1),
+      scale=jnp.where(finite, fin_scale, inf_scale))
+
+
+def accumulated_gradients(step_config: StepConfig, state: TrainState, batch: dict,
+                          dropout_rng, micro_batches: int = 1, train: bool = True):
+  """_gradients' (dynamic_scale, finite, (loss, (outputs, parts, batch_stats)), grads)
+  of a global batch as `micro_batches` micro-batches (`split_micro_batches`): one
+  `jax.lax.scan` over them, each forward starting from the batch-norm statistics the one
+  before left (train: training mode; else inference mode, as a test compares with one big
+  batch), the gradients averaged. The outputs come back in the batch's order; the loss and
+  its parts as one value per example, that of its micro-batch (the merged metrics then
+  weigh each micro-batch's by its examples). Micro-batch j's dropout draws from
+  fold_in(dropout_rng, j). One micro-batch is the plain step, bit for bit."""
+  if micro_batches == 1:
+    loss_fn = lambda params: _forward(step_config, params, state.batch_stats, batch,
+                                      train=train, dropout_rng=dropout_rng)
+    return _gradients(state, loss_fn)
+  dynamic_scale = state.dynamic_scale
+  scale = 1.0 if dynamic_scale is None else dynamic_scale.scale
+
+  def one_micro_batch(carry, inputs):
+    batch_stats, grad_sum = carry
+    micro_batch, j = inputs
+
+    def scaled_loss(params):
+      loss, aux = _forward(step_config, params, batch_stats, micro_batch, train=train,
+                           dropout_rng=jax.random.fold_in(dropout_rng, j))
+      return loss * scale, (loss, aux)
+
+    (_, (loss, (outputs, parts, new_stats))), grads = jax.value_and_grad(
+        scaled_loss, has_aux=True)(state.params)
+    grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32) / scale, grad_sum, grads)
+    return (new_stats, grad_sum), (loss, outputs, parts)
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+  (batch_stats, grad_sum), (losses_k, outputs, parts) = jax.lax.scan(
+      one_micro_batch, (state.batch_stats, zeros),
+      (split_micro_batches(batch, micro_batches), jnp.arange(micro_batches)))
+  grads = jax.tree.map(lambda s, p: (s / micro_batches).astype(p.dtype), grad_sum,
+                       state.params)
+  per_example = lambda values: merge_micro_batches(jnp.broadcast_to(
+      values[:, None], (micro_batches, batch['valid'].shape[0] // micro_batches)))
+  loss, parts = per_example(losses_k), {name: per_example(v) for name, v in parts.items()}
+  if dynamic_scale is None:  # as _gradients: the parameters' check catches the gradients
+    return None, jnp.all(jnp.isfinite(losses_k)), (
+        loss, (merge_micro_batches(outputs), parts, batch_stats)), grads
+  finite = _all_finite(grads)
+  return _updated_loss_scale(dynamic_scale, finite), finite, (
+      loss, (merge_micro_batches(outputs), parts, batch_stats)), grads
+
+
 def train_step(step_config: StepConfig, state: TrainState, batch: dict):
   """One optimiser step on a global batch; returns the new state and the batch's metrics.
 
   Randomness (dropout) comes from fold_in(state.rng, step): the same at every restart.
+  With step_config.grad_accum_steps = k > 1, the batch is k micro-batches
+  (`accumulated_gradients`; batch-norm statistics follow them in order) and still one
+  optimiser step. With step_config.ema_decay > 0 the moving averages follow the new
+  weights.
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
-  loss_fn = lambda params: _forward(step_config, params, state.batch_stats, batch,
-                                    train=True, dropout_rng=dropout_rng)
-  dynamic_scale, finite, (loss, (outputs, parts, batch_stats)), grads = _gradients(
-      state, loss_fn)
+  dynamic_scale, finite, (loss, (outputs, parts, batch_stats)), grads = (
+      accumulated_gradients(step_config, state, batch, dropout_rng,
+                            step_config.grad_accum_steps))
   updates, opt_state = step_config.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   norms = dict(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
@@ -240,6 +368,12 @@ def train_step(step_config: StepConfig, state: TrainState, batch: dict):
       batch_stats=keep_old(batch_stats, state.batch_stats),
       opt_state=keep_old(opt_state, state.opt_state), dynamic_scale=dynamic_scale,
       nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1))
+  if has_ema(state):
+    new_state = new_state.replace(
+        ema_params=keep_old(_update_ema(step_config.ema_decay, state.ema_params, params),
+                            state.ema_params),
+        ema_batch_stats=keep_old(_update_ema(step_config.ema_decay, state.ema_batch_stats,
+                                             batch_stats), state.ema_batch_stats))
   batch_metrics = metrics.train_batch_metrics(
       outputs, batch, dict(parts, loss=loss), _attribute_types(step_config), norms=norms,
       step=new_state.step, nonfinite=~finite,

@@ -5,6 +5,11 @@ Started again on the same workdir, a run continues from its newest intact checkp
 and k steps, a restart and N - k more give the same parameters and the same logged
 metrics. SIGTERM or SIGINT stops it after the current step with a checkpoint (`Preempted`);
 a non-finite step stops it at the next log without saving (`stop_if_diverged`).
+
+With config.ema_decay > 0 each evaluation also evaluates the moving average of the
+weights (`steps.ema_weights`) and logs its metrics beside the raw ones, prefixed `ema_`
+(TensorBoard `eval_ema_*`, `metrics.jsonl`, and the metrics that config.best_metric may
+name); weights loaded by config.model.init_from restart the average.
 """
 
 import dataclasses
@@ -56,6 +61,11 @@ def _box_images(run: _Run, state, count: int):
 def _evaluate_and_report(run: _Run, state, step: int, skipped_in_training: int) -> dict:
   results, skipped = evaluate.evaluate(run.steps.evaluate, state, run.data.eval_batches,
                                        run.mesh, f'evaluating step {step}')
+  if steps.has_ema(state):  # the moving average's metrics beside them, named ema_*
+    ema_results, _ = evaluate.evaluate(run.steps.evaluate, steps.ema_weights(state),
+                                       run.data.eval_batches, run.mesh,
+                                       f'evaluating the EMA of step {step}')
+    results.update({f'{EMA_PREFIX}{k}': v for k, v in ema_results.items()})
   logging.info('Step %d: %d unreadable images skipped in training since the last '
                'evaluation, %d in this evaluation', step, skipped_in_training, skipped)
   results.update(skipped_images_train=skipped_in_training, skipped_images_eval=skipped)
@@ -66,6 +76,9 @@ def _evaluate_and_report(run: _Run, state, step: int, skipped_in_training: int) 
   if jax.process_index() == 0:
     evaluate.append_jsonl(run.workdir, step, results)
   return results
+
+
+EMA_PREFIX = 'ema_'  # the evaluation metrics of the moving average (config.ema_decay > 0)
 
 
 class Preempted(Exception):
@@ -162,6 +175,8 @@ def train_and_evaluate(config, workdir: str):
     state = restored
   elif config.model.init_from:
     state = convert_torch.with_torch_weights(step_config, state, config.model.init_from, mesh)
+    if steps.has_ema(state):  # the average starts from the loaded weights
+      state = steps.restart_ema(state)
   if int(state.step) >= config.num_train_steps:
     logging.info('%s is already trained to step %d (config.num_train_steps); nothing to do. '
                  'Evaluate it with --mode=evaluate.', workdir, int(state.step))

@@ -1,9 +1,11 @@
 """Checkpoints: damaged ones set aside, another configuration's refused, old names read,
-float16 states kept whole."""
+float16 states kept whole, a moving average of the weights kept, refused or chosen."""
 
+import dataclasses
 import glob
 import logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -187,3 +189,68 @@ def test_a_float16_state_survives_a_checkpoint(synthetic_folder, tmp_path):
   assert restored.dynamic_scale.growth_interval == state.dynamic_scale.growth_interval
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _write_checkpoint(workdir, ema_decay):
+  """A step-4 checkpoint of the test config with config.ema_decay; its moving average (if
+  any) moved away from its weights, so that choosing one or the other shows."""
+  config = test_config.get_config()
+  config.ema_decay, config.best_metric = ema_decay, ''
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  _, state = steps.create_train_state(config, mesh)
+  if ema_decay:
+    state = state.replace(ema_params=jax.tree.map(lambda x: x + 0.5, state.ema_params))
+  manager = checkpoints.create_manager(workdir, best_metric='')
+  checkpoints.save(manager, 4, state, config=config)
+  manager.wait_until_finished()
+  return config, mesh, manager, state
+
+
+@pytest.mark.parametrize('saved_decay, here_decay, message', [
+    (0.9, 0.0, 'keeps a moving average of the weights (config.ema_decay=0.9) and this run '
+               'does not (config.ema_decay=0.0); it is not loaded. Set --config.ema_decay=0.9'),
+    (0.0, 0.9, 'keeps no moving average of the weights (config.ema_decay=0) and this run '
+               'does (config.ema_decay=0.9); it is not loaded. Set --config.ema_decay=0')])
+def test_a_checkpoint_with_an_ema_resumes_only_with_one_and_the_other_way_round(
+    tmp_path, saved_decay, here_decay, message):
+  _, mesh, manager, _ = _write_checkpoint(str(tmp_path), saved_decay)
+  config = test_config.get_config()
+  config.ema_decay = here_decay
+  _, state = steps.create_train_state(config, mesh)
+  with pytest.raises(checkpoints.CheckpointMismatchError, match=re.escape(message)):
+    checkpoints.restore_newest_intact(manager, checkpoints.abstract_like(state),
+                                      config=config)
+
+
+def test_inference_restores_the_raw_weights_or_their_ema_whatever_ema_decay_says(tmp_path):
+  config, mesh, _, saved = _write_checkpoint(str(tmp_path / 'ema'), 0.9)
+  config.ema_decay = 0.0  # evaluate and predict take the average's presence from the checkpoint
+  for weights, want in (('raw', saved.params), ('ema', saved.ema_params)):
+    config.eval.weights = weights
+    _, step, _, restored = checkpoints.restore_for_inference(config, str(tmp_path / 'ema'),
+                                                             mesh)
+    assert step == 4
+    _assert_equal_states(restored.params, want)
+    _assert_equal_states(restored.ema_params, saved.ema_params)
+  plain, *_ = _write_checkpoint(str(tmp_path / 'plain'), 0.0)
+  plain.eval.weights = 'ema'
+  with pytest.raises(ValueError, match=r'config.eval.weights=ema: the checkpoint of step 4 .* '
+                                       r'keeps no moving average of the weights'):
+    checkpoints.restore_for_inference(plain, str(tmp_path / 'plain'), mesh)
+
+
+def test_a_checkpoint_written_before_the_ema_fields_existed_resumes(tmp_path):
+  """Such a checkpoint's state has no ema_params / ema_batch_stats at all (orbax would
+  refuse the tree as another structure, and the loop set it aside as damaged)."""
+  config, mesh, _, saved = _write_checkpoint(str(tmp_path / 'new'), 0.0)
+  manager = checkpoints.create_manager(str(tmp_path / 'old'), best_metric='')
+  fields = {f.name: getattr(saved, f.name) for f in dataclasses.fields(saved)
+            if not f.name.startswith('ema_')}  # the state as it was before them
+  manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(fields)))
+  manager.wait_until_finished()
+  assert 'ema_params' not in manager.item_metadata(4)['state']
+  step, restored = checkpoints.restore_newest_intact(
+      manager, checkpoints.abstract_like(saved), config=config)
+  assert step == 4 and restored.ema_params is None and restored.ema_batch_stats is None
+  _assert_equal_states(restored, saved)
+  assert manager.all_steps() == [4]  # nothing set aside

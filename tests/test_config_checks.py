@@ -34,6 +34,13 @@ def test_a_wrong_config_value_is_refused_naming_the_field(synthetic_folder, tmp_
     ('decay_rate', 1.5, 'config.decay_rate=1.5: expected a factor in (0, 1]'),
     ('grad_clip_norm', -1.0, 'config.grad_clip_norm=-1.0: expected 0 (off) or a positive'),
     ('decay_every_steps', 0, 'config.decay_every_steps=0: expected a positive integer'),
+    ('grad_accum_steps', 3, 'config.batch_size=8 must be a multiple of '
+     'config.grad_accum_steps=3 times the number of devices (1)'),
+    ('grad_accum_steps', 0, 'config.grad_accum_steps=0: expected a positive integer'),
+    ('ema_decay', 1.0, 'config.ema_decay=1.0: expected 0 (off) or a decay in (0, 1)'),
+    ('best_metric', 'ema_category_top3', "config.best_metric='ema_category_top3' names a "
+     'metric of the moving average of the weights, which config.ema_decay=0 does not keep'),
+    ('eval.weights', 'best', "config.eval.weights='best': expected one of ('raw', 'ema')"),
 ])
 
 

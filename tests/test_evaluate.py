@@ -128,13 +128,32 @@ def test_every_kept_checkpoint_is_evaluated_into_one_table(trained_run, capsys):
   with open(os.path.join(workdir, 'eval_val_all.json')) as f:
     table = json.load(f)
   assert table['split'] == 'val' and [row['step'] for row in table['checkpoints']] == [4, 6]
+  # This model has no landmark branch: no landmark_error column.
+  headline = [name for name in evaluate.HEADLINE_METRICS if name != 'landmark_error']
   for row in table['checkpoints']:
-    assert set(row) == {'step', *evaluate.HEADLINE_METRICS}
+    assert set(row) == {'step', *headline}
     with open(os.path.join(workdir, f'eval_val_{row["step"]}.json')) as f:
       one = json.load(f)
-    assert {name: one[name] for name in evaluate.HEADLINE_METRICS} == {
-        name: row[name] for name in evaluate.HEADLINE_METRICS}
+    assert {name: one[name] for name in headline} == {name: row[name] for name in headline}
     assert os.path.isfile(os.path.join(workdir, f'confusion_val_{row["step"]}.png'))
-  for name in evaluate.HEADLINE_METRICS:
+  for name in headline:
     assert os.path.isfile(os.path.join(workdir, f'eval_val_{name}_vs_step.png')), name
   assert {(4, 'eval_val_confusion'), (6, 'eval_val_confusion')} <= _image_tags(workdir)
+
+
+def test_the_moving_average_evaluation_has_files_of_its_own(tmp_path):
+  """config.eval.weights='ema': the files say `<split>_ema` and their `weights`, beside
+  (not over) the raw weights' ones."""
+  workdir = str(tmp_path)
+  raw = evaluate.write_json(workdir, 'val', 6, {'category_top1': 0.25})
+  ema = evaluate.write_json(workdir, 'val', 6, {'category_top1': 0.5}, weights='ema')
+  assert os.path.basename(raw) == 'eval_val_6.json'
+  assert os.path.basename(ema) == 'eval_val_ema_6.json'
+  with open(raw) as f, open(ema) as g:
+    assert (json.load(f)['weights'], json.load(g)) == (
+        'raw', dict(step=6, split='val', weights='ema', category_top1=0.5))
+  evaluate.report_steps(workdir, 'val', {4: {'category_top1': 0.1}, 6: {'category_top1': 0.2}},
+                        weights='ema')
+  with open(os.path.join(workdir, 'eval_val_ema_all.json')) as f:
+    assert json.load(f)['weights'] == 'ema'
+  assert os.path.isfile(os.path.join(workdir, 'eval_val_ema_category_top1_vs_step.png'))

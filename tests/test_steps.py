@@ -1,8 +1,12 @@
-"""The jitted step: the loss falls, non-finite steps change nothing, dropout's randomness."""
+"""The jitted step: the loss falls, non-finite steps change nothing, dropout's randomness,
+the moving average of the weights, gradient accumulation."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import test as test_config
@@ -248,3 +252,70 @@ def test_the_train_metrics_carry_the_gradient_parameter_and_update_norms(synthet
   moved = jax.tree.map(lambda a, b: a - b, after.params, before.params)
   np.testing.assert_allclose(computed['update_norm'], norm(moved), rtol=1e-3)
   assert computed['grad_norm'] > 0 and np.isfinite(computed['grad_norm'])
+
+
+def test_the_ema_follows_its_recurrence_over_accumulated_steps_and_skips_nonfinite_ones(
+    synthetic_folder):
+  """ema = d * ema + (1 - d) * new after each step, from the initial weights, for the
+  parameters and the batch-norm statistics; two micro-batches per step (one compilation
+  for both options): still one optimiser step, one schedule step, per train step."""
+  config = test_config.get_config()
+  config.ema_decay, config.grad_accum_steps = 0.8, 2
+  index, batches = _batches(synthetic_folder[0], config, 3)
+  mesh, state, train_step = _initial_state_and_step(config, index)
+  host = lambda tree: jax.tree.map(np.asarray, tree)
+  expected = host((state.params, state.batch_stats))
+  assert jax.tree.structure(state.ema_params) == jax.tree.structure(state.params)
+  for number, batch in enumerate(batches, 1):
+    state, batch_metrics = train_step(state, sharding.global_batch(batch, mesh))
+    new = host((state.params, state.batch_stats))
+    expected = jax.tree.map(lambda e, n: 0.8 * e + 0.2 * n, expected, new)
+    assert int(state.step) == number
+    assert int(optax.tree.get(state.opt_state, 'count')) == number  # Adam's step count
+    assert np.isfinite(float(batch_metrics.compute()['loss']))
+  for got, want in zip(jax.tree.leaves(host((state.ema_params, state.ema_batch_stats))),
+                       jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  ema = host((state.ema_params, state.ema_batch_stats))
+  params = jax.tree.map(lambda x: x, state.params)  # a NaN weight: a skipped step
+  params['box_top_left']['bias'][...] = jnp.full((2,), jnp.nan)
+  state, batch_metrics = train_step(state.replace(params=params),
+                                    sharding.global_batch(batches[0], mesh))
+  assert int(batch_metrics.compute()['nonfinite_steps']) == 1
+  for got, want in zip(jax.tree.leaves(host((state.ema_params, state.ema_batch_stats))),
+                       jax.tree.leaves(ema)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_accumulated_micro_batches_give_the_gradient_and_update_of_one_big_batch(
+    synthetic_folder):
+  """Batch-norm in inference mode (in training mode each micro-batch is normalised by its
+  own statistics): 4 micro-batches of 2 give the big batch's gradient, SGD update, losses
+  and outputs (in the batch's order) to float32 tolerance."""
+  config = test_config.get_config()
+  config.optimizer, config.momentum, config.learning_rate = 'sgd', 0.0, 0.1
+  index, batches = _batches(synthetic_folder[0], config, 1)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  step_config, state = steps.create_train_state(config, mesh, index.attribute_facts())
+  batch = sharding.global_batch(batches[0], mesh)
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def update(batch, micro_batches):
+    _, finite, (loss, (outputs, _, _)), grads = steps.accumulated_gradients(
+        step_config, state, batch, jax.random.PRNGKey(0), micro_batches, train=False)
+    updates, _ = step_config.optimizer.update(grads, state.opt_state, state.params)
+    return finite, jnp.mean(loss), outputs['category_logits'], grads, updates
+
+  one, four = update(batch, 1), update(batch, 4)
+  assert bool(one[0]) and bool(four[0])
+  np.testing.assert_allclose(four[1], one[1], rtol=1e-5)
+  np.testing.assert_allclose(four[2], one[2], rtol=1e-4, atol=1e-5)
+  for name, big, accumulated in (('grads', one[3], four[3]), ('updates', one[4], four[4])):
+    for x, y in zip(jax.tree.leaves(big), jax.tree.leaves(accumulated)):
+      scale = float(np.max(np.abs(x))) or 1.0
+      np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-5 * scale, err_msg=name)
+  # The split is a permutation: micro-batch j holds rows j, j + k, ...
+  rows = np.arange(8)
+  split = steps.split_micro_batches(rows, 4)
+  np.testing.assert_array_equal(split[1], [1, 5])
+  np.testing.assert_array_equal(steps.merge_micro_batches(split), rows)

@@ -34,19 +34,25 @@ def _scalars(workdir):
 
 def test_resumed_run_equals_uninterrupted_run_bit_for_bit(synthetic_folder, tmp_path,
                                                           caplog):
-  """In this process (the SIGTERM test below resumes in a new one)."""
+  """In this process (the SIGTERM test below resumes in a new one). With a moving average
+  of the weights (its metrics logged as ema_*, the best checkpoint chosen by one) and two
+  micro-batches per step: both resume exactly too."""
   caplog.set_level(logging.INFO)
   data_dir = synthetic_folder[0]
+  options = dict(ema_decay=0.9, grad_accum_steps=2, best_metric='ema_category_top3')
   straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
-  train.train_and_evaluate(helpers.tiny_config(data_dir), straight)  # 6 steps
-  train.train_and_evaluate(helpers.tiny_config(data_dir, num_train_steps=4), split)
+  train.train_and_evaluate(helpers.tiny_config(data_dir, **options), straight)  # 6 steps
+  train.train_and_evaluate(helpers.tiny_config(data_dir, num_train_steps=4, **options), split)
   caplog.clear()
-  train.train_and_evaluate(helpers.tiny_config(data_dir), split)  # steps 5 and 6
+  train.train_and_evaluate(helpers.tiny_config(data_dir, **options), split)  # steps 5 and 6
   assert 'Resuming from the checkpoint of step 4' in caplog.text
 
-  for a, b in zip(jax.tree.leaves(helpers.saved_state(straight, 6)),
-                  jax.tree.leaves(helpers.saved_state(split, 6))):
+  saved = helpers.saved_state(straight, 6)
+  assert int(saved['step']) == 6 and 'ema_params' in saved and 'ema_batch_stats' in saved
+  for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(helpers.saved_state(split, 6))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert {'category_top3', 'ema_category_top3', 'ema_loss'} <= set(
+      helpers.logged_evaluations(straight)[6])
   straight_scalars, split_scalars = _scalars(straight), _scalars(split)
   train_tags = [key for key in straight_scalars if key[1].startswith('train_')]
   assert {step for step, _ in train_tags} == {2, 4, 6}
