@@ -6,6 +6,8 @@
       --torch_checkpoint=epoch_200.pth --config.model.roi_pool=baseline_max
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=predict \\
       --images=photo.jpg,more_photos/ --output_dir=predictions
+  python main.py --config=configs/demo.py --workdir=runs/demo --mode=export \\
+      --output_dir=serving/deepfashion/1    # a TensorFlow SavedModel (README: Command line)
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=describe
   python main.py --config=configs/default.py --workdir=DIR --mode=prepare \\
       --config.data.data_dir=/path/to/DeepFashion [--config.data.tfds_dir=OUT]
@@ -32,17 +34,19 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and generated data.')
 flags.DEFINE_enum('mode', 'train',
-                  ['train', 'evaluate', 'convert', 'predict', 'describe', 'prepare'],
+                  ['train', 'evaluate', 'convert', 'predict', 'export', 'describe', 'prepare'],
                   'train: train and evaluate, resuming from the newest checkpoint; '
                   'evaluate: a checkpoint on config.eval.split; convert: a PyTorch checkpoint '
-                  'into the workdir; predict: a checkpoint on your own photos; describe: load '
+                  'into the workdir; predict: a checkpoint on your own photos; export: a '
+                  'checkpoint as a TensorFlow SavedModel for serving; describe: load '
                   '(or write) the dataset and summarise it; prepare: write the dataset as '
                   'TFDS ArrayRecord files (config.data.tfds_dir) for config.data.source=tfds.')
 flags.DEFINE_string('torch_checkpoint', None, '--mode=convert: the .pth file to convert.')
 flags.DEFINE_string('images', None, '--mode=predict: comma-separated image files and/or '
                     'folders (searched recursively for images).')
 flags.DEFINE_string('output_dir', None, '--mode=predict: where predictions.jsonl and the '
-                    'figures go.')
+                    'figures go; --mode=export: the SavedModel folder (saved_model.pb, '
+                    'variables/).')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0, where '
                     "JAX's coordinator listens (with --num_processes and --process_id).")
 flags.DEFINE_integer('num_processes', None, 'Multi-host: how many processes in all.')
@@ -87,6 +91,11 @@ def main(argv):
     if FLAGS.images is None or not FLAGS.output_dir:
       raise app.UsageError('--mode=predict needs --images=PATHS and --output_dir=DIR')
     print('written to', predict.predict(config, workdir, FLAGS.images, FLAGS.output_dir))
+  elif FLAGS.mode == 'export':
+    if not FLAGS.output_dir:
+      raise app.UsageError('--mode=export needs --output_dir=DIR')
+    from deepfashion_jax import export  # pylint: disable=g-import-not-at-top  (TensorFlow: slow)
+    print('written to', export.export(config, workdir, FLAGS.output_dir))
   elif FLAGS.mode == 'prepare':
     prepare(config, workdir)
   else:

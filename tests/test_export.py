@@ -1,0 +1,209 @@
+"""--mode=export: the SavedModel, run by TensorFlow alone in a fresh process, answers what
+--mode=predict answers (its photos, batch and predict step; unrounded).
+
+Tolerances, from what differs and what it does (measured on a model trained two steps:
+README "Command line", export):
+- The exported module is the same JAX program as predict's step, but compiled by
+  TensorFlow's XLA: its float32 sums run in another order. The crops' bilinear resampling
+  rounds to 8 bits, and where PIL's weights give a pixel exactly halfway (x.5) the two
+  compilers can round it to neighbouring grey levels: 0.1-0.3% of a crop's pixels, one
+  grey level. Photos whose crops have no such pixels agree to ~1e-7; others move
+  probabilities by up to ~2e-4 and boxes by up to ~0.03 px. Hence 1e-3 and 0.1 px.
+- A photo larger than the canvas is shrunk by PIL in predict (fixed-point weights, some
+  sizes vertical pass first) and by the same bilinear weights in float32 here: one grey
+  level on a few percent of pixels, ~5e-4 on probabilities: within the same bounds.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import test as test_config
+from deepfashion_jax import checkpoints
+from deepfashion_jax import export
+from deepfashion_jax import predict
+from deepfashion_jax import sharding
+from deepfashion_jax import steps
+from deepfashion_jax.data import landmark_slots
+from deepfashion_jax.data import photos as photos_lib
+from deepfashion_jax.data import transforms
+from tests import helpers
+
+# Run by TensorFlow alone: JAX, Flax and this package cannot even be imported.
+SERVE = r'''
+import os, sys
+for name in ('jax', 'jaxlib', 'flax', 'deepfashion_jax'):
+  sys.modules[name] = None
+import numpy as np
+import tensorflow as tf
+
+for saved_model, folder in zip(sys.argv[1::2], sys.argv[2::2]):
+  model = tf.saved_model.load(saved_model)
+  for name in sorted(os.listdir(folder)):
+    if name.startswith('images_'):
+      signature = model.signatures['serving_default']
+      outputs = signature(images=tf.constant(np.load(os.path.join(folder, name))))
+    elif name.startswith('files_'):
+      with open(os.path.join(folder, name)) as f:
+        data = [tf.io.read_file(path.strip()) for path in f if path.strip()]
+      outputs = model.signatures['encoded'](images=tf.stack(data))
+    else:
+      continue
+    stem = os.path.splitext(name)[0]
+    for key, value in outputs.items():
+      np.save(os.path.join(folder, f'out_{stem}_{key}.npy'), value.numpy())
+'''
+
+PROBABILITY_TOLERANCE = 1e-3
+PIXEL_TOLERANCE = 0.1
+CANVAS = 160  # smaller than the test's largest photo, which is shrunk into it
+
+
+def _config():
+  """A model with every output: box, landmarks, the per-garment-type head."""
+  config = test_config.get_config()
+  config.data.canvas_size = CANVAS
+  config.model.landmarks, config.model.category_head = 'heatmaps', 'per_garment_type'
+  return config
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  """A workdir holding the model's step-0 checkpoint (as --mode=convert writes one)."""
+  workdir = str(tmp_path_factory.mktemp('export_run'))
+  _, state = steps.create_train_state(_config(), sharding.make_mesh())
+  manager = checkpoints.create_manager(workdir)
+  checkpoints.save(manager, 0, state)
+  manager.wait_until_finished()
+  return workdir
+
+
+def _photo(rng, height, width) -> np.ndarray:
+  """A smooth garment-like blob on a textured background, uint8 (H, W, 3)."""
+  y, x = np.mgrid[:height, :width] / max(height, width)
+  blob = np.exp(-((x - rng.uniform(0.3, 0.7)) ** 2 + (y - rng.uniform(0.3, 0.7)) ** 2) * 12)
+  colour = rng.uniform(0, 255, 3)
+  image = blob[..., None] * colour + 60 * np.sin(40 * x + 30 * y)[..., None]
+  return np.clip(image + rng.normal(0, 12, (height, width, 3)) + 80, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope='module')
+def photo_files(tmp_path_factory):
+  """PNG files: five of 120 x 100 (within the canvas), one of 130 x 150, one of 200 x 170
+  (shrunk into the canvas); a JPEG of 110 x 90."""
+  rng = np.random.default_rng(0)
+  folder = tmp_path_factory.mktemp('export_photos')
+  files = dict(same=[])
+  for i in range(5):
+    files['same'].append(str(folder / f'same_{i}.png'))
+    Image.fromarray(_photo(rng, 120, 100)).save(files['same'][-1])
+  for name, (height, width) in dict(small=(130, 150), big=(200, 170)).items():
+    files[name] = str(folder / f'{name}.png')
+    Image.fromarray(_photo(rng, height, width)).save(files[name])
+  files['jpeg'] = str(folder / 'photo.jpg')
+  Image.fromarray(_photo(rng, 110, 90)).save(files['jpeg'], quality=90)
+  return files
+
+
+def _read(path):
+  with open(path, 'rb') as f:
+    return transforms.decode_image(f.read())
+
+
+def _predict_results(config, workdir, paths, ten_crop) -> list:
+  """predict's numbers for each photo, unrounded: its photos and batch (data/photos.py),
+  its predict step, its averaging over the crops (predict.describe_image)."""
+  mesh = sharding.make_mesh()
+  config, _, step_config, state = checkpoints.restore_for_inference(config, workdir, mesh)
+  names = photos_lib.load_output_names(config.data, workdir)
+  photos = photos_lib.Photos(paths, names, config.data, ten_crop=ten_crop,
+                             images_per_batch=len(paths), device_count=mesh.size)
+  photo_batch = next(photos.batches())
+  outputs = steps.jit_steps(step_config, mesh).predict(
+      state, sharding.global_batch(photo_batch.batch, mesh))
+  outputs = {k: np.asarray(v, np.float64) for k, v in outputs.items() if k != 'images'}
+  softmax = predict._softmax  # pylint: disable=protected-access
+  results, row = [], 0
+  for image in photo_batch.images:
+    rows = {k: v[row:row + len(image.crops)] for k, v in outputs.items()}
+    row += len(image.crops)
+    height, width = image.original_size
+    boxes = [image.box_in_pixels(c, b) for b, c in zip(rows['box'], image.crops)]
+    flip_order = list(landmark_slots.FLIP_ORDER)
+    results.append(dict(
+        category_probabilities=softmax(rows['category_logits'].mean(axis=0)
+                                       / config.predict.temperature),
+        attribute_probabilities=1 / (1 + np.exp(-rows['attribute_logits'].mean(axis=0))),
+        box=np.clip(np.mean(boxes, axis=0), 0, [width, height, width, height]),
+        landmarks=np.mean([image.landmarks_in_pixels(c, p)
+                           for p, c in zip(rows['landmarks'], image.crops)], axis=0),
+        landmark_peaks=np.mean([p[flip_order] if c.flip else p
+                                for p, c in zip(rows['landmark_peaks'], image.crops)], axis=0),
+        garment_type_probabilities=softmax(rows['garment_type_logits'].mean(axis=0))))
+  return results
+
+
+def _serve_in_tensorflow(jobs):
+  """jobs: (SavedModel folder, input folder) pairs; TensorFlow alone, in a fresh process."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  subprocess.run([sys.executable, '-c', SERVE, *[a for job in jobs for a in job]],
+                 check=True, env=env, cwd=helpers.ROOT)
+
+
+def _served(folder, stem) -> dict:
+  prefix = f'out_{stem}_'
+  return {name[len(prefix):-4]: np.load(os.path.join(folder, name))
+          for name in os.listdir(folder) if name.startswith(prefix)}
+
+
+def _differences(served: dict, expected: list) -> dict:
+  """The largest difference of each output over the photos (the keys must agree)."""
+  assert set(served) == set(expected[0]), (sorted(served), sorted(expected[0]))
+  assert all(len(v) == len(expected) for v in served.values())
+  return {k: max(float(np.abs(served[k][i] - e[k]).max()) for i, e in enumerate(expected))
+          for k in served}
+
+
+@pytest.mark.slow  # ~100 s: two exports and a TensorFlow process (make test-slow)
+def test_the_saved_model_answers_what_predict_answers(workdir, photo_files, tmp_path):
+  """One centre crop (the default): batches of 1 and 5 photos of two sizes, and one photo
+  larger than the canvas, through the uint8 signature (one exported graph: batch and size
+  polymorphic); a JPEG and a PNG of other sizes through the encoded one (decoded in
+  TensorFlow). Ten crops (config.export.ten_crop): the batch of 5."""
+  centre, ten = _config(), _config()
+  ten.export.ten_crop = True
+  jobs, cases = [], []
+  for name, config, batches in (
+      ('centre', centre, dict(one=[photo_files['small']], five=photo_files['same'],
+                              big=[photo_files['big']],
+                              files=[photo_files['jpeg'], photo_files['small']])),
+      ('ten', ten, dict(five=photo_files['same']))):
+    saved = export.export(config, workdir, str(tmp_path / f'{name}_saved_model'))
+    assert os.path.isfile(os.path.join(saved, 'saved_model.pb'))
+    folder = tmp_path / f'{name}_io'
+    folder.mkdir()
+    for stem, paths in batches.items():
+      if stem == 'files':
+        (folder / 'files_.txt').write_text('\n'.join(paths))
+      else:
+        np.save(folder / f'images_{stem}.npy', np.stack([_read(p) for p in paths]))
+    jobs.append((saved, str(folder)))
+    cases.append((config, batches, str(folder)))
+  _serve_in_tensorflow(jobs)
+
+  measured = {}
+  for config, batches, folder in cases:
+    for stem, paths in batches.items():
+      served = _served(folder, 'files_' if stem == 'files' else f'images_{stem}')
+      expected = _predict_results(config, workdir, paths, config.export.ten_crop)
+      measured[config.export.ten_crop, stem] = _differences(served, expected)
+  print('largest differences (ten_crop, batch): ', measured)
+  for differences in measured.values():
+    for key, difference in differences.items():
+      limit = (PROBABILITY_TOLERANCE if key.endswith(('probabilities', 'peaks'))
+               else PIXEL_TOLERANCE)
+      assert difference < limit, (key, difference, measured)
