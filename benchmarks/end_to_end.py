@@ -6,7 +6,9 @@ processes -> global batch -> jitted, donated train step), without the training l
 logging, evaluation and checkpoints, which are not throughput and whose TensorBoard
 writer needs TensorFlow (not on every GPU machine). The first --warmup steps (compiling
 included) are not timed; the figure is training images per second over the rest, the
-input pipeline and the host-to-device copies included.
+input pipeline and the host-to-device copies included. The JSON adds the train step's
+flops_per_step (XLA's cost analysis), the tflops_per_sec they make at that rate and, on a
+GPU whose peak deepfashion_jax/throughput.py lists, mfu.
 
   python -m benchmarks.end_to_end --config configs/resnet50_bf16.py --steps 300 \\
       [--batch_size 256] [--image_size 224] [--synthetic_images 4096] [--json OUT]
@@ -23,6 +25,7 @@ import jax
 
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
+from deepfashion_jax import throughput
 from deepfashion_jax.data import folder
 from deepfashion_jax.data import pipeline
 from deepfashion_jax.data import sources
@@ -74,8 +77,9 @@ def benchmark_config(args):
   return config
 
 
-def train_rate(config, workdir: str, steps_total: int, warmup: int) -> float:
-  """Training images per second after `warmup` steps, pipeline included."""
+def train_rate(config, workdir: str, steps_total: int, warmup: int) -> tuple:
+  """(training images per second after `warmup` steps, pipeline included; the train
+  step's FLOPs, or None when XLA counts none)."""
   index = folder.load_index(config.data, workdir)
   mesh = sharding.make_mesh()
   step_config, state = steps.create_train_state(config, mesh, index.attribute_facts())
@@ -86,14 +90,17 @@ def train_rate(config, workdir: str, steps_total: int, warmup: int) -> float:
       seed=config.seed, options=pipeline.image_options(config.data))
   iterator = pipeline.iterate(dataset, threads=config.data.threads,
                               processes=config.data.processes)
-  start = None
+  start, flops = None, None
   for step in range(steps_total):
     if step == warmup:
       jax.block_until_ready(state)
       start = time.perf_counter()
-    state, batch_metrics = train_step(state, sharding.global_batch(next(iterator), mesh))
+    batch = sharding.global_batch(next(iterator), mesh)
+    if step == 0:  # compiles the step as its first call would, and counts its FLOPs
+      flops = throughput.train_step_flops(train_step, step_config, state, batch)
+    state, batch_metrics = train_step(state, batch)
   jax.block_until_ready((state, batch_metrics))
-  return (steps_total - warmup) * config.batch_size / (time.perf_counter() - start)
+  return (steps_total - warmup) * config.batch_size / (time.perf_counter() - start), flops
 
 
 def main(argv=None):
@@ -105,7 +112,7 @@ def main(argv=None):
     workdir = args.workdir or scratch
     config.data.cache_dir = os.path.join(workdir, 'annotation_cache')
     start = time.perf_counter()
-    figure = train_rate(config, workdir, args.steps, args.warmup)
+    figure, flops = train_rate(config, workdir, args.steps, args.warmup)
     wall = time.perf_counter() - start
   result = dict(config=os.path.relpath(args.config, ROOT), steps=args.steps,
                 warmup=args.warmup, batch_size=config.batch_size,
@@ -114,11 +121,19 @@ def main(argv=None):
                 data_processes=config.data.processes,
                 device=str(jax.devices()[0].device_kind), device_count=jax.device_count(),
                 end_to_end_img_s=figure, wall_s=wall)
+  # flops_per_step, tflops_per_sec at the end-to-end rate and, where the peak is known, mfu
+  result.update(throughput.flops_figures(flops, figure / config.batch_size,
+                                         throughput.device_peak(config.dtype),
+                                         jax.device_count()))
   print(f"end to end, {result['config']}, {result['backbone']}, batch "
         f"{result['batch_size']}, {result['image_size']} px, {result['dtype']}, "
         f"{result['device']} x {result['device_count']}")
   print(f"training images/s over steps {args.warmup + 1}-{args.steps}: {figure:.1f} "
         f"(whole run, data writing and compiling included: {wall:.0f} s)")
+  if 'flops_per_step' in result:
+    print(f"{result['flops_per_step'] / 1e9:.1f} GFLOP/step, "
+          f"{result['tflops_per_sec']:.2f} TFLOP/s"
+          + (f", MFU {result['mfu']:.1%}" if 'mfu' in result else ''))
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(result, f, indent=1)

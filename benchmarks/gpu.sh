@@ -3,8 +3,8 @@
 # bfloat16 at the largest batch of 512 / 256 / 128 that fits, then 300-step training runs
 # on synthetic data through the real input pipeline of configs/resnet50_bf16.py and of
 # Liu & Lu's recipe (configs/landmark_attention.py: VGG-16 with landmark-driven
-# attention, float32, its batch of 16); prints images/s for each and the device, and
-# writes step_resnet18.json, step_resnet50.json, end_to_end.json,
+# attention, float32, its batch of 16); prints images/s, TFLOP/s and MFU (where the GPU's
+# peak is listed in deepfashion_jax/throughput.py) for each and the device, and writes step_resnet18.json, step_resnet50.json, end_to_end.json,
 # landmark_attention.json and summary.json into OUT_DIR.
 #
 #   benchmarks/gpu.sh [--shrink] [OUT_DIR]        (OUT_DIR: $OUT, else benchmarks/out/gpu)
@@ -68,15 +68,19 @@ out = sys.argv[1]
 read = lambda name: json.load(open(os.path.join(out, name)))
 r18, r50, e2e = read('step_resnet18.json'), read('step_resnet50.json'), read('end_to_end.json')
 recipe = read('landmark_attention.json')
-rows = [('ResNet-18 train step', r18['batch_size'], r18['jax_img_s']),
-        ('ResNet-50 train step', r50['batch_size'], r50['jax_img_s']),
-        ('ResNet-50 end to end', e2e['batch_size'], e2e['end_to_end_img_s']),
-        ('Liu & Lu end to end', recipe['batch_size'], recipe['end_to_end_img_s'])]
+rows = [('ResNet-18 train step', r18, r18['jax_img_s']),
+        ('ResNet-50 train step', r50, r50['jax_img_s']),
+        ('ResNet-50 end to end', e2e, e2e['end_to_end_img_s']),
+        ('Liu & Lu end to end', recipe, recipe['end_to_end_img_s'])]
 print(f"device: {r50['device']} x {r50['device_count']}, bfloat16 ({recipe['dtype']} for "
       f"Liu & Lu's recipe), {r50['image_size']} px")
-print(f"{'measure':<24}{'batch':>7}{'img/s':>10}")
-for name, batch, value in rows:
-  print(f"{name:<24}{batch:>7}{value:>10.1f}")
+# TFLOP/s: the step's FLOPs (XLA's count) at that rate; MFU against the device's dense
+# peak for the dtype (deepfashion_jax/throughput.py; '-' where the peak is not listed).
+print(f"{'measure':<24}{'batch':>7}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}")
+for name, result, value in rows:
+  tflops = f"{result['tflops_per_sec']:.2f}" if 'tflops_per_sec' in result else '-'
+  mfu = f"{result['mfu']:.1%}" if 'mfu' in result else '-'
+  print(f"{name:<24}{result['batch_size']:>7}{value:>10.1f}{tflops:>10}{mfu:>8}")
 ratio = e2e['end_to_end_img_s'] / r50['jax_img_s']
 print(f"end to end / step alone (ResNet-50): {ratio:.2f}"
       + ('' if e2e['batch_size'] == r50['batch_size'] else
@@ -87,5 +91,9 @@ summary = dict(device=r50['device'], resnet18_step_img_s=r18['jax_img_s'],
                end_to_end_batch=e2e['batch_size'], end_to_end_over_step=ratio,
                landmark_attention_img_s=recipe['end_to_end_img_s'],
                landmark_attention_batch=recipe['batch_size'])
+for prefix, (_, result, _) in zip(('resnet18_step', 'resnet50_step', 'end_to_end',
+                                   'landmark_attention'), rows):
+  summary.update({f'{prefix}_{key}': result[key]
+                  for key in ('flops_per_step', 'tflops_per_sec', 'mfu') if key in result})
 json.dump(summary, open(os.path.join(out, 'summary.json'), 'w'), indent=1)
 EOF

@@ -12,7 +12,9 @@ number of threads. After warm-up the two steps alternate, N times each; the medi
   python -m benchmarks.train_step --backbone resnet18 --batch_size 32 --image_size 224 \\
       --steps 10 [--dtype float32] [--no_torch] [--json OUT]
 
-Prints a table and writes jax_img_s and torch_img_s (and the step times) as JSON.
+Prints a table and writes jax_img_s and torch_img_s (and the step times) as JSON, with our
+step's flops_per_step (XLA's cost analysis), tflops_per_sec and, on a GPU whose peak
+deepfashion_jax/throughput.py lists, mfu.
 """
 
 import argparse
@@ -27,6 +29,7 @@ import numpy as np
 from configs import default
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
+from deepfashion_jax import throughput
 from deepfashion_jax.data import annotations
 from deepfashion_jax.data import vocabulary
 
@@ -105,6 +108,8 @@ def jax_step(args, batch):
     jax.block_until_ready((holder['state'], batch_metrics))
 
   run.holder = holder  # the current state, for tests
+  # Compiles the step (its first call reuses the executable) and counts its FLOPs.
+  run.flops = throughput.train_step_flops(train_step, step_config, state, device_batch)
   return run
 
 
@@ -196,6 +201,11 @@ def measure(args) -> dict:
     result[f'{name}_step_s'] = median
     result[f'{name}_img_s'] = args.batch_size / median
     result[f'{name}_step_s_all'] = values
+  # Ours: flops_per_step (XLA's count), tflops_per_sec at the median step and, on a device
+  # whose peak deepfashion_jax/throughput.py lists, mfu.
+  result.update(throughput.flops_figures(runners['jax'].flops, 1 / result['jax_step_s'],
+                                         throughput.device_peak(args.dtype),
+                                         jax.device_count()))
   return result
 
 
@@ -207,6 +217,10 @@ def print_table(result: dict):
   for name in ('jax', 'torch'):
     if f'{name}_img_s' in result:
       print(f"{name:<8}{result[f'{name}_step_s']:>10.3f}{result[f'{name}_img_s']:>10.1f}")
+  if 'flops_per_step' in result:
+    print(f"jax: {result['flops_per_step'] / 1e9:.1f} GFLOP/step, "
+          f"{result['tflops_per_sec']:.2f} TFLOP/s"
+          + (f", MFU {result['mfu']:.1%}" if 'mfu' in result else ''))
   if 'torch_img_s' in result:
     print(f"jax / torch: {result['jax_img_s'] / result['torch_img_s']:.2f}x")
 

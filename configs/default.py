@@ -32,6 +32,9 @@ def get_config():
   config.keep_checkpoints = 3  # the newest kept, besides the best by config.best_metric
   config.best_metric = 'category_top3'  # evaluation metric that names the best checkpoint
   config.num_box_images = 8  # validation images drawn with their boxes at each evaluation
+  # (a, b): a jax.profiler trace of training steps a to b, both included, into
+  # WORKDIR/profile (TensorBoard's profile plugin, Perfetto); (0, 0): off
+  config.profile_steps = (0, 0)
 
   config.eval = ml_collections.ConfigDict()
   config.eval.split = 'val'  # 'val' or 'test'

@@ -113,6 +113,20 @@ def check(config):
   if not config.predict.temperature > 0:
     raise ValueError(f'config.predict.temperature={config.predict.temperature}: expected a '
                      'positive number')
+  _check_profile_steps(config)
+
+
+def _check_profile_steps(config):
+  """config.profile_steps: (0, 0) or () off, else (a, b), steps a to b both traced."""
+  window = config.get('profile_steps', (0, 0))
+  if isinstance(window, (tuple, list)) and tuple(window) in ((), (0, 0)):
+    return
+  if not (isinstance(window, (tuple, list)) and len(window) == 2
+          and all(isinstance(s, int) and not isinstance(s, bool) for s in window)
+          and 1 <= window[0] <= window[1]):
+    raise ValueError(f'config.profile_steps={window!r}: expected (0, 0) (off) or (a, b), '
+                     'the steps a to b (both included) to trace, 1 <= a <= b, e.g. '
+                     "--config.profile_steps='(10,15)'")
 
 
 def _check_liu_lu_parts(config):

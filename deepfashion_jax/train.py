@@ -10,6 +10,10 @@ With config.ema_decay > 0 each evaluation also evaluates the moving average of t
 weights (`steps.ema_weights`) and logs its metrics beside the raw ones, prefixed `ema_`
 (TensorBoard `eval_ema_*`, `metrics.jsonl`, and the metrics that config.best_metric may
 name); weights loaded by config.model.init_from restart the average.
+
+Each train log also carries the train step's FLOPs, the TFLOP/s achieved and, on a GPU
+whose peak is listed, MFU (throughput.py); config.profile_steps=(a, b) writes a
+jax.profiler trace of steps a to b (both included) into WORKDIR/profile.
 """
 
 import dataclasses
@@ -34,6 +38,7 @@ from deepfashion_jax import data
 from deepfashion_jax import evaluate
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
+from deepfashion_jax import throughput as throughput_lib
 
 
 @dataclasses.dataclass
@@ -46,6 +51,7 @@ class _Run:
   data: data.TrainingData
   manager: Any  # orbax CheckpointManager
   writer: Any  # clu MetricWriter
+  step_config: Any = None  # steps.StepConfig: counting the train step's FLOPs
   stop: Any = None  # _StopSignals
 
 
@@ -160,7 +166,9 @@ def _check_writable(workdir: str):
 
 def train_and_evaluate(config, workdir: str):
   """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics
-  and, when the run logged twice or more, its `train_images_per_sec` (see Throughput)."""
+  and, when the run logged twice or more, its `train_images_per_sec` (see Throughput),
+  with `train_flops_per_step`, `train_tflops_per_sec` and `train_mfu` where they are
+  known (throughput.py)."""
   config_checks.check(config)
   _check_writable(workdir)
   training_data = data.create_datasets(config, workdir)
@@ -186,7 +194,7 @@ def train_and_evaluate(config, workdir: str):
   if int(state.step) == 0:
     writer.write_hparams({k: v for k, v in config.items() if not hasattr(v, 'items')})
   run = _Run(config, workdir, mesh, steps.jit_steps(step_config, mesh), training_data,
-             manager, writer)
+             manager, writer, step_config)
   try:
     with _StopSignals() as run.stop:
       return _train_loop(run, state)
@@ -202,38 +210,59 @@ def _train_loop(run: _Run, state) -> dict:
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=run.writer)
   train_metrics, skipped, results = None, 0, {}
-  throughput = Throughput(config.batch_size, int(state.step))
-  for step in range(int(state.step) + 1, config.num_train_steps + 1):
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      batch = next(train_batches)
-      skipped += int(batch['skipped'].sum())
-      state, batch_metrics = run.steps.train(state, sharding.global_batch(batch, run.mesh))
-    train_metrics = (batch_metrics if train_metrics is None
-                     else train_metrics.merge(batch_metrics))
-    report_progress(step)
-    last, stopping = step == config.num_train_steps, run.stop.requested()
-    if step % config.log_every_steps == 0 or last or stopping:
-      _write_train_metrics(run, step, train_metrics)
-      train_metrics = None
-      run.writer.write_scalars(step, {'images_per_sec': throughput.measure(step)})
-    evaluated = step % config.eval_every_steps == 0 or last
-    if evaluated:
-      with report_progress.timed('eval'):
-        results = _evaluate_and_report(run, state, step, skipped)
-      skipped = 0
-    if step % config.checkpoint_every_steps == 0 or last or stopping:
-      with report_progress.timed('checkpoint'):
-        checkpoints.save(run.manager, step, state, train_batches,
-                         metrics=results if evaluated else None, config=config)
-    if evaluated or step % config.checkpoint_every_steps == 0:
-      throughput.restart(step)
-    if stopping and not last:
-      raise Preempted(f'Pre-empted by {run.stop.received or "another process"} after step '
-                      f'{step}: saved its checkpoint in {run.manager.directory}. Run the '
-                      'same command again to resume from it.')
+  throughput = Throughput(config.batch_size, int(state.step),
+                          peak_per_device=throughput_lib.device_peak(config.dtype))
+  first = int(state.step) + 1
+  profile = throughput_lib.ProfileWindow(config.profile_steps,
+                                         throughput_lib.profile_dir(run.workdir))
+  _warn_if_outside(profile.window, first, config.num_train_steps)
+  with profile:  # stops a trace still running when the run ends or fails inside it
+    for step in range(first, config.num_train_steps + 1):
+      profile.before(step)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = next(train_batches)
+        skipped += int(batch['skipped'].sum())
+        batch = sharding.global_batch(batch, run.mesh)
+        if step == first:  # compiles the step (the call below reuses it), counts its FLOPs
+          throughput.flops_per_step = throughput_lib.train_step_flops(
+              run.steps.train, run.step_config, state, batch)
+        state, batch_metrics = run.steps.train(state, batch)
+      profile.after(step, state)
+      train_metrics = (batch_metrics if train_metrics is None
+                       else train_metrics.merge(batch_metrics))
+      report_progress(step)
+      last, stopping = step == config.num_train_steps, run.stop.requested()
+      if step % config.log_every_steps == 0 or last or stopping:
+        _write_train_metrics(run, step, train_metrics)
+        train_metrics = None
+        run.writer.write_scalars(step, throughput.figures(throughput.measure(step)))
+      evaluated = step % config.eval_every_steps == 0 or last
+      if evaluated:
+        with report_progress.timed('eval'):
+          results = _evaluate_and_report(run, state, step, skipped)
+        skipped = 0
+      if step % config.checkpoint_every_steps == 0 or last or stopping:
+        with report_progress.timed('checkpoint'):
+          checkpoints.save(run.manager, step, state, train_batches,
+                           metrics=results if evaluated else None, config=config)
+      if evaluated or step % config.checkpoint_every_steps == 0:
+        throughput.restart(step)
+      if stopping and not last:
+        raise Preempted(f'Pre-empted by {run.stop.received or "another process"} after step '
+                        f'{step}: saved its checkpoint in {run.manager.directory}. Run the '
+                        'same command again to resume from it.')
   if throughput.steady() is not None:
-    results = dict(results, train_images_per_sec=throughput.steady())
+    results = dict(results, **{f'train_{name}': value for name, value
+                               in throughput.figures(throughput.steady()).items()})
   return results
+
+
+def _warn_if_outside(window, first: int, last: int):
+  """A config.profile_steps window this run will not reach (resumed past it, or beyond
+  num_train_steps) is said at start, not silently skipped."""
+  if window and not first <= window[0] <= last:
+    logging.warning('config.profile_steps=%s: this run trains steps %d to %d and starts no '
+                    'trace (the window must start inside them)', window, first, last)
 
 
 class Throughput:
@@ -241,11 +270,20 @@ class Throughput:
 
   `measure` follows the log's device sync, so the steps it counts have finished. The
   first interval of a run includes compiling the step; `steady` leaves it out.
+  `figures` adds `throughput.flops_figures` (flops_per_step, tflops_per_sec, mfu) once
+  flops_per_step is known (the loop counts it at its first step).
   """
 
-  def __init__(self, batch_size: int, step: int):
+  def __init__(self, batch_size: int, step: int, flops_per_step=None, peak_per_device=None):
     self.batch_size, self.intervals = batch_size, []  # (images, seconds)
+    self.flops_per_step, self.peak_per_device = flops_per_step, peak_per_device
     self.restart(step)
+
+  def figures(self, images_per_sec: float) -> dict:
+    """images_per_sec, and flops_per_step, tflops_per_sec and mfu where known."""
+    return dict(images_per_sec=images_per_sec, **throughput_lib.flops_figures(
+        self.flops_per_step, images_per_sec / self.batch_size, self.peak_per_device,
+        jax.device_count()))
 
   def restart(self, step: int, now=None):
     self.start_step = step

@@ -98,6 +98,12 @@ def test_gpu_script_runs_shrunk_on_cpu(tmp_path):
   assert 'Liu & Lu end to end' in completed.stdout
   recipe = json.loads((tmp_path / 'landmark_attention.json').read_text())
   assert (recipe['backbone'], recipe['config']) == ('vgg16', 'configs/landmark_attention.py')
+  # XLA's FLOP counts and the TFLOP/s they make; no MFU on a CPU (no listed peak).
+  for prefix in ('resnet18_step', 'resnet50_step', 'end_to_end', 'landmark_attention'):
+    assert summary[f'{prefix}_flops_per_step'] > 0 and summary[f'{prefix}_tflops_per_sec'] > 0
+    assert f'{prefix}_mfu' not in summary
+  assert summary['resnet50_step_flops_per_step'] > summary['resnet18_step_flops_per_step']
+  assert 'TFLOP/s' in completed.stdout and 'MFU' in completed.stdout
 
 
 

@@ -1,0 +1,173 @@
+"""How hard training works the devices: the train step's FLOPs, the TFLOP/s they make,
+model FLOPs utilisation (MFU) against the device's peak, and a profiler trace of chosen
+steps (config.profile_steps).
+
+FLOPs per step come from XLA's cost analysis of the compiled train step, counted once at
+the first step: `train_step_flops` lowers and compiles the jitted step on the first batch,
+and jax's call then finds that executable in its cache, so the step is not compiled twice
+(measured with jax 0.10: the call after it takes a step's time). A sharded step's
+executable is one device's program, so its count is multiplied by the device count: the
+whole global batch's FLOPs, the replicated optimiser update counted once per device. XLA
+counts a loop's body once, so with config.grad_accum_steps = k > 1 (a `lax.scan` over k
+micro-batches) the FLOPs are those of the same step without accumulation on the same
+global batch (measured: the same count as k = 1), lowered for the count alone and counted
+before compiling where XLA can (CPU), else compiled (GPU: one more compile at start).
+"""
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Optional
+
+from absl import logging
+import jax
+
+from deepfashion_jax import steps as steps_lib
+
+# Dense (no sparsity) peak TFLOP/s per device, by a substring of
+# jax.devices()[0].device_kind ('NVIDIA H100 80GB HBM3', 'NVIDIA H200',
+# 'NVIDIA A100-SXM4-80GB', 'NVIDIA A100 80GB PCIe', ...); the first entry that matches wins,
+# and an entry of None (variants whose clocks differ and whose figure is not listed) means
+# unknown: no MFU. 'bf16' is the bfloat16 and float16 peak, 'tf32' the float32 one (XLA's
+# default matmul precision on these GPUs runs float32 dots and convolutions as TF32).
+PEAK_TFLOPS = (
+    ('NVL', None),  # H100 NVL, H200 NVL: lower clocks than SXM
+    ('H100 PCIe', dict(bf16=756.0, tf32=378.0)),
+    ('H100', dict(bf16=989.0, tf32=494.0)),  # SXM: 'NVIDIA H100 80GB HBM3'
+    ('H200', dict(bf16=989.0, tf32=494.0)),  # the H100 SXM's chip with more memory
+    ('A100', dict(bf16=312.0, tf32=156.0)),  # SXM4 and PCIe alike
+)
+_PRECISION = {'bfloat16': 'bf16', 'float16': 'bf16', 'float32': 'tf32'}
+
+
+def peak_flops_per_sec(device_kind: str, dtype: str) -> Optional[float]:
+  """One device's dense peak FLOP/s for config.dtype's matmuls, or None when unknown (a
+  device not in PEAK_TFLOPS, a CPU, or float32 with jax_default_matmul_precision set to
+  full float32, whose peak the table does not hold)."""
+  for substring, peaks in PEAK_TFLOPS:
+    if substring in device_kind:
+      break
+  else:
+    return None
+  if peaks is None or dtype not in _PRECISION:
+    return None
+  if dtype == 'float32' and str(jax.config.jax_default_matmul_precision).lower() in (
+      'highest', 'float32', 'precision.highest'):
+    return None
+  return peaks[_PRECISION[dtype]] * 1e12
+
+
+def _flops(cost_analysis) -> Optional[float]:
+  """The 'flops' of a cost analysis (a dict, or a list of one per program in older jax);
+  None when there is none or it is not positive."""
+  if isinstance(cost_analysis, (list, tuple)):
+    cost_analysis = cost_analysis[0] if cost_analysis else None
+  if not cost_analysis:
+    return None
+  flops = cost_analysis.get('flops')
+  return float(flops) if flops is not None and flops > 0 else None
+
+
+def compiled_flops(lowered) -> Optional[float]:
+  """The FLOPs of a lowered jitted call over all devices: its compiled executable's cost
+  analysis (one device's program) times the device count; None when XLA gives none."""
+  compiled = lowered.compile()
+  try:
+    flops = _flops(compiled.cost_analysis())
+  except NotImplementedError:
+    return None
+  return None if flops is None else flops * jax.device_count()
+
+
+def train_step_flops(train, step_config: steps_lib.StepConfig, state, batch) -> Optional[float]:
+  """The FLOPs of one train step on the global `batch` (see the module's docstring), or
+  None when XLA's cost analysis has none. `train` is `steps.jit_steps(...).train`: it is
+  compiled here for (state, batch), as its first call would compile it."""
+  start = time.perf_counter()
+  flops = compiled_flops(train.lower(state, batch))
+  if step_config.grad_accum_steps > 1:  # XLA counts the scan's body once: count k = 1
+    plain = dataclasses.replace(step_config, grad_accum_steps=1)
+    lowered = jax.jit(functools.partial(steps_lib.train_step, plain)).lower(state, batch)
+    # Before compiling where XLA can (CPU: the whole program, within 0.1% of the compiled
+    # count); GPU plugins cannot, and compile it.
+    flops = _flops(lowered.cost_analysis()) or compiled_flops(lowered)
+  logging.info('The train step: %s FLOPs per step (XLA cost analysis; compiled in %.1f s)',
+               'no count of' if flops is None else f'{flops:.4g}',
+               time.perf_counter() - start)
+  return flops
+
+
+def flops_figures(flops_per_step: Optional[float], steps_per_sec: float,
+                  peak_per_device: Optional[float], device_count: int) -> dict:
+  """What the train log carries beside images_per_sec: flops_per_step, tflops_per_sec
+  (achieved, over all devices) and, when the peak is known, mfu = achieved /
+  (peak x devices); nothing without a FLOP count."""
+  if flops_per_step is None:
+    return {}
+  achieved = flops_per_step * steps_per_sec
+  figures = dict(flops_per_step=flops_per_step, tflops_per_sec=achieved / 1e12)
+  if peak_per_device:
+    figures['mfu'] = achieved / (peak_per_device * device_count)
+  return figures
+
+
+def device_peak(dtype: str) -> Optional[float]:
+  """peak_flops_per_sec of this run's first device."""
+  return peak_flops_per_sec(str(jax.devices()[0].device_kind), dtype)
+
+
+# --- config.profile_steps -------------------------------------------------------------
+
+PROFILE_FOLDER = 'profile'
+
+
+def profile_dir(workdir: str) -> str:
+  """WORKDIR/profile for process 0, WORKDIR/profile/process_<i> for the others: each
+  process traces its own devices into its own folder."""
+  folder = os.path.join(workdir, PROFILE_FOLDER)
+  index = jax.process_index()
+  return folder if index == 0 else os.path.join(folder, f'process_{index}')
+
+
+def profile_window(profile_steps) -> Optional[tuple]:
+  """config.profile_steps as (first, last), both traced; None when off ((0, 0) or ())."""
+  if not profile_steps or tuple(profile_steps) == (0, 0):
+    return None
+  first, last = profile_steps
+  return int(first), int(last)
+
+
+class ProfileWindow:
+  """A jax.profiler trace of training steps first..last (both included) into `log_dir`:
+  started before step `first` fetches its batch, stopped once step `last`'s state is
+  computed (the device work waited for), or on leaving the `with` block if the run ends
+  or fails inside the window. The trace is viewable in TensorBoard's profile plugin
+  (xprof) and, as perfetto_trace.json.gz, in Perfetto (README, "Command line")."""
+
+  def __init__(self, profile_steps, log_dir: str):
+    self.window, self.log_dir, self.active = profile_window(profile_steps), log_dir, False
+
+  def __enter__(self):
+    return self
+
+  def before(self, step: int):
+    if self.window and step == self.window[0] and not self.active:
+      os.makedirs(self.log_dir, exist_ok=True)
+      logging.info('Profiling steps %d to %d into %s', *self.window, self.log_dir)
+      jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True)
+      self.active = True
+
+  def after(self, step: int, state):
+    if self.active and step >= self.window[1]:
+      jax.block_until_ready(state)
+      self._stop()
+
+  def _stop(self):
+    self.active = False
+    jax.profiler.stop_trace()
+    logging.info('Profile written into %s', self.log_dir)
+
+  def __exit__(self, *exc):
+    if self.active:  # the run ended or failed inside the window: keep what was traced
+      self._stop()
