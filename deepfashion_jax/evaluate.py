@@ -108,12 +108,14 @@ def box_figure(images: np.ndarray, batch: dict, outputs: dict):
     draw = ImageDraw.Draw(picture)
     side = picture.size[0]
     if 'box' in outputs:
-      for box, colour in ((batch['bbox'][i], TRUE_COLOUR), (outputs['box'][i], PREDICTED_COLOUR)):
+      for box, colour in ((batch['bbox'][i], TRUE_COLOUR),
+                          (outputs['box'][i], PREDICTED_COLOUR)):
         x1, y1, x2, y2 = (float(v) * side for v in box)
         draw.rectangle((x1, y1, max(x1, x2), max(y1, y2)), outline=colour, width=2)
     if 'landmarks' in outputs:
       true = batch['landmarks'][i][batch['landmark_visible'][i]]
-      for points, colour in ((true, TRUE_COLOUR), (outputs['landmarks'][i], PREDICTED_COLOUR)):
+      for points, colour in ((true, TRUE_COLOUR),
+                             (outputs['landmarks'][i], PREDICTED_COLOUR)):
         for x, y in np.asarray(points, np.float64) * side:
           draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
     drawn.append(np.asarray(picture))

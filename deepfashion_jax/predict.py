@@ -108,8 +108,9 @@ def _bars(axis, entries: list, title: str, colour: str):
 
 
 def draw_figure(image, line: dict, path: str):
-  """The image with its predicted box and landmarks (left); the top categories and each attribute type's
-  top attributes as horizontal bars (right, two rows of three); a 1120 x 560 PNG."""
+  """The image with its predicted box and landmarks (left); the top categories and each
+  attribute type's top attributes as horizontal bars (right, two rows of three); a
+  1120 x 560 PNG."""
   figure = pyplot.figure(figsize=FIGURE_INCHES, dpi=FIGURE_DPI)
   grid = figure.add_gridspec(2, 5, wspace=1.0, hspace=0.35, left=0.02, right=0.98)
   photo = figure.add_subplot(grid[:, :2])

@@ -305,7 +305,8 @@ def test_a_model_unlike_theirs_is_refused_saying_what_to_set(tmp_path):
       f"{path} is a state dict of Liu & Lu's WholeNetwork: its heads are theirs; set "
       "--config.model.heads=liu_lu (config.model.heads is 'fashionnet'); and it has their "
       'landmark branch and landmark-driven attention; set --config.model.landmarks=attention '
-      "(config.model.landmarks is 'heatmaps'); and it was trained on pixels normalised with ImageNet's mean and std; set "
+      "(config.model.landmarks is 'heatmaps'); and it was trained on pixels normalised "
+      "with ImageNet's mean and std; set "
       "--config.data.normalization=imagenet (config.data.normalization is 'baseline')")):
     convert_torch.load_into(_model(heads='fashionnet', landmarks='heatmaps',
                                    normalization='baseline'), path)
