@@ -327,7 +327,8 @@ def accumulated_gradients(step_config: StepConfig, state: TrainState, batch: dic
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
   (batch_stats, grad_sum), (losses_k, outputs, parts) = jax.lax.scan(
       one_micro_batch, (state.batch_stats, zeros),
-      (split_micro_batches(batch, micro_batches), jnp.arange(micro_batches)))
+      (split_micro_batches(batch, micro_batches), jnp.arange(micro_batches)),
+      unroll=xla_cpu.unroll_loops())  # XLA:CPU's loops are slow (xla_cpu.py)
   grads = jax.tree.map(lambda s, p: (s / micro_batches).astype(p.dtype), grad_sum,
                        state.params)
   per_example = lambda values: merge_micro_batches(jnp.broadcast_to(

@@ -56,6 +56,7 @@ def test_the_published_protocol_trains_and_evaluates_on_a_synthetic_folder(synth
   assert list(logged) == [2]
 
 
+@pytest.mark.slow  # ~60 s: VGG-16 with attention compiled for training, evaluation, prediction
 def test_the_landmark_attention_recipe_trains_evaluates_and_predicts_landmarks(
     synthetic_folder, tmp_path, capsys):
   """Liu & Lu's recipe shrunk to 64 px (the U-Net halves conv4_3's 8 x 8 twice): it trains
