@@ -56,9 +56,8 @@ def compiler_options(mesh) -> Optional[dict]:
 
 def unroll_loops() -> bool:
   """Whether the steps' loops (gradient accumulation's scan over micro-batches) should be
-  unrolled: on CPU. XLA:CPU runs a while loop's body several times slower than the same
-  code unrolled (the demo's 72 px step with two micro-batches: 4.39 s rolled, 0.29 s
-  unrolled, 0.31 s without accumulation). Elsewhere the loop stays rolled, so that one
+  unrolled: on CPU, where XLA runs a loop's body many times slower than the same code
+  unrolled (benchmarks/RESULTS.md). Elsewhere the loop stays rolled, so that one
   micro-batch's activations at a time are live, which is what accumulation is for."""
   return jax.default_backend() == 'cpu'
 
