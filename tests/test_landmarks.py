@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from configs import test as test_config
 from deepfashion_jax import config_checks
@@ -83,6 +82,7 @@ def test_landmark_loss_is_liu_lu_masked_mean_and_ignores_hidden_slots():
 
 
 def test_two_way_attribute_loss_is_torch_weighted_cross_entropy():
+  torch = pytest.importorskip('torch')
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(4, 2, 30)).astype(np.float32)
   positive = rng.uniform(size=(4, 30)) < 0.2
