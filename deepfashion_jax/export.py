@@ -45,8 +45,10 @@ import tensorflow as tf
 
 from deepfashion_jax import checkpoints
 from deepfashion_jax import config_checks
+from deepfashion_jax import predict
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
+from deepfashion_jax.data import device_transforms
 from deepfashion_jax.data import landmark_slots
 
 PLATFORMS = ('cpu', 'cuda')  # what the SavedModel runs on
@@ -93,12 +95,7 @@ def fit_to_canvas(images, fitted, canvas_size: int):
   PIL's bilinear resize, horizontal pass rounded to 8 bits, then vertical), zeros elsewhere."""
   rows = _shrink_weights(images.shape[1], fitted[0], canvas_size)
   cols = _shrink_weights(images.shape[2], fitted[1], canvas_size)
-  to_8_bits = lambda x: jnp.clip(jnp.floor(x + 0.5), 0, 255)
-  highest = jax.lax.Precision.HIGHEST
-  horizontal = to_8_bits(jnp.einsum('bhwc,qw->bhqc', images.astype(jnp.float32), cols,
-                                    precision=highest))
-  return to_8_bits(jnp.einsum('ph,bhqc->bpqc', rows, horizontal,
-                              precision=highest)).astype(jnp.uint8)
+  return jax.vmap(lambda image: device_transforms.resample(image, rows, cols))(images)
 
 
 def crop_regions(fitted, preprocessing: Preprocessing):
@@ -261,10 +258,7 @@ def export(config, workdir: str, output_dir: str) -> str:
   mesh = sharding.make_mesh()
   config, step, step_config, state = checkpoints.restore_for_inference(config, workdir, mesh)
   logging.info('Exporting the checkpoint of step %d in %s', step, workdir)
-  if config.data.crop == 'gt_box':
-    logging.warning('This model was trained on images cut to their ground-truth box '
-                    "(config.data.crop='gt_box'): it reads each photo whole, as such a cut; "
-                    'photos showing more than the garment should be cut to it first.')
+  predict.warn_if_trained_on_box_cuts(config)
   weights = jax.device_get((state.params, state.batch_stats))
   module = ServingModule(step_config, Preprocessing.from_config(config), weights)
   signatures = {

@@ -138,6 +138,14 @@ def draw_figure(image, line: dict, path: str):
   pyplot.close(figure)
 
 
+def warn_if_trained_on_box_cuts(config):
+  """A gt_box model reads each photo whole, as a cut to its garment: said once."""
+  if config.data.crop == 'gt_box':
+    logging.warning('This model was trained on images cut to their ground-truth box '
+                    "(config.data.crop='gt_box'): each photo is read whole, as such a cut; "
+                    'photos showing more than the garment should be cut to it first.')
+
+
 def _figure_path(output_dir: str, number: int, image_path: str) -> str:
   """Numbered, so that two photos called front.jpg in two folders keep both figures."""
   stem = os.path.splitext(os.path.basename(image_path))[0]
@@ -154,10 +162,7 @@ def predict(config, workdir: str, images: str, output_dir: str) -> str:
   photos = data.create_photos(config, workdir, images, device_count=mesh.size)
   config, step, step_config, state = checkpoints.restore_for_inference(config, workdir, mesh)
   logging.info('Predicting with the checkpoint of step %d in %s', step, workdir)
-  if config.data.crop == 'gt_box':
-    logging.warning('This model was trained on images cut to their ground-truth box '
-                    "(config.data.crop='gt_box'): each photo is read whole, as such a cut; "
-                    'photos showing more than the garment should be cut to it first.')
+  warn_if_trained_on_box_cuts(config)
   predict_step = steps.jit_steps(step_config, mesh).predict
   os.makedirs(output_dir, exist_ok=True)
   jsonl = os.path.join(output_dir, 'predictions.jsonl')

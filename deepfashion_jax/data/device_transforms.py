@@ -36,10 +36,15 @@ def _one_image(canvas, window, region, flip, out_size):
   cols = pil_bilinear_weights(region[0], region[2], window[0], window[2], out_size,
                               canvas_size)
   cols = jnp.where(flip, cols[::-1], cols)
-  # Like PIL: the horizontal pass first, rounded to 8 bits, then the vertical pass.
+  return resample(canvas, rows, cols)
+
+
+def resample(image, rows, cols):
+  """(H, W, C) uint8 -> (P, Q, C) uint8 through (P, H) row and (Q, W) column weights, like
+  PIL: the horizontal pass first, rounded to 8 bits, then the vertical pass."""
   to_8_bits = lambda x: jnp.clip(jnp.floor(x + 0.5), 0, 255)
   highest = jax.lax.Precision.HIGHEST
-  horizontal = to_8_bits(jnp.einsum('hwc,qw->hqc', canvas.astype(jnp.float32), cols,
+  horizontal = to_8_bits(jnp.einsum('hwc,qw->hqc', image.astype(jnp.float32), cols,
                                     precision=highest))
   return to_8_bits(jnp.einsum('ph,hqc->pqc', rows, horizontal,
                               precision=highest)).astype(jnp.uint8)
