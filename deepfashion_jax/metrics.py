@@ -191,7 +191,8 @@ def batch_metrics(outputs, batch, losses, attribute_types) -> metrics.Collection
 
 
 def _reduced(name: str, reduce):
-  """A clu Metric holding one value per step, merged by `reduce` (a sum, min or max)."""
+  """A clu Metric holding one value per step, merged by `reduce`, a NumPy ufunc (add,
+  minimum, maximum, logical_or): the training loop merges the steps on the host."""
 
   @flax.struct.dataclass
   class Reduced(metrics.Metric):
@@ -217,9 +218,10 @@ NORM_NAMES = ('grad_norm', 'param_norm', 'update_norm')
 _TRAINING_ONLY = dict(
     **{name: _named_average(name) for name in NORM_NAMES},
     loss_scale=metrics.LastValue.from_output('loss_scale'),
-    nonfinite_steps=_reduced('nonfinite_steps', jnp.add),
-    first_nonfinite_step=_reduced('first_nonfinite_step', jnp.minimum),
-    nonfinite_in_a_row=_reduced('nonfinite_in_a_row', jnp.maximum))
+    nonfinite_steps=_reduced('nonfinite_steps', np.add),
+    first_nonfinite_step=_reduced('first_nonfinite_step', np.minimum),
+    nonfinite_in_a_row=_reduced('nonfinite_in_a_row', np.maximum),
+    stop_requested=_reduced('stop_requested', np.logical_or))
 
 
 def train_collection_class(names=None):
@@ -229,11 +231,12 @@ def train_collection_class(names=None):
 
 
 def train_batch_metrics(outputs, batch, losses, attribute_types, *, norms, step, nonfinite,
-                        nonfinite_in_a_row, loss_scale) -> metrics.Collection:
+                        nonfinite_in_a_row, loss_scale, stop_requested) -> metrics.Collection:
   """One training step's metrics: those of `batch_metrics`, the norms ({name in
-  NORM_NAMES: scalar}; a skipped step's count nowhere), the loss scale, and whether the
+  NORM_NAMES: scalar}; a skipped step's count nowhere), the loss scale, whether the
   step was skipped for a non-finite loss or gradient (merged: how many were, the first,
-  and the longest run of them in a row)."""
+  and the longest run of them in a row), and whether any process had asked to stop
+  (train.py's stop signals, agreed through the step)."""
   finite = ~nonfinite[None]
   values = metric_values(outputs, batch, losses, attribute_types)
   return train_collection_class(tuple(values)).single_from_model_output(
@@ -242,4 +245,5 @@ def train_batch_metrics(outputs, batch, losses, attribute_types, *, norms, step,
       loss_scale=jnp.asarray(loss_scale, jnp.float32),
       nonfinite_steps=nonfinite.astype(jnp.int32),
       first_nonfinite_step=jnp.where(nonfinite, step, NO_STEP).astype(jnp.int32),
-      nonfinite_in_a_row=nonfinite_in_a_row)
+      nonfinite_in_a_row=nonfinite_in_a_row,
+      stop_requested=jnp.asarray(stop_requested, bool))

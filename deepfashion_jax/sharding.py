@@ -29,7 +29,9 @@ def local_copy(tree):
   Arithmetic on the global arrays themselves would run as computations over every
   process's devices, which the processes must then issue in the same order.
   """
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+  # device_get starts every copy before waiting for the first.
+  return jax.tree.map(np.asarray, jax.device_get(
+      jax.tree.map(lambda x: x.addressable_data(0), tree)))
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):

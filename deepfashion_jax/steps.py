@@ -50,6 +50,11 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 OPTIMIZERS = ('adam', 'sgd')
 SCHEDULES = ('constant', 'cosine', 'step_decay')
 WEIGHTS = ('raw', 'ema')  # config.eval.weights: the trained weights or their moving average
+# A batch entry the training loop adds, (B,) bool: whether the process that holds the row
+# has received a stop signal. The train step ORs it over the global batch into its metrics'
+# stop_requested, so that every process learns of a signal from the same step, without a
+# round trip between the hosts of its own (train.py).
+STOP_REQUESTED = 'stop_requested'
 
 
 # float16 starts its loss scale at 2^15 and doubles it after 2,000 finite steps in a row.
@@ -379,7 +384,8 @@ def train_step(step_config: StepConfig, state: TrainState, batch: dict):
       outputs, batch, dict(parts, loss=loss), _attribute_types(step_config), norms=norms,
       step=new_state.step, nonfinite=~finite,
       nonfinite_in_a_row=new_state.nonfinite_in_a_row,
-      loss_scale=1.0 if dynamic_scale is None else dynamic_scale.scale)
+      loss_scale=1.0 if dynamic_scale is None else dynamic_scale.scale,
+      stop_requested=jnp.any(batch[STOP_REQUESTED]) if STOP_REQUESTED in batch else False)
   return new_state, batch_metrics
 
 

@@ -16,6 +16,7 @@ whose peak is listed, MFU (throughput.py); config.profile_steps=(a, b) writes a
 jax.profiler trace of steps a to b (both included) into WORKDIR/profile.
 """
 
+import collections
 import dataclasses
 import os
 import signal
@@ -28,7 +29,6 @@ from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 
 from deepfashion_jax import checkpoints
@@ -94,13 +94,22 @@ class Preempted(Exception):
 
 
 class _StopSignals:
-  """Turns the first SIGTERM or SIGINT into a request the loop honours after the current
-  step (a second one acts as usual: Ctrl-C twice interrupts at once)."""
+  """Turns the first SIGTERM or SIGINT into a request the loop honours after a step (a
+  second one acts as usual: Ctrl-C twice interrupts at once).
+
+  One process stops after the step during which it received the signal. Several must stop
+  after the same step: each marks its rows of the next batch (`steps.STOP_REQUESTED`), the
+  step ORs the marks into its metrics, and the processes read them where they read the
+  metrics (`_TrainMetrics`): at once at a log step, `_TrainMetrics.LAG` steps late between
+  them. So every process stops after the same step, at most LAG + 1 steps after the signal,
+  and no step waits for a round trip between the hosts.
+  """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self, processes=None):
     self.received = None
+    self.processes = jax.process_count() if processes is None else processes
     self._previous = {}
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
@@ -117,16 +126,57 @@ class _StopSignals:
     for signum, handler in self._previous.items():
       signal.signal(signum, handler)
 
-  def requested(self) -> bool:
-    """Whether any process received a stop signal (all processes must stop together)."""
-    if jax.process_count() == 1:
+  def mark(self, batch: dict) -> dict:
+    """The process's batch with its rows marked when it has received a signal."""
+    rows = len(batch['skipped'])
+    return dict(batch, **{steps.STOP_REQUESTED: np.full(rows, self.received is not None)})
+
+  def requested(self, train_metrics: '_TrainMetrics') -> bool:
+    """Whether to stop after this step: one process's own signal, or several processes'
+    agreement (any process's signal in the steps they have all read)."""
+    if self.processes == 1:
       return self.received is not None
-    flags = multihost_utils.process_allgather(np.array(self.received is not None))
-    return bool(np.any(flags))
+    return train_metrics.stop_requested
 
 
-# Read by the loop, not logged: steps are not values to plot.
-_NONFINITE_BOOKKEEPING = ('first_nonfinite_step', 'nonfinite_in_a_row')
+class _TrainMetrics:
+  """The training metrics since the last log, merged on the host.
+
+  Each step's metrics are replicated global arrays. Arithmetic on them would run as
+  computations over every process's devices, which hung evaluation when the processes
+  issued them differently (tests/test_multihost.py); so they are copied from this process's
+  replica and merged in NumPy. A step's metrics are copied LAG steps later, when the
+  device has usually finished it, so that the host keeps dispatching ahead of the device;
+  a log reads all of them.
+  """
+
+  LAG = 2
+
+  def __init__(self):
+    self.on_device = collections.deque()  # the newest steps' metrics, not read yet
+    self.merged = None  # the steps read since the last log, on the host
+    self.stop_requested = False  # some process asked to stop in a step read so far
+
+  def add(self, step_metrics):
+    self.on_device.append(step_metrics)
+
+  def read(self, keep: int = LAG):
+    """Copies and merges every step's metrics but the newest `keep`."""
+    while len(self.on_device) > keep:
+      step_metrics = sharding.local_copy(self.on_device.popleft())
+      self.stop_requested |= bool(step_metrics.stop_requested.value)
+      self.merged = (step_metrics if self.merged is None
+                     else self.merged.merge(step_metrics))
+
+  def take(self):
+    """Every step's metrics since the last log, merged; starts the next log's."""
+    self.read(keep=0)
+    merged, self.merged = self.merged, None
+    return merged
+
+
+# Read by the loop, not logged: steps and flags are not values to plot.
+_BOOKKEEPING = ('first_nonfinite_step', 'nonfinite_in_a_row', 'stop_requested')
 
 
 def stop_if_diverged(config, train_metrics: dict, manager):
@@ -209,7 +259,7 @@ def _train_loop(run: _Run, state) -> dict:
   config, train_batches = run.config, run.data.train_batches
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=run.writer)
-  train_metrics, skipped, results = None, 0, {}
+  train_metrics, skipped, results = _TrainMetrics(), 0, {}
   throughput = Throughput(config.batch_size, int(state.step),
                           peak_per_device=throughput_lib.device_peak(config.dtype))
   first = int(state.step) + 1
@@ -222,19 +272,20 @@ def _train_loop(run: _Run, state) -> dict:
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = next(train_batches)
         skipped += int(batch['skipped'].sum())
-        batch = sharding.global_batch(batch, run.mesh)
+        batch = sharding.global_batch(run.stop.mark(batch), run.mesh)
         if step == first:  # compiles the step (the call below reuses it), counts its FLOPs
           throughput.flops_per_step = throughput_lib.train_step_flops(
               run.steps.train, run.step_config, state, batch)
-        state, batch_metrics = run.steps.train(state, batch)
+        state, step_metrics = run.steps.train(state, batch)
       profile.after(step, state)
-      train_metrics = (batch_metrics if train_metrics is None
-                       else train_metrics.merge(batch_metrics))
+      train_metrics.add(step_metrics)
       report_progress(step)
-      last, stopping = step == config.num_train_steps, run.stop.requested()
-      if step % config.log_every_steps == 0 or last or stopping:
-        _write_train_metrics(run, step, train_metrics)
-        train_metrics = None
+      last = step == config.num_train_steps
+      logged = step % config.log_every_steps == 0 or last
+      train_metrics.read(keep=0 if logged else _TrainMetrics.LAG)
+      stopping = run.stop.requested(train_metrics)
+      if logged or stopping:
+        _write_train_metrics(run, step, train_metrics.take())
         run.writer.write_scalars(step, throughput.figures(throughput.measure(step)))
       evaluated = step % config.eval_every_steps == 0 or last
       if evaluated:
@@ -307,7 +358,8 @@ class Throughput:
 
 def _write_train_metrics(run: _Run, step: int, train_metrics):
   """Logs the training metrics merged since the last log, after checking their steps."""
-  computed = {k: float(v) for k, v in train_metrics.compute().items()}
+  with np.errstate(invalid='ignore'):  # nan, not a warning: a mean no step counted into
+    computed = {k: float(v) for k, v in train_metrics.compute().items()}
   stop_if_diverged(run.config, computed, run.manager)
   run.writer.write_scalars(step, {f'train_{k}': v for k, v in computed.items()
-                                  if k not in _NONFINITE_BOOKKEEPING})
+                                  if k not in _BOOKKEEPING})

@@ -93,6 +93,36 @@ def test_sigterm_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize('processes, stops_after', [(1, 5), (2, 5 + train._TrainMetrics.LAG)])
+def test_a_stop_signal_is_honoured_after_its_step_or_lag_steps_later_on_many_hosts(
+    synthetic_folder, tmp_path, monkeypatch, processes, stops_after):
+  """The signal arrives before step 5 (logs at 4 and 8). One process stops after step 5.
+  Several read the step's agreed flag (steps.STOP_REQUESTED) LAG steps late between logs:
+  the loop is the real one, told it is one of two processes."""
+
+  class SignalledBeforeStep5(train._StopSignals):  # pylint: disable=protected-access
+
+    def __init__(self):
+      super().__init__(processes=processes)
+      self.marked = 0
+
+    def mark(self, batch):
+      self.marked += 1
+      if self.marked == 5:
+        self.received = 'SIGTERM'
+      return super().mark(batch)
+
+  monkeypatch.setattr(train, '_StopSignals', SignalledBeforeStep5)
+  config = helpers.tiny_config(synthetic_folder[0], num_train_steps=8, log_every_steps=4,
+                               checkpoint_every_steps=4, eval_every_steps=8)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train.Preempted, match=f'by SIGTERM after step {stops_after}:'):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoints.create_manager(workdir, read_only=True).all_steps() == [4, stops_after]
+  logged = {step for step, tag in _scalars(workdir) if tag == 'train_loss'}
+  assert logged == {4, stops_after}  # the steps since the log at 4, merged and written
+
+
 def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     synthetic_folder, tmp_path):
   # Plain SGD with an absurd learning rate: the first step is finite, then it overflows.
