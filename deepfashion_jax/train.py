@@ -3,7 +3,8 @@
 Started again on the same workdir, a run continues from its newest intact checkpoint
 (model, optimiser, step, rng and the data iterator's position), so that N steps in one go
 and k steps, a restart and N - k more give the same parameters and the same logged
-metrics. SIGTERM or SIGINT stops it after the current step with a checkpoint (`Preempted`);
+metrics. SIGTERM or SIGINT stops it after the current step with a checkpoint (`Preempted`;
+with several processes, all after the same step, up to three steps later: `_StopSignals`);
 a non-finite step stops it at the next log without saving (`stop_if_diverged`).
 
 With config.ema_decay > 0 each evaluation also evaluates the moving average of the
@@ -143,8 +144,8 @@ class _TrainMetrics:
   """The training metrics since the last log, merged on the host.
 
   Each step's metrics are replicated global arrays. Arithmetic on them would run as
-  computations over every process's devices, which hung evaluation when the processes
-  issued them differently (tests/test_multihost.py); so they are copied from this process's
+  computations over every process's devices, the pattern that hung evaluation's merges with
+  several processes (tests/test_multihost.py); so they are copied from this process's
   replica and merged in NumPy. A step's metrics are copied LAG steps later, when the
   device has usually finished it, so that the host keeps dispatching ahead of the device;
   a log reads all of them.
