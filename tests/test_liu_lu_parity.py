@@ -31,8 +31,10 @@ from tests import torch_reference_liu_lu as reference_lib
 
 NUM_CATEGORIES = 50
 STEP = 1234
-# The tolerance of every comparison, in absolute terms; the outputs reach 1 (attention) to
-# about 30 (logits). The measured largest values and differences are printed with -s.
+# The tolerance of every comparison: absolute up to values of 1 (attention), relative to
+# the output's largest value above (logits reach about 30). float32 rounding grows with the
+# values and differs between CPUs' kernels (RESULTS.md, landmarks); a wrong mapping is off
+# by the order of the values. The measured largest values and differences print with -s.
 TOLERANCE = 1e-4
 # Our U-Net's batch norms -> theirs, below attention_pred_net.model.model. (their nesting of
 # UnetSkipConnectionBlocks, each an nn.Sequential `model`).
@@ -135,7 +137,7 @@ def _assert_close(differences, what):
                                   for name, (diff, size) in differences.items()))
   for name, (diff, size) in differences.items():
     assert size > 0.1, f'{name}: too small to tell a wrong mapping ({size})'
-    assert diff < TOLERANCE, f'{what}: {name} differs by {diff}'
+    assert diff < TOLERANCE * max(1.0, size), f'{what}: {name} differs by {diff}'
 
 
 # ---------------------------------------------------------------------------------- parity
@@ -269,7 +271,8 @@ def test_their_48_categories_load_with_never_winning_49_and_50(tmp_path):
   with torch.no_grad():
     theirs = reference(images)['category_output'].numpy()
   ours = np.asarray(_forward(model, _nhwc(images))['category_logits'])
-  np.testing.assert_allclose(ours[:, :48], theirs, atol=TOLERANCE)
+  np.testing.assert_allclose(ours[:, :48], theirs,
+                             atol=TOLERANCE * max(1.0, float(np.abs(theirs).max())))
   assert (ours[:, 48:] < convert_torch.NO_LOGIT_BIAS / 2).all()
   with pytest.raises(convert_torch.CheckpointError, match=re.escape(
       f'{path}: category_fc2.weight has shape (48, 1024): 48 categories; the model has 40 '
