@@ -89,10 +89,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None,
          metrics: Optional[dict] = None, config=None):
   """Starts an asynchronous save of the state (and the data iterator, and the config) at
   `step`. A failure (a full disk, say) raises OSError here or at the next save; the
-  checkpoints already written stay intact. Step 0 holds converted weights: a moving
-  average of the weights, if the state keeps one, is saved equal to them."""
-  if step == 0 and steps.has_ema(state):
-    state = steps.restart_ema(state)
+  checkpoints already written stay intact."""
   items = dict(state=ocp.args.StandardSave(state))
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)

@@ -785,7 +785,8 @@ def _load_liu_lu(model: nnx.Module, content, path: str) -> int:
 def with_torch_weights(step_config, state, path: str, mesh):
   """The train state with weights from a PyTorch file: a baseline checkpoint or Liu &
   Lu's state dict sets the whole model, a torchvision state dict the backbone; the
-  optimiser starts afresh."""
+  optimiser starts afresh, and a moving average of the weights (config.ema_decay > 0)
+  from the loaded weights."""
   model = nnx.merge(step_config.graphdef, state.params, state.batch_stats, copy=True)
   kind = load_into(model, path)
   logging.info('Initialised %s from the %s checkpoint %s',
@@ -796,6 +797,8 @@ def with_torch_weights(step_config, state, path: str, mesh):
   _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   new_state = state.replace(params=params, batch_stats=batch_stats,
                             opt_state=step_config.optimizer.init(params))
+  if steps.has_ema(new_state):
+    new_state = steps.restart_ema(new_state)
   return jax.device_put(new_state, sharding.replicated(mesh))
 
 

@@ -234,8 +234,6 @@ def train_and_evaluate(config, workdir: str):
     state = restored
   elif config.model.init_from:
     state = convert_torch.with_torch_weights(step_config, state, config.model.init_from, mesh)
-    if steps.has_ema(state):  # the average starts from the loaded weights
-      state = steps.restart_ema(state)
   if int(state.step) >= config.num_train_steps:
     logging.info('%s is already trained to step %d (config.num_train_steps); nothing to do. '
                  'Evaluate it with --mode=evaluate.', workdir, int(state.step))

@@ -12,6 +12,7 @@ import struct
 import zipfile
 
 from flax import nnx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -460,6 +461,7 @@ def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path, saves_as_
               'optim': optimiser.state_dict(), 'epoch': 3}, path,
              _use_new_zipfile_serialization=False)
   config = test_config.get_config()
+  config.ema_decay = 0.9  # the moving average starts from the converted weights
   workdir = str(tmp_path / 'converted')
   with pytest.raises(ValueError, match='--config.model.roi_pool=baseline_max'):
     convert_torch.convert(config, workdir, path)
@@ -472,6 +474,9 @@ def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path, saves_as_
   kernel = np.asarray(state['params']['backbone']['conv1']['kernel']['value'])
   np.testing.assert_array_equal(
       kernel, reference.state_dict()['basemodel.0.weight'].numpy().transpose(2, 3, 1, 0))
+  for saved, average in zip(jax.tree.leaves(state['params']),
+                            jax.tree.leaves(state['ema_params'])):
+    np.testing.assert_array_equal(np.asarray(saved), np.asarray(average))
   # Prediction uses the converted checkpoint directly, with the baseline's pooling even
   # when the config names another (the checkpoint's config wins, with a warning).
   from deepfashion_jax import predict  # pylint: disable=g-import-not-at-top
