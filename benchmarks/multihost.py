@@ -71,8 +71,9 @@ def run_pair(tree: str, workdir: str, data_dir: str, args) -> list:
   env = dict(os.environ,
              XLA_FLAGS=f'--xla_force_host_platform_device_count={args.devices}')
   port, processes = _free_port(), []
+  log_0 = os.path.join(workdir, 'process_0.log')
   for process_id in range(2):
-    log = open(os.path.join(workdir, f'process_{process_id}.log'), 'w+')
+    log = open(os.path.join(workdir, f'process_{process_id}.log'), 'w')
     command = [sys.executable, os.path.join(tree, 'main.py'),
                f'--config={os.path.join(tree, "configs", "test.py")}',
                f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *flags,
@@ -86,12 +87,12 @@ def run_pair(tree: str, workdir: str, data_dir: str, args) -> list:
     for p, log in processes:
       if p.poll() is None:
         p.kill()
-      log.seek(0)
-      p.output = log.read()
       log.close()
+  with open(log_0) as f:
+    output = f.read()
   if statuses != [0, 0]:
-    raise RuntimeError(f'{tree}: exit statuses {statuses}\n{processes[0][0].output[-3000:]}')
-  rates = [float(rate) for rate in re.findall(_RATE, processes[0][0].output)]
+    raise RuntimeError(f'{tree}: exit statuses {statuses}\n{output[-3000:]}')
+  rates = [float(rate) for rate in re.findall(_RATE, output)]
   if len(rates) != args.steps // args.log_every:
     raise RuntimeError(f'{tree}: {len(rates)} throughput logs, expected '
                        f'{args.steps // args.log_every}')
@@ -109,7 +110,7 @@ def main(argv=None):
   seconds = {side: [] for side in trees}
   for repeat in range(args.repeats):
     for side, tree in trees.items():
-      workdir = os.path.join(root, f'run_{len(seconds[side])}_{side.split()[0]}_{repeat}')
+      workdir = os.path.join(root, f'{side.split()[0]}_{repeat}')
       os.makedirs(workdir)
       seconds[side].append(run_pair(tree, workdir, data_dir, args))
   print(f'two processes x {args.devices} CPU device(s), configs/test.py, batch {BATCH_SIZE}, '

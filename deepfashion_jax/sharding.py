@@ -30,8 +30,7 @@ def local_copy(tree):
   process's devices, which the processes must then issue in the same order.
   """
   # device_get starts every copy before waiting for the first.
-  return jax.tree.map(np.asarray, jax.device_get(
-      jax.tree.map(lambda x: x.addressable_data(0), tree)))
+  return jax.device_get(jax.tree.map(lambda x: x.addressable_data(0), tree))
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):

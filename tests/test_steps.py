@@ -292,8 +292,8 @@ def test_accumulated_micro_batches_give_the_gradient_and_update_of_one_big_batch
   """Batch-norm in inference mode (in training mode each micro-batch is normalised by its
   own statistics): 4 micro-batches of 2 give the big batch's gradient, SGD update, losses
   and outputs (in the batch's order) to float32 tolerance. Compiled as the steps are
-  (`xla_cpu.compiler_options`): jaxlib 0.12's default XLA:CPU puts the 4 micro-batches
-  1.2e-2 off (RESULTS.md, training tools)."""
+  (`xla_cpu.compiler_options`): under jaxlib 0.12's default XLA:CPU the micro-batches
+  fall outside float32 tolerance (RESULTS.md, training tools)."""
   config = test_config.get_config()
   config.optimizer, config.momentum, config.learning_rate = 'sgd', 0.0, 0.1
   index, batches = _batches(synthetic_folder[0], config, 1)
