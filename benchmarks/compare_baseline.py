@@ -5,17 +5,18 @@ tests' PyTorch reference of the baseline's FashionResnet (`benchmarks/torch_refe
 trained with the baseline's loss and `torch.optim.Adam`, and this project's jitted train
 step (the default config with the baseline's integer-box pooling, float32) start from the
 same weights: the torch model's, saved with `torch.save` and converted by
-`convert_torch` (`convert_torch.with_torch_weights`). Both then train on the same batches of this
-project's input pipeline over a synthetic DeepFashion folder: ours on the pipeline batch
-as training runs it, torch on the uint8 images our on-device transform makes of it,
-normalised the baseline's way, with the batch's targets. Batch norm trains on both sides.
+`convert_torch.with_torch_weights` (through `torch_io.load_into`). Both then train on the
+same batches of this project's input pipeline over a synthetic DeepFashion folder: ours on
+the pipeline batch as training runs it, torch on the uint8 images our on-device transform
+makes of it, normalised the baseline's way, with the batch's targets. Batch norm trains on
+both sides.
 
 Two things are aligned so that both sides compute one function, and said so here:
 - the baseline's category labels are 1-based: torch gets our label + 1, and images of the
   last category (which has no logit in the baseline; its loss would raise) are left out;
 - the converted head drops the baseline's logit 0 (no category), which still counts in
   the baseline's softmax; before saving, torch's logit 0 gets weight 0 and bias
-  `convert_torch.NO_LOGIT_BIAS`, so that it counts for nothing on both sides (its
+  `torch_io.common.NO_LOGIT_BIAS`, so that it counts for nothing on both sides (its
   gradient is then exactly 0 and Adam leaves it there). `--keep_category_logit_0` skips this,
   to measure what it changes.
 
@@ -59,6 +60,7 @@ from deepfashion_jax.data import device_transforms
 from deepfashion_jax.data import folder
 from deepfashion_jax.data import pipeline
 from deepfashion_jax.data import sources
+from deepfashion_jax.torch_io import common as torch_io_common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # for --out_dir's default
 
@@ -116,7 +118,7 @@ def save_torch_weights(model, path: str, keep_category_logit_0: bool):
   if not keep_category_logit_0:
     with torch.no_grad():
       model.fc_cls.weight[0] = 0.0
-      model.fc_cls.bias[0] = convert_torch.NO_LOGIT_BIAS
+      model.fc_cls.bias[0] = torch_io_common.NO_LOGIT_BIAS
   torch.save({'model': model.state_dict(), 'epoch': 0}, path)
 
 

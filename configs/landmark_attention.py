@@ -23,7 +23,7 @@ log-odds (positive minus negative logit), where their evaluator ranked them by t
 positive logit alone; Adam's moments carry over between epochs (they built a new
 optimiser each epoch). Start from torchvision's ImageNet VGG-16
 (--config.model.init_from=vgg16-397923af.pth), as they did; their own trained
-WholeNetwork state dicts load through the same field (convert_torch.py).
+WholeNetwork state dicts load through the same field (deepfashion_jax/torch_io/liu_lu.py).
 """
 
 from configs import published_protocol

@@ -22,7 +22,9 @@ torch = pytest.importorskip('torch')
 
 from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
 from deepfashion_jax import convert_torch
+from deepfashion_jax import torch_io
 from deepfashion_jax.models import fashion_net
+from deepfashion_jax.torch_io import reader
 from tests import helpers
 
 # torch.save's zip format (PyTorch >= 1.6) and its legacy format (what PyTorch < 1.6 wrote).
@@ -66,7 +68,7 @@ def _assert_converts_with_parity(reference, path, depth=18, image_size=72):
   """The file loads into a FashionNet that computes what `reference` computes."""
   model = fashion_net.FashionNet(backbone=f'resnet{depth}', image_size=image_size,
                                  roi_pool='baseline_max', rngs=nnx.Rngs(1))
-  assert convert_torch.load_baseline_into(model, path) == 7
+  assert torch_io.load_into(model, path) == torch_io.Loaded('baseline', 'model', 7)
   model.eval()
   images = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(2))
   with torch.no_grad():
@@ -123,7 +125,7 @@ def test_a_checkpoint_saved_on_a_gpu_converts(tmp_path, saves_as_on_a_gpu, file_
 @pytest.mark.parametrize('file_format', FORMATS)
 def test_a_data_parallel_state_dict_converts(tmp_path, file_format):
   reference, path = _baseline_checkpoint(tmp_path, file_format=file_format, data_parallel=True)
-  assert all(k.startswith('module.') for k in convert_torch.read_pth(path)['model'])
+  assert all(k.startswith('module.') for k in reader.read_pth(path)['model'])
   _assert_converts_with_parity(reference, path)
 
 
@@ -142,7 +144,7 @@ def test_torchvision_state_dict_initialises_the_backbone(tmp_path, prefix, file_
   path = _save(state_dict, str(tmp_path / 'resnet18.pth'), file_format)
 
   model = fashion_net.FashionNet(backbone='resnet18', image_size=64, rngs=nnx.Rngs(0))
-  convert_torch.load_torchvision_backbone_into(model, path)
+  assert torch_io.load_into(model, path) == torch_io.Loaded('torchvision', 'backbone')
   model.eval()
   images = torch.randn(2, 3, 64, 64)
   with torch.no_grad():
@@ -178,7 +180,7 @@ def test_torchvision_vgg_state_dict_initialises_the_backbone(tmp_path, name, pre
   path = _save(state_dict, str(tmp_path / f'{name}.pth'), file_format)
 
   model = fashion_net.FashionNet(backbone=name, image_size=40, rngs=nnx.Rngs(0))
-  assert convert_torch.load_into(model, path) == 'torchvision'
+  assert torch_io.load_into(model, path) == torch_io.Loaded('torchvision', 'backbone')
   model.eval()
   images = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))
   with torch.no_grad():
@@ -209,10 +211,10 @@ def test_optimiser_state_and_extra_keys_are_read_and_ignored(tmp_path, file_form
   path = _save(checkpoint, str(tmp_path / 'epoch_7.pth'), file_format)
   assert optimiser.state_dict()['state'][0]  # the optimiser state is not empty
 
-  _assert_same_content(convert_torch.read_pth(path), torch.load(path, weights_only=False))
+  _assert_same_content(reader.read_pth(path), torch.load(path, weights_only=False))
   model = fashion_net.FashionNet(backbone='resnet18', image_size=64, roi_pool='baseline_max',
                                  rngs=nnx.Rngs(0))
-  assert convert_torch.load_baseline_into(model, path) == 7
+  assert torch_io.load_into(model, path) == torch_io.Loaded('baseline', 'model', 7)
 
 
 @pytest.mark.parametrize('file_format', FORMATS)
@@ -237,7 +239,7 @@ def test_every_tensor_torch_pickles_is_read(tmp_path, file_format):
   for rebuild in (b'_rebuild_parameter\n', b'_rebuild_parameter_with_state',
                   b'_rebuild_from_type_v2'):
     assert rebuild in pickled
-  _assert_same_content(convert_torch.read_pth(path), torch.load(path, weights_only=False))
+  _assert_same_content(reader.read_pth(path), torch.load(path, weights_only=False))
 
 
 @dataclasses.dataclass
@@ -299,7 +301,7 @@ def test_a_legacy_file_of_pytorch_1x_is_read(tmp_path):
       ('in_a_view', _OldTensor('v2', 1, (2, 2), (1, 2), view=(4, 6)))]), 'epoch': 3}
   path = str(tmp_path / 'old.pth')
   _write_pytorch_1x_legacy_file(path, obj, storage)
-  content = convert_torch.read_pth(path)
+  content = reader.read_pth(path)
   expected = {'v1': storage[2:8].reshape(2, 3), 'v2': storage[:6].reshape(2, 3).T,
               'parameter': storage[6:], 'in_a_view': storage[5:9].reshape(2, 2).T}
   assert content['epoch'] == 3 and list(content['model']) == list(expected)
@@ -327,8 +329,8 @@ def test_code_in_a_pickle_is_not_run(tmp_path, file_format):
   marker = tmp_path / 'ran'
   path = _save({'model': {'x': torch.zeros(1)}, 'epoch': _RunsCode(marker)},
                str(tmp_path / 'evil.pth'), file_format)
-  with pytest.raises(convert_torch.CheckpointError, match=r'posix\.system is not allowed'):
-    convert_torch.read_pth(path)
+  with pytest.raises(torch_io.CheckpointError, match=r'posix\.system is not allowed'):
+    reader.read_pth(path)
   assert not marker.exists()
 
 
@@ -343,11 +345,11 @@ def test_a_pickle_cannot_change_how_the_next_file_is_read(tmp_path):
   with zipfile.ZipFile(path, 'w') as archive:
     archive.writestr('archive/data.pkl', poison)
   try:
-    convert_torch.read_pth(str(path))
-  except convert_torch.CheckpointError:
+    reader.read_pth(str(path))
+  except torch_io.CheckpointError:
     pass
   good = _save({'x': torch.ones(2)}, str(tmp_path / 'good.pth'))
-  np.testing.assert_array_equal(convert_torch.read_pth(good)['x'], [1, 1])
+  np.testing.assert_array_equal(reader.read_pth(good)['x'], [1, 1])
 
 
 @pytest.mark.parametrize('content', [
@@ -357,8 +359,8 @@ def test_a_pickle_cannot_change_how_the_next_file_is_read(tmp_path):
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, content):
   path = tmp_path / 'notes.pth'
   path.write_bytes(content)
-  with pytest.raises(convert_torch.CheckpointError, match=NEITHER_FORMAT):
-    convert_torch.read_pth(str(path))
+  with pytest.raises(torch_io.CheckpointError, match=NEITHER_FORMAT):
+    reader.read_pth(str(path))
 
 
 @pytest.mark.parametrize('end', [300, -100], ids=['in-the-pickle', 'in-the-storages'])
@@ -371,17 +373,17 @@ def test_a_truncated_legacy_file_is_refused(tmp_path, end):
     content = f.read()
   with open(path, 'wb') as f:
     f.write(content[:end])
-  with pytest.raises(convert_torch.CheckpointError, match='cut.pth: .*truncated'):
-    convert_torch.read_pth(path)
+  with pytest.raises(torch_io.CheckpointError, match='cut.pth: .*truncated'):
+    reader.read_pth(path)
 
 
 def test_wrong_depth_is_named(tmp_path):
   _, path = _baseline_checkpoint(tmp_path, 18, 2)
   model = fashion_net.FashionNet(backbone='resnet34', image_size=64, rngs=nnx.Rngs(0))
-  with pytest.raises(convert_torch.CheckpointError,
+  with pytest.raises(torch_io.CheckpointError,
                      match=re.escape("holds a ResNet-18 backbone; the configured model is "
                                      "ResNet-34 (config.model.backbone='resnet34')")):
-    convert_torch.load_baseline_into(model, path)
+    torch_io.load_into(model, path)
 
 
 def _torchvision_keys_only(name):
@@ -405,10 +407,10 @@ def test_a_torchvision_file_of_another_backbone_is_refused(tmp_path, held, confi
                                                         rngs=nnx.Rngs(0)))
   titles = {'vgg16': 'VGG-16', 'vgg16_bn': 'VGG-16-BN', 'resnet18': 'ResNet-18',
             'resnet50': 'ResNet-50'}
-  with pytest.raises(convert_torch.CheckpointError, match=re.escape(
+  with pytest.raises(torch_io.CheckpointError, match=re.escape(
       f'{path} holds a {titles[held]} backbone; the configured model is {titles[configured]} '
       f"(config.model.backbone='{configured}'): set --config.model.backbone={held}")):
-    convert_torch.load_into(model, path)
+    torch_io.load_into(model, path)
 
 
 def _imagenet_normalised(model):
@@ -428,8 +430,8 @@ def test_a_baseline_checkpoint_needs_the_baseline_config(tmp_path, roi_pool, ima
   model = fashion_net.FashionNet(backbone='resnet18', image_size=image_size, roi_pool=roi_pool,
                                  rngs=nnx.Rngs(0))
   model = adjust(model) if adjust else model
-  with pytest.raises(convert_torch.CheckpointError, match=f'--config.*{re.escape(message)}'):
-    convert_torch.load_baseline_into(model, path)
+  with pytest.raises(torch_io.CheckpointError, match=f'--config.*{re.escape(message)}'):
+    torch_io.load_into(model, path)
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):
@@ -440,10 +442,10 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
   path = _save({'model': state, 'optim': {}, 'epoch': 1}, str(tmp_path / 'edited.pth'))
   model = fashion_net.FashionNet(backbone='resnet18', image_size=64, roi_pool='baseline_max',
                                  rngs=nnx.Rngs(0))
-  with pytest.raises(convert_torch.CheckpointError,
+  with pytest.raises(torch_io.CheckpointError,
                      match=r"unexpected \['extra_head.weight'\]; "
                            r"missing \['attribute_classifier.bias'\]"):
-    convert_torch.load_baseline_into(model, path)
+    torch_io.load_into(model, path)
 
 
 def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path, saves_as_on_a_gpu):
@@ -453,7 +455,6 @@ def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path, saves_as_
   from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
   from deepfashion_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from deepfashion_jax import convert_torch  # pylint: disable=g-import-not-at-top
   reference = torch_reference.FashionResnet(18, feature_size=3)  # 72 px
   path = str(tmp_path / 'epoch_3.pth')
   optimiser = torch.optim.Adam(reference.parameters())

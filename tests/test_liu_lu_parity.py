@@ -1,5 +1,5 @@
 """A state dict of Liu & Lu's WholeNetwork (tests/torch_reference_liu_lu.py, their keys)
-loads through convert_torch.load_into, as --config.model.init_from does, into
+loads through torch_io.load_into, as --config.model.init_from does, into
 FashionNet(backbone='vgg16', heads='liu_lu', landmarks='attention', normalization='imagenet'),
 which then computes what theirs computes: category logits, the two-way attribute logits,
 the landmark heatmaps and the attention, in eval mode and in training mode (batch
@@ -24,7 +24,7 @@ import pytest
 torch = pytest.importorskip('torch')
 
 from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
-from deepfashion_jax import convert_torch
+from deepfashion_jax import torch_io
 from deepfashion_jax.models import fashion_net
 from deepfashion_jax.models import landmarks
 from tests import torch_reference_liu_lu as reference_lib
@@ -79,6 +79,12 @@ def _model(**options):
   return nnx.eval_shape(lambda: fashion_net.FashionNet(**arguments, rngs=nnx.Rngs(0)))
 
 
+def _zeros(abstract_model):
+  """The abstract model with every variable zero, for a file to fill."""
+  graphdef, state = nnx.split(abstract_model)
+  return nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
+
+
 def _converted(reference, image_size, tmp_path):
   """Their state dict saved by torch.save and loaded as --config.model.init_from does, into
   a model whose every variable is zero: the file must fill them all. (Built with its own
@@ -86,9 +92,8 @@ def _converted(reference, image_size, tmp_path):
   per shape.)"""
   path = str(tmp_path / 'whole.pkl')  # their training's file name
   torch.save(reference.state_dict(), path)
-  graphdef, state = nnx.split(_model(image_size=image_size))
-  model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
-  assert convert_torch.load_into(model, path) == 'liu_lu'
+  model = _zeros(_model(image_size=image_size))
+  assert torch_io.load_into(model, path) == torch_io.Loaded('liu_lu', 'model', STEP)
   return model
 
 
@@ -263,9 +268,8 @@ def test_their_48_categories_load_with_never_winning_49_and_50(tmp_path):
   reference = _randomise(reference_lib.WholeNetwork(48, 64), 0).eval()
   path = str(tmp_path / 'whole.pkl')
   torch.save(reference.state_dict(), path)
-  graphdef, state = nnx.split(_model())
-  model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
-  assert convert_torch.load_into(model, path) == 'liu_lu'
+  model = _zeros(_model())
+  assert torch_io.load_into(model, path) == torch_io.Loaded('liu_lu', 'model', STEP)
   model.eval()
   images = _images(2, 64)
   with torch.no_grad():
@@ -273,21 +277,21 @@ def test_their_48_categories_load_with_never_winning_49_and_50(tmp_path):
   ours = np.asarray(_forward(model, _nhwc(images))['category_logits'])
   np.testing.assert_allclose(ours[:, :48], theirs,
                              atol=TOLERANCE * max(1.0, float(np.abs(theirs).max())))
-  assert (ours[:, 48:] < convert_torch.NO_LOGIT_BIAS / 2).all()
-  with pytest.raises(convert_torch.CheckpointError, match=re.escape(
+  assert (ours[:, 48:] < torch_io.common.NO_LOGIT_BIAS / 2).all()
+  with pytest.raises(torch_io.CheckpointError, match=re.escape(
       f'{path}: category_fc2.weight has shape (48, 1024): 48 categories; the model has 40 '
       'categories, its category_classifier expects category_fc2.weight of shape (40, 1024)')):
-    convert_torch.load_into(_model(num_categories=40), path)
+    torch_io.load_into(_model(num_categories=40), path)
 
 
 def test_a_wrong_shape_is_refused_naming_the_key_and_both_shapes(tmp_path):
   path = str(tmp_path / 'whole.pkl')
   torch.save(_their_keys(50, **{'lm_branch.conv10.weight': torch.zeros(7, 16, 1, 1)}), path)
-  with pytest.raises(convert_torch.CheckpointError, match=re.escape(
+  with pytest.raises(torch_io.CheckpointError, match=re.escape(
       f'{path}: lm_branch.conv10.weight has shape (7, 16, 1, 1) ((1, 1, 16, 7) in Flax '
       'layout), the model expects (1, 1, 16, 8) in Flax layout '
       '(landmark_branch.layers.12.kernel)')):
-    convert_torch.load_into(_model(), path)
+    torch_io.load_into(_model(), path)
 
 
 def test_missing_and_unexpected_keys_are_named_as_theirs(tmp_path):
@@ -295,27 +299,27 @@ def test_missing_and_unexpected_keys_are_named_as_theirs(tmp_path):
   missing = 'attention_pred_net.model.model.1.model.3.model.3.model.4.running_var'
   state = _their_keys(50, **{missing: None, 'lm_branch.conv11.weight': torch.zeros(1)})
   torch.save({'module.' + k: v for k, v in state.items()}, path)  # from nn.DataParallel
-  with pytest.raises(convert_torch.CheckpointError, match=re.escape(
+  with pytest.raises(torch_io.CheckpointError, match=re.escape(
       f"{path}: keys do not match the model: unexpected ['lm_branch.conv11.weight']; "
       f"missing ['{missing}']")):
-    convert_torch.load_into(_model(), path)
+    torch_io.load_into(_model(), path)
 
 
 def test_a_model_unlike_theirs_is_refused_saying_what_to_set(tmp_path):
   path = str(tmp_path / 'whole.pkl')
   torch.save({'model': _their_keys(50)}, path)  # under a key: found there too
-  with pytest.raises(convert_torch.CheckpointError, match=re.escape(
+  with pytest.raises(torch_io.CheckpointError, match=re.escape(
       f"{path} is a state dict of Liu & Lu's WholeNetwork: its heads are theirs; set "
       "--config.model.heads=liu_lu (config.model.heads is 'fashionnet'); and it has their "
       'landmark branch and landmark-driven attention; set --config.model.landmarks=attention '
       "(config.model.landmarks is 'heatmaps'); and it was trained on pixels normalised "
       "with ImageNet's mean and std; set "
       "--config.data.normalization=imagenet (config.data.normalization is 'baseline')")):
-    convert_torch.load_into(_model(heads='fashionnet', landmarks='heatmaps',
-                                   normalization='baseline'), path)
-  with pytest.raises(convert_torch.CheckpointError, match=re.escape(
+    torch_io.load_into(_model(heads='fashionnet', landmarks='heatmaps',
+                              normalization='baseline'), path)
+  with pytest.raises(torch_io.CheckpointError, match=re.escape(
       'set --config.data.crop_size=64 (config.data.crop_size gives 3x3)')):
-    convert_torch.load_into(_model(image_size=96), path)
-  with pytest.raises(convert_torch.CheckpointError, match=re.escape(
-      "is a state dict of Liu & Lu's WholeNetwork, not a torchvision state dict")):
-    convert_torch.load_torchvision_backbone_into(_model(), path)
+    torch_io.load_into(_model(image_size=96), path)
+  # Under 'model', where the baseline keeps its state dict, the file is still theirs: it
+  # fills the whole network, never only a backbone or a baseline's model.
+  assert torch_io.load_into(_zeros(_model()), path) == torch_io.Loaded('liu_lu', 'model', 0)

@@ -58,12 +58,12 @@ def test_initialisation_has_the_moments_of_the_baselines(tmp_path):
   backbone, nn.Linear / nn.Conv2d defaults for the box branch and the heads."""
   torch = pytest.importorskip('torch')
   from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
-  from deepfashion_jax import convert_torch  # pylint: disable=g-import-not-at-top
+  from deepfashion_jax import torch_io  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   path = str(tmp_path / 'init.pth')
   torch.save({'model': torch_reference.FashionResnet(18, 7).state_dict()}, path)
   as_torch = fashion_net.FashionNet(roi_pool='baseline_max', rngs=nnx.Rngs(1))
-  convert_torch.load_baseline_into(as_torch, path)
+  assert torch_io.load_into(as_torch, path).family == 'baseline'
   ours = _flat_parameters(fashion_net.FashionNet(rngs=nnx.Rngs(0)))
   theirs = _flat_parameters(as_torch)
   # The converted category head moves the baseline's logit i + 1 to our column i.

@@ -2,7 +2,7 @@
 
 Names follow torchvision's state-dict keys (`conv1`, `bn1`, `layer1[0].conv1`,
 `layer2[0].downsample_conv`, ...) so that torchvision and baseline weights map one to one
-(see `convert_torch.py`). Padding is explicit, as in PyTorch: 'SAME' would pad stride-2
+(see `torch_io/torchvision.py`, `torch_io/baseline.py`). Padding is explicit, as in PyTorch: 'SAME' would pad stride-2
 convolutions asymmetrically and shift every feature map by half a pixel.
 
 Activations run in `dtype` (float32, bfloat16 or float16); parameters and batch-norm

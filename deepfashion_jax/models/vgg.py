@@ -6,7 +6,7 @@ torchvision builds the features as one nn.Sequential: per convolution a 3x3 Conv
 blocks a 2x2, stride-2 max pool. `features` here is a list with the same indices, the ReLUs
 and pools parameter-free placeholders that keep the numbering, so that torchvision's
 `features.<i>.weight`, `.bias`, `.running_mean`, `.running_var` map one to one onto
-`features[i]` (see `convert_torch.py`). The last pool (pool5), `avgpool` and `classifier`
+`features[i]` (see `torch_io/torchvision.py`). The last pool (pool5), `avgpool` and `classifier`
 are left out: the features end at conv5_3's ReLU, 512 channels at stride 16 (14 x 14 at
 224 px), the map FashionNet, Liu & Lu and mmfashion read.
 

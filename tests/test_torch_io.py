@@ -1,0 +1,61 @@
+"""The shape of torch_io, which the next families build on: the torch.save reader stands
+alone, every family offers the same small interface, and `load_into` refuses a file that no
+family takes. (What each family loads, and its parity with PyTorch: test_convert_torch.py,
+test_liu_lu_parity.py.)"""
+
+import ast
+import pickle
+import zipfile
+
+import pytest
+
+from deepfashion_jax import torch_io
+from deepfashion_jax.torch_io import errors
+from deepfashion_jax.torch_io import reader
+
+
+def _project_imports(module) -> set:
+  """The modules of this project (or relative imports) that `module`'s source imports."""
+  with open(module.__file__) as f:
+    tree = ast.parse(f.read())
+  imported = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      imported.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      imported.add('.' * node.level + (node.module or ''))
+  return {name for name in imported
+          if name.startswith(('.', 'deepfashion_jax', 'configs', 'benchmarks', 'tests'))}
+
+
+def test_the_reader_imports_nothing_from_the_project_but_its_error_type():
+  assert _project_imports(reader) == {'deepfashion_jax.torch_io.errors'}
+  assert not _project_imports(errors)
+
+
+def test_every_family_has_the_interface_load_into_uses():
+  names = [family.NAME for family in torch_io.FAMILIES]
+  assert len(set(names)) == len(names) == 3, names
+  assert names[-1] == 'torchvision'  # the plain state dict takes what the others leave
+  for family in torch_io.FAMILIES:
+    assert callable(family.matches) and callable(family.load), family.NAME
+
+
+@pytest.mark.parametrize('content', [
+    None, 3, 'text', [], [1, 2], {}, {1: 2}, {'model': 3}, {'model': {1: 2}},
+    {'state_dict': None}, {'lm_branch.conv1.weight': 0}])
+def test_matches_answers_for_anything_the_reader_returns(content):
+  """A family's `matches` sees whatever the file held: it answers, it does not raise."""
+  for family in torch_io.FAMILIES:
+    assert isinstance(family.matches(content), bool), family.NAME
+
+
+def test_a_file_no_family_takes_is_refused_saying_what_it_holds(tmp_path):
+  """A torch.save zip archive whose object is a list, not a state dict."""
+  path = tmp_path / 'list.pth'
+  with zipfile.ZipFile(path, 'w') as archive:
+    archive.writestr('archive/data.pkl', pickle.dumps([1, 2], protocol=2))
+  assert reader.read_pth(str(path)) == [1, 2]
+  with pytest.raises(torch_io.CheckpointError,
+                     match=f'{path}: expected a state dict, found list'):
+    torch_io.load_into(None, str(path))
