@@ -5,6 +5,7 @@ test_liu_lu_parity.py.)"""
 
 import ast
 import pickle
+import struct
 import zipfile
 
 import pytest
@@ -59,3 +60,47 @@ def test_a_file_no_family_takes_is_refused_saying_what_it_holds(tmp_path):
   with pytest.raises(torch_io.CheckpointError,
                      match=f'{path}: expected a state dict, found list'):
     torch_io.load_into(None, str(path))
+
+
+def _code_payloads(marker) -> dict:
+  """Pickles naming os.system or eval through each opcode that can name a callable:
+  GLOBAL + REDUCE, STACK_GLOBAL (protocol 4), INST (protocol 0), OBJ; all of these run
+  `touch marker` under plain pickle.loads. And one whose BUILD state names os.system, for
+  an allowed class's __init__."""
+  command = f'touch {marker}'.encode()
+  text = b'X' + struct.pack('<I', len(command)) + command  # BINUNICODE
+  source = b"__import__('os').system('" + command + b"')"
+  return {
+      'global': b'\x80\x02cos\nsystem\n' + text + b'\x85R.',
+      'builtins.eval': (b'\x80\x02cbuiltins\neval\nX' + struct.pack('<I', len(source))
+                        + source + b'\x85R.'),
+      'stack_global': (b'\x80\x04\x8c\x02os\x8c\x06system\x93' + text + b'\x85R.'),
+      'inst': b"(S'" + command + b"'\nios\nsystem\n.",
+      'obj': b'\x80\x02(cos\nsystem\n' + text + b'o.',
+      'build': (b'\x80\x02ccollections\nOrderedDict\n}X\x08\x00\x00\x00__init__'
+                b'cos\nsystem\nsb.'),
+  }
+
+
+def _legacy_file(obj_pickle: bytes) -> bytes:
+  """torch.save's legacy format around one object pickle: magic number, protocol version,
+  sys info, the object, its (no) storage keys."""
+  header = b''.join(pickle.dumps(x, protocol=2) for x in (0x1950a86a20f9469cfc6c, 1001, {}))
+  return header + obj_pickle + pickle.dumps([], protocol=2)
+
+
+@pytest.mark.parametrize('file_format', ['zip', 'legacy'])
+@pytest.mark.parametrize('payload', sorted(_code_payloads('m')))
+def test_no_opcode_runs_code_from_a_file(tmp_path, payload, file_format):
+  """Every way a pickle names a callable goes through the allow-list, in both formats."""
+  marker = tmp_path / 'ran'
+  data = _code_payloads(marker)[payload]
+  path = tmp_path / 'evil.pth'
+  if file_format == 'zip':
+    with zipfile.ZipFile(path, 'w') as archive:
+      archive.writestr('archive/data.pkl', data)
+  else:
+    path.write_bytes(_legacy_file(data))
+  with pytest.raises(torch_io.CheckpointError, match=r'\.(system|eval) is not allowed'):
+    reader.read_pth(str(path))
+  assert not marker.exists()
