@@ -7,12 +7,12 @@
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=predict \\
       --images=photo.jpg,more_photos/ --output_dir=predictions
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=export \\
-      --output_dir=serving/deepfashion/1    # a TensorFlow SavedModel (README: Command line)
+      --output_dir=serving/deepfashion/1    # a TensorFlow SavedModel (docs/command_line.md)
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=describe
   python main.py --config=configs/default.py --workdir=DIR --mode=prepare \\
       --config.data.data_dir=/path/to/DeepFashion [--config.data.tfds_dir=OUT]
   python main.py --config=... --workdir=SHARED_DIR --coordinator_address=host0:1234 \\
-      --num_processes=2 --process_id=0    # and =1 on the second host (README: Multi-host)
+      --num_processes=2 --process_id=0    # and =1 on the second host (docs/multihost.md)
 """
 
 import logging as python_logging

@@ -14,7 +14,7 @@
 #
 # --shrink makes everything tiny (64 px, batches of 8 / 4, a few steps) so that the script
 # itself is tested on a CPU (tests/test_benchmarks.py). Packages missing on the machine can
-# travel as wheels in .whl/ (see /work/.library/device/README.md): they are installed first.
+# travel as wheels in .whl/ (for a machine without a package index): they are installed first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

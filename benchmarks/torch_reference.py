@@ -1,4 +1,4 @@
-"""A PyTorch reference of the baseline's FashionResnet, written from shared/BASELINE.md.
+"""A PyTorch reference of the baseline's FashionResnet, written from docs/baseline.md.
 
 Plain torch modules named so that the state-dict keys are the baseline's (`basemodel.0.weight`,
 `basemodel.4.0.conv1.weight`, ..., `reduce_1x1.*`, `fc_bbox_xy.*`, `fc_cls.*`, `fc_bin.*`);

@@ -125,7 +125,7 @@ def baseline_loss(outputs, positive, category, bbox, beta: float):
   over attributes (reduce_sum) and averaged over the batch, cross-entropy, beta * L1 box.
 
   outputs: the model's (category logits, attribute logits, box); category: the label
-  the baseline's model is trained with (its 1-based category, see BASELINE.md).
+  the baseline's model is trained with (its 1-based category, see docs/baseline.md).
   """
   from torch.nn import functional as F  # pylint: disable=g-import-not-at-top
   category_logits, attribute_logits, box = outputs

@@ -1,4 +1,4 @@
-"""The benchmark's published setting (shared/DEEPFASHION.md), beside the baseline's (default.py).
+"""The benchmark's published setting (docs/protocols.md), beside the baseline's (default.py).
 
 Its numbers are meant to be set beside the published table, measured the same way
 (category top-3 / top-5 accuracy, attribute recall@3 / @5 on the test split, on inputs

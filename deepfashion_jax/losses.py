@@ -1,4 +1,4 @@
-"""The losses, in float32 whatever the activation dtype: the baseline's (BASELINE.md,
+"""The losses, in float32 whatever the activation dtype: the baseline's (docs/baseline.md,
 Training) and Liu & Lu 2018's.
 
 total = attribute_weight * attribute loss + category_weight * category loss

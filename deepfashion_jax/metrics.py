@@ -1,4 +1,4 @@
-"""Evaluation metrics: the published protocol and the baseline's formulas (DEEPFASHION.md).
+"""Evaluation metrics: the published protocol and the baseline's formulas (docs/protocols.md).
 
 Every metric is an average accumulated with clu (`metrics.Average`: a total and a count),
 so batches merge exactly and a split is summarised once, whatever its batching:

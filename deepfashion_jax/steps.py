@@ -1,6 +1,6 @@
 """The training state and the jitted, sharded train, evaluation and prediction steps.
 
-This is where data and model meet (DESIGN.md). The model is split once into a static
+This is where data and model meet (docs/design.md). The model is split once into a static
 graph definition and pure pytrees (parameters, batch-norm statistics), so the jitted step
 is a pure function of (state, batch): no Python work per step, and the state is donated.
 Data parallelism: one mesh axis `data` over every device; the batch is split along it and

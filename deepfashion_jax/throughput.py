@@ -143,7 +143,7 @@ class ProfileWindow:
   started before step `first` fetches its batch, stopped once step `last`'s state is
   computed (the device work waited for), or on leaving the `with` block if the run ends
   or fails inside the window. The trace is viewable in TensorBoard's profile plugin
-  (xprof) and, as perfetto_trace.json.gz, in Perfetto (README, "Command line")."""
+  (xprof) and, as perfetto_trace.json.gz, in Perfetto (docs/gpus.md, "Profiles")."""
 
   def __init__(self, profile_steps, log_dir: str):
     self.window, self.log_dir, self.active = profile_window(profile_steps), log_dir, False

@@ -2,7 +2,7 @@
 --mode=predict answers (its photos, batch and predict step; unrounded).
 
 Tolerances, from what differs and what it does (measured on a model trained two steps:
-README "Command line", export):
+docs/command_line.md, export):
 - The exported module is the same JAX program as predict's step, but compiled by
   TensorFlow's XLA: its float32 sums run in another order. The crops' bilinear resampling
   rounds to 8 bits, and where PIL's weights give a pixel exactly halfway (x.5) the two

@@ -1,6 +1,6 @@
 """Reads DeepFashion's seven annotation lists into one in-memory index of NumPy arrays.
 
-The benchmark's lists (see `shared/DEEPFASHION.md`) are plain text: line 1 the number of
+The benchmark's lists (see docs/dataset.md) are plain text: line 1 the number of
 rows, line 2 the column names, then one row per image, columns separated by runs of
 spaces. `list_attr_img.txt` is the big one (289,222 x 1,000 values, ~870 MB), so it has a
 vectorised parser of its own; the others are small enough for `str.split`.
@@ -174,7 +174,7 @@ class _Table:
 
 def _check_exists(path: str):
   if not os.path.isfile(path):
-    raise AnnotationError(f'{path}: file not found (see DEEPFASHION.md for the expected layout)')
+    raise AnnotationError(f'{path}: file not found (see docs/dataset.md for the expected layout)')
 
 
 def _read_header(path: str, lines: list) -> int:
@@ -632,7 +632,7 @@ def baseline_split(num_images: int, seed: int = 0) -> np.ndarray:
   The baseline (train.py) shuffles `list(range(N))` with `np.random.RandomState(0)` over
   the images of list_attr_img.txt minus the three unreadable ones, in file order (the
   index's order: the release lists every file in the same order), and cuts at
-  `int(0.9 N)` and `int(0.95 N)`. Its dataset then ignores the cut (BASELINE.md); here
+  `int(0.9 N)` and `int(0.95 N)`. Its dataset then ignores the cut (docs/baseline.md); here
   the three subsets are really disjoint.
   """
   order = np.random.RandomState(seed).permutation(num_images)

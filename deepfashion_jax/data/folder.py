@@ -24,7 +24,7 @@ def _check_deepfashion_folder(root: str):
     raise ValueError(
         f'config.data.data_dir={root!r} does not hold DeepFashion: missing '
         f'{", ".join(missing)}. Point it at the folder that holds Anno/, Eval/ and Img/ '
-        '(see README.md), or use configs/demo.py for synthetic data.')
+        '(see docs/dataset.md), or use configs/demo.py for synthetic data.')
   annotations.find_image_dir(root)
 
 

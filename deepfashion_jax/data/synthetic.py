@@ -379,7 +379,7 @@ def _write_attr_img(path: str, image_paths, values: np.ndarray, width: int):
 
 
 def write_lists(root: str, contents: ListContents, attribute_names, attribute_types):
-  """Writes the seven list files of DEEPFASHION.md, headers and all, under `root`."""
+  """Writes the seven list files of docs/dataset.md, headers and all, under `root`."""
   anno = os.path.join(root, 'Anno')
   os.makedirs(anno, exist_ok=True)
   paths = contents.image_paths
