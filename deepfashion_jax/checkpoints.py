@@ -152,28 +152,31 @@ class Metadata:
 
 def read_metadata(manager: ocp.CheckpointManager, step: int) -> Metadata:
   """The Metadata of the checkpoint of `step`. Raises CheckpointFormatError for one of
-  another format version than FORMAT_VERSION, before reading more of it, and
+  another format version than FORMAT_VERSION, before its config is read, and
   DamagedCheckpointError when its description or its config cannot be read."""
   try:
     step_metadata = manager.metadata(step)
-    _check_format_version(step_metadata.custom_metadata.get(_VERSION_KEY, 0), step,
-                          manager.directory)
     items = step_metadata.item_metadata
     state = items['state']
     arrays = ocp.tree.to_flat_dict(state, sep='/') if state is not None else {}
-    config = None
-    if 'config' in items:
-      config = manager.restore(step, args=ocp.args.Composite(
-          config=ocp.args.JsonRestore()))['config']
-  except CheckpointFormatError:
-    raise
   except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds here)
     raise DamagedCheckpointError(f'{type(e).__name__}: {e}') from e
+  _check_format_version(step_metadata.custom_metadata.get(_VERSION_KEY, 0), step,
+                        manager.directory)
   if not arrays:
     raise DamagedCheckpointError('it has no readable state')
   return Metadata(step=step, directory=os.fspath(manager.directory),
                   arrays={k: tuple(v.shape) for k, v in arrays.items()},
-                  config=_flat_fields(config) if config else None)
+                  config=_saved_config(manager, step) if 'config' in items else None)
+
+
+def _saved_config(manager, step: int) -> Optional[dict]:
+  """The flattened config saved with the checkpoint of `step`."""
+  try:
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds here)
+    raise DamagedCheckpointError(f'its config: {type(e).__name__}: {e}') from e
+  return _flat_fields(saved['config']) if saved['config'] else None
 
 
 def _check_format_version(version, step: int, directory):
