@@ -51,7 +51,7 @@ def _get(config, name):
 
 def check(config):
   """Raises ValueError naming the first field with a wrong value."""
-  # The registry's own check: an old config's ResNet depth (18) is told its name now.
+  # The registry's own check, so that a new backbone needs no line here.
   backbones.check_name(config.model.backbone, field='config.model.backbone')
   for name, choices in _CHOICES.items():
     if _get(config, name) not in choices:

@@ -1,15 +1,13 @@
-"""Checkpoints: damaged ones set aside, another configuration's refused, old names read,
-float16 states kept whole, a moving average of the weights kept, refused or chosen."""
+"""Checkpoints: damaged ones set aside, another configuration's or format version's refused,
+metadata read once per restore, float16 states kept whole, a moving average of the weights
+kept, refused or chosen."""
 
-import dataclasses
 import glob
 import logging
 import os
 import re
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -22,93 +20,11 @@ from deepfashion_jax import train
 from deepfashion_jax.data import annotations
 from tests import helpers
 
-# Our attribute names -> the ones checkpoints had before the rename (PyTorch's).
-OLD_NAMES = {'box_reduce': 'reduce_1x1', 'box_top_left': 'fc_bbox_xy',
-             'box_size': 'fc_bbox_offset', 'attribute_classifier': 'fc_bin',
-             'category_classifier': 'fc_cls', 'garment_type_classifier': 'fc_garment_type',
-             'per_type_category_classifiers': 'fc_cls_per_type'}
-
-
-def _config(category_head):
-  config = test_config.get_config()
-  config.model.category_head = category_head
-  return config
-
 
 def _assert_equal_states(restored, saved):
   assert jax.tree.structure(restored) == jax.tree.structure(saved)
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
-
-def _write_old_checkpoint(workdir, category_head):
-  """A checkpoint at step 4 whose arrays carry the old names; returns the state it holds,
-  under the new names. Its parameters and optimiser moments are moved away from a fresh
-  state's, so that a restore that kept the fresh values shows."""
-  config = _config(category_head)
-  _, state = steps.create_train_state(config, sharding.make_mesh(jax.devices()[:1]))
-  moved = lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x
-  state = state.replace(params=jax.tree.map(moved, state.params),
-                        opt_state=jax.tree.map(moved, state.opt_state))
-  manager = checkpoints.create_manager(workdir, best_metric='')
-  checkpoints.save(manager, 4, checkpoints.rename_model_attributes(state, OLD_NAMES),
-                   config=config)
-  manager.wait_until_finished()
-  saved = ocp.tree.to_flat_dict(manager.item_metadata(4)['state'], sep='/')
-  assert 'params/fc_bin/kernel/value' in saved
-  assert any(k.startswith('opt_state/') and '/fc_bin/' in k for k in saved)
-  assert not any('attribute_classifier' in k for k in saved)
-  return state
-
-
-def test_a_checkpoint_with_the_old_names_resumes_under_the_new(tmp_path):
-  # The per-garment-type head has every renamed attribute but the single head's
-  # classifier, which the test below restores.
-  workdir, category_head = str(tmp_path), 'per_garment_type'
-  saved = _write_old_checkpoint(workdir, category_head)
-  _, fresh = steps.create_train_state(_config(category_head),
-                                      sharding.make_mesh(jax.devices()[:1]))
-  manager = checkpoints.create_manager(workdir, best_metric='')
-  abstract = checkpoints.abstract_like(fresh)
-  checkpoints.check_compatible(manager, 4, abstract)  # renamed arrays are no difference
-  step, restored = checkpoints.restore_newest_intact(manager, abstract)
-  assert step == 4
-  _assert_equal_states(restored, saved)
-  assert not np.array_equal(restored.params['attribute_classifier']['kernel'][...],
-                            fresh.params['attribute_classifier']['kernel'][...])
-
-
-def test_a_checkpoint_with_the_old_names_restores_for_inference(tmp_path):
-  workdir = str(tmp_path)
-  saved = _write_old_checkpoint(workdir, 'single')
-  config = _config('single')
-  config.best_metric = ''
-  _, step, _, restored = checkpoints.restore_for_inference(
-      config, workdir, sharding.make_mesh(jax.devices()[:1]))
-  assert step == 4
-  _assert_equal_states(restored, saved)
-
-
-def test_a_checkpoint_whose_config_numbers_the_backbone_restores(tmp_path):
-  """Configs saved before backbones were named say `backbone: 18`: such a checkpoint
-  restores under 'resnet18', and its 18 is no difference from that name."""
-  workdir, config = str(tmp_path), _config('single')
-  config.best_metric = ''
-  mesh = sharding.make_mesh(jax.devices()[:1])
-  _, state = steps.create_train_state(config, mesh)
-  old_config = config.to_dict()
-  old_config['model']['backbone'] = 18
-  manager = checkpoints.create_manager(workdir, best_metric='')
-  checkpoints.save(manager, 4, state, config=ml_collections.ConfigDict(old_config))
-  manager.wait_until_finished()
-  assert checkpoints.create_manager(workdir, read_only=True).restore(
-      4, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']['model'][
-          'backbone'] == 18
-  differences = checkpoints._config_differences  # pylint: disable=protected-access
-  assert differences(manager, 4, config) == []
-  _, step, _, restored = checkpoints.restore_for_inference(config, workdir, mesh)
-  assert step == 4
-  _assert_equal_states(restored, state)
 
 
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(
@@ -166,7 +82,7 @@ def test_a_checkpoint_is_used_only_with_the_pooling_and_scaling_it_was_trained_w
   assert '--config.model.roi_pool=align --config.data.normalization=baseline' in str(error.value)
   manager = checkpoints.create_manager(workdir, read_only=True)
   with caplog.at_level(logging.WARNING):
-    adopted = checkpoints.inference_config(manager, 2, other)
+    adopted = checkpoints.inference_config(checkpoints.read_metadata(manager, 2), other)
   assert adopted.data.normalization == 'baseline' and adopted.model.roi_pool == 'align'
   assert other.data.normalization == 'imagenet'  # the caller's config is left as it was
   assert "config.data.normalization='imagenet' here" in caplog.text
@@ -227,11 +143,10 @@ def test_inference_restores_the_raw_weights_or_their_ema_whatever_ema_decay_says
   config.ema_decay = 0.0  # evaluate and predict take the average's presence from the checkpoint
   for weights, want in (('raw', saved.params), ('ema', saved.ema_params)):
     config.eval.weights = weights
-    _, step, _, restored = checkpoints.restore_for_inference(config, str(tmp_path / 'ema'),
-                                                             mesh)
-    assert step == 4
-    _assert_equal_states(restored.params, want)
-    _assert_equal_states(restored.ema_params, saved.ema_params)
+    restored = checkpoints.restore_for_inference(config, str(tmp_path / 'ema'), mesh)
+    assert restored.step == 4 and restored.config.ema_decay > 0
+    _assert_equal_states(restored.state.params, want)
+    _assert_equal_states(restored.state.ema_params, saved.ema_params)
   plain, *_ = _write_checkpoint(str(tmp_path / 'plain'), 0.0)
   plain.eval.weights = 'ema'
   with pytest.raises(ValueError, match=r'config.eval.weights=ema: the checkpoint of step 4 .* '
@@ -239,18 +154,70 @@ def test_inference_restores_the_raw_weights_or_their_ema_whatever_ema_decay_says
     checkpoints.restore_for_inference(plain, str(tmp_path / 'plain'), mesh)
 
 
-def test_a_checkpoint_written_before_the_ema_fields_existed_resumes(tmp_path):
-  """Such a checkpoint's state has no ema_params / ema_batch_stats at all (orbax would
-  refuse the tree as another structure, and the loop set it aside as damaged)."""
-  config, mesh, _, saved = _write_checkpoint(str(tmp_path / 'new'), 0.0)
-  manager = checkpoints.create_manager(str(tmp_path / 'old'), best_metric='')
-  fields = {f.name: getattr(saved, f.name) for f in dataclasses.fields(saved)
-            if not f.name.startswith('ema_')}  # the state as it was before them
-  manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(fields)))
+@pytest.mark.parametrize('version, named', [
+    (None, 'is of checkpoint format version 0 (written before checkpoints carried one); '),
+    (checkpoints.FORMAT_VERSION + 1,
+     f'is of checkpoint format version {checkpoints.FORMAT_VERSION + 1}; ')])
+def test_a_checkpoint_of_another_format_version_is_refused_naming_it(tmp_path, version,
+                                                                      named):
+  """One written before checkpoints carried a version (None), or by a release that writes
+  another: resuming and inference refuse it, though its arrays fit this run's model,
+  naming its version and what to do; it is not set aside as damaged."""
+  workdir, config = str(tmp_path), test_config.get_config()
+  config.best_metric = ''
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  _, state = steps.create_train_state(config, mesh)
+  manager = checkpoints.create_manager(workdir, best_metric='')
+  manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          config=ocp.args.JsonSave(config.to_dict())),
+               custom_metadata={} if version is None else {'format_version': version})
   manager.wait_until_finished()
-  assert 'ema_params' not in manager.item_metadata(4)['state']
-  step, restored = checkpoints.restore_newest_intact(
-      manager, checkpoints.abstract_like(saved), config=config)
-  assert step == 4 and restored.ema_params is None and restored.ema_batch_stats is None
-  _assert_equal_states(restored, saved)
-  assert manager.all_steps() == [4]  # nothing set aside
+  message = (f'The checkpoint of step 4 in {manager.directory} {named}this release reads '
+             f'version {checkpoints.FORMAT_VERSION} only, so it is not loaded. Evaluate or '
+             'predict with it using the release that wrote it, or retrain in a new --workdir')
+  with pytest.raises(checkpoints.CheckpointFormatError, match=re.escape(message)):
+    checkpoints.restore_newest_intact(manager, checkpoints.abstract_like(state),
+                                      config=config)
+  assert manager.all_steps() == [4]  # refused, not set aside
+  assert not os.path.exists(os.path.join(workdir, checkpoints.DAMAGED_FOLDER))
+  for restore in (checkpoints.restore_for_inference, checkpoints.restore_every_kept):
+    with pytest.raises(checkpoints.CheckpointFormatError, match=re.escape(message)):
+      list(restore(config, workdir, mesh))
+
+
+def test_every_restore_reads_a_checkpoint_metadata_once(tmp_path, monkeypatch):
+  """Resuming, restore_for_inference and restore_every_kept read each checkpoint's
+  metadata once (`read_metadata`: one step-metadata read from disk), and every checkpoint
+  saved carries FORMAT_VERSION."""
+  config, mesh, manager, state = _write_checkpoint(str(tmp_path), 0.9)
+  checkpoints.save(manager, 6, state, config=config)
+  manager.wait_until_finished()
+  for step in (4, 6):
+    assert manager.metadata(step).custom_metadata == {
+        'format_version': checkpoints.FORMAT_VERSION}
+  reads, disk_reads = [], []
+  read_metadata, step_metadata = checkpoints.read_metadata, ocp.CheckpointManager.metadata
+  monkeypatch.setattr(checkpoints, 'read_metadata',
+                      lambda *args: reads.append(args[1]) or read_metadata(*args))
+
+  def counted_step_metadata(self, step=None):
+    if step is not None:  # None: the folder's, not a checkpoint's
+      disk_reads.append(step)
+    return step_metadata(self, step)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'metadata', counted_step_metadata)
+
+  def reads_of(restore):
+    reads.clear()
+    disk_reads.clear()
+    restore()
+    return reads, disk_reads
+
+  resume = lambda: checkpoints.restore_newest_intact(
+      checkpoints.create_manager(str(tmp_path), best_metric=''),
+      checkpoints.abstract_like(state), config=config)
+  assert reads_of(resume) == ([6], [6])
+  for_inference = lambda: checkpoints.restore_for_inference(config, str(tmp_path), mesh)
+  assert reads_of(for_inference) == ([6], [6])
+  every_kept = lambda: list(checkpoints.restore_every_kept(config, str(tmp_path), mesh))
+  assert reads_of(every_kept) == ([4, 6], [4, 6])

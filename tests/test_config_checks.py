@@ -23,9 +23,9 @@ def test_a_wrong_config_value_is_refused_naming_the_field(synthetic_folder, tmp_
 
 @pytest.mark.parametrize('field,value,message', [
     ('data.source', 'lmdb', "config.data.source='lmdb': expected one of ('folder', 'tfds')"),
-    # What --config.model.backbone=18 gives, as old commands and configs said it.
-    ('model.backbone', '18', "config.model.backbone='18' is a ResNet depth, as configs used "
-     "to give it; backbones are named now: use 'resnet18' (--config.model.backbone=resnet18)"),
+    # A ResNet's depth alone, as --config.model.backbone=18 gives it, names no backbone.
+    ('model.backbone', '18', "config.model.backbone='18': expected one of ('resnet18', "
+     "'resnet34', 'resnet50', 'resnet101', 'resnet152', 'vgg16', 'vgg16_bn')"),
     ('model.backbone', 'vgg19', "config.model.backbone='vgg19': expected one of ('resnet18', "
      "'resnet34', 'resnet50', 'resnet101', 'resnet152', 'vgg16', 'vgg16_bn')"),
     ('warmup_steps', 10, 'config.warmup_steps=10 leaves no steps for the cosine decay'),

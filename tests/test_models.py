@@ -118,13 +118,11 @@ def test_each_backbone_says_its_last_map_name_stride_and_side(name, final_map, s
 
 
 @pytest.mark.parametrize('value', [18, '50'])
-def test_a_resnet_depth_as_old_configs_gave_it_is_refused_with_its_name(value):
-  name = f'resnet{value}'
+def test_a_resnet_depth_or_an_unknown_backbone_is_refused_naming_the_backbones(value):
   with pytest.raises(ValueError, match=re.escape(
-      f"backbone={value!r} is a ResNet depth, as configs used to give it; backbones are "
-      f"named now: use '{name}' (--config.model.backbone={name})")):
+      f"backbone={value!r}: expected one of ('resnet18', 'resnet34', 'resnet50', "
+      "'resnet101', 'resnet152', 'vgg16', 'vgg16_bn')")):
     fashion_net.FashionNet(backbone=value, image_size=64, rngs=nnx.Rngs(0))
-  assert backbones.canonical_name(value) == name  # how an old checkpoint's config reads
   with pytest.raises(ValueError, match=re.escape("backbone='vgg19': expected one of ('resnet18'")):
     fashion_net.FashionNet(backbone='vgg19', image_size=64, rngs=nnx.Rngs(0))
 

@@ -12,15 +12,11 @@ and of its stride-8 map, which the landmark branch reads (`landmarks.py`):
   landmark_map      its name ('layer2', 'conv4_3'), landmark_features its channels.
 Called with at_landmark_map=f, a backbone goes on from f(that map) instead of the map:
 the landmark-driven attention re-weights it there.
-
-Configs written before VGG named a ResNet by its depth (`config.model.backbone = 18`).
-Such a value is refused, with the name it now has (`check_name`); checkpoints saved with
-one restore as before, their saved depth read as that name (`canonical_name`).
 """
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from flax import nnx
 
@@ -42,32 +38,10 @@ BACKBONES = {
 }
 
 
-def legacy_name(value) -> Optional[str]:
-  """The name of an old config's ResNet depth (18, or '18' from a command line:
-  'resnet18'); None for any other value."""
-  if isinstance(value, bool) or not isinstance(value, (int, str)):
-    return None
-  name = f'resnet{value}'
-  return name if str(value).isdigit() and name in BACKBONES else None
-
-
-def canonical_name(value):
-  """`value` as a backbone name: an old config's ResNet depth becomes its name; anything
-  else is returned as it is."""
-  return legacy_name(value) or value
-
-
 def check_name(value, field: str = 'backbone'):
-  """Raises ValueError, naming `field`, unless `value` is one of BACKBONES; an old
-  config's ResNet depth is told the name it has now."""
-  if isinstance(value, str) and value in BACKBONES:
-    return
-  legacy = legacy_name(value)
-  if legacy is not None:
-    raise ValueError(f'{field}={value!r} is a ResNet depth, as configs used to give it; '
-                     f'backbones are named now: use {legacy!r} '
-                     f'(--config.model.backbone={legacy})')
-  raise ValueError(f'{field}={value!r}: expected one of {tuple(BACKBONES)}')
+  """Raises ValueError, naming `field`, unless `value` is one of BACKBONES."""
+  if not isinstance(value, str) or value not in BACKBONES:
+    raise ValueError(f'{field}={value!r}: expected one of {tuple(BACKBONES)}')
 
 
 def create(name: str, *, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
