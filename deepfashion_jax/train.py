@@ -216,9 +216,9 @@ def _check_writable(workdir: str):
 
 def train_and_evaluate(config, workdir: str):
   """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics
-  and, when the run logged twice or more, its `train_images_per_sec` (see throughput.Throughput),
-  with `train_flops_per_step`, `train_tflops_per_sec` and `train_mfu` where they are
-  known (throughput.py)."""
+  and, when the run logged twice or more, its `train_images_per_sec`, with
+  `train_flops_per_step`, `train_tflops_per_sec` and `train_mfu` where they are known
+  (`throughput.Throughput`)."""
   config_checks.check(config)
   _check_writable(workdir)
   training_data = data.create_datasets(config, workdir)

@@ -1,10 +1,10 @@
 """--mode=export: the SavedModel, run by TensorFlow alone in a fresh process, answers what
---mode=predict answers (its photos, batch and predict step; unrounded).
+--mode=predict answers (its photos, batch and `predict.photo_outputs`; unrounded).
 
 Tolerances, from what differs and what it does (measured on a model trained two steps:
 README "Command line", export):
-- The exported module is the same JAX program as predict's step, but compiled by
-  TensorFlow's XLA: its float32 sums run in another order. The crops' bilinear resampling
+- The exported module runs predict's own function, `predict.photo_outputs`, but compiled
+  by TensorFlow's XLA as one program: its float32 sums run in another order. The crops' bilinear resampling
   rounds to 8 bits, and where PIL's weights give a pixel exactly halfway (x.5) the two
   compilers can round it to neighbouring grey levels: 0.1-0.3% of a crop's pixels, one
   grey level. Photos whose crops have no such pixels agree to ~1e-7; others move
