@@ -23,13 +23,14 @@ Outputs, float32:
     heatmap's highest value), in `landmark_slots.SLOT_NAMES` order (a landmark branch);
   garment_type_probabilities (B, 3) (config.model.category_head='per_garment_type').
 
-The preprocessing is predict's (`data/photos.py`), done on the device from the raw photo:
-a photo larger than config.data.canvas_size is shrunk into the canvas with PIL's bilinear
-weights (`transforms.fit_to_canvas`; the shrunk size is computed in float64 in the TF
-graph, as Python computes it), then cut into its crops by `device_transforms` in the
-predict step itself (`steps.predict_step`). One centre crop, or with
-config.export.ten_crop the baseline's ten crops (config.predict.ten_crop's), whose outputs
-are averaged as predict averages them (mirrored crops' boxes and landmarks mirrored back).
+The preprocessing, the crops and the averaging are predict's: a photo larger than
+config.data.canvas_size is shrunk into the canvas with PIL's bilinear weights
+(`device_transforms.fit_to_canvas`, the in-graph counterpart of the host's
+`transforms.fit_to_canvas` that predict uses; the shrunk size is computed in float64 in the
+TF graph, as Python computes it), then `predict.photo_outputs`, the very function predict
+runs, cuts the crops, runs the model and averages its outputs (`data/ten_crop.py`). One
+centre crop, or with config.export.ten_crop the baseline's ten crops
+(config.predict.ten_crop's).
 """
 
 import dataclasses
@@ -49,7 +50,7 @@ from deepfashion_jax import predict
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax.data import device_transforms
-from deepfashion_jax.data import landmark_slots
+from deepfashion_jax.data import ten_crop
 
 PLATFORMS = ('cpu', 'cuda')  # what the SavedModel runs on
 ENCODED_SIGNATURE = 'encoded'
@@ -57,110 +58,17 @@ ENCODED_SIGNATURE = 'encoded'
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-  """The static part of the preprocessing (config.data's sizes, the crops, temperature)."""
+  """The static part of the preprocessing: the canvas, and predict's crops and averaging."""
   canvas_size: int
-  img_size: int
-  crop_size: int
-  ten_crop: bool
-  temperature: float
+  crops: ten_crop.Options
 
   @classmethod
   def from_config(cls, config) -> 'Preprocessing':
-    return cls(config.data.canvas_size, config.data.img_size, config.data.crop_size,
-               config.export.ten_crop, config.predict.temperature)
+    return cls(config.data.canvas_size,
+               ten_crop.Options.from_config(config, config.export.ten_crop))
 
 
 # ------------------------------------------------------------------- in JAX, traced once
-
-
-def _shrink_weights(in_size, out_count, out_size: int):
-  """(out_size, in_size) PIL bilinear weights resizing an axis of `in_size` pixels (a
-  symbolic dimension) to `out_count` (traced, <= out_size); rows from out_count on are 0.
-  Equal to the identity when out_count == in_size."""
-  in_pixels = jnp.asarray(in_size, jnp.float32)
-  scale = in_pixels / out_count.astype(jnp.float32)
-  filter_scale = jnp.maximum(scale, 1.0)
-  centres = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
-  pixel_centres = jnp.arange(in_size, dtype=jnp.float32) + 0.5
-  weights = jnp.maximum(0.0, 1.0 - jnp.abs(pixel_centres[None, :] - centres[:, None])
-                        / filter_scale)
-  weights = weights * (jnp.arange(out_size) < out_count)[:, None]
-  total = weights.sum(axis=1, keepdims=True)
-  return jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
-
-
-def fit_to_canvas(images, fitted, canvas_size: int):
-  """(B, H, W, 3) uint8 photos -> (B, canvas_size, canvas_size, 3) uint8 canvases holding
-  each photo resized to `fitted` (height, width) at the top left (`transforms.fit_to_canvas`:
-  PIL's bilinear resize, horizontal pass rounded to 8 bits, then vertical), zeros elsewhere."""
-  rows = _shrink_weights(images.shape[1], fitted[0], canvas_size)
-  cols = _shrink_weights(images.shape[2], fitted[1], canvas_size)
-  return jax.vmap(lambda image: device_transforms.resample(image, rows, cols))(images)
-
-
-def crop_regions(fitted, preprocessing: Preprocessing):
-  """(N, 4) float32 regions (x0, y0, x1, y1) of the fitted photo and (N,) flips: the crops
-  of `photos.crops`, in its order, from the traced (height, width)."""
-  img, crop = preprocessing.img_size, preprocessing.crop_size
-  height, width = fitted[0].astype(jnp.float32), fitted[1].astype(jnp.float32)
-  offset = (img - crop) / 2
-  centre = jnp.stack([offset * width / img, offset * height / img,
-                      (offset + crop) * width / img, (offset + crop) * height / img])
-  if not preprocessing.ten_crop:
-    return centre[None], np.zeros(1, bool)
-  far = img - crop
-  corners = np.array([[x, y, x + crop, y + crop] for x, y in ((0, 0), (far, 0), (0, far),
-                                                              (far, far))], np.float32)
-  scale = jnp.stack([width / img, height / img] * 2)
-  unflipped = jnp.concatenate([corners * scale, centre[None]])
-  return jnp.concatenate([unflipped, unflipped]), np.repeat([False, True], 5)
-
-
-def _box_in_photo(boxes, regions, flips, to_photo):
-  """(B, N, 4) boxes in [0, 1] units of the crops -> pixels of the photo (`Crop.box_in_image`
-  times the canvas-to-photo scale)."""
-  x1, y1, x2, y2 = (boxes[..., i] for i in range(4))
-  x1, x2 = jnp.where(flips, 1 - x2, x1), jnp.where(flips, 1 - x1, x2)
-  x0, y0, x_end, y_end = (regions[:, i] for i in range(4))
-  width, height = x_end - x0, y_end - y0
-  return jnp.stack([x0 + x1 * width, y0 + y1 * height, x0 + x2 * width, y0 + y2 * height],
-                   axis=-1) * to_photo
-
-
-def _landmarks_in_photo(points, regions, flips, to_photo):
-  """(B, N, 8, 2) points in [0, 1] units of the crops -> (x, y) pixels of the photo
-  (`Crop.landmarks_in_image`, then as `LoadedImage.landmarks_in_pixels`)."""
-  mirrored = points[:, :, landmark_slots.FLIP_ORDER]
-  mirrored = jnp.stack([1 - mirrored[..., 0], mirrored[..., 1]], axis=-1)
-  points = jnp.where(flips[:, None, None], mirrored, points)
-  origin, size = regions[:, None, :2], regions[:, None, 2:] - regions[:, None, :2]
-  # Crop.landmarks_in_image is (points * size + origin - 0.5), in canvas pixels, and
-  # LoadedImage.landmarks_in_pixels ((that + 0.5) * to_photo - 0.5).
-  return (points * size + origin) * to_photo - 0.5
-
-
-def _per_photo(outputs: dict, regions, flips, photo_size, to_photo, temperature):
-  """The predict step's outputs (B N rows, N crops per photo) -> the signature's outputs."""
-  crops = len(flips)
-  rows = {k: v.reshape((-1, crops) + v.shape[1:]) for k, v in outputs.items()}
-  results = dict(
-      category_probabilities=jax.nn.softmax(rows['category_logits'].mean(axis=1)
-                                            / temperature),
-      attribute_probabilities=jax.nn.sigmoid(rows['attribute_logits'].mean(axis=1)))
-  if 'box' in rows:
-    box = _box_in_photo(rows['box'], regions, flips, to_photo).mean(axis=1)
-    height, width = photo_size
-    results['box'] = jnp.clip(box, 0, jnp.stack([width, height, width, height]))
-  if 'landmarks' in rows:
-    results['landmarks'] = _landmarks_in_photo(rows['landmarks'], regions, flips,
-                                               to_photo).mean(axis=1)
-    peaks = rows['landmark_peaks']
-    results['landmark_peaks'] = jnp.where(
-        flips[:, None], peaks[:, :, landmark_slots.FLIP_ORDER], peaks).mean(axis=1)
-  if 'garment_type_logits' in rows:
-    results['garment_type_probabilities'] = jax.nn.softmax(
-        rows['garment_type_logits'].mean(axis=1))
-  return results
 
 
 def serve(step_config, preprocessing: Preprocessing, weights, images, fitted) -> dict:
@@ -171,24 +79,14 @@ def serve(step_config, preprocessing: Preprocessing, weights, images, fitted) ->
   state = steps.TrainState(step=None, params=params, batch_stats=batch_stats,
                            opt_state=None, rng=None, nonfinite_in_a_row=None,
                            dynamic_scale=None)
-  canvas = fit_to_canvas(images, fitted, preprocessing.canvas_size)
-  regions, flips = crop_regions(fitted, preprocessing)
-  crops = len(flips)
-  count = images.shape[0] * crops
-  window = jnp.stack([0, 0, fitted[1], fitted[0]]).astype(jnp.int32)
-  batch = dict(canvas=jnp.repeat(canvas, crops, axis=0),
-               window=jnp.broadcast_to(window, (count, 4)),
-               region=jnp.tile(regions, (images.shape[0], 1)),
-               flip=jnp.tile(jnp.asarray(flips), images.shape[0]))
-  outputs = steps.predict_step(step_config, state, batch)
-  outputs = {k: v for k, v in outputs.items()
-             if k in ('category_logits', 'attribute_logits', 'box', 'landmarks',
-                      'landmark_peaks', 'garment_type_logits')}
-  photo_size = (jnp.asarray(images.shape[1], jnp.float32),
-                jnp.asarray(images.shape[2], jnp.float32))
-  to_photo = jnp.maximum(*photo_size) / jnp.max(fitted).astype(jnp.float32)
-  return _per_photo(outputs, regions, jnp.asarray(flips), photo_size, to_photo,
-                    preprocessing.temperature)
+  count, height, width = images.shape[:3]
+  canvas = device_transforms.fit_to_canvas(images, fitted, preprocessing.canvas_size)
+  size = jnp.stack([jnp.asarray(height, jnp.int32), jnp.asarray(width, jnp.int32)])
+  photos = dict(canvas=canvas, fitted=jnp.broadcast_to(fitted, (count, 2)),
+                size=jnp.broadcast_to(size, (count, 2)))
+  return predict.photo_outputs(preprocessing.crops,
+                               functools.partial(steps.predict_step, step_config), state,
+                               photos)
 
 
 # ------------------------------------------------------------------ in TensorFlow

@@ -7,8 +7,8 @@ attributes of each type with their sigmoid scores, the box in the image's own pi
 landmark branch the eight landmark slots' points in the image's pixels, each with its
 heatmap's peak (how sure the branch is; a slot the garment lacks is still answered, with
 a low peak as a rule). The logits of the image's crops (ten, the baseline's default, or
-one: `data/photos.py`) are averaged, and so are the points and peaks (a mirrored crop's
-left and right slots swapped back).
+one) are averaged, and so are the points and peaks (a mirrored crop's left and right slots
+swapped back): `data/ten_crop.py`, in `photo_outputs`, which --mode=export also runs.
 
 A model trained on ground-truth-box crops (config.data.crop='gt_box', the published
 protocol) expects a photo cut to its garment, as the benchmark's inputs are, and reads
@@ -21,11 +21,12 @@ photos to the garment first, or find boxes with a model trained the baseline's w
 config.eval.weights='ema' predicts with the moving average of the weights that a run with
 config.ema_decay > 0 keeps (refused on a checkpoint without one; `checkpoints`).
 
-The jitted predict step resizes, crops and runs the model on batches of one shape, so it
-compiles once however many images there are. An unreadable or non-image file gets a line
-with an `error` field, and the run goes on.
+`photo_outputs` cuts the crops, runs the model's jitted step and averages on batches of
+one shape, so the step compiles once however many images there are. An unreadable or
+non-image file gets a line with an `error` field, and the run goes on.
 """
 
+import functools
 import json
 import os
 
@@ -43,6 +44,7 @@ from deepfashion_jax import data
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax.data import landmark_slots
+from deepfashion_jax.data import ten_crop
 
 FIGURE_INCHES, FIGURE_DPI = (14.0, 7.0), 80  # every figure is 1120 x 560 pixels
 TOP_CATEGORIES = 5
@@ -56,46 +58,42 @@ def _top(scores: np.ndarray, names, indices: np.ndarray, k: int) -> list:
   return [dict(name=str(names[i]), probability=round(float(scores[i]), 5)) for i in order]
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-  shifted = np.exp(logits - logits.max())
-  return shifted / shifted.sum()
-
-
 def describe_image(image, outputs: dict, names, predict_config) -> dict:
-  """One image's JSON line (`data.photos.LoadedImage`) from the model outputs of its crops
-  (rows of `outputs`); `names`: a `data.photos.OutputNames`."""
-  category = _softmax(outputs['category_logits'].mean(axis=0) / predict_config.temperature)
-  attributes = 1 / (1 + np.exp(-outputs['attribute_logits'].mean(axis=0)))
+  """One image's JSON line (`data.photos.LoadedImage`) from its `photo_outputs` (NumPy);
+  `names`: a `data.photos.OutputNames`."""
   height, width = image.original_size
+  category = outputs['category_probabilities']
   line = dict(path=image.path, width=width, height=height,
               categories=_top(category, names.category_names, np.arange(len(category)),
                               TOP_CATEGORIES),
-              attributes={name: _top(attributes, names.attribute_names, indices,
+              attributes={name: _top(outputs['attribute_probabilities'],
+                                     names.attribute_names, indices,
                                      predict_config.top_k_attributes)
                           for name, indices in names.attribute_groups})
   if 'box' in outputs:
-    boxes = [image.box_in_pixels(crop, box) for box, crop in zip(outputs['box'], image.crops)]
-    box = np.clip(np.mean(boxes, axis=0), 0, [width, height, width, height])
-    line['box'] = [round(float(v), 1) for v in box]
+    line['box'] = [round(float(v), 1) for v in outputs['box']]
   if 'landmarks' in outputs:
-    line['landmarks'] = _landmarks(image, outputs)
-  if 'garment_type_logits' in outputs:
-    garment = _softmax(outputs['garment_type_logits'].mean(axis=0))
+    line['landmarks'] = {
+        slot: dict(x=round(float(x), 1), y=round(float(y), 1), peak=round(float(peak), 4))
+        for slot, (x, y), peak in zip(landmark_slots.SLOT_NAMES, outputs['landmarks'],
+                                      outputs['landmark_peaks'])}
+  if 'garment_type_probabilities' in outputs:
+    garment = outputs['garment_type_probabilities']
     line['garment_type'] = _top(garment, names.garment_type_names,
                                 np.arange(len(garment)), 1)[0]
   return line
 
 
-def _landmarks(image, outputs: dict) -> dict:
-  """{slot: {x, y, peak}}: the crops' points in the image's pixels, and heatmap peaks,
-  averaged (a mirrored crop's peaks back in slot order, like its points)."""
-  points = np.mean([image.landmarks_in_pixels(crop, p)
-                    for p, crop in zip(outputs['landmarks'], image.crops)], axis=0)
-  flip_order = np.asarray(landmark_slots.FLIP_ORDER)
-  peaks = np.mean([p[flip_order] if crop.flip else p
-                   for p, crop in zip(outputs['landmark_peaks'], image.crops)], axis=0)
-  return {slot: dict(x=round(float(x), 1), y=round(float(y), 1), peak=round(float(peak), 4))
-          for slot, (x, y), peak in zip(landmark_slots.SLOT_NAMES, points, peaks)}
+def photo_outputs(options: ten_crop.Options, predict_step, state, photos: dict) -> dict:
+  """Each photo's outputs (`ten_crop.average`) from a batch of photos in the canvas:
+  canvas (B, S, S, 3) uint8, each photo at the top left; fitted and size (B, 2), its
+  (height, width) in the canvas and in its file. `predict_step`: `steps.predict_step`
+  of the model (predict's jitted one, or the plain function that export traces)."""
+  regions, flips = ten_crop.crop_regions(photos['fitted'], options)
+  batch = ten_crop.crop_batch(photos['canvas'], photos['fitted'], regions, flips)
+  outputs = predict_step(state, batch)
+  return ten_crop.average(outputs, regions, flips, photos['fitted'], photos['size'],
+                          options.temperature)
 
 
 def _bars(axis, entries: list, title: str, colour: str):
@@ -163,13 +161,18 @@ def predict(config, workdir: str, images: str, output_dir: str) -> str:
   config, step, step_config, state = checkpoints.restore_for_inference(config, workdir, mesh)
   logging.info('Predicting with the checkpoint of step %d in %s', step, workdir)
   warn_if_trained_on_box_cuts(config)
-  predict_step = steps.jit_steps(step_config, mesh).predict
+  # Only the model's step is compiled (the crops' geometry and the averaging are a few
+  # small operations): compiled with them, XLA rounds a few halfway pixels of the crops
+  # the other way (measured: 0.1% of them, one grey level, 2e-4 on a probability).
+  outputs_of = functools.partial(photo_outputs,
+                                 ten_crop.Options.from_config(config, config.predict.ten_crop),
+                                 steps.jit_steps(step_config, mesh).predict)
   os.makedirs(output_dir, exist_ok=True)
   jsonl = os.path.join(output_dir, 'predictions.jsonl')
   with open(jsonl, 'w') as out, tqdm.tqdm(total=len(photos), desc='predicting') as bar:
     number = 0
     for photo_batch in photos.batches():
-      lines = _batch_lines(photo_batch, predict_step, state, mesh, photos.names,
+      lines = _batch_lines(photo_batch, outputs_of, state, mesh, photos.names,
                            config.predict)
       for image, line in zip(photo_batch.images, lines):
         if 'error' not in line:
@@ -181,18 +184,18 @@ def predict(config, workdir: str, images: str, output_dir: str) -> str:
   return jsonl
 
 
-def _batch_lines(photo_batch, predict_step, state, mesh, names, predict_config) -> list:
-  """The JSON lines of one `data.photos.PhotoBatch` (error lines for unreadable files)."""
+def _batch_lines(photo_batch, outputs_of, state, mesh, names, predict_config) -> list:
+  """The JSON lines of one `data.photos.PhotoBatch` (error lines for unreadable files);
+  `outputs_of`: `photo_outputs` of the model's step."""
   if photo_batch.batch is not None:
-    outputs = predict_step(state, sharding.global_batch(photo_batch.batch, mesh))
-    outputs = {k: np.asarray(v) for k, v in outputs.items() if k != 'images'}
+    outputs = jax.device_get(outputs_of(state, sharding.global_batch(photo_batch.batch,
+                                                                     mesh)))
   lines, row = [], 0
   for image in photo_batch.images:
     if image.error:
       lines.append(dict(path=image.path, error=image.error))
       continue
-    rows = slice(row, row + len(image.crops))
-    row += len(image.crops)
-    lines.append(describe_image(image, {k: v[rows] for k, v in outputs.items()}, names,
+    lines.append(describe_image(image, {k: v[row] for k, v in outputs.items()}, names,
                                 predict_config))
+    row += 1
   return lines

@@ -1,6 +1,6 @@
-"""How hard training works the devices: the train step's FLOPs, the TFLOP/s they make,
-model FLOPs utilisation (MFU) against the device's peak, and a profiler trace of chosen
-steps (config.profile_steps).
+"""How hard training works the devices: images per second between logs (`Throughput`),
+the train step's FLOPs, the TFLOP/s they make, model FLOPs utilisation (MFU) against the
+device's peak, and a profiler trace of chosen steps (config.profile_steps).
 
 FLOPs per step come from XLA's cost analysis of the compiled train step, counted once at
 the first step: `train_step_flops` lowers and compiles the jitted step on the first batch,
@@ -171,3 +171,43 @@ class ProfileWindow:
   def __exit__(self, *exc):
     if self.active:  # the run ended or failed inside the window: keep what was traced
       self._stop()
+
+
+class Throughput:
+  """Training images per second between logs, evaluations and checkpoints left out.
+
+  `measure` follows the log's device sync, so the steps it counts have finished. The
+  first interval of a run includes compiling the step; `steady` leaves it out.
+  `figures` adds `flops_figures` (flops_per_step, tflops_per_sec, mfu) once
+  flops_per_step is known (the loop counts it at its first step).
+  """
+
+  def __init__(self, batch_size: int, step: int, flops_per_step=None, peak_per_device=None):
+    self.batch_size, self.intervals = batch_size, []  # (images, seconds)
+    self.flops_per_step, self.peak_per_device = flops_per_step, peak_per_device
+    self.restart(step)
+
+  def figures(self, images_per_sec: float) -> dict:
+    """images_per_sec, and flops_per_step, tflops_per_sec and mfu where known."""
+    return dict(images_per_sec=images_per_sec, **flops_figures(
+        self.flops_per_step, images_per_sec / self.batch_size, self.peak_per_device,
+        jax.device_count()))
+
+  def restart(self, step: int, now=None):
+    self.start_step = step
+    self.start_time = time.perf_counter() if now is None else now
+
+  def measure(self, step: int) -> float:
+    now = time.perf_counter()
+    images = (step - self.start_step) * self.batch_size
+    seconds = now - self.start_time
+    self.intervals.append((images, seconds))
+    self.restart(step, now)
+    return images / max(seconds, 1e-9)
+
+  def steady(self):
+    """Images per second over every interval but the first; None with fewer than two."""
+    later = self.intervals[1:]
+    if not later:
+      return None
+    return sum(i for i, _ in later) / max(sum(s for _, s in later), 1e-9)

@@ -23,7 +23,6 @@ import os
 import signal
 import tempfile
 import threading
-import time
 from typing import Any
 
 from absl import logging
@@ -217,9 +216,9 @@ def _check_writable(workdir: str):
 
 def train_and_evaluate(config, workdir: str):
   """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics
-  and, when the run logged twice or more, its `train_images_per_sec` (see Throughput),
-  with `train_flops_per_step`, `train_tflops_per_sec` and `train_mfu` where they are
-  known (throughput.py)."""
+  and, when the run logged twice or more, its `train_images_per_sec`, with
+  `train_flops_per_step`, `train_tflops_per_sec` and `train_mfu` where they are known
+  (`throughput.Throughput`)."""
   config_checks.check(config)
   _check_writable(workdir)
   training_data = data.create_datasets(config, workdir)
@@ -252,6 +251,13 @@ def train_and_evaluate(config, workdir: str):
     manager.wait_until_finished()
 
 
+def itstime(step: int, every_n_steps: int, total_steps: int) -> bool:
+  """Whether a periodic action (log, evaluation, checkpoint) is due after `step`: every
+  `every_n_steps` steps, and after the last step, so that a run ends logged, evaluated
+  and saved (big_vision's `u.itstime`)."""
+  return step % every_n_steps == 0 or step == total_steps
+
+
 def _train_loop(run: _Run, state) -> dict:
   """Steps from the state's step + 1 to config.num_train_steps, with the periodic logs,
   evaluations and checkpoints; returns the last evaluation's metrics."""
@@ -259,7 +265,7 @@ def _train_loop(run: _Run, state) -> dict:
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=run.writer)
   train_metrics, skipped, results = _TrainMetrics(), 0, {}
-  throughput = Throughput(config.batch_size, int(state.step),
+  throughput = throughput_lib.Throughput(config.batch_size, int(state.step),
                           peak_per_device=throughput_lib.device_peak(config.dtype))
   first = int(state.step) + 1
   profile = throughput_lib.ProfileWindow(config.profile_steps,
@@ -280,22 +286,23 @@ def _train_loop(run: _Run, state) -> dict:
       train_metrics.add(step_metrics)
       report_progress(step)
       last = step == config.num_train_steps
-      logged = step % config.log_every_steps == 0 or last
+      logged = itstime(step, config.log_every_steps, config.num_train_steps)
       train_metrics.read(keep=0 if logged else _TrainMetrics.LAG)
       stopping = run.stop.requested(train_metrics)
       if logged or stopping:
         _write_train_metrics(run, step, train_metrics.take())
         run.writer.write_scalars(step, throughput.figures(throughput.measure(step)))
-      evaluated = step % config.eval_every_steps == 0 or last
+      evaluated = itstime(step, config.eval_every_steps, config.num_train_steps)
       if evaluated:
         with report_progress.timed('eval'):
           results = _evaluate_and_report(run, state, step, skipped)
         skipped = 0
-      if step % config.checkpoint_every_steps == 0 or last or stopping:
+      saved = itstime(step, config.checkpoint_every_steps, config.num_train_steps)
+      if saved or stopping:
         with report_progress.timed('checkpoint'):
           checkpoints.save(run.manager, step, state, train_batches,
                            metrics=results if evaluated else None, config=config)
-      if evaluated or step % config.checkpoint_every_steps == 0:
+      if evaluated or saved:  # their time is not training's
         throughput.restart(step)
       if stopping and not last:
         raise Preempted(f'Pre-empted by {run.stop.received or "another process"} after step '
@@ -313,46 +320,6 @@ def _warn_if_outside(window, first: int, last: int):
   if window and not first <= window[0] <= last:
     logging.warning('config.profile_steps=%s: this run trains steps %d to %d and starts no '
                     'trace (the window must start inside them)', window, first, last)
-
-
-class Throughput:
-  """Training images per second between logs, evaluations and checkpoints left out.
-
-  `measure` follows the log's device sync, so the steps it counts have finished. The
-  first interval of a run includes compiling the step; `steady` leaves it out.
-  `figures` adds `throughput.flops_figures` (flops_per_step, tflops_per_sec, mfu) once
-  flops_per_step is known (the loop counts it at its first step).
-  """
-
-  def __init__(self, batch_size: int, step: int, flops_per_step=None, peak_per_device=None):
-    self.batch_size, self.intervals = batch_size, []  # (images, seconds)
-    self.flops_per_step, self.peak_per_device = flops_per_step, peak_per_device
-    self.restart(step)
-
-  def figures(self, images_per_sec: float) -> dict:
-    """images_per_sec, and flops_per_step, tflops_per_sec and mfu where known."""
-    return dict(images_per_sec=images_per_sec, **throughput_lib.flops_figures(
-        self.flops_per_step, images_per_sec / self.batch_size, self.peak_per_device,
-        jax.device_count()))
-
-  def restart(self, step: int, now=None):
-    self.start_step = step
-    self.start_time = time.perf_counter() if now is None else now
-
-  def measure(self, step: int) -> float:
-    now = time.perf_counter()
-    images = (step - self.start_step) * self.batch_size
-    seconds = now - self.start_time
-    self.intervals.append((images, seconds))
-    self.restart(step, now)
-    return images / max(seconds, 1e-9)
-
-  def steady(self):
-    """Images per second over every interval but the first; None with fewer than two."""
-    later = self.intervals[1:]
-    if not later:
-      return None
-    return sum(i for i, _ in later) / max(sum(s for _, s in later), 1e-9)
 
 
 def _write_train_metrics(run: _Run, step: int, train_metrics):

@@ -1,10 +1,10 @@
 """--mode=export: the SavedModel, run by TensorFlow alone in a fresh process, answers what
---mode=predict answers (its photos, batch and predict step; unrounded).
+--mode=predict answers (its photos, batch and `predict.photo_outputs`; unrounded).
 
 Tolerances, from what differs and what it does (measured on a model trained two steps:
 docs/command_line.md, export):
-- The exported module is the same JAX program as predict's step, but compiled by
-  TensorFlow's XLA: its float32 sums run in another order. The crops' bilinear resampling
+- The exported module runs predict's own function, `predict.photo_outputs`, but compiled
+  by TensorFlow's XLA as one program: its float32 sums run in another order. The crops' bilinear resampling
   rounds to 8 bits, and where PIL's weights give a pixel exactly halfway (x.5) the two
   compilers can round it to neighbouring grey levels: 0.1-0.3% of a crop's pixels, one
   grey level. Photos whose crops have no such pixels agree to ~1e-7; others move
@@ -14,10 +14,12 @@ docs/command_line.md, export):
   level on a few percent of pixels, ~5e-4 on probabilities: within the same bounds.
 """
 
+import functools
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -28,8 +30,9 @@ from deepfashion_jax import export
 from deepfashion_jax import predict
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
-from deepfashion_jax.data import landmark_slots
+from deepfashion_jax.data import device_transforms
 from deepfashion_jax.data import photos as photos_lib
+from deepfashion_jax.data import ten_crop as ten_crop_lib
 from deepfashion_jax.data import transforms
 from tests import helpers
 
@@ -115,36 +118,68 @@ def _read(path):
 
 
 def _predict_results(config, workdir, paths, ten_crop) -> list:
-  """predict's numbers for each photo, unrounded: its photos and batch (data/photos.py),
-  its predict step, its averaging over the crops (predict.describe_image)."""
+  """predict's numbers for each photo, unrounded: its photos and batch (data/photos.py)
+  through its `photo_outputs`."""
   mesh = sharding.make_mesh()
   config, _, step_config, state = checkpoints.restore_for_inference(config, workdir, mesh)
   names = photos_lib.load_output_names(config.data, workdir)
-  photos = photos_lib.Photos(paths, names, config.data, ten_crop=ten_crop,
-                             images_per_batch=len(paths), device_count=mesh.size)
+  photos = photos_lib.Photos(paths, names, config.data, images_per_batch=len(paths),
+                             device_count=mesh.size)
   photo_batch = next(photos.batches())
-  outputs = steps.jit_steps(step_config, mesh).predict(
-      state, sharding.global_batch(photo_batch.batch, mesh))
-  outputs = {k: np.asarray(v, np.float64) for k, v in outputs.items() if k != 'images'}
-  softmax = predict._softmax  # pylint: disable=protected-access
-  results, row = [], 0
-  for image in photo_batch.images:
-    rows = {k: v[row:row + len(image.crops)] for k, v in outputs.items()}
-    row += len(image.crops)
-    height, width = image.original_size
-    boxes = [image.box_in_pixels(c, b) for b, c in zip(rows['box'], image.crops)]
-    flip_order = list(landmark_slots.FLIP_ORDER)
-    results.append(dict(
-        category_probabilities=softmax(rows['category_logits'].mean(axis=0)
-                                       / config.predict.temperature),
-        attribute_probabilities=1 / (1 + np.exp(-rows['attribute_logits'].mean(axis=0))),
-        box=np.clip(np.mean(boxes, axis=0), 0, [width, height, width, height]),
-        landmarks=np.mean([image.landmarks_in_pixels(c, p)
-                           for p, c in zip(rows['landmarks'], image.crops)], axis=0),
-        landmark_peaks=np.mean([p[flip_order] if c.flip else p
-                                for p, c in zip(rows['landmark_peaks'], image.crops)], axis=0),
-        garment_type_probabilities=softmax(rows['garment_type_logits'].mean(axis=0))))
-  return results
+  outputs = jax.device_get(predict.photo_outputs(
+      ten_crop_lib.Options.from_config(config, ten_crop),
+      steps.jit_steps(step_config, mesh).predict, state,
+      sharding.global_batch(photo_batch.batch, mesh)))
+  return [{k: v[i] for k, v in outputs.items()} for i in range(len(paths))]
+
+
+@pytest.mark.parametrize('ten_crop', [False, True])
+def test_export_runs_predicts_function(workdir, photo_files, monkeypatch, ten_crop):
+  """export.serve (what jax2tf traces) answers predict's `photo_outputs` on the same
+  photos within the canvas, and cuts them into the crops `ten_crop.crop_regions` gives:
+  the same function, not a copy of it (compiled as one program here, so within the
+  module's tolerances: its docstring)."""
+  config = _config()
+  config.export.ten_crop = ten_crop
+  paths = photo_files['same'][:2]
+  expected = _predict_results(config, workdir, paths, ten_crop)
+  config, _, step_config, state = checkpoints.restore_for_inference(config, workdir,
+                                                                    sharding.make_mesh())
+  cut = []
+  crop_regions = ten_crop_lib.crop_regions
+  monkeypatch.setattr(ten_crop_lib, 'crop_regions',
+                      lambda *args: cut.append(crop_regions(*args)) or cut[-1])
+  images = np.stack([_read(p) for p in paths])
+  serve = jax.jit(functools.partial(export.serve, step_config,
+                                    export.Preprocessing.from_config(config)))
+  served = serve((state.params, state.batch_stats), images,
+                 np.array(images.shape[1:3], np.int32))
+  assert len(cut) == 1 and len(cut[0][1]) == (10 if ten_crop else 1)
+  assert set(served) == set(expected[0])
+  for key, value in served.items():
+    limit = (PROBABILITY_TOLERANCE if key.endswith(('probabilities', 'peaks'))
+             else PIXEL_TOLERANCE)
+    np.testing.assert_allclose(value, [e[key] for e in expected], rtol=0, atol=limit,
+                               err_msg=key)
+
+
+def test_the_canvas_fit_in_the_graph_is_pils():
+  """A photo within the canvas passes as it is; one larger is shrunk to the size the host
+  shrinks it to, as PIL does (`transforms.fit_to_canvas`) but for rounding: measured, one
+  grey level off on up to 4% of the values, two on 0.005%."""
+  rng = np.random.default_rng(1)
+  for height, width in ((120, 100), (200, 170), (170, 330)):
+    photo = _photo(rng, height, width)
+    host, _ = transforms.fit_to_canvas(photo, np.zeros(4, np.float32), CANVAS)
+    fitted = np.array(host.shape[:2], np.int32)
+    canvas = np.asarray(device_transforms.fit_to_canvas(photo[None], fitted, CANVAS))[0]
+    assert not canvas[fitted[0]:].any() and not canvas[:, fitted[1]:].any()
+    shrunk = canvas[:fitted[0], :fitted[1]].astype(int)
+    if (height, width) == tuple(fitted):
+      np.testing.assert_array_equal(shrunk, photo)
+    else:
+      off = np.abs(shrunk - host)
+      assert off.max() <= 2 and (off > 0).mean() < 0.05 and (off > 1).mean() < 1e-3
 
 
 def _serve_in_tensorflow(jobs):

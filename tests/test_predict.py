@@ -15,6 +15,7 @@ from deepfashion_jax import steps
 from deepfashion_jax import train
 from deepfashion_jax.data import annotations
 from deepfashion_jax.data import photos as photos_lib
+from deepfashion_jax.data import ten_crop as ten_crop_lib
 from deepfashion_jax.data import transforms
 from deepfashion_jax.data import vocabulary
 
@@ -72,18 +73,32 @@ def test_a_box_maps_back_to_the_original_pixels(ten_crop):
   """The crop's [0, 1] box of a pixel box, mapped back, is that pixel box: for every crop
   (mirrored ones too) of an image that was shrunk 2x into the canvas."""
   config = _config('')
-  config.predict.ten_crop = ten_crop
+  options = ten_crop_lib.Options.from_config(config, ten_crop)
   original = np.array([150.0, 120.0, 420.0, 500.0])  # in a 600 x 540 photo
   scale = 2.0  # the photo's canvas copy is 300 x 270
-  image_crops = photos_lib.crops(270, 300, config.data.img_size, config.data.crop_size,
-                               ten_crop)
-  assert len(image_crops) == (10 if ten_crop else 1)
-  for crop in image_crops:
-    inside = np.array([*np.maximum(crop.region[:2], original[:2] / scale),
-                       *np.minimum(crop.region[2:], original[2:] / scale)])
-    in_crop = transforms.crop_box(inside, crop)
-    np.testing.assert_allclose(crop.box_in_image(in_crop) * scale, inside * scale,
-                               rtol=1e-5, atol=1e-3)
+  regions, flips = ten_crop_lib.crop_regions(np.array([[270, 300]]), options)
+  assert regions.shape == (1, len(flips), 4) and len(flips) == (10 if ten_crop else 1)
+  crops = [transforms.Crop(np.asarray(r), bool(f)) for r, f in zip(regions[0], flips)]
+  inside = np.array([[*np.maximum(crop.region[:2], original[:2] / scale),
+                      *np.minimum(crop.region[2:], original[2:] / scale)] for crop in crops])
+  in_crops = np.array([transforms.crop_box(box, crop) for box, crop in zip(inside, crops)])
+  back = ten_crop_lib.boxes_in_photo(in_crops[None], regions, flips, np.array([scale]))
+  np.testing.assert_allclose(back[0], inside * scale, rtol=1e-5, atol=1e-3)
+
+
+def test_the_ten_crops_are_the_baselines():
+  """Resize to img_size, then the four corners and the centre of crop_size, and their
+  mirror images, as regions of the photo: the centre one is evaluation's centre crop."""
+  config = _config('')
+  img, crop = config.data.img_size, config.data.crop_size
+  regions, flips = ten_crop_lib.crop_regions(
+      np.array([[270, 300]]), ten_crop_lib.Options.from_config(config, True))
+  far, to_photo = img - crop, np.array([300 / img, 270 / img] * 2)
+  corners = [np.array([x, y, x + crop, y + crop]) * to_photo
+             for x, y in ((0, 0), (far, 0), (0, far), (far, far))]
+  centre = transforms.eval_crop(270, 300, img, crop, 'center_crop').region
+  np.testing.assert_allclose(regions[0], corners + [centre] + corners + [centre], rtol=1e-6)
+  assert list(flips) == [False] * 5 + [True] * 5
 
 
 def test_predictions_and_figures(trained_workdir, photos, synthetic_folder, tmp_path,
@@ -173,6 +188,10 @@ def test_a_gt_box_model_reads_each_photo_whole_and_says_so(synthetic_folder, pho
                       lambda batch, mesh: batches.append(batch) or global_batch(batch, mesh))
   lines = _lines(predict.predict(config, workdir, photos['small'][0], str(tmp_path / 'out')))
   assert len(lines) == 1 and len(batches) == 1
-  np.testing.assert_array_equal(batches[0]['window'][0], [0, 0, lines[0]['width'],
-                                                          lines[0]['height']])
+  size = [lines[0]['height'], lines[0]['width']]  # within the canvas: not shrunk
+  np.testing.assert_array_equal(batches[0]['fitted'][0], size)
+  regions, flips = ten_crop_lib.crop_regions(
+      batches[0]['fitted'], ten_crop_lib.Options.from_config(config, False))
+  crops = ten_crop_lib.crop_batch(batches[0]['canvas'], batches[0]['fitted'], regions, flips)
+  np.testing.assert_array_equal(crops['window'][0], [0, 0, size[1], size[0]])
   assert any("config.data.crop='gt_box'" in r.getMessage() for r in caplog.records)

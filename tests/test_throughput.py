@@ -50,11 +50,11 @@ def test_mfu_is_achieved_over_peak_times_devices(monkeypatch):
                                                                 tflops_per_sec=6.0)
   assert throughput.flops_figures(None, 2.0, 2e12, 4) == {}  # no count: nothing, not 0
   # The train log's figures: a batch of 8 at 16 images/s is 2 steps/s, on one device.
-  rates = train.Throughput(8, 0, flops_per_step=3e12,
+  rates = throughput.Throughput(8, 0, flops_per_step=3e12,
                            peak_per_device=throughput.device_peak('bfloat16')).figures(16.0)
   assert rates == dict(images_per_sec=16.0, flops_per_step=3e12, tflops_per_sec=6.0,
                        mfu=3.0)
-  assert train.Throughput(8, 0).figures(16.0) == dict(images_per_sec=16.0)
+  assert throughput.Throughput(8, 0).figures(16.0) == dict(images_per_sec=16.0)
 
 
 @pytest.mark.parametrize('window', [(5, 2), (0, 3), (2.5, 3), (4,), (True, 2)])
@@ -129,3 +129,15 @@ def test_a_run_logs_its_flops_and_traces_its_profile_window(synthetic_folder, tm
   np.testing.assert_allclose(results['train_tflops_per_sec'],
                              flops * results['train_images_per_sec'] / 8 / 1e12, rtol=1e-9)
   assert 'train_mfu' not in results  # a CPU: no listed peak
+
+
+def test_throughput_leaves_out_the_first_interval(monkeypatch):
+  clock = iter([0.0, 10.0, 12.0, 13.0, 14.0])  # start, logs at 5 and 10, restart, log at 12
+  monkeypatch.setattr(throughput.time, 'perf_counter', lambda: next(clock))
+  measured = throughput.Throughput(batch_size=4, step=0)
+  assert measured.steady() is None
+  assert measured.measure(5) == 20 / 10  # compiling included
+  assert measured.measure(10) == 20 / 2
+  measured.restart(10)  # an evaluation, say: not counted
+  assert measured.measure(12) == 8 / 1
+  assert measured.steady() == (20 + 8) / (2 + 1)

@@ -190,13 +190,7 @@ def test_float16_tolerates_a_few_skipped_steps_in_a_row_and_stops_on_many(
     train.stop_if_diverged(config, logged, _Manager())
 
 
-def test_throughput_leaves_out_the_first_interval(monkeypatch):
-  clock = iter([0.0, 10.0, 12.0, 13.0, 14.0])  # start, logs at 5 and 10, restart, log at 12
-  monkeypatch.setattr(train.time, 'perf_counter', lambda: next(clock))
-  throughput = train.Throughput(batch_size=4, step=0)
-  assert throughput.steady() is None
-  assert throughput.measure(5) == 20 / 10  # compiling included
-  assert throughput.measure(10) == 20 / 2
-  throughput.restart(10)  # an evaluation, say: not counted
-  assert throughput.measure(12) == 8 / 1
-  assert throughput.steady() == (20 + 8) / (2 + 1)
+def test_periodic_actions_are_due_every_n_steps_and_after_the_last():
+  due = [step for step in range(1, 11) if train.itstime(step, 4, 10)]
+  assert due == [4, 8, 10]
+  assert [s for s in range(1, 9) if train.itstime(s, 4, 8)] == [4, 8]  # the last once

@@ -101,11 +101,10 @@ def create_eval_data(config, workdir: str) -> EvalData:
 
 def create_photos(config, workdir: str, images: str, device_count: int) -> photos.Photos:
   """--images (files and folders) in batches of config.predict.batch_size photos, named
-  by the folder's lists when there is a folder. Every batch has the same number of crops,
-  a multiple of `device_count`: the predict step compiles once."""
+  by the folder's lists when there is a folder. Every batch has the same number of
+  photos, a multiple of `device_count`: the predict step compiles once."""
   return photos.Photos(photos.find_images(images),
                        photos.load_output_names(config.data, workdir), config.data,
-                       ten_crop=config.predict.ten_crop,
                        images_per_batch=config.predict.batch_size, device_count=device_count)
 
 

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 
 
 def pil_bilinear_weights(start, end, window_start, window_end, out_size: int,
-                         canvas_size: int):
+                         canvas_size: int, out_count=None):
   """(out_size, canvas_size) weights resampling [start, end) of an axis from the pixels
-  [window_start, window_end) of it."""
-  scale = (end - start) / out_size
+  [window_start, window_end) of it; with `out_count` (traced, <= out_size), to its first
+  out_count pixels, the rows after them zero."""
+  scale = (end - start) / (out_size if out_count is None else out_count)
   filter_scale = jnp.maximum(scale, 1.0)
   centres = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
   pixel_centres = jnp.arange(canvas_size, dtype=jnp.float32) + 0.5
@@ -25,6 +26,8 @@ def pil_bilinear_weights(start, end, window_start, window_end, out_size: int,
                         / filter_scale)
   pixels = jnp.arange(canvas_size)
   weights = weights * ((pixels >= window_start) & (pixels < window_end))[None, :]
+  if out_count is not None:
+    weights = weights * (jnp.arange(out_size) < out_count)[:, None]
   total = weights.sum(axis=1, keepdims=True)
   return jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
 
@@ -48,6 +51,21 @@ def resample(image, rows, cols):
                                     precision=highest))
   return to_8_bits(jnp.einsum('ph,hqc->pqc', rows, horizontal,
                               precision=highest)).astype(jnp.uint8)
+
+
+def fit_to_canvas(images, fitted, canvas_size: int):
+  """(B, H, W, 3) uint8 photos -> (B, canvas_size, canvas_size, 3) uint8 canvases holding
+  each photo resized to `fitted` (2,) (height, width) at the top left, zeros elsewhere: the
+  device's `transforms.fit_to_canvas` (for export, whose graph cannot call PIL). Equal to
+  the photo where it is not shrunk; shrunk, PIL's but for rounding (PIL's fixed-point
+  weights and, for some sizes, its vertical pass first): a grey level off on a few percent
+  of the values, rarely two."""
+  def weights(axis: int):
+    in_size = jnp.asarray(images.shape[axis], jnp.float32)
+    return pil_bilinear_weights(0.0, in_size, 0, images.shape[axis], canvas_size,
+                                images.shape[axis], fitted[axis - 1].astype(jnp.float32))
+  rows, cols = weights(1), weights(2)
+  return jax.vmap(lambda image: resample(image, rows, cols))(images)
 
 
 def crop_resize_flip(canvas, window, region, flip, out_size: int):

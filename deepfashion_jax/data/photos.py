@@ -1,11 +1,10 @@
-"""Users' own photos, for --mode=predict: found, decoded and cut into the model's crops.
+"""Users' own photos, for --mode=predict: found, decoded and fitted into the canvas.
 
-Each photo is decoded into the canvas on the host (as in training); its crops are regions
-the jitted predict step resizes and crops on the device. Ten crops (the baseline's: the
-four corners and the centre of the image resized to img_size, and their mirror images) or
-one centre crop, of the whole photo (the crops' window, see transforms.py). Every batch
-has the same number of crops (the last one padded), so that the predict step compiles
-once. An unreadable or non-image file is kept, with its error.
+Each photo is decoded and fitted into the canvas on the host (as in training: a photo
+larger than the canvas is shrunk into it by `transforms.fit_to_canvas`); its crops are cut
+and their outputs averaged on the device (`ten_crop.py`). Every batch holds the same number
+of photos (the last one padded), so that the jitted step compiles once. An unreadable or
+non-image file is kept, with its error.
 """
 
 import concurrent.futures
@@ -77,40 +76,12 @@ def load_output_names(data_config, workdir: str) -> OutputNames:
   return OutputNames(tuple(categories), tuple(attributes), groups)
 
 
-def crops(height: int, width: int, img_size: int, crop_size: int, ten_crop: bool) -> list:
-  """The crops of one image: ten (corners, centre and their mirrors of the image resized
-  to img_size) or the centre one, as regions of the image."""
-  centre = transforms.eval_crop(height, width, img_size, crop_size, 'center_crop')
-  if not ten_crop:
-    return [centre]
-  scale = np.array([width / img_size, height / img_size] * 2, np.float32)
-  far = img_size - crop_size
-  corners = [transforms.Crop(np.array([x, y, x + crop_size, y + crop_size], np.float32) * scale,
-                             False) for x, y in ((0, 0), (far, 0), (0, far), (far, far))]
-  unflipped = corners + [centre]
-  return unflipped + [dataclasses.replace(c, flip=True) for c in unflipped]
-
-
 @dataclasses.dataclass
 class LoadedImage:
   path: str
   canvas_image: Optional[np.ndarray] = None  # the image as it fits in the canvas
   original_size: tuple = (0, 0)  # height, width of the file's image
   error: str = ''
-  crops: list = dataclasses.field(default_factory=list)  # its transforms.Crop, in the batch
-
-  def box_in_pixels(self, crop: transforms.Crop, box: np.ndarray) -> np.ndarray:
-    """A box predicted in [0, 1] units of one of its crops -> pixels of the file's image."""
-    return crop.box_in_image(box) * self._canvas_to_file()
-
-  def landmarks_in_pixels(self, crop: transforms.Crop, points: np.ndarray) -> np.ndarray:
-    """Landmarks (8, 2) predicted in [0, 1] units of one of its crops -> (x, y) pixels of
-    the file's image."""
-    return (crop.landmarks_in_image(points) + 0.5) * self._canvas_to_file() - 0.5
-
-  def _canvas_to_file(self) -> float:
-    """File pixels per canvas pixel (`fit_to_canvas` may have shrunk the image)."""
-    return max(self.original_size) / max(self.canvas_image.shape[:2])
 
 
 def load_image(path: str, canvas_size: int) -> LoadedImage:
@@ -126,20 +97,19 @@ def load_image(path: str, canvas_size: int) -> LoadedImage:
 @dataclasses.dataclass
 class PhotoBatch:
   images: list  # LoadedImage, in order, unreadable ones included
-  batch: Optional[dict]  # the predict step's input; None when no image was readable
+  batch: Optional[dict]  # `predict.photo_outputs`' input; None when no image was readable
 
 
 class Photos:
   """The photos to predict on, in batches of `images_per_batch` (the last one shorter);
-  every batch holds the same number of crops, a multiple of `device_count`."""
+  every batch's arrays hold the same number of photos, a multiple of `device_count`."""
 
-  def __init__(self, paths: list, names: OutputNames, data_config, ten_crop: bool,
-               images_per_batch: int, device_count: int):
+  def __init__(self, paths: list, names: OutputNames, data_config, images_per_batch: int,
+               device_count: int):
     self.paths, self.names = paths, names
-    crop_count = images_per_batch * (10 if ten_crop else 1)
     self.images_per_batch = images_per_batch
-    self.crops_per_batch = -(-crop_count // device_count) * device_count
-    self._data, self._ten_crop = data_config, ten_crop
+    self.rows_per_batch = -(-images_per_batch // device_count) * device_count
+    self._data = data_config
 
   def __len__(self):
     return len(self.paths)
@@ -154,21 +124,14 @@ class Photos:
         yield PhotoBatch(images, self._batch(readable) if readable else None)
 
   def _batch(self, images: list) -> dict:
-    """The predict step's batch of crops_per_batch crops (the images' crops, then
-    padding); sets each image's crops."""
-    count, canvas_size = self.crops_per_batch, self._data.canvas_size
+    """`predict.photo_outputs`' batch: the readable images, then padding (1-pixel black
+    photos); canvas (rows, S, S, 3) uint8, fitted and size (rows, 2) int32, each photo's
+    (height, width) in the canvas and in its file."""
+    count, canvas_size = self.rows_per_batch, self._data.canvas_size
     canvas = np.zeros((count, canvas_size, canvas_size, 3), np.uint8)
-    window = np.tile(transforms.whole_image(1, 1), (count, 1))
-    region = np.tile(np.array([0, 0, 1, 1], np.float32), (count, 1))
-    flip = np.zeros(count, bool)
-    row = 0
-    for image in images:
+    fitted, size = np.ones((count, 2), np.int32), np.ones((count, 2), np.int32)
+    for row, image in enumerate(images):
       height, width = image.canvas_image.shape[:2]
-      image.crops = crops(height, width, self._data.img_size, self._data.crop_size,
-                          self._ten_crop)
-      for crop in image.crops:
-        canvas[row, :height, :width] = image.canvas_image
-        window[row] = transforms.whole_image(height, width)
-        region[row], flip[row] = crop.region, crop.flip
-        row += 1
-    return dict(canvas=canvas, window=window, region=region, flip=flip)
+      canvas[row, :height, :width] = image.canvas_image
+      fitted[row], size[row] = (height, width), image.original_size
+    return dict(canvas=canvas, fitted=fitted, size=size)

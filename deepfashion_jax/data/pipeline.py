@@ -37,6 +37,7 @@ A batch is a dict of NumPy arrays, B = the per-process batch size:
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 from absl import flags
 from absl import logging
@@ -82,7 +83,15 @@ def _decode(record: dict, strict: bool):
     return None
 
 
-def _fit(record: dict, image: np.ndarray, options: ImageOptions):
+class Fitted(NamedTuple):
+  """An example's image as it fits in the canvas (`_fit`)."""
+  image: np.ndarray  # (h, w, 3) uint8, at most canvas_size on each side
+  bbox: np.ndarray  # the record's box, clipped to the image, in the canvas's pixels
+  window: np.ndarray  # the pixels the crops read (transforms.whole_image or box_window)
+  scale: np.ndarray  # (x, y) canvas pixels per file pixel, for the landmarks
+
+
+def _fit(record: dict, image: np.ndarray, options: ImageOptions) -> Fitted:
   """The decoded image, the record's box and the crops' window, as they fit in the canvas,
   and the (x, y) scale from the file's pixels to the canvas's (for the landmarks).
 
@@ -104,18 +113,17 @@ def _fit(record: dict, image: np.ndarray, options: ImageOptions):
     window = np.array([np.floor(x0), np.floor(y0), min(np.ceil(x1), image.shape[1]),
                        min(np.ceil(y1), image.shape[0])], np.int32)
   scale = np.array([image.shape[1] / width, image.shape[0] / height])
-  return image, boxes[0], window, scale
+  return Fitted(image, boxes[0], window, scale)
 
 
-def _example(record: dict, image: np.ndarray, bbox: np.ndarray, window: np.ndarray,
-             scale: np.ndarray, crop: transforms.Crop, valid: bool, skipped: int) -> dict:
-  """One example; image, bbox, window and crop are those of the image as it fits in the
-  canvas, `scale` that of its landmarks (the record's, in the file's pixels)."""
+def _example(record: dict, fitted: Fitted, crop: transforms.Crop, valid: bool,
+             skipped: int) -> dict:
+  """One example of the image as it fits in the canvas, cut by `crop` (in its pixels)."""
   landmarks, landmark_visible = transforms.crop_landmarks(
-      record['landmark_xy'], record['landmark_visibility'], crop, scale)
-  return dict(image=image, window=window, region=crop.region, flip=crop.flip,
-              bbox=transforms.crop_box(bbox, crop),
-              box_valid=valid and transforms.box_area(bbox) > 0,
+      record['landmark_xy'], record['landmark_visibility'], crop, fitted.scale)
+  return dict(image=fitted.image, window=fitted.window, region=crop.region, flip=crop.flip,
+              bbox=transforms.crop_box(fitted.bbox, crop),
+              box_valid=valid and transforms.box_area(fitted.bbox) > 0,
               landmarks=landmarks, landmark_visible=landmark_visible & valid,
               category=record['category'], category_type=record['category_type'],
               attribute_positive_bits=record['attribute_positive_bits'],
@@ -140,12 +148,12 @@ class TrainExample(grain.transforms.RandomMap):
     else:
       raise RuntimeError(f'{_MAX_CONSECUTIVE_BAD_FILES} unreadable images in a row, the '
                          f'last {record["path"]}: is the image folder complete?')
-    image, bbox, window, scale = _fit(record, image, self.options)
-    crop = transforms.random_train_crop(rng, *transforms.window_size(window),
+    fitted = _fit(record, image, self.options)
+    crop = transforms.random_train_crop(rng, *transforms.window_size(fitted.window),
                                         self.options.img_size, self.options.crop_size,
                                         self.options.random_flip)
-    return _example(record, image, bbox, window, scale, transforms.in_window(crop, window),
-                    valid=True, skipped=skipped)
+    return _example(record, fitted, transforms.in_window(crop, fitted.window), valid=True,
+                    skipped=skipped)
 
 
 class EvalExample(grain.transforms.Map):
@@ -161,18 +169,18 @@ class EvalExample(grain.transforms.Map):
     image = _decode(record, self.options.strict)
     if image is None:
       return self._invalid(record, skipped=1)
-    image, bbox, window, scale = _fit(record, image, self.options)
-    crop = transforms.eval_crop(*transforms.window_size(window), self.options.img_size,
+    fitted = _fit(record, image, self.options)
+    crop = transforms.eval_crop(*transforms.window_size(fitted.window), self.options.img_size,
                                 self.options.crop_size, self.options.eval_crop)
-    return _example(record, image, bbox, window, scale, transforms.in_window(crop, window),
-                    valid=True, skipped=0)
+    return _example(record, fitted, transforms.in_window(crop, fitted.window), valid=True,
+                    skipped=0)
 
   def _invalid(self, record: dict, skipped: int) -> dict:
     """A masked-out example: a 1-pixel black image; its labels are never counted."""
     crop = transforms.eval_crop(1, 1, self.options.img_size, self.options.crop_size, 'resize')
-    example = _example(record, np.zeros((1, 1, 3), np.uint8), np.array([0, 0, 1, 1], np.float32),
-                       transforms.whole_image(1, 1), np.ones(2), crop, valid=False,
-                       skipped=skipped)
+    blank = Fitted(np.zeros((1, 1, 3), np.uint8), np.array([0, 0, 1, 1], np.float32),
+                   transforms.whole_image(1, 1), np.ones(2))
+    example = _example(record, blank, crop, valid=False, skipped=skipped)
     example['index'] = -1
     example['landmarks'] = np.zeros_like(example['landmarks'])
     return example

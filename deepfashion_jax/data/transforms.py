@@ -115,27 +115,6 @@ class Crop:
   region: np.ndarray  # (4,) float32: x0, y0, x1, y1 in original-image pixels
   flip: bool  # mirror horizontally after cropping
 
-  def box_in_image(self, box: np.ndarray) -> np.ndarray:
-    """A box in [0, 1] units of the crop -> pixels of the image: `crop_box`'s inverse."""
-    x1, y1, x2, y2 = box
-    if self.flip:
-      x1, x2 = 1 - x2, 1 - x1
-    x0, y0, x_end, y_end = self.region
-    width, height = x_end - x0, y_end - y0
-    return np.array([x0 + x1 * width, y0 + y1 * height, x0 + x2 * width, y0 + y2 * height],
-                    np.float64)
-
-  def landmarks_in_image(self, points: np.ndarray) -> np.ndarray:
-    """Landmarks (8, 2) in [0, 1] units of the crop, in slot order -> (x, y) pixels of the
-    image, as list_landmarks.txt counts them (the pixel's column and row, continuous):
-    `crop_landmarks`' inverse, a flipped crop's slots swapped back."""
-    points = np.asarray(points, np.float64)
-    if self.flip:
-      order = list(landmark_slots.FLIP_ORDER)
-      points = np.column_stack([1 - points[order, 0], points[order, 1]])
-    x0, y0, x_end, y_end = self.region
-    return points * (x_end - x0, y_end - y0) + (x0, y0) - 0.5
-
 
 def random_train_crop(rng: np.random.Generator, height: int, width: int, img_size: int,
                       crop_size: int, random_flip: bool = True) -> Crop:
