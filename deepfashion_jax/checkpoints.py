@@ -22,6 +22,7 @@ back the raw weights or, with config.eval.weights='ema', their moving average.
 """
 
 import dataclasses
+import inspect
 import os
 import shutil
 import time
@@ -36,17 +37,20 @@ from orbax.checkpoint import checkpoint_managers
 
 from deepfashion_jax import steps
 from deepfashion_jax.models import backbones
+from deepfashion_jax.models import fashion_net
 
 CHECKPOINT_FOLDER = 'checkpoints'
 DAMAGED_FOLDER = 'damaged_checkpoints'
 # The config fields that shape the model's arrays, named when a checkpoint does not fit.
 _SHAPING_FIELDS = ('model', 'dtype', 'data.crop_size', 'optimizer', 'grad_clip_norm')
 # Fields that change no array but what the weights compute: a checkpoint is meaningful only
-# with the values it was trained (or converted) with. The value a checkpoint saved before
-# the field existed had is given here.
-_MEANING_FIELDS = {'model.roi_pool': 'align', 'model.roi_aligned': True,
-                   'model.roi_sampling_ratio': 2, 'data.normalization': 'baseline',
-                   'data.crop': 'none'}
+# with the values it was trained (or converted) with: FashionNet's CHANGES_MEANING and two
+# of the data's. The value a checkpoint saved before the field existed had is given here
+# (a model option's: its default).
+_MODEL_OPTIONS = inspect.signature(fashion_net.FashionNet.__init__).parameters
+_MEANING_FIELDS = {**{f'model.{name}': _MODEL_OPTIONS[name].default
+                      for name in fashion_net.CHANGES_MEANING},
+                   'data.normalization': 'baseline', 'data.crop': 'none'}
 # FashionNet's attributes as checkpoints written before they were renamed name them (the
 # baseline's PyTorch names) -> their names now: such checkpoints restore under their own.
 _RENAMED = {'reduce_1x1': 'box_reduce', 'fc_bbox_xy': 'box_top_left',
