@@ -182,6 +182,19 @@ def _pos_weight(config, attributes) -> Optional[np.ndarray]:
                                      config.loss.pos_weights_scale)
 
 
+def create_step_config(config, attributes=None) -> StepConfig:
+  """The static part of `config`'s steps: the model's graph (from its shapes alone), the
+  optimiser, config.loss; `attributes` as in `create_train_state`."""
+  abstract_model = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(config.seed)))
+  return StepConfig(
+      graphdef=nnx.split(abstract_model, nnx.Param, nnx.BatchStat)[0],
+      optimizer=create_optimizer(config), crop_size=config.data.crop_size,
+      loss=config.loss.to_dict(),
+      attribute_types=None if attributes is None else np.asarray(attributes.types),
+      pos_weight=None if attributes is None else _pos_weight(config, attributes),
+      ema_decay=float(config.ema_decay), grad_accum_steps=int(config.grad_accum_steps))
+
+
 def create_train_state(config, mesh, attributes=None):
   """(StepConfig, TrainState): the state is initialised by a jitted function whose outputs
   land already replicated on the mesh (shapes first, then shardings, then values).
@@ -189,7 +202,7 @@ def create_train_state(config, mesh, attributes=None):
   attributes: the dataset's `annotations.AttributeFacts` (their types for the metrics,
   their positives for the BCE's pos_weight); None for a state that only predicts.
   """
-  optimizer = create_optimizer(config)
+  step_config = create_step_config(config, attributes)
 
   def init():
     model = create_model(config, nnx.Rngs(config.seed))
@@ -201,21 +214,12 @@ def create_train_state(config, mesh, attributes=None):
     # Its own stream: the parameters' initialisation used nnx.Rngs(seed).
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=optimizer.init(params), rng=rng,
+                       opt_state=step_config.optimizer.init(params), rng=rng,
                        nonfinite_in_a_row=jnp.zeros((), jnp.int32), dynamic_scale=dynamic_scale)
     return restart_ema(state) if config.ema_decay > 0 else state
 
-  abstract_model = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(config.seed)))
-  graphdef = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)[0]
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), jax.eval_shape(init))
-  state = jax.jit(init, out_shardings=shardings)()
-  step_config = StepConfig(
-      graphdef=graphdef, optimizer=optimizer, crop_size=config.data.crop_size,
-      loss=config.loss.to_dict(),
-      attribute_types=None if attributes is None else np.asarray(attributes.types),
-      pos_weight=None if attributes is None else _pos_weight(config, attributes),
-      ema_decay=float(config.ema_decay), grad_accum_steps=int(config.grad_accum_steps))
-  return step_config, state
+  return step_config, jax.jit(init, out_shardings=shardings)()
 
 
 def restart_ema(state: TrainState) -> TrainState:
