@@ -6,6 +6,8 @@ import ml_collections
 def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0  # seeds initialisation, data order and augmentation
+  # weights to start from: a baseline epoch_N.pth (whole model) or torchvision .pth (backbone)
+  config.init_from = ''
   config.dtype = 'float32'  # activations: float32 | bfloat16 | float16 (dynamic loss scale); params float32
   config.batch_size = 32  # global batch, split over processes and devices
   config.num_train_steps = 1_300_000  # the baseline's 200 epochs of 209,222 images at batch 32
@@ -51,6 +53,8 @@ def get_config():
   config.export = ml_collections.ConfigDict()  # --mode=export (a SavedModel for serving)
   config.export.ten_crop = False  # one centre crop (10x cheaper), else predict's ten crops
 
+  # FashionNet's keyword arguments (models/fashion_net.py), field for field; a field that
+  # changes what a checkpoint's weights compute is named in fashion_net.CHANGES_MEANING.
   config.model = ml_collections.ConfigDict()
   # 'resnet18' | 'resnet34' | 'resnet50' | 'resnet101' | 'resnet152' | 'vgg16' | 'vgg16_bn'
   config.model.backbone = 'resnet18'
@@ -66,9 +70,8 @@ def get_config():
   # 'none', 'heatmaps' (a landmark branch beside the heads) or 'attention' (Liu & Lu's
   # landmark-driven attention); both read VGG-16's conv4_3 or a ResNet's layer2
   config.model.landmarks = 'none'
-  config.model.init_from = ''  # a baseline epoch_N.pth (whole model) or torchvision .pth (backbone)
 
-  config.loss = ml_collections.ConfigDict()
+  config.loss = ml_collections.ConfigDict()  # losses.total_loss's keyword arguments
   config.loss.attribute = 'bce'  # 'bce', 'hinge' or 'two_way' (Liu & Lu's; heads='liu_lu')
   config.loss.reduce_sum = True  # sum attribute losses over attributes (baseline --reduce_sum)
   config.loss.pos_weights_scale = 0.0  # > 0: BCE weights positives by negatives/positives, max this

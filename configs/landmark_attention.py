@@ -22,8 +22,8 @@ box crop unless the box starts at the image's corner); attributes are ranked by 
 log-odds (positive minus negative logit), where their evaluator ranked them by the
 positive logit alone; Adam's moments carry over between epochs (they built a new
 optimiser each epoch). Start from torchvision's ImageNet VGG-16
-(--config.model.init_from=vgg16-397923af.pth), as they did; their own trained
-WholeNetwork state dicts load through the same field (deepfashion_jax/torch_io/liu_lu.py).
+(--config.init_from=vgg16-397923af.pth), as they did; their own trained
+WholeNetwork state dicts load through the same field (docs/landmarks.md).
 """
 
 from configs import published_protocol

@@ -20,7 +20,7 @@ attributes, box loss). Their training also restarts Adam's moments every epoch; 
 carries them over. mmfashion enlarges the box by 10 px: --config.data.crop_margin=10.
 
 The ImageNet start: torchvision's VGG-16 weights (vgg16-397923af.pth, downloaded once)
-as --config.model.init_from=PATH. Without them the backbone starts from scratch and the
+as --config.init_from=PATH. Without them the backbone starts from scratch and the
 figures are not comparable with the table's; from scratch, plain VGG-16 stayed at the
 category prior on a synthetic folder at this learning rate while VGG-16-BN
 (--config.model.backbone=vgg16_bn) learnt (benchmarks/RESULTS.md).

@@ -1,6 +1,6 @@
 """A GPU recipe: ResNet-50 in bfloat16, large batch, cosine schedule, ImageNet start.
 
-Set config.data.data_dir, and config.model.init_from to torchvision's ImageNet ResNet-50
+Set config.data.data_dir, and config.init_from to torchvision's ImageNet ResNet-50
 weights (resnet50-*.pth) for the published-style start.
 """
 

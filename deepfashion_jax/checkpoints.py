@@ -39,17 +39,17 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from deepfashion_jax import steps
+from deepfashion_jax.models import fashion_net
 
 CHECKPOINT_FOLDER = 'checkpoints'
 DAMAGED_FOLDER = 'damaged_checkpoints'
 # The config fields that shape the model's arrays, named when a checkpoint does not fit.
 _SHAPING_FIELDS = ('model', 'dtype', 'data.crop_size', 'optimizer', 'grad_clip_norm')
 # Fields that change no array but what the weights compute: a checkpoint is meaningful only
-# with the values it was trained (or converted) with. The value a checkpoint saved before
-# the field existed had is given here.
-_MEANING_FIELDS = {'model.roi_pool': 'align', 'model.roi_aligned': True,
-                   'model.roi_sampling_ratio': 2, 'data.normalization': 'baseline',
-                   'data.crop': 'none'}
+# with the values it was trained (or converted) with: FashionNet's CHANGES_MEANING and two
+# of the data's.
+_MEANING_FIELDS = (tuple(f'model.{name}' for name in fashion_net.CHANGES_MEANING)
+                   + ('data.normalization', 'data.crop'))
 # Written into every checkpoint's step metadata. Raise it when what a checkpoint holds
 # changes (an attribute renamed, a TrainState field added): a checkpoint of another
 # version, or of none (written before there were versions: version 0), is refused by name
@@ -228,8 +228,8 @@ def _meaning_differences(metadata: Metadata, config) -> dict:
   if metadata.config is None:
     return {}
   saved, here = metadata.config, _flat_fields(config.to_dict())
-  return {name: saved.get(name, default) for name, default in _MEANING_FIELDS.items()
-          if saved.get(name, default) != here.get(name, default)}
+  return {name: saved[name] for name in _MEANING_FIELDS
+          if name in saved and saved[name] != here.get(name)}
 
 
 def check_compatible(metadata: Metadata, abstract_state, config=None):

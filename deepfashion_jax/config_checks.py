@@ -1,7 +1,12 @@
 """Checks a configuration at start, so that a wrong value fails in a second, not in an hour.
 
-Every message names the field (`config.x.y`) and what it accepts.
+Every message names the field (`config.x.y`) and what it accepts. config.model and
+config.loss are the keyword arguments of FashionNet and of losses.total_loss: their fields
+and choices are read from those functions' signatures and Literal annotations.
 """
+
+import inspect
+import typing
 
 import jax
 
@@ -14,18 +19,13 @@ from deepfashion_jax.data import vocabulary
 from deepfashion_jax.models import backbones
 from deepfashion_jax.models import fashion_net
 
-# Each field's allowed values, from the module that acts on them.
+# Each field's allowed values, from the module that acts on them (config.model's and
+# config.loss's: their consumers' annotations, `_check_keyword_section`).
 _CHOICES = {
     'dtype': tuple(steps.DTYPES),
     'optimizer': steps.OPTIMIZERS,
     'schedule': steps.SCHEDULES,
     'model.backbone': tuple(backbones.BACKBONES),
-    'model.roi_pool': fashion_net.ROI_POOLS,
-    'model.category_head': fashion_net.CATEGORY_HEADS,
-    'model.heads': fashion_net.HEADS,
-    'model.landmarks': fashion_net.LANDMARKS,
-    'loss.attribute': losses.ATTRIBUTE_LOSSES,
-    'loss.landmark_heatmap': losses.LANDMARK_HEATMAPS,
     'data.partition': annotations.PARTITIONS,
     'data.eval_crop': transforms.EVAL_CROPS,
     'data.crop': transforms.CROPS,
@@ -49,6 +49,40 @@ def _get(config, name):
   return value
 
 
+# The config sections that are a function's keyword arguments (steps.py makes the calls):
+# section -> (the function, its name in messages).
+_CONSUMERS = {'model': (fashion_net.FashionNet.__init__, 'FashionNet'),
+              'loss': (losses.total_loss, 'losses.total_loss')}
+
+
+def section_parameters(config, section: str) -> tuple:
+  """The keyword arguments of config.<section>'s function that the section may give: all
+  but those steps.py passes from elsewhere (the input side, the dtype, pos_weight, ...)."""
+  if section == 'model':
+    elsewhere = steps.model_arguments_from_elsewhere(config, rngs=None)
+  else:
+    elsewhere = steps.LOSS_ARGUMENTS_FROM_ELSEWHERE
+  parameters = inspect.signature(_CONSUMERS[section][0]).parameters.values()
+  return tuple(p.name for p in parameters
+               if p.kind == p.KEYWORD_ONLY and p.name not in elsewhere)
+
+
+def _check_keyword_section(config, section: str):
+  """Each field of config.<section> is a parameter of its function, and one of the
+  choices of a parameter annotated with a Literal."""
+  function, function_name = _CONSUMERS[section]
+  parameters = section_parameters(config, section)
+  annotations = typing.get_type_hints(function)
+  for field, value in config[section].items():
+    if field not in parameters:
+      raise ValueError(f'config.{section}.{field}: not a parameter of {function_name} '
+                       f'that config.{section} gives (expected one of {parameters})')
+    if typing.get_origin(annotations.get(field)) is typing.Literal:
+      choices = typing.get_args(annotations[field])
+      if value not in choices:
+        raise ValueError(f'config.{section}.{field}={value!r}: expected one of {choices}')
+
+
 def check(config):
   """Raises ValueError naming the first field with a wrong value."""
   # The registry's own check, so that a new backbone needs no line here.
@@ -56,6 +90,8 @@ def check(config):
   for name, choices in _CHOICES.items():
     if _get(config, name) not in choices:
       raise ValueError(f'config.{name}={_get(config, name)!r}: expected one of {choices}')
+  for section in _CONSUMERS:
+    _check_keyword_section(config, section)
   for name in _POSITIVE:
     value = _get(config, name)
     if not isinstance(value, int) or value <= 0:
@@ -83,7 +119,7 @@ def check(config):
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f'config.ema_decay={config.ema_decay}: expected 0 (off) or a decay in '
                      '(0, 1), e.g. 0.999')
-  if config.best_metric.startswith('ema_') and not config.ema_decay > 0:
+  if config.best_metric.startswith(steps.EMA_PREFIX) and not config.ema_decay > 0:
     raise ValueError(f'config.best_metric={config.best_metric!r} names a metric of the moving '
                      'average of the weights, which config.ema_decay=0 does not keep: set '
                      'config.ema_decay > 0, or name a metric of the raw weights')

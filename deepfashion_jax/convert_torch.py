@@ -1,4 +1,4 @@
-"""Train states from PyTorch files: --config.model.init_from and --mode=convert.
+"""Train states from PyTorch files: --config.init_from and --mode=convert.
 
 Both load the file through `torch_io.load_into`, which says what files it reads (the
 baseline's checkpoints, Liu & Lu's network, torchvision's ImageNet backbones) and refuses

@@ -10,12 +10,18 @@ outside its image). The baseline's weights are 1, 1, beta and no landmarks; Liu 
 without landmarks no landmark loss: those parts are 0.
 """
 
+import typing
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ATTRIBUTE_LOSSES = ('bce', 'hinge', 'two_way')
-LANDMARK_HEATMAPS = ('gaussian', 'liu_lu')
+# The choices of total_loss's options: config_checks reads them from its annotations.
+AttributeLoss = Literal['bce', 'hinge', 'two_way']
+LandmarkHeatmap = Literal['gaussian', 'liu_lu']
+ATTRIBUTE_LOSSES = typing.get_args(AttributeLoss)
+LANDMARK_HEATMAPS = typing.get_args(LandmarkHeatmap)
 
 
 def attribute_pos_weight(positive_counts: np.ndarray, num_images: int,
@@ -131,16 +137,25 @@ def _masked_mean(values, mask):
   return total / jnp.maximum(mask.astype(jnp.float32).sum(), 1.0)
 
 
-def total_loss(outputs: dict, batch: dict, *, beta: float, attribute_kind: str = 'bce',
-               reduce_sum: bool = False, pos_weight=None, category_weight: float = 1.0,
-               attribute_weight: float = 1.0, landmark_weight: float = 0.0,
-               landmark_radius: float = 16.0, landmark_heatmap: str = 'gaussian',
-               two_way_negative_weight: float = 0.1):
+def total_loss(outputs: dict, batch: dict, *, pos_weight=None,
+               attribute: AttributeLoss = 'bce', reduce_sum: bool = False,
+               pos_weights_scale: float = 0.0, beta: float, category_weight: float = 1.0,
+               attribute_weight: float = 1.0, two_way_negative_weight: float = 0.1,
+               landmark_weight: float = 0.0, landmark_heatmap: LandmarkHeatmap = 'gaussian',
+               landmark_radius: float = 16.0):
   """The weighted sum of the parts (see the module's docstring), and the parts, unweighted:
   each the mean over the valid examples, the box loss over those with a box (`box_mask`;
-  0 when none has), Liu & Lu's two-way attribute loss their weighted mean."""
+  0 when none has), Liu & Lu's two-way attribute loss their weighted mean.
+
+  The keyword arguments after pos_weight are config.loss's fields, one for one. pos_weight
+  (A,) weighs the BCE's positives when pos_weights_scale > 0: the caller computes it from
+  the training split (`attribute_pos_weight`, its largest pos_weights_scale), which the
+  loss does not see.
+  """
+  if not pos_weights_scale:
+    pos_weight = None
   valid = batch['valid']
-  if attribute_kind == 'two_way':
+  if attribute == 'two_way':
     if 'attribute_two_way_logits' not in outputs:
       raise ValueError("attribute loss 'two_way' needs a model with two logits per "
                        "attribute (config.model.heads='liu_lu')")
@@ -150,7 +165,7 @@ def total_loss(outputs: dict, batch: dict, *, beta: float, attribute_kind: str =
   else:
     attribute_mean = _masked_mean(
         attribute_loss(outputs['attribute_logits'], batch['attribute_positive'],
-                       attribute_kind, reduce_sum, pos_weight), valid)
+                       attribute, reduce_sum, pos_weight), valid)
   categories = category_loss(outputs, batch['category'], batch['category_type'])
   means = dict(attribute_loss=attribute_mean, category_loss=_masked_mean(categories, valid))
   loss = attribute_weight * attribute_mean + category_weight * means['category_loss']

@@ -28,7 +28,7 @@ micro-batches' merged: the whole batch's.
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax
 from flax import nnx
@@ -50,6 +50,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 OPTIMIZERS = ('adam', 'sgd')
 SCHEDULES = ('constant', 'cosine', 'step_decay')
 WEIGHTS = ('raw', 'ema')  # config.eval.weights: the trained weights or their moving average
+EMA_PREFIX = 'ema_'  # the evaluation metrics of the moving average (config.ema_decay > 0)
 # A batch entry the training loop adds, (B,) bool: whether the process that holds the row
 # has received a stop signal. The train step ORs it over the global batch into its metrics'
 # stop_requested, so that every process learns of a signal from the same step, without a
@@ -81,11 +82,22 @@ class StepConfig:
   graphdef: Any
   optimizer: optax.GradientTransformation
   crop_size: int
-  loss_options: dict  # `losses.total_loss`'s keyword arguments but pos_weight
+  loss: dict  # config.loss: `losses.total_loss`'s keyword arguments but pos_weight
   attribute_types: Optional[np.ndarray]  # (A,); None: a state for prediction only
   pos_weight: Optional[np.ndarray]  # (A,) BCE weight of positives, or None
   ema_decay: float = 0.0  # > 0: the state keeps a moving average of the weights
   grad_accum_steps: int = 1  # micro-batches per optimiser step
+
+
+class Gradients(NamedTuple):
+  """A batch's gradients and what its forward pass gave on the way (`accumulated_gradients`)."""
+  dynamic_scale: Optional[dynamic_scale_lib.DynamicScale]  # updated (float16), else None
+  finite: jax.Array  # whether the step is finite: the loss, and in float16 the gradients
+  loss: jax.Array  # per example: that of its micro-batch (a scalar with one micro-batch)
+  outputs: dict  # the model's, in the batch's order
+  parts: dict  # the loss's parts, as `loss`
+  batch_stats: Any  # the batch-norm statistics the forward passes left
+  grads: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,24 +112,22 @@ class Steps:
 
 
 def create_model(config, rngs: nnx.Rngs) -> fashion_net.FashionNet:
-  model = config.model
-  return fashion_net.FashionNet(
-      backbone=model.backbone, image_size=config.data.crop_size,
-      roi_pool=model.roi_pool, roi_sampling_ratio=model.roi_sampling_ratio,
-      roi_aligned=model.roi_aligned, box_gradient_into_roi=model.box_gradient_into_roi,
-      category_head=model.category_head, category_types=vocabulary.CATEGORY_TYPES,
-      dropout=model.dropout, normalization=config.data.normalization, heads=model.heads,
-      landmarks=model.landmarks, dtype=DTYPES[config.dtype], rngs=rngs)
+  """FashionNet with config.model's fields as its keyword arguments, and the rest."""
+  return fashion_net.FashionNet(**config.model, **model_arguments_from_elsewhere(config, rngs))
 
 
-def loss_options(config) -> dict:
-  """config.loss as `losses.total_loss`'s keyword arguments (pos_weight aside)."""
-  loss = config.loss
-  return dict(beta=loss.beta, attribute_kind=loss.attribute, reduce_sum=loss.reduce_sum,
-              category_weight=loss.category_weight, attribute_weight=loss.attribute_weight,
-              landmark_weight=loss.landmark_weight, landmark_radius=loss.landmark_radius,
-              landmark_heatmap=loss.landmark_heatmap,
-              two_way_negative_weight=loss.two_way_negative_weight)
+def model_arguments_from_elsewhere(config, rngs: Optional[nnx.Rngs]) -> dict:
+  """FashionNet's keyword arguments that are not config.model's fields: the input side and
+  the pixel scaling are the data's, the activation dtype the run's, the categories and
+  attributes DeepFashion's."""
+  return dict(image_size=config.data.crop_size, normalization=config.data.normalization,
+              dtype=DTYPES[config.dtype], category_types=vocabulary.CATEGORY_TYPES,
+              num_categories=vocabulary.NUM_CATEGORIES,
+              num_attributes=vocabulary.NUM_ATTRIBUTES, rngs=rngs)
+
+
+# `losses.total_loss`'s keyword arguments that are not config.loss's fields.
+LOSS_ARGUMENTS_FROM_ELSEWHERE = ('pos_weight',)
 
 
 def create_optimizer(config) -> optax.GradientTransformation:
@@ -172,6 +182,19 @@ def _pos_weight(config, attributes) -> Optional[np.ndarray]:
                                      config.loss.pos_weights_scale)
 
 
+def create_step_config(config, attributes=None) -> StepConfig:
+  """The static part of `config`'s steps: the model's graph (from its shapes alone), the
+  optimiser, config.loss; `attributes` as in `create_train_state`."""
+  abstract_model = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(config.seed)))
+  return StepConfig(
+      graphdef=nnx.split(abstract_model, nnx.Param, nnx.BatchStat)[0],
+      optimizer=create_optimizer(config), crop_size=config.data.crop_size,
+      loss=config.loss.to_dict(),
+      attribute_types=None if attributes is None else np.asarray(attributes.types),
+      pos_weight=None if attributes is None else _pos_weight(config, attributes),
+      ema_decay=float(config.ema_decay), grad_accum_steps=int(config.grad_accum_steps))
+
+
 def create_train_state(config, mesh, attributes=None):
   """(StepConfig, TrainState): the state is initialised by a jitted function whose outputs
   land already replicated on the mesh (shapes first, then shardings, then values).
@@ -179,7 +202,7 @@ def create_train_state(config, mesh, attributes=None):
   attributes: the dataset's `annotations.AttributeFacts` (their types for the metrics,
   their positives for the BCE's pos_weight); None for a state that only predicts.
   """
-  optimizer = create_optimizer(config)
+  step_config = create_step_config(config, attributes)
 
   def init():
     model = create_model(config, nnx.Rngs(config.seed))
@@ -191,21 +214,12 @@ def create_train_state(config, mesh, attributes=None):
     # Its own stream: the parameters' initialisation used nnx.Rngs(seed).
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=optimizer.init(params), rng=rng,
+                       opt_state=step_config.optimizer.init(params), rng=rng,
                        nonfinite_in_a_row=jnp.zeros((), jnp.int32), dynamic_scale=dynamic_scale)
     return restart_ema(state) if config.ema_decay > 0 else state
 
-  abstract_model = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(config.seed)))
-  graphdef = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)[0]
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), jax.eval_shape(init))
-  state = jax.jit(init, out_shardings=shardings)()
-  step_config = StepConfig(
-      graphdef=graphdef, optimizer=optimizer, crop_size=config.data.crop_size,
-      loss_options=loss_options(config),
-      attribute_types=None if attributes is None else np.asarray(attributes.types),
-      pos_weight=None if attributes is None else _pos_weight(config, attributes),
-      ema_decay=float(config.ema_decay), grad_accum_steps=int(config.grad_accum_steps))
-  return step_config, state
+  return step_config, jax.jit(init, out_shardings=shardings)()
 
 
 def restart_ema(state: TrainState) -> TrainState:
@@ -244,8 +258,7 @@ def _forward(step_config: StepConfig, params, batch_stats, batch, train: bool,
     model.eval()
   outputs = model(device_transforms.batch_images(batch, step_config.crop_size), dropout_rng)
   pos_weight = None if step_config.pos_weight is None else jnp.asarray(step_config.pos_weight)
-  loss, parts = losses.total_loss(outputs, batch, pos_weight=pos_weight,
-                                  **step_config.loss_options)
+  loss, parts = losses.total_loss(outputs, batch, pos_weight=pos_weight, **step_config.loss)
   return loss, (outputs, parts, nnx.state(model, nnx.BatchStat))
 
 
@@ -299,9 +312,9 @@ def _updated_loss_scale(dynamic_scale, finite):
 
 
 def accumulated_gradients(step_config: StepConfig, state: TrainState, batch: dict,
-                          dropout_rng, micro_batches: int = 1, train: bool = True):
-  """_gradients' (dynamic_scale, finite, (loss, (outputs, parts, batch_stats)), grads)
-  of a global batch as `micro_batches` micro-batches (`split_micro_batches`): one
+                          dropout_rng, micro_batches: int = 1,
+                          train: bool = True) -> Gradients:
+  """The Gradients of a global batch as `micro_batches` micro-batches (`split_micro_batches`): one
   `jax.lax.scan` over them, each forward starting from the batch-norm statistics the one
   before left (train: training mode; else inference mode, as a test compares with one big
   batch), the gradients averaged. The outputs come back in the batch's order; the loss and
@@ -311,7 +324,9 @@ def accumulated_gradients(step_config: StepConfig, state: TrainState, batch: dic
   if micro_batches == 1:
     loss_fn = lambda params: _forward(step_config, params, state.batch_stats, batch,
                                       train=train, dropout_rng=dropout_rng)
-    return _gradients(state, loss_fn)
+    dynamic_scale, finite, (loss, (outputs, parts, batch_stats)), grads = _gradients(
+        state, loss_fn)
+    return Gradients(dynamic_scale, finite, loss, outputs, parts, batch_stats, grads)
   dynamic_scale = state.dynamic_scale
   scale = 1.0 if dynamic_scale is None else dynamic_scale.scale
 
@@ -339,12 +354,13 @@ def accumulated_gradients(step_config: StepConfig, state: TrainState, batch: dic
   per_example = lambda values: merge_micro_batches(jnp.broadcast_to(
       values[:, None], (micro_batches, batch['valid'].shape[0] // micro_batches)))
   loss, parts = per_example(losses_k), {name: per_example(v) for name, v in parts.items()}
+  outputs = merge_micro_batches(outputs)
   if dynamic_scale is None:  # as _gradients: the parameters' check catches the gradients
-    return None, jnp.all(jnp.isfinite(losses_k)), (
-        loss, (merge_micro_batches(outputs), parts, batch_stats)), grads
+    return Gradients(None, jnp.all(jnp.isfinite(losses_k)), loss, outputs, parts,
+                     batch_stats, grads)
   finite = _all_finite(grads)
-  return _updated_loss_scale(dynamic_scale, finite), finite, (
-      loss, (merge_micro_batches(outputs), parts, batch_stats)), grads
+  return Gradients(_updated_loss_scale(dynamic_scale, finite), finite, loss, outputs, parts,
+                   batch_stats, grads)
 
 
 def train_step(step_config: StepConfig, state: TrainState, batch: dict):
@@ -357,34 +373,34 @@ def train_step(step_config: StepConfig, state: TrainState, batch: dict):
   weights.
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
-  dynamic_scale, finite, (loss, (outputs, parts, batch_stats)), grads = (
-      accumulated_gradients(step_config, state, batch, dropout_rng,
-                            step_config.grad_accum_steps))
-  updates, opt_state = step_config.optimizer.update(grads, state.opt_state, state.params)
+  backward = accumulated_gradients(step_config, state, batch, dropout_rng,
+                                   step_config.grad_accum_steps)
+  updates, opt_state = step_config.optimizer.update(backward.grads, state.opt_state,
+                                                    state.params)
   params = optax.apply_updates(state.params, updates)
-  norms = dict(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+  norms = dict(grad_norm=optax.tree.norm(backward.grads), param_norm=optax.tree.norm(params),
                update_norm=optax.tree.norm(updates))
   # A non-finite step (its loss, a gradient, or an update that overflows a parameter; a
   # NaN or inf gradient makes its parameter's update one) leaves the model and the
   # optimiser as they were: the state never holds a NaN or inf.
-  finite &= _all_finite(params)
+  finite = backward.finite & _all_finite(params)
   keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
       step=state.step + 1, params=keep_old(params, state.params),
-      batch_stats=keep_old(batch_stats, state.batch_stats),
-      opt_state=keep_old(opt_state, state.opt_state), dynamic_scale=dynamic_scale,
+      batch_stats=keep_old(backward.batch_stats, state.batch_stats),
+      opt_state=keep_old(opt_state, state.opt_state), dynamic_scale=backward.dynamic_scale,
       nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1))
   if has_ema(state):
     new_state = new_state.replace(
         ema_params=keep_old(_update_ema(step_config.ema_decay, state.ema_params, params),
                             state.ema_params),
         ema_batch_stats=keep_old(_update_ema(step_config.ema_decay, state.ema_batch_stats,
-                                             batch_stats), state.ema_batch_stats))
+                                             backward.batch_stats), state.ema_batch_stats))
   batch_metrics = metrics.train_batch_metrics(
-      outputs, batch, dict(parts, loss=loss), _attribute_types(step_config), norms=norms,
-      step=new_state.step, nonfinite=~finite,
+      backward.outputs, batch, dict(backward.parts, loss=backward.loss),
+      _attribute_types(step_config), norms=norms, step=new_state.step, nonfinite=~finite,
       nonfinite_in_a_row=new_state.nonfinite_in_a_row,
-      loss_scale=1.0 if dynamic_scale is None else dynamic_scale.scale,
+      loss_scale=1.0 if backward.dynamic_scale is None else backward.dynamic_scale.scale,
       stop_requested=jnp.any(batch[STOP_REQUESTED]) if STOP_REQUESTED in batch else False)
   return new_state, batch_metrics
 

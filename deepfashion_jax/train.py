@@ -10,7 +10,7 @@ a non-finite step stops it at the next log without saving (`stop_if_diverged`).
 With config.ema_decay > 0 each evaluation also evaluates the moving average of the
 weights (`steps.ema_weights`) and logs its metrics beside the raw ones, prefixed `ema_`
 (TensorBoard `eval_ema_*`, `metrics.jsonl`, and the metrics that config.best_metric may
-name); weights loaded by config.model.init_from restart the average.
+name); weights loaded by config.init_from restart the average.
 
 Each train log also carries the train step's FLOPs, the TFLOP/s achieved and, on a GPU
 whose peak is listed, MFU (throughput.py); config.profile_steps=(a, b) writes a
@@ -71,7 +71,7 @@ def _evaluate_and_report(run: _Run, state, step: int, skipped_in_training: int) 
     ema_results, _ = evaluate.evaluate(run.steps.evaluate, steps.ema_weights(state),
                                        run.data.eval_batches, run.mesh,
                                        f'evaluating the EMA of step {step}')
-    results.update({f'{EMA_PREFIX}{k}': v for k, v in ema_results.items()})
+    results.update({f'{steps.EMA_PREFIX}{k}': v for k, v in ema_results.items()})
   logging.info('Step %d: %d unreadable images skipped in training since the last '
                'evaluation, %d in this evaluation', step, skipped_in_training, skipped)
   results.update(skipped_images_train=skipped_in_training, skipped_images_eval=skipped)
@@ -82,9 +82,6 @@ def _evaluate_and_report(run: _Run, state, step: int, skipped_in_training: int) 
   if jax.process_index() == 0:
     evaluate.append_jsonl(run.workdir, step, results)
   return results
-
-
-EMA_PREFIX = 'ema_'  # the evaluation metrics of the moving average (config.ema_decay > 0)
 
 
 class Preempted(Exception):
@@ -231,8 +228,8 @@ def train_and_evaluate(config, workdir: str):
   if latest is not None:
     logging.info('Resuming from the checkpoint of step %d in %s', latest, workdir)
     state = restored
-  elif config.model.init_from:
-    state = convert_torch.with_torch_weights(step_config, state, config.model.init_from, mesh)
+  elif config.init_from:
+    state = convert_torch.with_torch_weights(step_config, state, config.init_from, mesh)
   if int(state.step) >= config.num_train_steps:
     logging.info('%s is already trained to step %d (config.num_train_steps); nothing to do. '
                  'Evaluate it with --mode=evaluate.', workdir, int(state.step))

@@ -9,6 +9,7 @@ import pytest
 
 from configs import test as test_config
 from deepfashion_jax import config_checks
+from deepfashion_jax import train
 from tests import helpers
 
 
@@ -41,6 +42,24 @@ def test_a_wrong_config_value_is_refused_naming_the_field(synthetic_folder, tmp_
     ('best_metric', 'ema_category_top3', "config.best_metric='ema_category_top3' names a "
      'metric of the moving average of the weights, which config.ema_decay=0 does not keep'),
     ('eval.weights', 'best', "config.eval.weights='best': expected one of ('raw', 'ema')"),
+    # config.model's and config.loss's choices: their consumers' Literal annotations.
+    ('model.roi_pool', 'max', "config.model.roi_pool='max': expected one of ('align', "
+     "'baseline_max')"),
+    ('model.landmarks', 'dots', "config.model.landmarks='dots': expected one of ('none', "
+     "'heatmaps', 'attention')"),
+    ('loss.attribute', 'focal', "config.loss.attribute='focal': expected one of ('bce', "
+     "'hinge', 'two_way')"),
+    ('loss.landmark_heatmap', 'box', "config.loss.landmark_heatmap='box': expected one of "
+     "('gaussian', 'liu_lu')"),
+    # A field that is not its consumer's parameter, as a config file written before
+    # model.init_from moved to init_from sets it.
+    ('model.init_from', 'epoch_200.pth', 'config.model.init_from: not a parameter of '
+     "FashionNet that config.model gives (expected one of ('backbone', 'roi_pool', "),
+    ('loss.attribute_kind', 'bce', 'config.loss.attribute_kind: not a parameter of '
+     "losses.total_loss that config.loss gives (expected one of ('attribute', "),
+    # FashionNet's argument that comes from config.data.crop_size, not config.model.
+    ('model.image_size', 64, 'config.model.image_size: not a parameter of FashionNet that '
+     'config.model gives'),
 ])
 
 
@@ -51,3 +70,15 @@ def test_wrong_values_are_refused_in_process(field, value, message):
   (config[section] if section else config)[name] = value
   with pytest.raises(ValueError, match=re.escape(message)):
     config_checks.check(config)
+
+
+@pytest.mark.parametrize('section,field', [('model', 'foo'), ('loss', 'foo')])
+def test_an_unknown_model_or_loss_field_stops_training_at_start(section, field, tmp_path):
+  """Before the workdir, the data or the model: the run fails naming the field."""
+  config = test_config.get_config()
+  config[section][field] = 1
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=re.escape(f'config.{section}.{field}: not a '
+                                                 'parameter of ')):
+    train.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()

@@ -172,7 +172,7 @@ def _torchvision_vgg(name, seed=0):
 def test_torchvision_vgg_state_dict_initialises_the_backbone(tmp_path, name, prefix,
                                                              file_format):
   """A torchvision VGG-16(-BN) state dict, its classifier included, loads as
-  --config.model.init_from does; conv4_3 and conv5_3 are then torchvision's. At 40 px the
+  --config.init_from does; conv4_3 and conv5_3 are then torchvision's. At 40 px the
   pools floor 5 to 2: conv4_3 is 5 x 5, conv5_3 2 x 2."""
   reference = _torchvision_vgg(name)
   state_dict = {prefix + k: v for k, v in reference.state_dict().items()}

@@ -1,5 +1,5 @@
 """A state dict of Liu & Lu's WholeNetwork (tests/torch_reference_liu_lu.py, their keys)
-loads through torch_io.load_into, as --config.model.init_from does, into
+loads through torch_io.load_into, as --config.init_from does, into
 FashionNet(backbone='vgg16', heads='liu_lu', landmarks='attention', normalization='imagenet'),
 which then computes what theirs computes: category logits, the two-way attribute logits,
 the landmark heatmaps and the attention, in eval mode and in training mode (batch
@@ -86,7 +86,7 @@ def _zeros(abstract_model):
 
 
 def _converted(reference, image_size, tmp_path):
-  """Their state dict saved by torch.save and loaded as --config.model.init_from does, into
+  """Their state dict saved by torch.save and loaded as --config.init_from does, into
   a model whose every variable is zero: the file must fill them all. (Built with its own
   initialisers, eagerly, the model would take ~20 s on 2 cores: one compiled random draw
   per shape.)"""

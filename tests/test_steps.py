@@ -304,10 +304,10 @@ def test_accumulated_micro_batches_give_the_gradient_and_update_of_one_big_batch
   @functools.partial(jax.jit, static_argnums=1,
                      compiler_options=xla_cpu.compiler_options(mesh))
   def update(batch, micro_batches):
-    _, finite, (loss, (outputs, _, _)), grads = steps.accumulated_gradients(
-        step_config, state, batch, jax.random.PRNGKey(0), micro_batches, train=False)
-    updates, _ = step_config.optimizer.update(grads, state.opt_state, state.params)
-    return finite, jnp.mean(loss), outputs['category_logits'], grads, updates
+    g = steps.accumulated_gradients(step_config, state, batch, jax.random.PRNGKey(0),
+                                    micro_batches, train=False)
+    updates, _ = step_config.optimizer.update(g.grads, state.opt_state, state.params)
+    return g.finite, jnp.mean(g.loss), g.outputs['category_logits'], g.grads, updates
 
   one, four = update(batch, 1), update(batch, 4)
   assert bool(one[0]) and bool(four[0])

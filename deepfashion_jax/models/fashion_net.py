@@ -28,7 +28,8 @@ Outputs, all float32 whatever the activation dtype:
   and attribute_logits their difference, the log-odds of each attribute.
 """
 
-from typing import Any
+import typing
+from typing import Any, Literal
 
 from flax import nnx
 import jax
@@ -41,10 +42,15 @@ from deepfashion_jax.models import roi
 from deepfashion_jax.models import vgg
 
 BOX_CHANNELS = 32  # box_reduce's output channels (the baseline's)
-ROI_POOLS = ('align', 'baseline_max')
-CATEGORY_HEADS = ('single', 'per_garment_type')
-HEADS = ('fashionnet', 'liu_lu')
-LANDMARKS = ('none', 'heatmaps', 'attention')
+ROI_OUTPUT_SIZE = 3  # the local features' S x S bins pooled from the box (the baseline's)
+# The choices of FashionNet's options: config_checks reads them from its annotations.
+RoiPool = Literal['align', 'baseline_max']
+CategoryHead = Literal['single', 'per_garment_type']
+Heads = Literal['fashionnet', 'liu_lu']
+Landmarks = Literal['none', 'heatmaps', 'attention']
+# FashionNet's options that change no array but what the weights compute: a checkpoint
+# means something only with the values it was trained with (checkpoints.py).
+CHANGES_MEANING = ('roi_pool', 'roi_aligned', 'roi_sampling_ratio')
 LIU_LU_HIDDEN = 1024  # their heads' hidden layer
 # Per-channel (mean, std) of x / 255: the baseline's (0.5, 0.5), or torchvision's ImageNet
 # statistics, which torchvision's pretrained backbones expect.
@@ -76,22 +82,22 @@ def torch_default_init(fan_in: int) -> dict:
 class FashionNet(nnx.Module):
   """The baseline's FashionResnet, with options where it had bugs or shortcuts."""
 
-  def __init__(self, *, backbone: str = 'resnet18', image_size: int = 224,
-               num_categories: int = 50, num_attributes: int = 1000, roi_pool: str = 'align',
-               roi_output_size: int = 3,
+  def __init__(self, *, backbone: str = 'resnet18', roi_pool: RoiPool = 'align',
                roi_sampling_ratio: int = 2, roi_aligned: bool = True,
-               box_gradient_into_roi: bool = False, category_head: str = 'single',
-               category_types=None, dropout: float = 0.0, normalization: str = 'baseline',
-               heads: str = 'fashionnet', landmarks: str = 'none',
-               dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    if roi_pool not in ROI_POOLS:
-      raise ValueError(f'roi_pool must be one of {ROI_POOLS}, got {roi_pool!r}')
-    if heads not in HEADS:
-      raise ValueError(f'heads must be one of {HEADS}, got {heads!r}')
-    if landmarks not in LANDMARKS:
-      raise ValueError(f'landmarks must be one of {LANDMARKS}, got {landmarks!r}')
-    if category_head not in CATEGORY_HEADS:
-      raise ValueError(f'category_head must be one of {CATEGORY_HEADS}, got {category_head!r}')
+               box_gradient_into_roi: bool = False, category_head: CategoryHead = 'single',
+               dropout: float = 0.0, heads: Heads = 'fashionnet',
+               landmarks: Landmarks = 'none',
+               # Not in config.model: from the data, the run, or the dataset's constants.
+               image_size: int = 224, normalization: str = 'baseline',
+               dtype: Any = jnp.float32, category_types=None, num_categories: int = 50,
+               num_attributes: int = 1000, rngs: nnx.Rngs):
+    """The keyword arguments down to `landmarks` are config.model's fields, one for one
+    (`steps.create_model`); config_checks reads the Literal annotations' choices."""
+    for name, value, kind in (('roi_pool', roi_pool, RoiPool), ('heads', heads, Heads),
+                              ('landmarks', landmarks, Landmarks),
+                              ('category_head', category_head, CategoryHead)):
+      if value not in typing.get_args(kind):
+        raise ValueError(f'{name} must be one of {typing.get_args(kind)}, got {value!r}')
     if normalization not in NORMALIZATIONS:
       raise ValueError(f'normalization must be one of {tuple(NORMALIZATIONS)}, got '
                        f'{normalization!r}')
@@ -105,7 +111,7 @@ class FashionNet(nnx.Module):
     if self.feature_size < 1:
       raise ValueError(f'image_size={image_size} is smaller than one cell of '
                        f'{backbone}\'s last feature map ({self.feature_stride} px)')
-    self.roi_pool, self.roi_output_size = roi_pool, roi_output_size
+    self.roi_pool = roi_pool
     self.roi_sampling_ratio, self.roi_aligned = roi_sampling_ratio, roi_aligned
     self.box_gradient_into_roi = box_gradient_into_roi
     self.dtype = dtype
@@ -136,7 +142,7 @@ class FashionNet(nnx.Module):
     flat = BOX_CHANNELS * self.feature_size ** 2
     self.box_top_left = linear(flat, 2)
     self.box_size = linear(flat, 2)
-    joined = channels * (1 + self.roi_output_size ** 2)
+    joined = channels * (1 + ROI_OUTPUT_SIZE ** 2)
     self.attribute_classifier = linear(joined, num_attributes)
     if self.category_head == 'single':
       self.category_classifier = linear(joined, num_categories)
@@ -188,10 +194,10 @@ class FashionNet(nnx.Module):
     if not self.box_gradient_into_roi:
       box = jax.lax.stop_gradient(box)
     if self.roi_pool == 'baseline_max':
-      pooled = roi.baseline_max_pool(features, box, self.roi_output_size)
+      pooled = roi.baseline_max_pool(features, box, ROI_OUTPUT_SIZE)
     else:
       pooled = roi.roi_align(features, box * self.image_size,
-                             output_size=self.roi_output_size,
+                             output_size=ROI_OUTPUT_SIZE,
                              spatial_scale=1.0 / self.feature_stride,
                              sampling_ratio=self.roi_sampling_ratio, aligned=self.roi_aligned)
     return jnp.transpose(pooled, (0, 3, 1, 2)).reshape(pooled.shape[0], -1)

@@ -10,7 +10,7 @@ runs) and hands it to the first family in `FAMILIES` that recognises it:
 Any may come from nn.DataParallel (every key prefixed `module.`) and from any device. A
 file for another model than the configured one (its backbone, heads, pooling, input size or
 pixel normalisation) is refused with a CheckpointError that names each flag to set.
---config.model.init_from and --mode=convert both load through `load_into`
+--config.init_from and --mode=convert both load through `load_into`
 (convert_torch.py), and so do the tests.
 
 Adding a family of files (a model zoo's ConvNeXt, ViT, CLIP, ...) is one new module here

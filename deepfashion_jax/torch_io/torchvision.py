@@ -1,5 +1,5 @@
 """torchvision's ResNet and VGG-16 / VGG-16-BN state dicts into the backbone: the ImageNet
-start (--config.model.init_from).
+start (--config.init_from).
 
 A ResNet's keys are `conv1.weight`, `layer1.0.conv1.weight`, ... and its ImageNet classifier
 `fc.*`; a VGG's `features.<i>.weight`, ... and `classifier.*`. The classifiers are dropped;
