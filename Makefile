@@ -11,8 +11,13 @@ NEWEST := .venv-newest
 NEWEST_PY := $(NEWEST)/bin/python
 WORKDIR ?= runs/demo
 
-# The ten slowest tests are printed after each run.
-PYTEST = -m pytest -q --durations=10
+# The ten slowest tests are printed after each run. The tests run in TEST_WORKERS processes
+# (pytest-xdist; `auto`: one per core, at most 4): XLA compiles on one thread, and
+# compiling is most of the suite's time. Each test file runs whole in one worker
+# (--dist loadfile): a file's tests share compiled steps and module-scoped fixtures.
+# `make test TEST_WORKERS=0` runs them all in one process.
+TEST_WORKERS ?= auto
+PYTEST = -m pytest -q --durations=10 -n $(TEST_WORKERS) --maxprocesses=4 --dist loadfile
 
 .PHONY: demo test test-slow test-newest clean
 

@@ -17,18 +17,38 @@ import pytest
 from deepfashion_jax.data import synthetic
 
 
+_CACHE_VARIABLE = 'DEEPFASHION_JAX_TEST_COMPILATION_CACHE'
+
+
+def _shared_compilation_cache() -> str:
+  """The session's compilation cache folder: made by the first pytest process (the only
+  one, or pytest-xdist's controller, which configures itself before it starts its
+  workers) and named in the environment, which the workers and the processes the tests
+  start inherit: one cache for them all, removed when its maker exits."""
+  cache = os.environ.get(_CACHE_VARIABLE)
+  if not cache:
+    cache = tempfile.mkdtemp(prefix='deepfashion_jax_test_cache_')
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    os.environ[_CACHE_VARIABLE] = cache
+  return cache
+
+
 def pytest_configure(config):  # pylint: disable=unused-argument
-  """Before any test: a persistent compilation cache shared by this process and the ones
-  the tests start (main.py runs, workers), since many tests compile the same few steps;
-  and absl flags marked parsed, which grain's worker processes read (main.py parses them:
-  tests take their defaults)."""
-  cache = tempfile.mkdtemp(prefix='deepfashion_jax_test_cache_')
-  atexit.register(shutil.rmtree, cache, ignore_errors=True)
+  """Before any test: a persistent compilation cache shared by this process, pytest-xdist's
+  other workers and the processes the tests start (main.py runs, workers), since many
+  tests compile the same few steps; and absl flags marked parsed, which grain's worker
+  processes read (main.py parses them: tests take their defaults)."""
+  cache = _shared_compilation_cache()
   os.environ['JAX_COMPILATION_CACHE_DIR'] = cache
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '1'
+  # A size limit turns on JAX's file lock around each read and write of the cache: two
+  # workers may write and read one entry at once (without it a half-written entry is read,
+  # warned about and compiled again). 20 GB: nothing is ever evicted.
+  os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(20 * 2**30)
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_compilation_cache_dir', cache)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  jax.config.update('jax_compilation_cache_max_size', 20 * 2**30)
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
