@@ -262,8 +262,8 @@ def _train_loop(run: _Run, state) -> dict:
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=run.writer)
   train_metrics, skipped, results = _TrainMetrics(), 0, {}
-  throughput = throughput_lib.Throughput(config.batch_size, int(state.step),
-                          peak_per_device=throughput_lib.device_peak(config.dtype))
+  throughput = throughput_lib.Throughput(
+      config.batch_size, int(state.step), peak_per_device=throughput_lib.device_peak(config.dtype))
   first = int(state.step) + 1
   profile = throughput_lib.ProfileWindow(config.profile_steps,
                                          throughput_lib.profile_dir(run.workdir))
