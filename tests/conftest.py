@@ -38,6 +38,11 @@ def pytest_configure(config):  # pylint: disable=unused-argument
   other workers and the processes the tests start (main.py runs, workers), since many
   tests compile the same few steps; and absl flags marked parsed, which grain's worker
   processes read (main.py parses them: tests take their defaults)."""
+  try:
+    import filelock  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:  # JAX would warn at each cache read and compile everything again
+    raise pytest.UsageError('the shared compilation cache needs the filelock package: '
+                            'pip install -r requirements-dev.txt') from e
   cache = _shared_compilation_cache()
   os.environ['JAX_COMPILATION_CACHE_DIR'] = cache
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '1'
