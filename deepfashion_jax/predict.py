@@ -162,8 +162,8 @@ def predict(config, workdir: str, images: str, output_dir: str) -> str:
   logging.info('Predicting with the checkpoint of step %d in %s', step, workdir)
   warn_if_trained_on_box_cuts(config)
   # Only the model's step is compiled (the crops' geometry and the averaging are a few
-  # small operations): compiled with them, XLA rounds a few halfway pixels of the crops
-  # the other way (measured: 0.1% of them, one grey level, 2e-4 on a probability).
+  # small operations): compiled with them, XLA rounds some halfway pixels of the crops the
+  # other way, and predict's figures would move (benchmarks/RESULTS.md, "One ten-crop").
   outputs_of = functools.partial(photo_outputs,
                                  ten_crop.Options.from_config(config, config.predict.ten_crop),
                                  steps.jit_steps(step_config, mesh).predict)
