@@ -38,6 +38,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from deepfashion_jax import errors
 from deepfashion_jax import steps
 from deepfashion_jax.models import fashion_net
 
@@ -58,7 +59,7 @@ FORMAT_VERSION = 1
 _VERSION_KEY = 'format_version'
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.DeepFashionError, ValueError):
   """A checkpoint written by another configuration than this run's."""
 
 
@@ -67,7 +68,7 @@ class CheckpointFormatError(CheckpointMismatchError):
   it (as another configuration's, the run stops and the checkpoint stays where it is)."""
 
 
-class DamagedCheckpointError(ValueError):
+class DamagedCheckpointError(errors.DeepFashionError, ValueError):
   """A checkpoint that cannot be read back."""
 
 

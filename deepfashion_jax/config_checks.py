@@ -10,6 +10,7 @@ import typing
 
 import jax
 
+from deepfashion_jax import errors
 from deepfashion_jax import losses
 from deepfashion_jax import steps
 from deepfashion_jax.data import annotations
@@ -75,12 +76,12 @@ def _check_keyword_section(config, section: str):
   annotations = typing.get_type_hints(function)
   for field, value in config[section].items():
     if field not in parameters:
-      raise ValueError(f'config.{section}.{field}: not a parameter of {function_name} '
+      raise errors.ConfigError(f'config.{section}.{field}: not a parameter of {function_name} '
                        f'that config.{section} gives (expected one of {parameters})')
     if typing.get_origin(annotations.get(field)) is typing.Literal:
       choices = typing.get_args(annotations[field])
       if value not in choices:
-        raise ValueError(f'config.{section}.{field}={value!r}: expected one of {choices}')
+        raise errors.ConfigError(f'config.{section}.{field}={value!r}: expected one of {choices}')
 
 
 def check(config):
@@ -89,65 +90,65 @@ def check(config):
   backbones.check_name(config.model.backbone, field='config.model.backbone')
   for name, choices in _CHOICES.items():
     if _get(config, name) not in choices:
-      raise ValueError(f'config.{name}={_get(config, name)!r}: expected one of {choices}')
+      raise errors.ConfigError(f'config.{name}={_get(config, name)!r}: expected one of {choices}')
   for section in _CONSUMERS:
     _check_keyword_section(config, section)
   for name in _POSITIVE:
     value = _get(config, name)
     if not isinstance(value, int) or value <= 0:
-      raise ValueError(f'config.{name}={value!r}: expected a positive integer')
+      raise errors.ConfigError(f'config.{name}={value!r}: expected a positive integer')
   if config.data.source == 'tfds' and config.data.partition != 'official':
-    raise ValueError(f"config.data.source='tfds' reads the official partition; "
+    raise errors.ConfigError(f"config.data.source='tfds' reads the official partition; "
                      f'config.data.partition={config.data.partition!r} needs '
                      "config.data.source='folder'")
   if not config.data.crop_margin >= 0:
-    raise ValueError(f'config.data.crop_margin={config.data.crop_margin}: expected pixels >= 0')
+    raise errors.ConfigError(f'config.data.crop_margin={config.data.crop_margin}: expected pixels >= 0')
   if config.data.crop_size > config.data.img_size:
-    raise ValueError(f'config.data.crop_size={config.data.crop_size} is larger than '
+    raise errors.ConfigError(f'config.data.crop_size={config.data.crop_size} is larger than '
                      f'config.data.img_size={config.data.img_size}')
   # Devices are spread evenly over processes: a multiple of the device count is also one
   # of the process count, which each process's share of a batch needs.
   for name in ('batch_size', 'eval.batch_size'):
     if _get(config, name) % jax.device_count():
-      raise ValueError(f'config.{name}={_get(config, name)} must be a multiple of the number '
+      raise errors.ConfigError(f'config.{name}={_get(config, name)} must be a multiple of the number '
                        f'of devices ({jax.device_count()})')
   if config.batch_size % (config.grad_accum_steps * jax.device_count()):
-    raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of '
+    raise errors.ConfigError(f'config.batch_size={config.batch_size} must be a multiple of '
                      f'config.grad_accum_steps={config.grad_accum_steps} times the number of '
                      f'devices ({jax.device_count()}): each micro-batch is split over the '
                      'devices')
   if not 0.0 <= config.ema_decay < 1.0:
-    raise ValueError(f'config.ema_decay={config.ema_decay}: expected 0 (off) or a decay in '
+    raise errors.ConfigError(f'config.ema_decay={config.ema_decay}: expected 0 (off) or a decay in '
                      '(0, 1), e.g. 0.999')
   if config.best_metric.startswith(steps.EMA_PREFIX) and not config.ema_decay > 0:
-    raise ValueError(f'config.best_metric={config.best_metric!r} names a metric of the moving '
+    raise errors.ConfigError(f'config.best_metric={config.best_metric!r} names a metric of the moving '
                      'average of the weights, which config.ema_decay=0 does not keep: set '
                      'config.ema_decay > 0, or name a metric of the raw weights')
   if config.checkpoint_every_steps % config.log_every_steps:
-    raise ValueError(f'config.checkpoint_every_steps={config.checkpoint_every_steps} must be a '
+    raise errors.ConfigError(f'config.checkpoint_every_steps={config.checkpoint_every_steps} must be a '
                      f'multiple of config.log_every_steps={config.log_every_steps}, so that '
                      'a resumed run logs the same training metrics')
   if config.schedule == 'cosine' and config.warmup_steps >= config.num_train_steps:
-    raise ValueError(f'config.warmup_steps={config.warmup_steps} leaves no steps for the cosine '
+    raise errors.ConfigError(f'config.warmup_steps={config.warmup_steps} leaves no steps for the cosine '
                      f'decay: config.num_train_steps={config.num_train_steps} must be larger')
   if not config.grad_clip_norm >= 0:
-    raise ValueError(f'config.grad_clip_norm={config.grad_clip_norm}: expected 0 (off) or a '
+    raise errors.ConfigError(f'config.grad_clip_norm={config.grad_clip_norm}: expected 0 (off) or a '
                      'positive norm')
   if not 0 < config.decay_rate <= 1:
-    raise ValueError(f'config.decay_rate={config.decay_rate}: expected a factor in (0, 1]')
+    raise errors.ConfigError(f'config.decay_rate={config.decay_rate}: expected a factor in (0, 1]')
   if config.learning_rate <= 0:
-    raise ValueError(f'config.learning_rate={config.learning_rate}: expected a positive number')
+    raise errors.ConfigError(f'config.learning_rate={config.learning_rate}: expected a positive number')
   if not 0.0 <= config.model.dropout < 1.0:
-    raise ValueError(f'config.model.dropout={config.model.dropout}: expected a rate in [0, 1)')
+    raise errors.ConfigError(f'config.model.dropout={config.model.dropout}: expected a rate in [0, 1)')
   if config.loss.pos_weights_scale < 0:
-    raise ValueError(f'config.loss.pos_weights_scale={config.loss.pos_weights_scale}: expected '
+    raise errors.ConfigError(f'config.loss.pos_weights_scale={config.loss.pos_weights_scale}: expected '
                      '0 (no weighting) or a positive number')
   if config.loss.pos_weights_scale and config.loss.attribute != 'bce':
-    raise ValueError('config.loss.pos_weights_scale weights the BCE loss; it has no meaning '
+    raise errors.ConfigError('config.loss.pos_weights_scale weights the BCE loss; it has no meaning '
                      f'with config.loss.attribute={config.loss.attribute!r}')
   _check_liu_lu_parts(config)
   if not config.predict.temperature > 0:
-    raise ValueError(f'config.predict.temperature={config.predict.temperature}: expected a '
+    raise errors.ConfigError(f'config.predict.temperature={config.predict.temperature}: expected a '
                      'positive number')
   _check_profile_steps(config)
 
@@ -160,7 +161,7 @@ def _check_profile_steps(config):
   if not (isinstance(window, (tuple, list)) and len(window) == 2
           and all(isinstance(s, int) and not isinstance(s, bool) for s in window)
           and 1 <= window[0] <= window[1]):
-    raise ValueError(f'config.profile_steps={window!r}: expected (0, 0) (off) or (a, b), '
+    raise errors.ConfigError(f'config.profile_steps={window!r}: expected (0, 0) (off) or (a, b), '
                      'the steps a to b (both included) to trace, 1 <= a <= b, e.g. '
                      "--config.profile_steps='(10,15)'")
 
@@ -169,23 +170,23 @@ def _check_liu_lu_parts(config):
   """The options of Liu & Lu's design (heads, landmarks, their losses) that need others."""
   model, loss = config.model, config.loss
   if loss.attribute == 'two_way' and model.heads != 'liu_lu':
-    raise ValueError("config.loss.attribute='two_way' needs two logits per attribute: "
+    raise errors.ConfigError("config.loss.attribute='two_way' needs two logits per attribute: "
                      "config.model.heads='liu_lu'")
   if model.heads == 'liu_lu' and (model.category_head != 'single' or model.dropout):
-    raise ValueError("config.model.heads='liu_lu' has its own category head and no "
+    raise errors.ConfigError("config.model.heads='liu_lu' has its own category head and no "
                      "dropout: leave config.model.category_head='single' and "
                      'config.model.dropout=0')
   for name in ('category_weight', 'attribute_weight', 'landmark_weight',
                'two_way_negative_weight'):
     if not loss[name] >= 0:
-      raise ValueError(f'config.loss.{name}={loss[name]}: expected a weight >= 0')
+      raise errors.ConfigError(f'config.loss.{name}={loss[name]}: expected a weight >= 0')
   if not loss.landmark_radius > 0:
-    raise ValueError(f'config.loss.landmark_radius={loss.landmark_radius}: expected pixels > 0')
+    raise errors.ConfigError(f'config.loss.landmark_radius={loss.landmark_radius}: expected pixels > 0')
   side = config.data.crop_size
   if model.landmarks != 'none' and side % 8:
-    raise ValueError(f'config.model.landmarks={model.landmarks!r} predicts heatmaps at 8x '
+    raise errors.ConfigError(f'config.model.landmarks={model.landmarks!r} predicts heatmaps at 8x '
                      f'a stride-8 map: config.data.crop_size={side} must be a multiple of 8')
   if model.landmarks == 'attention' and side % 32:
-    raise ValueError(f"config.model.landmarks='attention' runs a U-Net over the stride-8 "
+    raise errors.ConfigError(f"config.model.landmarks='attention' runs a U-Net over the stride-8 "
                      f'map, halving it twice: config.data.crop_size={side} must be a '
                      'multiple of 32')

@@ -29,6 +29,7 @@ from typing import Optional
 from absl import logging
 import numpy as np
 
+from deepfashion_jax import errors
 from deepfashion_jax.data import vocabulary
 
 CATEGORY_CLOTH = 'Anno/list_category_cloth.txt'
@@ -50,7 +51,7 @@ _ATTR_CHUNK_BYTES = 32 << 20
 _ODD_ROWS_SHOWN = 5
 
 
-class AnnotationError(ValueError):
+class AnnotationError(errors.DeepFashionError, ValueError):
   """A DeepFashion list file is missing or does not have the documented format."""
 
 

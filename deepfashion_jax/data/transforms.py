@@ -29,10 +29,11 @@ import numpy as np
 from PIL import Image
 import simplejpeg
 
+from deepfashion_jax import errors
 from deepfashion_jax.data import landmark_slots
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(errors.DeepFashionError, ValueError):
   """An image file that cannot be decoded (truncated, not an image, unsupported)."""
 
 
