@@ -12,6 +12,9 @@ the accelerator. That device part is timed here too (`device_part_img_s`, on thi
 JAX device) and reported apart.
 
   python -m benchmarks.input_pipeline [--data_dir DIR] [--workers 2] [--json OUT]
+
+It is a library caller of the pipeline, as a script or a notebook is: it parses no absl
+flags, and the grain worker processes start all the same.
 """
 
 import argparse
@@ -61,7 +64,9 @@ def pipeline_rate(source, batches, threads, processes=0):
                                    options=pipeline.ImageOptions())
   iterator = pipeline.iterate(dataset, threads=threads, processes=processes)
   rate = time_batches(iterator, batches)
-  return rate, next(iterator)
+  batch = {key: np.array(value) for key, value in next(iterator).items()}
+  iterator.close()  # stops the worker processes now, not at interpreter exit
+  return rate, batch
 
 
 def device_part_rate(batch, repeats=10):
@@ -110,25 +115,29 @@ def torch_rate(files, workers, batches):
   return time_batches(iter(loader), batches)
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--data_dir', default='', help='a DeepFashion folder (default: write 512 '
-                      'synthetic images)')
+  parser.add_argument('--data_dir', default='', help='a DeepFashion folder (default: write '
+                      '--images synthetic images)')
+  parser.add_argument('--images', type=int, default=512,
+                      help='synthetic images to write without --data_dir')
   parser.add_argument('--workers', type=int, default=2)
   parser.add_argument('--batches', type=int, default=80)
+  parser.add_argument('--decode_seconds', type=float, default=3.0,
+                      help='how long the decode ceiling is measured')
   parser.add_argument('--json', default='')
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
 
   with tempfile.TemporaryDirectory() as scratch:
     root = args.data_dir
     if not root:
       root = os.path.join(scratch, 'deepfashion')
-      synthetic.write_synthetic_deepfashion(root, num_images=512, seed=0)
+      synthetic.write_synthetic_deepfashion(root, num_images=args.images, seed=0)
     index = annotations.read_deepfashion(root)
     files = [os.path.join(index.image_dir(), p) for p in index.image_paths]
     cores = min(args.workers, os.cpu_count())
     figures = dict(images=len(files), workers=args.workers, cores_used=cores)
-    figures['decode_ceiling_img_s'] = decode_ceiling(files[:256])
+    figures['decode_ceiling_img_s'] = decode_ceiling(files[:256], args.decode_seconds)
     # W workers: W decoding threads in one process (the default layout), and for
     # comparison W worker processes of one thread each.
     folder_source = sources.FolderSource(index, np.arange(len(index)))

@@ -79,6 +79,24 @@ def test_convolutions_time_every_part_on_both_sides(tmp_path):
   assert all(value > 0 for value in result['totals'].values())
 
 
+def test_input_pipeline_runs_as_its_command_line_says(tmp_path):
+  # `python -m benchmarks.input_pipeline` with its default worker count (two grain worker
+  # processes among the layouts) in a plain process that parses no absl flags, at toy sizes.
+  pytest.importorskip('torch')
+  out = tmp_path / 'input_pipeline.json'
+  completed = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.input_pipeline', '--images', '48', '--batches', '1',
+       '--decode_seconds', '0.05', '--json', str(out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert (result['images'], result['workers']) == (48, 2)
+  for key in ('decode_ceiling_img_s', 'pipeline_img_s', 'pipeline_processes_img_s',
+              'tfds_pipeline_img_s', 'torch_baseline_img_s', 'device_part_img_s'):
+    assert result[key] > 0, key
+  assert 'pipeline, 2 processes' in completed.stdout
+
+
 @pytest.mark.slow
 def test_gpu_script_runs_shrunk_on_cpu(tmp_path):
   env = dict(os.environ, PYTHON=sys.executable)

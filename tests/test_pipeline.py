@@ -4,6 +4,9 @@ import dataclasses
 import os
 import re
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import grain
 import numpy as np
@@ -17,6 +20,7 @@ from deepfashion_jax.data import sources
 from deepfashion_jax.data import transforms
 
 OPTIONS = pipeline.ImageOptions()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -78,6 +82,39 @@ def test_the_same_seed_gives_the_same_batches_whatever_the_workers(index):
   other = next(pipeline.iterate(pipeline.train_dataset(source, batch_size=4, seed=8,
                                                        options=OPTIONS)))
   assert not np.array_equal(other['index'], one_thread[0]['index'])
+
+
+def test_worker_processes_start_in_a_plain_python_process(synthetic_folder):
+  """A script or a notebook takes batches from grain worker processes without parsing absl
+  flags, and its own flags stay unparsed for it to parse later. (This suite's conftest
+  marks the flags parsed, so the caller is a process of its own.)"""
+  script = textwrap.dedent(f"""
+      from absl import flags
+      import numpy as np
+      from deepfashion_jax.data import annotations, pipeline, sources
+      flags.DEFINE_integer('callers_own_flag', 1, 'a flag of the calling script')
+      index = annotations.read_deepfashion({synthetic_folder[0]!r})
+      source = sources.FolderSource(index, index.split_indices('train'))
+      dataset = pipeline.train_dataset(source, batch_size=4, seed=7,
+                                       options=pipeline.ImageOptions())
+      iterator = pipeline.iterate(dataset, processes=2)
+      batch = {{key: np.array(value) for key, value in next(iterator).items()}}
+      iterator.close()
+      expected = next(pipeline.iterate(dataset))
+      assert all(np.array_equal(batch[key], expected[key]) for key in expected)
+      assert not flags.FLAGS.is_parsed()
+      try:
+        flags.FLAGS.callers_own_flag
+        raise AssertionError("the caller's own flag was made readable")
+      except flags.UnparsedFlagAccessError:
+        pass
+      flags.FLAGS(['script', '--callers_own_flag=5', '--grain_py_debug_mode=false'])
+      print('parsed later:', flags.FLAGS.callers_own_flag)
+  """)
+  completed = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300, check=False)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert 'parsed later: 5' in completed.stdout
 
 
 def test_each_epoch_is_a_new_permutation_of_the_split(index):

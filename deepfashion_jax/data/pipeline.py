@@ -290,11 +290,35 @@ def iterate(dataset: grain.MapDataset, threads: int = 2, processes: int = 0,
   iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                            prefetch_buffer_size=prefetch))
   if processes > 0:
-    if not flags.FLAGS.is_parsed():
-      raise ValueError(
-          f'config.data.processes={processes} starts grain worker processes, which read '
-          "grain's absl flags: parse the flags first (main.py does; a test or a notebook "
-          'calls absl.flags.FLAGS.mark_as_parsed() to take their defaults)')
-    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=processes, per_worker_buffer_size=prefetch))
+    _make_grain_flags_readable()
+    iter_dataset = iter_dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=processes, per_worker_buffer_size=prefetch),
+        worker_init_fn=_make_grain_flags_readable_in_worker)
   return iter(iter_dataset)
+
+
+def _make_grain_flags_readable():
+  """Lets grain read its own absl flags (`--grain_*`) in a process that never parsed flags.
+
+  grain keeps its options in absl flags, and its worker processes read some of them
+  unguarded (whether to profile the workers, in the process that starts them): an unparsed
+  flag raises UnparsedFlagAccessError there. main.py parses the flags; a script, a notebook
+  or a benchmark that calls the pipeline never does, and must not have to. Each grain flag
+  that cannot be read yet is marked present at its current value (its default, or what
+  `grain.config.update` set), the mark grain itself puts on the flags it hands its workers.
+  Nothing else changes: the caller's own flags stay unparsed, `FLAGS.is_parsed()` stays
+  False, and a later parse (absl.app.run) still reads the command line, grain's flags
+  included.
+  """
+  if flags.FLAGS.is_parsed():
+    return
+  for name in list(flags.FLAGS):
+    flag = flags.FLAGS[name]
+    if name.startswith('grain_') and not flag.present:
+      flag.present = 1
+
+
+def _make_grain_flags_readable_in_worker(worker_index: int, worker_count: int):
+  """The same in each worker process, which starts afresh (spawned) with no parsed flags."""
+  del worker_index, worker_count
+  _make_grain_flags_readable()
