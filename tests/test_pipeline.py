@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from deepfashion_jax import errors
 from deepfashion_jax.data import annotations
 from deepfashion_jax.data import landmark_slots
 from deepfashion_jax.data import pipeline
@@ -277,8 +278,54 @@ def test_padding_and_unreadable_images_have_no_box_and_no_landmarks(quirky_folde
 
 def test_per_process_batch_must_divide_the_global_batch():
   assert pipeline.per_process_batch_size(64, 4) == 16
-  with pytest.raises(ValueError, match='config.batch_size=30 must be a multiple'):
+  with pytest.raises(errors.ConfigError, match='config.batch_size=30 must be a multiple'):
     pipeline.per_process_batch_size(30, 4)
+  with pytest.raises(errors.ConfigError, match='config.eval.batch_size=6 must be a multiple'):
+    pipeline.per_process_batch_size(6, 4, 'config.eval.batch_size')
+
+
+@pytest.mark.parametrize('options, message', [
+    (dict(canvas_size=0), 'config.data.canvas_size=0: expected an integer >= 1'),
+    (dict(img_size=-1), 'config.data.img_size=-1'),
+    (dict(crop_size=72.0, img_size=80), 'config.data.crop_size=72.0: expected an integer'),
+    (dict(crop_size=300), 'config.data.crop_size=300 is larger than config.data.img_size=256'),
+    (dict(random_flip='yes'), "config.data.random_flip='yes': expected True or False"),
+    (dict(strict='no'), "config.data.strict='no'"),
+    (dict(eval_crop='bogus'), "config.data.eval_crop='bogus': expected one of"),
+    (dict(crop='bogus'), "config.data.crop='bogus': expected one of"),
+    (dict(crop_margin=float('nan')), 'config.data.crop_margin=nan: expected pixels >= 0'),
+    (dict(crop_margin=-5.0), 'config.data.crop_margin=-5.0'),
+])
+def test_image_options_refuse_careless_values_naming_the_field(options, message):
+  # A script or a notebook reaches the pipeline without main.py's start-up checks: each of
+  # these ran silently as something else, or failed later inside NumPy or grain.
+  with pytest.raises(errors.ConfigError, match=re.escape(message)):
+    pipeline.ImageOptions(**options)
+
+
+def test_counts_are_refused_naming_their_field(index):
+  source = sources.FolderSource(index, index.split_indices('train'))
+  dataset = pipeline.train_dataset(source, batch_size=4, seed=0, options=OPTIONS)
+  train = lambda **kwargs: pipeline.train_dataset(
+      source, **dict(dict(batch_size=4, seed=0, options=OPTIONS), **kwargs))
+  cases = [
+      (lambda: pipeline.iterate(dataset, processes=-1), 'config.data.processes=-1'),
+      (lambda: pipeline.iterate(dataset, processes='2'), "config.data.processes='2'"),
+      (lambda: pipeline.iterate(dataset, processes=True), 'config.data.processes=True'),
+      (lambda: pipeline.iterate(dataset, threads=0), 'config.data.threads=0'),
+      (lambda: pipeline.iterate(dataset, threads=1.5), 'config.data.threads=1.5'),
+      (lambda: train(seed=-1), 'config.seed=-1: expected an integer in [0, 4294967295]'),
+      (lambda: train(seed=2**70), f'config.seed={2**70}'),
+      (lambda: train(batch_size=0), 'config.batch_size (per process)=0'),
+      (lambda: train(batch_size=len(source) + 1),
+       f'the training split has only {len(source)} images'),
+      (lambda: pipeline.eval_dataset(source, batch_size=0, options=OPTIONS),
+       'config.eval.batch_size (per process)=0'),
+      (lambda: pipeline.per_process_batch_size(2.0, 1), 'config.batch_size=2.0'),
+  ]
+  for call, message in cases:
+    with pytest.raises(errors.ConfigError, match=re.escape(message)):
+      call()
 
 
 def _landmarks(xy=None, visibility=None) -> dict:

@@ -65,14 +65,14 @@ def _source(config, index, split: str, workdir: str):
   return sources.make_source(config.data, index, split, folder.tfds_dir(config.data, workdir))
 
 
-def _per_process(global_batch_size: int) -> int:
-  return pipeline.per_process_batch_size(global_batch_size, jax.process_count())
+def _per_process(global_batch_size: int, field: str) -> int:
+  return pipeline.per_process_batch_size(global_batch_size, jax.process_count(), field)
 
 
 def _eval_batches(config, index, workdir: str) -> EvalBatches:
   dataset = pipeline.eval_dataset(
       _source(config, index, config.eval.split, workdir),
-      batch_size=_per_process(config.eval.batch_size),
+      batch_size=_per_process(config.eval.batch_size, 'config.eval.batch_size'),
       options=pipeline.image_options(config.data), process_index=jax.process_index(),
       process_count=jax.process_count())
   return EvalBatches(dataset, config.data.threads)
@@ -83,7 +83,7 @@ def create_datasets(config, workdir: str) -> TrainingData:
   the evaluation batches of config.eval.split."""
   index = load_index(config, workdir)
   train = pipeline.train_dataset(
-      _source(config, index, 'train', workdir), batch_size=_per_process(config.batch_size),
+      _source(config, index, 'train', workdir), batch_size=_per_process(config.batch_size, 'config.batch_size'),
       seed=config.seed, options=pipeline.image_options(config.data),
       process_index=jax.process_index(), process_count=jax.process_count())
   return TrainingData(

@@ -37,6 +37,7 @@ A batch is a dict of NumPy arrays, B = the per-process batch size:
 
 import dataclasses
 import math
+import numbers
 from typing import NamedTuple
 
 from absl import flags
@@ -44,10 +45,33 @@ from absl import logging
 import grain
 import numpy as np
 
+from deepfashion_jax import errors
 from deepfashion_jax.data import transforms
 
 # Give up on a training example after this many unreadable files in a row.
 _MAX_CONSECUTIVE_BAD_FILES = 100
+# grain seeds NumPy's generators, which take seeds in [0, 2**32).
+_MAX_SEED = 2**32 - 1
+
+
+def _check_count(value, field: str, minimum: int = 1, maximum: int = None):
+  """Raises ConfigError naming the field unless the value is an int (not a bool, not a
+  float that happens to be whole) in [minimum, maximum].
+
+  The pipeline is a library too: a script or a notebook reaches it without main.py's
+  start-up checks, and a wrong count would otherwise fail inside grain or NumPy without
+  naming the field, or (a bool, a negative number of processes) run silently as another.
+  """
+  if (not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_))
+      or value < minimum or (maximum is not None and value > maximum)):
+    expected = f'an integer >= {minimum}' if maximum is None else (
+        f'an integer in [{minimum}, {maximum}]')
+    raise errors.ConfigError(f'{field}={value!r}: expected {expected}')
+
+
+def _check_flag(value, field: str):
+  if not isinstance(value, (bool, np.bool_)):
+    raise errors.ConfigError(f'{field}={value!r}: expected True or False')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +84,25 @@ class ImageOptions:
   crop: str = 'none'  # the window crops are drawn from: 'none' (the image) or 'gt_box'
   crop_margin: float = 10.0  # 'gt_box': pixels added to each side of the box
   strict: bool = False  # raise on an unreadable image instead of skipping it
+
+  def __post_init__(self):
+    """Each option is checked here, where the pipeline takes it, naming its config.data
+    field (the fields have the options' names)."""
+    for name in ('canvas_size', 'img_size', 'crop_size'):
+      _check_count(getattr(self, name), f'config.data.{name}')
+    if self.crop_size > self.img_size:
+      raise errors.ConfigError(f'config.data.crop_size={self.crop_size} is larger than '
+                               f'config.data.img_size={self.img_size}')
+    for name in ('random_flip', 'strict'):
+      _check_flag(getattr(self, name), f'config.data.{name}')
+    for name, choices in (('eval_crop', transforms.EVAL_CROPS), ('crop', transforms.CROPS)):
+      if getattr(self, name) not in choices:
+        raise errors.ConfigError(f'config.data.{name}={getattr(self, name)!r}: expected one '
+                                 f'of {choices}')
+    margin = self.crop_margin
+    if (not isinstance(margin, numbers.Real) or isinstance(margin, (bool, np.bool_))
+        or not 0 <= margin < math.inf):
+      raise errors.ConfigError(f'config.data.crop_margin={margin!r}: expected pixels >= 0')
 
 
 def image_options(data_config) -> ImageOptions:
@@ -218,11 +261,13 @@ class Collate:
                 skipped=stack('skipped', np.int32))
 
 
-def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
-  """Each process loads its share of the global batch; it must divide evenly."""
+def per_process_batch_size(global_batch_size: int, process_count: int,
+                           field: str = 'config.batch_size') -> int:
+  """Each process loads its share of the global batch (`field`); it must divide evenly."""
+  _check_count(global_batch_size, field)
   if global_batch_size % process_count:
-    raise ValueError(f'config.batch_size={global_batch_size} must be a multiple of the '
-                     f'number of processes ({process_count})')
+    raise errors.ConfigError(f'{field}={global_batch_size} must be a multiple of the number '
+                             f'of processes ({process_count})')
   return global_batch_size // process_count
 
 
@@ -251,9 +296,12 @@ def train_dataset(source, *, batch_size: int, seed: int, options: ImageOptions,
   exactly the batches one process would. batch_size is the per-process batch (the global
   batch / process count).
   """
+  _check_count(batch_size, 'config.batch_size (per process)')
+  _check_count(seed, 'config.seed', minimum=0, maximum=_MAX_SEED)
   if len(source) < batch_size * process_count:
-    raise ValueError(f'the training split has {len(source)} images, fewer than one batch of '
-                     f'{batch_size * process_count}')
+    raise errors.ConfigError(
+        f'config.batch_size={batch_size * process_count}: the training split has only '
+        f'{len(source)} images, fewer than one batch')
   examples = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   examples = examples.random_map(TrainExample(source, options), seed=seed)
   share = grain.MapDataset.range(len(examples) // process_count)
@@ -269,6 +317,7 @@ def eval_dataset(source, *, batch_size: int, options: ImageOptions, process_inde
   Every process gets the same number of batches (the most any shard needs), so that the
   processes step together; across processes every example is seen exactly once.
   """
+  _check_count(batch_size, 'config.eval.batch_size (per process)')
   positions = np.arange(len(source))[process_index::process_count]
   num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
   dataset = grain.MapDataset.range(num_batches * batch_size)
@@ -287,6 +336,9 @@ def iterate(dataset: grain.MapDataset, threads: int = 2, processes: int = 0,
   `processes` > 0 adds grain worker processes, each with `threads` threads, for hosts with
   many cores, where the Python work per image would otherwise contend for one GIL.
   """
+  _check_count(threads, 'config.data.threads')
+  _check_count(processes, 'config.data.processes', minimum=0)
+  _check_count(prefetch, 'prefetch')
   iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                            prefetch_buffer_size=prefetch))
   if processes > 0:
