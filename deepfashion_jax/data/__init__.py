@@ -83,8 +83,9 @@ def create_datasets(config, workdir: str) -> TrainingData:
   the evaluation batches of config.eval.split."""
   index = load_index(config, workdir)
   train = pipeline.train_dataset(
-      _source(config, index, 'train', workdir), batch_size=_per_process(config.batch_size, 'config.batch_size'),
-      seed=config.seed, options=pipeline.image_options(config.data),
+      _source(config, index, 'train', workdir),
+      batch_size=_per_process(config.batch_size, 'config.batch_size'), seed=config.seed,
+      options=pipeline.image_options(config.data),
       process_index=jax.process_index(), process_count=jax.process_count())
   return TrainingData(
       attributes=index.attribute_facts(),
