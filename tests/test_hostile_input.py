@@ -66,7 +66,7 @@ def fake_package(tmp_path, monkeypatch):
 
 def _run(package, capsys, tmp_path, *args):
   out = tmp_path / 'hostile.json'
-  status = hostile_input.main(['--timeout', '0.5', '--json', str(out), *args], package=package)
+  status = hostile_input.main(['--timeout', '0.2', '--json', str(out), *args], package=package)
   return status, json.loads(out.read_text()), capsys.readouterr().out
 
 
@@ -90,7 +90,7 @@ def test_an_unclean_try_is_named_and_fails_the_run(fake_package, capsys, tmp_pat
   assert surface['outcomes'][0]['traced_bytes'] >= 8 * 2**20
   assert surface['max_traced_bytes'] == surface['outcomes'][0]['traced_bytes']
   assert surface['outcomes'][1]['error'] == 'TypeError: a bare error'
-  assert surface['outcomes'][2]['error'] == 'TryTimedOut: still running after 0.5 s'
+  assert surface['outcomes'][2]['error'] == 'TryTimedOut: still running after 0.2 s'
   assert 'NOT CLEAN  unclean surface: an input that escapes as a TypeError: TypeError: a bare ' \
          'error\n' in printed
   assert 'its second line' not in printed

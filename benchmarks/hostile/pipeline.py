@@ -38,8 +38,9 @@ def _close(iterator):
     close()
 
 
-def _one_batch_each(folder: pathlib.Path, **fields):
+def _one_batch_each(folder: pathlib.Path, fields: dict = None):
   """The thunk: one training batch and one evaluation batch, as a run takes them."""
+  fields = fields or {}
   def thunk():
     training = data.create_datasets(_config(folder, fields), str(folder / 'workdir'))
     try:
@@ -59,23 +60,23 @@ def _per_process(global_batch_size, process_count):
 
 
 def tries(folder: pathlib.Path):
-  """Worker processes without parsed flags, then config values a careless caller gives,
-  each through the function a run calls."""
+  """Worker processes without parsed flags, then values a careless caller gives (most
+  wrong, a few unusual but right), each through the function a run calls."""
   yield 'processes=0, no absl flags parsed', _one_batch_each(folder)
-  yield 'processes=2, no absl flags parsed', _one_batch_each(folder, **{'data.processes': 2})
+  yield 'processes=2, no absl flags parsed', _one_batch_each(folder, {'data.processes': 2})
   yield 'processes=1 with threads=1', _one_batch_each(
-      folder, **{'data.processes': 1, 'data.threads': 1})
-  bad_values = [('data.processes', v) for v in (-1, 2.5, '2', None, True)]
-  bad_values += [('data.threads', v) for v in (0, -2, 1.5, '4')]
-  bad_values += [(name, v) for name in ('batch_size', 'eval.batch_size')
-                 for v in (0, -1, 2.0)]
-  bad_values += [('batch_size', 10_000), ('eval.batch_size', 64)]  # the split: 28 and 6
-  bad_values += [('seed', -1), ('seed', 2**70), ('seed', 'zero')]
-  bad_values += [('data.canvas_size', 0), ('data.canvas_size', -300), ('data.img_size', 0),
-                 ('data.crop_size', 0), ('data.crop_size', 500),
-                 ('data.crop_margin', float('nan')), ('data.crop_margin', -5.0),
-                 ('data.eval_crop', 'bogus'), ('data.crop', 'bogus'), ('data.crop', 'gt_box'),
-                 ('data.random_flip', 'yes'), ('data.strict', 'no')]
-  for name, value in bad_values:
-    yield f'config.{name}={value!r}', _one_batch_each(folder, **{name: value})
+      folder, {'data.processes': 1, 'data.threads': 1})
+  careless = [('data.processes', v) for v in (-1, 2.5, '2', None, True)]
+  careless += [('data.threads', v) for v in (0, -2, 1.5, '4')]
+  careless += [(name, v) for name in ('batch_size', 'eval.batch_size') for v in (0, -1, 2.0)]
+  # The training split holds 28 images (no batch of 10,000), evaluation 6 (one padded batch).
+  careless += [('batch_size', 10_000), ('eval.batch_size', 64)]
+  careless += [('seed', -1), ('seed', 2**70), ('seed', 'zero')]
+  careless += [('data.canvas_size', 0), ('data.canvas_size', -300), ('data.img_size', 0),
+               ('data.crop_size', 0), ('data.crop_size', 500),
+               ('data.crop_margin', float('nan')), ('data.crop_margin', -5.0),
+               ('data.eval_crop', 'bogus'), ('data.crop', 'bogus'), ('data.crop', 'gt_box'),
+               ('data.random_flip', 'yes'), ('data.strict', 'no')]
+  for name, value in careless:
+    yield f'config.{name}={value!r}', _one_batch_each(folder, {name: value})
   yield 'config.batch_size=6 over 4 processes', _per_process(6, 4)
