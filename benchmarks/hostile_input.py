@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import tracemalloc
 from typing import Callable
 
@@ -45,17 +46,19 @@ from absl import logging as absl_logging
 from deepfashion_jax import errors
 
 PACKAGE = 'benchmarks.hostile'
+_REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
 OUTCOMES = ('accepted', 'refused cleanly', 'not clean')
 
 
 @dataclasses.dataclass
 class Outcome:
   """One try: its input, how it came out, its traced memory and (when not accepted) its error,
-  as `Type: first line of the message`."""
+  as `Type: first line of the message`, and where it was raised (file:line, function)."""
   input: str
   outcome: str  # one of OUTCOMES
   traced_bytes: int
   error: str = ''
+  raised_at: str = ''
 
 
 @dataclasses.dataclass
@@ -101,6 +104,18 @@ def _first_line(error: BaseException) -> str:
   return f'{type(error).__name__}: {lines[0][:300] if lines else ""}'
 
 
+def _raised_at(error: BaseException) -> str:
+  """The innermost frame of the error's traceback, relative to the repository."""
+  frames = traceback.extract_tb(error.__traceback__)
+  if not frames:
+    return ''
+  frame = frames[-1]
+  path = pathlib.Path(frame.filename)
+  if path.is_relative_to(_REPOSITORY):
+    path = path.relative_to(_REPOSITORY)
+  return f'{path}:{frame.lineno} in {frame.name}'
+
+
 def _alarm(seconds: float):
   """Raises TryTimedOut in this thread after `seconds` (where signals allow: the main thread
   of a Unix process); returns the function that cancels it."""
@@ -127,18 +142,18 @@ def run_try(description: str, thunk: Callable[[], object], timeout: float = 60.0
   cancel = _alarm(timeout)
   try:
     thunk()
-    outcome, error = 'accepted', ''
+    outcome, error, raised_at = 'accepted', '', ''
   except KeyboardInterrupt:
     raise
   except errors.DeepFashionError as e:
     outcome = 'not clean' if _timed_out(e) else 'refused cleanly'
-    error = _first_line(e)
+    error, raised_at = _first_line(e), _raised_at(e)
   except BaseException as e:  # pylint: disable=broad-except  # SystemExit too: not clean
-    outcome, error = 'not clean', _first_line(e)
+    outcome, error, raised_at = 'not clean', _first_line(e), _raised_at(e)
   finally:
     cancel()
   traced = max(0, tracemalloc.get_traced_memory()[1] - before)
-  return Outcome(description, outcome, traced, error)
+  return Outcome(description, outcome, traced, error, raised_at)
 
 
 def run_surface(module, timeout: float = 60.0) -> SurfaceResult:
@@ -252,7 +267,8 @@ def main(argv=None, package: str = PACKAGE) -> int:
     results.append(result)
     for o in result.outcomes:
       if o.outcome == 'not clean':
-        print(f'NOT CLEAN  {result.surface}: {o.input}: {o.error}')
+        print(f'NOT CLEAN  {result.surface}: {o.input}: {o.error}'
+              + (f' (raised at {o.raised_at})' if o.raised_at else ''))
   print(table(results))
   clean = all(r.count('not clean') == 0 for r in results)
   if args.json:

@@ -4,6 +4,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -91,8 +92,9 @@ def test_an_unclean_try_is_named_and_fails_the_run(fake_package, capsys, tmp_pat
   assert surface['max_traced_bytes'] == surface['outcomes'][0]['traced_bytes']
   assert surface['outcomes'][1]['error'] == 'TypeError: a bare error'
   assert surface['outcomes'][2]['error'] == 'TryTimedOut: still running after 0.2 s'
-  assert 'NOT CLEAN  unclean surface: an input that escapes as a TypeError: TypeError: a bare ' \
-         'error\n' in printed
+  assert re.search(r'/unclean.py:\d+ in _bare_error$', surface['outcomes'][1]['raised_at'])
+  assert ('NOT CLEAN  unclean surface: an input that escapes as a TypeError: TypeError: a bare '
+          'error (raised at ') in printed
   assert 'its second line' not in printed
   assert '| unclean surface | 3 | 1 | 0 | 2 |' in printed
 
