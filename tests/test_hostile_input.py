@@ -4,6 +4,7 @@ import importlib
 import inspect
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def test_every_surface_module_gives_the_interface():
   for name in names:
     module = importlib.import_module(f'benchmarks.hostile.{name}')
     assert isinstance(module.SURFACE, str) and module.SURFACE, name
-    assert list(inspect.signature(module.tries).parameters) == ['folder'], name
+    inspect.signature(module.tries).bind(pathlib.Path('folder'))  # the driver's one argument
     surfaces.append(module.SURFACE)
   assert len(set(surfaces)) == len(surfaces)  # one table row each
 
