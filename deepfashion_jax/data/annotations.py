@@ -549,7 +549,8 @@ def _read_attr_img(root: str, num_attributes: int):
     unknown = np.zeros((count, num_attributes), bool)
     paths, path_lines, odd_paths, rows, next_line, carry = [], [], [], 0, 3, b''
     while True:
-      block = f.read(_ATTR_CHUNK_BYTES)
+      # No bigger than what is left: read(n) allocates n bytes first, 32 MB for a small file.
+      block = f.read(max(min(_ATTR_CHUNK_BYTES, os.fstat(f.fileno()).st_size - f.tell()), 1))
       chunk = carry + block
       cut = chunk.rfind(b'\n') + 1 if block else len(chunk)
       chunk, carry = chunk[:cut], chunk[cut:]
