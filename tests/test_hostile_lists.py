@@ -81,3 +81,15 @@ def test_each_named_hostile_case_is_clean(folder, mutation):
   """The benchmark's named cases: unsafe paths (accepted without their rows), numbers
   too large for their arrays, impossible header counts, non-UTF-8 bytes, 10 MB tokens."""
   _check_one(folder, mutation, strict=False)
+
+
+path_texts = st.text(alphabet=st.sampled_from(['a', 'b', '/', '.', '\x00', '\x1f', '\x85',
+                                               '\u00e9', ' ']), max_size=12)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(paths=st.lists(st.one_of(path_texts, st.sampled_from(
+    ['img/a.jpg', 'a' * 256, 'img/' + 'a' * 1021, '\u00e9' * 128])), max_size=4))
+def test_the_whole_list_check_agrees_with_path_problem(paths):
+  """The parser checks a list's paths at once (`_path_problems`) when they are plain."""
+  assert annotations._path_problems(paths) == [annotations.path_problem(p) for p in paths]  # pylint: disable=protected-access

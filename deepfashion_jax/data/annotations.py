@@ -235,6 +235,23 @@ def path_problem(path: str) -> Optional[str]:
   return None
 
 
+# Characters that `path_problem` refuses (but the line break `_path_problems` joins with).
+_CONTROL_CHARACTER_BUT_LINE_BREAK = re.compile('[\x00-\x09\x0b-\x1f\x7f-\x9f]')
+# Where a path could start with, end with or hold a '/', an empty part, '.' or '..'.
+_SUSPECT_SUBSTRINGS = ('//', '/.', '\n/', '\n.', '/\n', '\n\n')
+
+
+def _path_problems(paths: list) -> list:
+  """`path_problem` of each path; at once for a list of short, plain ASCII paths (the
+  real lists), since one call per path would add seconds to the real lists' parse."""
+  text = '\n'.join(paths)
+  plain = (text and text.isascii() and max(map(len, paths), default=0) <= MAX_PATH_PART_BYTES
+           and not text.startswith(('/', '.', '\n')) and not text.endswith(('/', '\n'))
+           and not any(suspect in text for suspect in _SUSPECT_SUBSTRINGS)
+           and not _CONTROL_CHARACTER_BUT_LINE_BREAK.search(text))
+  return [None] * len(paths) if plain else [path_problem(p) for p in paths]
+
+
 @dataclasses.dataclass
 class _Table:
   """A list file's header count, column names and data rows with their line numbers."""
@@ -301,16 +318,26 @@ def _read_table(path: str, min_columns: int, max_columns: Optional[int] = None,
                   else f'{min_columns} to {max_columns}')
       raise AnnotationError(f'{path}, line {number}: expected {expected} columns, '
                             f'found {len(tokens)}')
-    problem = path_problem(tokens[0]) if paths else None
-    if problem:
-      table.odd_paths.append((number, problem))
-      continue
     table.line_numbers.append(number)
     table.rows.append(tokens)
+  if paths:
+    _leave_out_odd_paths(table)
   found = len(table.rows) + len(table.odd_paths)
   if found != count:
     raise AnnotationError(f'{path}: line 1 says {count} rows, found {found}')
   return table
+
+
+def _leave_out_odd_paths(table: _Table):
+  """Moves the rows whose path (first column) has a `path_problem` to `table.odd_paths`."""
+  problems = _path_problems([row[0] for row in table.rows])
+  if not any(problems):
+    return
+  table.odd_paths = [(line, problem) for line, problem in zip(table.line_numbers, problems)
+                     if problem]
+  table.line_numbers = [line for line, problem in zip(table.line_numbers, problems)
+                        if not problem]
+  table.rows = [row for row, problem in zip(table.rows, problems) if not problem]
 
 
 def _int64(values) -> Optional[np.ndarray]:
@@ -561,7 +588,7 @@ def _read_attr_img(root: str, num_attributes: int):
       chunk_paths, lines, values = _parse_attr_chunk(path, chunk, next_line, num_attributes)
       if rows + len(odd_paths) + len(values) > count:
         raise AnnotationError(f'{path}: line 1 says {count} rows, found more')
-      problems = [path_problem(p) for p in chunk_paths]
+      problems = _path_problems(chunk_paths)
       keep = np.array([problem is None for problem in problems], bool)
       odd_paths += [(line, problem) for line, problem in zip(lines.tolist(), problems) if problem]
       values = values[keep]
