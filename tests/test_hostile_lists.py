@@ -92,4 +92,5 @@ path_texts = st.text(alphabet=st.sampled_from(['a', 'b', '/', '.', '\x00', '\x1f
     ['img/a.jpg', 'a' * 256, 'img/' + 'a' * 1021, '\u00e9' * 128])), max_size=4))
 def test_the_whole_list_check_agrees_with_path_problem(paths):
   """The parser checks a list's paths at once (`_path_problems`) when they are plain."""
-  assert annotations._path_problems(paths) == [annotations.path_problem(p) for p in paths]  # pylint: disable=protected-access
+  at_once = annotations._path_problems(paths)  # pylint: disable=protected-access
+  assert at_once == [annotations.path_problem(p) for p in paths]

@@ -14,11 +14,13 @@ found. Numbers are range-checked as int64 before they are narrowed, so that none
 An image path that could lead outside the image folder (absolute, with a '..' part, a
 control character, longer than `MAX_PATH_BYTES`) makes its row odd: it is left out of the
 index at parse time, so that no image is ever opened by it, and `check_paths` reports it
-as `check_geometry` reports odd boxes. Geometry that is merely odd (a box that is empty or has a negative
-corner, a landmark at a negative coordinate) is data, as a bad JPEG is: one row of 289,222
-must not refuse the dataset. `check_geometry` counts such rows, warns once naming the
-first lines, and refuses them only when asked to be strict (config.data.strict); the
-pipeline clips boxes to their image and masks the box loss of an image left without one.
+as `check_geometry` reports odd boxes.
+
+Geometry that is merely odd (a box that is empty or has a negative corner, a landmark at a
+negative coordinate) is data, as a bad JPEG is: one row of 289,222 must not refuse the
+dataset. `check_geometry` counts such rows, warns once naming the first lines, and refuses
+them only when asked to be strict (config.data.strict); the pipeline clips boxes to their
+image and masks the box loss of an image left without one.
 
 Parsing is slow enough (tens of seconds on the real files) that `load_deepfashion` caches
 the index as an `.npz` keyed by the lists' sizes and modification times.
