@@ -663,6 +663,25 @@ def test_names_longer_than_the_bound_are_refused(lists, name):
   assert peak < 32 << 20
 
 
+@pytest.mark.parametrize('name, message', [
+    (annotations.CATEGORY_CLOTH, 'list_category_cloth.txt: expected at least one category'),
+    (annotations.ATTR_CLOTH, 'list_attr_cloth.txt: expected at least one attribute'),
+    (annotations.CATEGORY_IMG, 'list_category_img.txt: expected at least one image'),
+])
+def test_lists_without_rows_are_refused(lists, name, message):
+  """Before, a folder whose lists had no rows loaded, and its summary (`--mode=describe`)
+  raised a bare ValueError (the minimum over no categories) or printed nan."""
+  root = lists[0]
+  for emptied in PATH_LISTS + (name,):
+    path = os.path.join(root, emptied)
+    with open(path) as f:
+      column_names = f.read().splitlines()[1]
+    with open(path, 'w') as f:
+      f.write(f'0\n{column_names}\n')
+  with pytest.raises(annotations.AnnotationError, match=message):
+    annotations.read_deepfashion(root).summary()
+
+
 def test_a_landmark_row_without_triples_is_read(lists):
   root = lists[0]
   _edit_line(root, annotations.LANDMARKS, 5, lambda line: ' '.join(line.split()[:2]))

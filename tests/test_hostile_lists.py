@@ -19,8 +19,10 @@ from deepfashion_jax import errors
 from deepfashion_jax.data import annotations
 
 # Traced memory a load may take: this multiple of the lists' bytes, plus a constant for
-# the parser's own tables (a valid load of the 12-image folder peaks near 0.5 MB).
-MEMORY_PER_LIST_BYTE = 8
+# the parser's own tables (a valid load of the 12-image folder peaks near 0.5 MB). The
+# vectorised reader of list_attr_img.txt holds about a dozen arrays of a byte per byte of
+# its chunk (at most 32 MB): 1 MB inserted there peaks near 14 MB.
+MEMORY_PER_LIST_BYTE = 16
 MEMORY_CONSTANT = 4 << 20
 
 numbers = st.integers(-2**70, 2**70).map(lambda n: str(n).encode())

@@ -46,7 +46,7 @@ HOSTILE_PATHS = (
 HEADER_COUNTS = (b'1099511627776', b'-1', b'18446744073709551616', b'9' * 5000, b'many', b'',
                  b'0', b'\xff')
 MUTATIONS = ('drop_line', 'duplicate_line', 'replace_field', 'header_count', 'flip_byte',
-             'truncate', 'insert_bytes', 'plant_path')
+             'truncate', 'insert_bytes', 'plant_path', 'empty_lists')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,9 @@ class Mutation:
   """One change to one list of a valid folder; numbers wrap around the file's lines,
   fields and bytes, so any drawn value names a place in it."""
   kind: str  # one of MUTATIONS
-  file_name: str  # one of annotations.ALL_FILES ('plant_path': every list of PATH_LISTS)
+  # One of annotations.ALL_FILES; 'plant_path' changes every list of PATH_LISTS instead,
+  # 'empty_lists' empties them and this one.
+  file_name: str
   line: int = 0  # 0-based line
   field: int = 0  # whitespace-separated field of the line
   value: bytes = b''
@@ -67,7 +69,8 @@ class Mutation:
              'header_count': f'line 1 = {value!r}', 'flip_byte': f'byte {self.position} ^ '
              f'{self.field & 0xff:#04x}', 'truncate': f'cut at byte {self.position}',
              'insert_bytes': f'{value!r} at byte {self.position}',
-             'plant_path': f'path {value!r} on line {self.line + 1} of every list'}[self.kind]
+             'plant_path': f'path {value!r} on line {self.line + 1} of every list',
+             'empty_lists': 'no rows in the image lists'}[self.kind]
     file_name = 'every list' if self.kind == 'plant_path' else self.file_name
     return f'{self.kind} in {file_name}: {where}'
 
@@ -91,6 +94,8 @@ def mutated(data: bytes, mutation: Mutation) -> bytes:
     field = 0 if mutation.kind == 'plant_path' else mutation.field % len(tokens)
     tokens[field] = mutation.value
     return b'\n'.join(lines[:line] + [b' '.join(tokens)] + lines[line + 1:])
+  if mutation.kind == 'empty_lists':
+    return b'0\n' + lines[1] + b'\n'
   if mutation.kind == 'header_count':
     return b'\n'.join([mutation.value] + lines[1:])
   position = mutation.position % (len(data) + 1)
@@ -133,7 +138,8 @@ def apply(root: str, valid: dict, mutation: Mutation):
   """Restores the valid lists in `root`, then applies `mutation`."""
   for name, data in valid.items():
     pathlib.Path(root, name).write_bytes(data)
-  names = PATH_LISTS if mutation.kind == 'plant_path' else (mutation.file_name,)
+  names = {'plant_path': PATH_LISTS, 'empty_lists': PATH_LISTS + (mutation.file_name,)}.get(
+      mutation.kind, (mutation.file_name,))
   for name in names:
     pathlib.Path(root, name).write_bytes(mutated(valid[name], mutation))
 
@@ -194,6 +200,8 @@ def named_mutations() -> list:
     named.append(Mutation('replace_field', name, line=5, field=0, value=b'y' * (10 << 20)))
   named.append(Mutation('plant_path', annotations.CATEGORY_IMG, line=6,
                         value=b'img/' + b'q' * (10 << 20)))
+  named += [Mutation('empty_lists', name) for name in
+            (annotations.CATEGORY_IMG, annotations.CATEGORY_CLOTH, annotations.ATTR_CLOTH)]
   return named
 
 

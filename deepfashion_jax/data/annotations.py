@@ -397,8 +397,18 @@ def _names(table: _Table, names: list, what: str) -> np.ndarray:
   return np.array(names, dtype=str)
 
 
+def _check_not_empty(table: _Table, what: str):
+  """A vocabulary or an image list without a row describes no dataset (and the summary's
+  and the model's sizes would be 0)."""
+  if not table.rows:
+    left_out = (f' ({len(table.odd_paths)} rows left out for their image path)'
+                if table.odd_paths else '')
+    raise AnnotationError(f'{table.path}: expected at least one {what}, found none{left_out}')
+
+
 def read_category_cloth(root: str):
   table = _read_table(os.path.join(root, CATEGORY_CLOTH), 2, paths=False)
+  _check_not_empty(table, 'category')
   names = _names(table, [row[0] for row in table.rows], 'a category name')
   types = _int_column(table, [row[1] for row in table.rows], 'category type', 1, 3) - 1
   return names, types.astype(np.int8)
@@ -407,6 +417,7 @@ def read_category_cloth(root: str):
 def read_attr_cloth(root: str):
   """Attribute names contain spaces ('abstract chevron print'): the type is the last token."""
   table = _read_table(os.path.join(root, ATTR_CLOTH), 2, 64, paths=False)
+  _check_not_empty(table, 'attribute')
   names = _names(table, [' '.join(row[:-1]) for row in table.rows], 'an attribute name')
   num_types = len(vocabulary.ATTRIBUTE_TYPE_NAMES)
   types = _int_column(table, [row[-1] for row in table.rows], 'attribute type', 1, num_types) - 1
@@ -415,6 +426,7 @@ def read_attr_cloth(root: str):
 
 def _read_category_img(root: str, num_categories: int):
   table = _read_table(os.path.join(root, CATEGORY_IMG), 2)
+  _check_not_empty(table, 'image')
   paths = np.array([row[0] for row in table.rows], dtype=str)
   labels = _int_column(table, [row[1] for row in table.rows], 'category label', 1,
                        num_categories) - 1
