@@ -687,3 +687,17 @@ def test_a_landmark_row_without_triples_is_read(lists):
   _edit_line(root, annotations.LANDMARKS, 5, lambda line: ' '.join(line.split()[:2]))
   index = annotations.read_deepfashion(root)
   assert (index.landmark_visibility[2] == -1).all() and (index.landmark_xy[2] == 0).all()
+
+
+def test_many_unsafe_paths_are_counted_and_the_first_five_named(lists, monkeypatch):
+  root = lists[0]
+  for line in range(3, 11):
+    _plant_path(root, line, f'/abs/{line}.jpg')
+  warnings = _warnings(monkeypatch, annotations.BBOX)
+  index = annotations.read_deepfashion(root)
+  assert len(index) == NUM_IMAGES - 8
+  (warning,) = warnings()
+  assert ("8 rows left out for their image path (line 3: '/abs/3.jpg', an absolute path; "
+          "line 4: '/abs/4.jpg', an absolute path; line 5:") in warning
+  assert "line 7: '/abs/7.jpg', an absolute path; 3 more)" in warning
+  assert 'unsafe image path: 40 (list_category_img.txt 8, ' in index.summary()

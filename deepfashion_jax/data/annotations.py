@@ -237,21 +237,37 @@ def path_problem(path: str) -> Optional[str]:
   return None
 
 
-# Characters that `path_problem` refuses (but the line break `_path_problems` joins with).
+# Characters that `path_problem` refuses (but the line break `_odd_paths` joins with).
 _CONTROL_CHARACTER_BUT_LINE_BREAK = re.compile('[\x00-\x09\x0b-\x1f\x7f-\x9f]')
 # Where a path could start with, end with or hold a '/', an empty part, '.' or '..'.
 _SUSPECT_SUBSTRINGS = ('//', '/.', '\n/', '\n.', '/\n', '\n\n')
 
 
-def _path_problems(paths: list) -> list:
-  """`path_problem` of each path; at once for a list of short, plain ASCII paths (the
-  real lists), since one call per path would add seconds to the real lists' parse."""
+def _odd_paths(paths: list) -> np.ndarray:
+  """(N,) bool: the paths that have a `path_problem`. At once for a list of short, plain
+  ASCII paths (the real lists): one call per path would add seconds to their parse."""
   text = '\n'.join(paths)
   plain = (text and text.isascii() and max(map(len, paths), default=0) <= MAX_PATH_PART_BYTES
            and not text.startswith(('/', '.', '\n')) and not text.endswith(('/', '\n'))
            and not any(suspect in text for suspect in _SUSPECT_SUBSTRINGS)
            and not _CONTROL_CHARACTER_BUT_LINE_BREAK.search(text))
-  return [None] * len(paths) if plain else [path_problem(p) for p in paths]
+  if plain:
+    return np.zeros(len(paths), bool)
+  return np.array([path_problem(p) is not None for p in paths], bool)
+
+
+@dataclasses.dataclass
+class _OddPaths:
+  """The rows of a list left out for their path: how many, and the first few by line (all
+  of them could take many times the list's size)."""
+  count: int = 0
+  first: list = dataclasses.field(default_factory=list)  # (line, problem)
+
+  def add(self, lines, paths):
+    """Counts the rows at `lines` whose `paths` are odd."""
+    self.count += len(paths)
+    for line, path in zip(lines[:_ODD_ROWS_SHOWN - len(self.first)], paths):
+      self.first.append((int(line), path_problem(path)))
 
 
 @dataclasses.dataclass
@@ -262,7 +278,7 @@ class _Table:
   columns: list
   line_numbers: list  # 1-based line number of each row
   rows: list  # each row's whitespace-separated tokens
-  odd_paths: list = dataclasses.field(default_factory=list)  # (line, problem) of rows left out
+  odd_paths: _OddPaths = dataclasses.field(default_factory=_OddPaths)  # rows left out
 
   def where(self, i: int) -> str:
     return f'{self.path}, line {self.line_numbers[i]}'
@@ -289,8 +305,9 @@ def _read_header(path: str, lines: list, data_bytes: int, min_row_bytes: int) ->
   most = (data_bytes + 1) // min_row_bytes  # + 1: the last row may lack its line break
   count = int(text) if len(text) <= 20 else None  # int() refuses over 4,300 digits
   if count is None or count > most:
-    raise AnnotationError(f'{path}, line 1: says {_quote(text[:60])[1:-1]} rows, but its '
-                          f'{data_bytes:,} bytes of rows hold at most {most:,}')
+    shown = text if len(text) <= 60 else f'{text[:60]}... ({len(text):,} digits)'
+    raise AnnotationError(f'{path}, line 1: says {shown} rows, but its {data_bytes:,} bytes '
+                          f'of rows hold at most {most:,}')
   if not lines[1].split():
     raise AnnotationError(f'{path}, line 2: expected column names, found an empty line')
   return count
@@ -324,22 +341,22 @@ def _read_table(path: str, min_columns: int, max_columns: Optional[int] = None,
     table.rows.append(tokens)
   if paths:
     _leave_out_odd_paths(table)
-  found = len(table.rows) + len(table.odd_paths)
+  found = len(table.rows) + table.odd_paths.count
   if found != count:
     raise AnnotationError(f'{path}: line 1 says {count} rows, found {found}')
   return table
 
 
 def _leave_out_odd_paths(table: _Table):
-  """Moves the rows whose path (first column) has a `path_problem` to `table.odd_paths`."""
-  problems = _path_problems([row[0] for row in table.rows])
-  if not any(problems):
+  """Leaves out the rows whose path (first column) has a `path_problem`, counting them in
+  `table.odd_paths`."""
+  odd = _odd_paths([row[0] for row in table.rows])
+  if not odd.any():
     return
-  table.odd_paths = [(line, problem) for line, problem in zip(table.line_numbers, problems)
-                     if problem]
-  table.line_numbers = [line for line, problem in zip(table.line_numbers, problems)
-                        if not problem]
-  table.rows = [row for row, problem in zip(table.rows, problems) if not problem]
+  rows = np.flatnonzero(odd).tolist()
+  table.odd_paths.add([table.line_numbers[i] for i in rows], [table.rows[i][0] for i in rows])
+  table.line_numbers = [line for line, o in zip(table.line_numbers, odd.tolist()) if not o]
+  table.rows = [row for row, o in zip(table.rows, odd.tolist()) if not o]
 
 
 def _int64(values) -> Optional[np.ndarray]:
@@ -401,8 +418,8 @@ def _check_not_empty(table: _Table, what: str):
   """A vocabulary or an image list without a row describes no dataset (and the summary's
   and the model's sizes would be 0)."""
   if not table.rows:
-    left_out = (f' ({len(table.odd_paths)} rows left out for their image path)'
-                if table.odd_paths else '')
+    left_out = (f' ({table.odd_paths.count} rows left out for their image path)'
+                if table.odd_paths.count else '')
     raise AnnotationError(f'{table.path}: expected at least one {what}, found none{left_out}')
 
 
@@ -575,8 +592,8 @@ def _parse_attr_chunk(path: str, chunk: bytes, first_line: int, num_attributes: 
 def _read_attr_img(root: str, num_attributes: int):
   """Reads list_attr_img.txt in 32 MB chunks of whole lines into two (N, A) bool arrays.
 
-  Returns the rows' paths, their line numbers, the two arrays, and the (line, problem) of
-  each row left out for a `path_problem`.
+  Returns the rows' paths, their line numbers, the two arrays, and the `_OddPaths` of the
+  rows left out for a `path_problem`.
   """
   path = os.path.join(root, ATTR_IMG)
   _check_exists(path)
@@ -588,7 +605,7 @@ def _read_attr_img(root: str, num_attributes: int):
     count = _read_header(path, header_text, data_bytes, 2 * num_attributes + 2)
     positive = np.zeros((count, num_attributes), bool)
     unknown = np.zeros((count, num_attributes), bool)
-    paths, path_lines, odd_paths, rows, next_line, carry = [], [], [], 0, 3, b''
+    paths, path_lines, odd_paths, rows, next_line, carry = [], [], _OddPaths(), 0, 3, b''
     while True:
       # No bigger than what is left: read(n) allocates n bytes first, 32 MB for a small file.
       block = f.read(max(min(_ATTR_CHUNK_BYTES, os.fstat(f.fileno()).st_size - f.tell()), 1))
@@ -600,20 +617,19 @@ def _read_attr_img(root: str, num_attributes: int):
       if not chunk.endswith(b'\n'):
         chunk += b'\n'
       chunk_paths, lines, values = _parse_attr_chunk(path, chunk, next_line, num_attributes)
-      if rows + len(odd_paths) + len(values) > count:
+      if rows + odd_paths.count + len(values) > count:
         raise AnnotationError(f'{path}: line 1 says {count} rows, found more')
-      problems = _path_problems(chunk_paths)
-      keep = np.array([problem is None for problem in problems], bool)
-      odd_paths += [(line, problem) for line, problem in zip(lines.tolist(), problems) if problem]
-      values = values[keep]
+      odd = _odd_paths(chunk_paths)
+      odd_paths.add(lines[odd], [p for p, o in zip(chunk_paths, odd.tolist()) if o])
+      values = values[~odd]
       positive[rows:rows + len(values)] = values == 1
       unknown[rows:rows + len(values)] = values == 0
-      paths += [p for p, problem in zip(chunk_paths, problems) if problem is None]
-      path_lines.append(lines[keep])
+      paths += [p for p, o in zip(chunk_paths, odd.tolist()) if not o]
+      path_lines.append(lines[~odd])
       rows += len(values)
       next_line += chunk.count(b'\n')
-  if rows + len(odd_paths) != count:
-    raise AnnotationError(f'{path}: line 1 says {count} rows, found {rows + len(odd_paths)}')
+  if rows + odd_paths.count != count:
+    raise AnnotationError(f'{path}: line 1 says {count} rows, found {rows + odd_paths.count}')
   lines = np.concatenate(path_lines) if path_lines else np.zeros(0, np.int64)
   return np.array(paths, dtype=str), lines, positive[:rows], unknown[:rows], odd_paths
 
@@ -652,8 +668,9 @@ def _aligned(array, order):
 
 
 def read_deepfashion(root: str, strict: bool = False) -> DeepFashionIndex:
-  """Parses the lists of a DeepFashion folder (no cache) and checks their geometry
-  (`check_geometry`); see `load_deepfashion`."""
+  """Parses the lists of a DeepFashion folder (no cache), reports the rows left out for
+  their image path (`check_paths`) and checks their geometry (`check_geometry`); see
+  `load_deepfashion`."""
   index = _parse_lists(root)
   check_paths(index, strict)
   check_geometry(index, strict)
@@ -696,8 +713,8 @@ def _parse_lists(root: str) -> DeepFashionIndex:
                   landmark_visibility=_aligned(visibility, order),
                   landmark_xy=_aligned(xy, order))
     odd_paths[LANDMARKS] = table.odd_paths
-  fields['odd_paths'] = tuple(
-      (name, len(rows), tuple(rows[:_ODD_ROWS_SHOWN])) for name, rows in odd_paths.items() if rows)
+  fields['odd_paths'] = tuple((name, odd.count, tuple(odd.first))
+                              for name, odd in odd_paths.items() if odd.count)
   return _drop_known_unreadable(DeepFashionIndex(**fields))
 
 
