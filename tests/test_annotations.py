@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import tracemalloc
 
 from absl import logging
 import numpy as np
@@ -426,3 +427,277 @@ def test_baseline_split_is_disjoint_90_5_5_and_fixed(lists):
   assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
   with pytest.raises(ValueError, match='partition must be one of'):
     annotations.load_deepfashion(root, partition='random')
+
+
+# ----------------------------------------------------------------------------- hostile lists
+
+# Every list whose first column is an image path.
+PATH_LISTS = (annotations.CATEGORY_IMG, annotations.ATTR_IMG, annotations.BBOX,
+              annotations.PARTITION, annotations.LANDMARKS)
+
+
+def _plant_path(root, line, path):
+  """Lists `path` instead of the image on `line` of every list (they share one order)."""
+  for name in PATH_LISTS:
+    _edit_line(root, name, line, _replace_token(0, path))
+
+
+def _traced_peak(function):
+  """What `function` returns (or raises) and the peak of the memory traced meanwhile."""
+  tracemalloc.start()
+  try:
+    return _outcome(function), tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+
+
+def _outcome(function):
+  try:
+    return function()
+  except annotations.AnnotationError as e:
+    return e
+
+
+@pytest.mark.parametrize('path, problem', [
+    ('../../../../etc/passwd', "'../../../../etc/passwd', whose \"..\" leads out of the image "
+                               'folder'),
+    ('img/../../secret.jpg', 'leads out of the image folder'),
+    ('/etc/passwd', "'/etc/passwd', an absolute path"),
+    ('/dev/zero', "'/dev/zero', an absolute path"),
+    ('img/a\x00b.jpg', "the control character '\\x00' in 'img/a\\x00b.jpg'"),
+    ('img/a\x1bb.jpg', "the control character '\\x1b'"),
+    ('.', "'.', the image folder itself"),
+    ('img/' + 'a' * 2000 + '.jpg', 'a path of 2,008 bytes (at most 1,024)'),
+    ('img/' + 'a' * 300 + '.jpg', 'a part of which is longer than 255 bytes'),
+])
+def test_unsafe_image_paths_are_odd_rows_left_out_named_and_counted(lists, monkeypatch, path,
+                                                                    problem):
+  root, contents, _, _ = lists
+  _plant_path(root, 5, path)
+  warnings = _warnings(monkeypatch, '.txt')
+  index = annotations.read_deepfashion(root)
+  assert len(index) == NUM_IMAGES - 1
+  assert index.image_paths.tolist() == contents.image_paths[:2] + contents.image_paths[3:]
+  np.testing.assert_array_equal(index.bbox, np.delete(contents.bbox, 2, axis=0))
+  np.testing.assert_array_equal(index.attribute_positive,
+                                np.delete(contents.attribute_values, 2, axis=0) == 1)
+  assert len(warnings()) == len(PATH_LISTS)  # one per list, each naming the line
+  for name in PATH_LISTS:
+    (warning,) = [w for w in warnings() if os.path.join(root, name) in w]
+    assert '1 rows left out for their image path (line 5: ' in warning and problem in warning
+    assert len(warning) < 1000
+  assert ('rows left out for an unsafe image path: 5 (list_category_img.txt 1, '
+          'list_attr_img.txt 1, list_bbox.txt 1, list_eval_partition.txt 1, '
+          'list_landmarks.txt 1; never opened)') in index.summary()
+
+
+def test_safe_paths_are_not_odd():
+  for path in ('img/Sheer_Pleated-Front_Blouse/img_00000001.jpg', 'img/./a.jpg', 'img//a.jpg',
+               'a', 'img/caf\u00e9.jpg', 'img/' + 'a' * 250 + '/' + 'b' * 250 + '.jpg'):
+    assert annotations.path_problem(path) is None, path
+  assert annotations.path_problem('img/' + '\u00e9' * 511) == 'a path of 1,026 bytes (at most ' \
+                                                             '1,024)'  # bytes, not characters
+
+
+def test_strict_refuses_unsafe_image_paths_parsed_or_cached(lists, tmp_path, monkeypatch):
+  root = lists[0]
+  _plant_path(root, 4, '../../../../etc/passwd')
+  _plant_path(root, 9, '/dev/zero')
+  refusal = (f'{os.path.join(root, annotations.CATEGORY_IMG)}, line 4: expected a relative '
+             "image path inside the image folder, found '../../../../etc/passwd', whose \"..\" "
+             'leads out of the image folder (2 such rows; config.data.strict refuses them')
+  with pytest.raises(annotations.AnnotationError) as error:
+    annotations.read_deepfashion(root, strict=True)
+  assert refusal in str(error.value)
+  cache_dir = str(tmp_path / 'cache')
+  assert len(annotations.load_deepfashion(root, cache_dir)) == NUM_IMAGES - 2
+
+  def no_parsing(_):
+    raise AssertionError('parsed although the cache is valid')
+  monkeypatch.setattr(annotations, '_parse_lists', no_parsing)
+  cached = annotations.load_deepfashion(root, cache_dir)
+  assert len(cached) == NUM_IMAGES - 2 and '/dev/zero' not in cached.image_paths.tolist()
+  assert 'unsafe image path: 10 (' in cached.summary()
+  with pytest.raises(annotations.AnnotationError) as error:
+    annotations.load_deepfashion(root, cache_dir, strict=True)
+  assert refusal in str(error.value)
+
+
+def test_a_megabyte_path_makes_no_huge_array_nor_message(lists, monkeypatch):
+  """Before, the index's fixed-width path array took the longest path's width for every
+  row (40 x 1 M characters x 4 bytes: 160 MB) and the warning quoted it whole."""
+  root = lists[0]
+  _plant_path(root, 6, 'img/' + 'x' * 2**20)
+  files = sum(os.path.getsize(os.path.join(root, name)) for name in annotations.ALL_FILES)
+  warnings = _warnings(monkeypatch, '.txt')
+  index, peak = _traced_peak(lambda: annotations.read_deepfashion(root))
+  assert len(index) == NUM_IMAGES - 1
+  assert index.image_paths.dtype.itemsize <= 4 * annotations.MAX_PATH_BYTES
+  assert peak < 4 * files + (8 << 20), (peak, files)
+  assert all(len(w) < 2000 for w in warnings())
+
+
+LARGE = {'2^31': str(2**31), '2^40+100': str(2**40 + 100), '2^64': str(2**64),
+         '-2^63-1': str(-2**63 - 1)}
+
+
+@pytest.mark.parametrize('name, line, edit, message', [
+    (annotations.BBOX, 5, _replace_token(3, LARGE['2^40+100']),
+     'list_bbox.txt, line 5: box coordinates x_1 y_1 x_2 y_2 must be integers in '
+     f'-2147483648..2147483647, found {2**40 + 100}'),
+    (annotations.BBOX, 5, _replace_token(1, LARGE['2^31']),
+     f'list_bbox.txt, line 5: box coordinates x_1 y_1 x_2 y_2 must be integers in '
+     f'-2147483648..2147483647, found {2**31}'),
+    (annotations.BBOX, 6, _replace_token(4, LARGE['2^64']),
+     f"list_bbox.txt, line 6: box coordinates x_1 y_1 x_2 y_2 must be integers, found "
+     f"'{2**64}'"),
+    (annotations.BBOX, 6, _replace_token(2, LARGE['-2^63-1']),
+     'list_bbox.txt, line 6: box coordinates x_1 y_1 x_2 y_2 must be integers, found'),
+    (annotations.LANDMARKS, 7, _replace_token(3, str(2**40 + 7)),
+     'list_landmarks.txt, line 7: landmark coordinates must be integers in -32768..32767, '
+     f'found {2**40 + 7}'),
+    (annotations.LANDMARKS, 7, _replace_token(2, str(2**32 + 1)),
+     'list_landmarks.txt, line 7: landmark visibility must be 0, 1 or 2'),
+    (annotations.LANDMARKS, 7, _replace_token(4, LARGE['2^64']),
+     f"list_landmarks.txt, line 7: landmark values must be integers, found '{2**64}'"),
+    (annotations.CATEGORY_IMG, 8, _replace_token(1, LARGE['2^64']),
+     f"list_category_img.txt, line 8: category label must be an integer in 1..50, found "
+     f"'{2**64}'"),
+    (annotations.LANDMARKS, 9, _replace_token(1, LARGE['2^64']),
+     'list_landmarks.txt, line 9: clothes type must be an integer in 1..3'),
+    (annotations.CATEGORY_CLOTH, 4, _replace_token(1, str(2**32 + 2)),
+     'list_category_cloth.txt, line 4: category type must be an integer in 1..3'),
+])
+def test_numbers_are_checked_before_they_are_narrowed(lists, name, line, edit, message):
+  test_bad_input_names_file_and_line(lists, name, line, edit, message)
+
+
+@pytest.mark.parametrize('name', [annotations.ATTR_IMG, annotations.BBOX,
+                                  annotations.CATEGORY_IMG, annotations.ATTR_CLOTH])
+@pytest.mark.parametrize('count', [str(2**40), '-1', str(2**64), '9' * 5000, '+3', '\u0664\u0660'])
+def test_header_counts_are_checked_against_the_files_size(lists, name, count):
+  """Before, list_attr_img.txt's count was allocated at once: 2^40 rows, 1,000 TiB."""
+  root = lists[0]
+  _edit_line(root, name, 1, lambda _: count)
+  error, peak = _traced_peak(lambda: annotations.read_deepfashion(root))
+  assert isinstance(error, annotations.AnnotationError)
+  assert f'{os.path.join(root, name)}, line 1: ' in str(error)
+  assert len(str(error)) < 500
+  assert peak < 16 << 20
+
+
+def test_a_count_the_file_can_hold_is_still_compared_with_its_rows(lists):
+  root = lists[0]
+  _edit_line(root, annotations.ATTR_IMG, 1, lambda _: str(NUM_IMAGES + 1))
+  with pytest.raises(annotations.AnnotationError, match=f'line 1 says {NUM_IMAGES + 1} rows, '
+                                                        f'found {NUM_IMAGES}'):
+    annotations.read_deepfashion(root)
+
+
+def _replace_bytes(root, name, old, new):
+  path = os.path.join(root, name)
+  with open(path, 'rb') as f:
+    data = f.read()
+  assert old in data
+  with open(path, 'wb') as f:
+    f.write(data.replace(old, new, 1))
+
+
+@pytest.mark.parametrize('name, old, line', [
+    (annotations.CATEGORY_IMG, b'img/', 3),
+    (annotations.ATTR_IMG, b'img/', 3),
+    (annotations.ATTR_IMG, b'image_name', 2),
+    (annotations.ATTR_IMG, str(NUM_IMAGES).encode(), 1),
+    (annotations.BBOX, b'x_1', 2),
+    (annotations.ATTR_CLOTH, b'attribute_name', 2),
+    (annotations.LANDMARKS, b'img/', 3),
+])
+def test_bytes_that_are_not_utf8_name_file_and_line(lists, name, old, line):
+  root = lists[0]
+  _replace_bytes(root, name, old, b'\xff\xfe' + old)
+  with pytest.raises(annotations.AnnotationError) as error:
+    annotations.read_deepfashion(root)
+  assert (f"{os.path.join(root, name)}, line {line}: expected UTF-8 text, found the byte "
+          "b'\\xff'") in str(error.value)
+
+
+def test_bytes_that_are_not_utf8_in_a_later_chunk_name_their_line(lists, monkeypatch):
+  root = lists[0]
+  monkeypatch.setattr(annotations, '_ATTR_CHUNK_BYTES', 4999)
+  _edit_line(root, annotations.ATTR_IMG, 30, lambda line: line)  # one order of rows
+  _replace_bytes(root, annotations.ATTR_IMG, b'img/', b'img/')
+  path = os.path.join(root, annotations.ATTR_IMG)
+  with open(path, 'rb') as f:
+    lines = f.read().split(b'\n')
+  lines[29] = b'img/\xc3' + lines[29][4:]
+  with open(path, 'wb') as f:
+    f.write(b'\n'.join(lines))
+  with pytest.raises(annotations.AnnotationError, match='list_attr_img.txt, line 30: expected '
+                                                        'UTF-8 text'):
+    annotations.read_deepfashion(root)
+
+
+@pytest.mark.parametrize('name, token', [
+    (annotations.CATEGORY_IMG, 1), (annotations.BBOX, 2), (annotations.PARTITION, 1),
+    (annotations.LANDMARKS, 3),
+])
+def test_error_messages_quote_a_long_value_short(lists, name, token):
+  root = lists[0]
+  _edit_line(root, name, 5, _replace_token(token, 'y' * 2**20))
+  with pytest.raises(annotations.AnnotationError) as error:
+    annotations.read_deepfashion(root)
+  assert f'{os.path.join(root, name)}, line 5: ' in str(error.value)
+  assert "'yyyy" in str(error.value) and '(1,048,576 characters)' in str(error.value)
+  assert len(str(error.value)) < 600
+
+
+@pytest.mark.parametrize('name', [annotations.CATEGORY_CLOTH, annotations.ATTR_CLOTH])
+def test_names_longer_than_the_bound_are_refused(lists, name):
+  """Before, one 1 MB name made the names' fixed-width array 1 M characters wide."""
+  root = lists[0]
+  _edit_line(root, name, 4, _replace_token(0, 'z' * 2**20))
+  error, peak = _traced_peak(lambda: annotations.read_deepfashion(root))
+  assert isinstance(error, annotations.AnnotationError)
+  assert f'{os.path.join(root, name)}, line 4: ' in str(error)
+  assert 'must be at most 256 characters' in str(error) and len(str(error)) < 600
+  assert peak < 32 << 20
+
+
+@pytest.mark.parametrize('name, message', [
+    (annotations.CATEGORY_CLOTH, 'list_category_cloth.txt: expected at least one category'),
+    (annotations.ATTR_CLOTH, 'list_attr_cloth.txt: expected at least one attribute'),
+    (annotations.CATEGORY_IMG, 'list_category_img.txt: expected at least one image'),
+])
+def test_lists_without_rows_are_refused(lists, name, message):
+  """Before, a folder whose lists had no rows loaded, and its summary (`--mode=describe`)
+  raised a bare ValueError (the minimum over no categories) or printed nan."""
+  root = lists[0]
+  for emptied in PATH_LISTS + (name,):
+    path = os.path.join(root, emptied)
+    with open(path) as f:
+      column_names = f.read().splitlines()[1]
+    with open(path, 'w') as f:
+      f.write(f'0\n{column_names}\n')
+  with pytest.raises(annotations.AnnotationError, match=message):
+    annotations.read_deepfashion(root).summary()
+
+
+def test_a_landmark_row_without_triples_is_read(lists):
+  root = lists[0]
+  _edit_line(root, annotations.LANDMARKS, 5, lambda line: ' '.join(line.split()[:2]))
+  index = annotations.read_deepfashion(root)
+  assert (index.landmark_visibility[2] == -1).all() and (index.landmark_xy[2] == 0).all()
+
+
+def test_many_unsafe_paths_are_counted_and_the_first_five_named(lists, monkeypatch):
+  root = lists[0]
+  for line in range(3, 11):
+    _plant_path(root, line, f'/abs/{line}.jpg')
+  warnings = _warnings(monkeypatch, annotations.BBOX)
+  index = annotations.read_deepfashion(root)
+  assert len(index) == NUM_IMAGES - 8
+  (warning,) = warnings()
+  assert ("8 rows left out for their image path (line 3: '/abs/3.jpg', an absolute path; "
+          "line 4: '/abs/4.jpg', an absolute path; line 5:") in warning
+  assert "line 7: '/abs/7.jpg', an absolute path; 3 more)" in warning
+  assert 'unsafe image path: 40 (list_category_img.txt 8, ' in index.summary()

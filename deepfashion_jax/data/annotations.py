@@ -5,13 +5,22 @@ rows, line 2 the column names, then one row per image, columns separated by runs
 spaces. `list_attr_img.txt` is the big one (289,222 x 1,000 values, ~870 MB), so it has a
 vectorised parser of its own; the others are small enough for `str.split`.
 
-Every format error (a missing column, a word where a number belongs) raises
-`AnnotationError`, whose message names the file, the line (1-based, as an editor shows it)
-and what was expected. Geometry that is merely odd (a box that is empty or has a negative
-corner, a landmark at a negative coordinate) is data, as a bad JPEG is: one row of 289,222
-must not refuse the dataset. `check_geometry` counts such rows, warns once naming the
-first lines, and refuses them only when asked to be strict (config.data.strict); the
-pipeline clips boxes to their image and masks the box loss of an image left without one.
+Every format error (a missing column, a word where a number belongs, a number too large
+for its array, bytes that are not UTF-8, a header count the file is too small to hold)
+raises `AnnotationError`, whose message names the file, the line (1-based, as an editor
+shows it) and what was expected, quoting at most `_QUOTED_CHARS` characters of what it
+found. Numbers are range-checked as int64 before they are narrowed, so that none wraps.
+
+An image path that could lead outside the image folder (absolute, with a '..' part, a
+control character, longer than `MAX_PATH_BYTES`) makes its row odd: it is left out of the
+index at parse time, so that no image is ever opened by it, and `check_paths` reports it
+as `check_geometry` reports odd boxes.
+
+Geometry that is merely odd (a box that is empty or has a negative corner, a landmark at a
+negative coordinate) is data, as a bad JPEG is: one row of 289,222 must not refuse the
+dataset. `check_geometry` counts such rows, warns once naming the first lines, and refuses
+them only when asked to be strict (config.data.strict); the pipeline clips boxes to their
+image and masks the box loss of an image left without one.
 
 Parsing is slow enough (tens of seconds on the real files) that `load_deepfashion` caches
 the index as an `.npz` keyed by the lists' sizes and modification times.
@@ -21,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import posixpath
 import re
 import tempfile
 import zipfile
@@ -45,10 +55,19 @@ ALL_FILES = REQUIRED_FILES + (LANDMARKS,)
 # How the images are cut into train / val / test (config.data.partition).
 PARTITIONS = ('official', 'baseline')
 # Bump when the cached arrays change meaning, so that old caches are parsed anew.
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 _ATTR_CHUNK_BYTES = 32 << 20
 # How many odd rows a warning names by line (the real lists could have thousands).
 _ODD_ROWS_SHOWN = 5
+# The longest image path a list may name, in UTF-8 bytes. DeepFashion's are under 100; the
+# index keeps paths in fixed-width arrays, so the longest path sets every row's width.
+MAX_PATH_BYTES = 1024
+# The longest part of a path (Linux's NAME_MAX): a longer one names no file.
+MAX_PATH_PART_BYTES = 255
+# The longest category or attribute name (DeepFashion's are under 30 characters).
+MAX_NAME_CHARS = 256
+# How much of a found value an error message quotes (a token may be megabytes long).
+_QUOTED_CHARS = 200
 
 
 class AnnotationError(errors.DeepFashionError, ValueError):
@@ -86,6 +105,9 @@ class DeepFashionIndex:
   landmark_xy: Optional[np.ndarray] = None  # (N, 8, 2) int16 pixels; 0 where absent
   landmark_garment_type: Optional[np.ndarray] = None  # (N,) int8, the landmark file's clothes type
   dropped_images: tuple = ()  # listed images left out because they are known to be unreadable
+  # Rows left out for their image path (`path_problem`), per list: (file name, rows, the
+  # first few as (line, problem)).
+  odd_paths: tuple = ()
 
   def __len__(self):
     return len(self.image_paths)
@@ -137,6 +159,7 @@ class DeepFashionIndex:
         '(clipped to the image; box loss and box metrics masked where no box is left)',
         f'  landmarks: {self._landmark_summary()}; '
         f'dropped as unreadable: {len(self.dropped_images)}',
+        f'  rows left out for an unsafe image path: {self._odd_path_summary()}',
     ]
     return '\n'.join(lines)
 
@@ -145,6 +168,12 @@ class DeepFashionIndex:
       return 'absent'
     odd = odd_landmarks(self.landmark_visibility, self.landmark_xy).sum()
     return f'present, {odd:,} images with a landmark at a negative coordinate'
+
+  def _odd_path_summary(self) -> str:
+    if not self.odd_paths:
+      return '0'
+    per_list = ', '.join(f'{os.path.basename(name)} {rows:,}' for name, rows, _ in self.odd_paths)
+    return f'{sum(rows for _, rows, _ in self.odd_paths):,} ({per_list}; never opened)'
 
 
 def find_image_dir(root: str) -> str:
@@ -160,6 +189,87 @@ def find_image_dir(root: str) -> str:
 # ----------------------------------------------------------------------------- text lists
 
 
+def _quote(text) -> str:
+  """`text` as an error message quotes it: repr, cut to `_QUOTED_CHARS` characters."""
+  if len(text) <= _QUOTED_CHARS:
+    return repr(text)
+  return f'{text[:_QUOTED_CHARS]!r}... ({len(text):,} characters)'
+
+
+def _decode(path: str, data: bytes, first_line: int = 1) -> str:
+  """UTF-8 bytes of a list as text; bytes that are not UTF-8 name their line."""
+  try:
+    return data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    line = first_line + data.count(b'\n', 0, e.start)
+    raise AnnotationError(f'{path}, line {line}: expected UTF-8 text, found the byte '
+                          f'{data[e.start:e.start + 1]!r} ({e.reason})') from None
+
+
+_CONTROL_CHARACTER = re.compile('[\x00-\x1f\x7f-\x9f]')
+
+
+def path_problem(path: str) -> Optional[str]:
+  """Why a listed image path may not be opened, or None when it may.
+
+  A path must be relative to the image folder and stay inside it whatever the folder's
+  symbolic links: no '..' part at all (through a link, 'a/../b' is not where it reads), not
+  the folder itself; no control character (a NUL byte ends the path the system sees); at
+  most `MAX_PATH_BYTES` bytes, each part at most `MAX_PATH_PART_BYTES`. Lexical only:
+  whether it names a regular file is seen when it is read.
+  """
+  size = len(path) if path.isascii() else len(path.encode('utf-8', 'surrogatepass'))
+  if size > MAX_PATH_BYTES:
+    return f'a path of {size:,} bytes (at most {MAX_PATH_BYTES:,})'
+  control = _CONTROL_CHARACTER.search(path)
+  if control:
+    return f'the control character {control.group()!r} in {_quote(path)}'
+  if path.startswith('/'):
+    return f'{_quote(path)}, an absolute path'
+  parts = path.split('/')
+  if '..' in parts:
+    return f'{_quote(path)}, whose ".." leads out of the image folder'
+  if all(part in ('', '.') for part in parts) or posixpath.normpath(path) == '.':
+    return f'{_quote(path)}, the image folder itself'
+  if size > MAX_PATH_PART_BYTES and any(
+      len(part.encode('utf-8', 'surrogatepass')) > MAX_PATH_PART_BYTES for part in parts):
+    return f'{_quote(path)}, a part of which is longer than {MAX_PATH_PART_BYTES} bytes'
+  return None
+
+
+# Characters that `path_problem` refuses (but the line break `_odd_paths` joins with).
+_CONTROL_CHARACTER_BUT_LINE_BREAK = re.compile('[\x00-\x09\x0b-\x1f\x7f-\x9f]')
+# Where a path could start with, end with or hold a '/', an empty part, '.' or '..'.
+_SUSPECT_SUBSTRINGS = ('//', '/.', '\n/', '\n.', '/\n', '\n\n')
+
+
+def _odd_paths(paths: list) -> np.ndarray:
+  """(N,) bool: the paths that have a `path_problem`. At once for a list of short, plain
+  ASCII paths (the real lists): one call per path would add seconds to their parse."""
+  text = '\n'.join(paths)
+  plain = (text and text.isascii() and max(map(len, paths), default=0) <= MAX_PATH_PART_BYTES
+           and not text.startswith(('/', '.', '\n')) and not text.endswith(('/', '\n'))
+           and not any(suspect in text for suspect in _SUSPECT_SUBSTRINGS)
+           and not _CONTROL_CHARACTER_BUT_LINE_BREAK.search(text))
+  if plain:
+    return np.zeros(len(paths), bool)
+  return np.array([path_problem(p) is not None for p in paths], bool)
+
+
+@dataclasses.dataclass
+class _OddPaths:
+  """The rows of a list left out for their path: how many, and the first few by line (all
+  of them could take many times the list's size)."""
+  count: int = 0
+  first: list = dataclasses.field(default_factory=list)  # (line, problem)
+
+  def add(self, lines, paths):
+    """Counts the rows at `lines` whose `paths` are odd."""
+    self.count += len(paths)
+    for line, path in zip(lines[:_ODD_ROWS_SHOWN - len(self.first)], paths):
+      self.first.append((int(line), path_problem(path)))
+
+
 @dataclasses.dataclass
 class _Table:
   """A list file's header count, column names and data rows with their line numbers."""
@@ -168,6 +278,7 @@ class _Table:
   columns: list
   line_numbers: list  # 1-based line number of each row
   rows: list  # each row's whitespace-separated tokens
+  odd_paths: _OddPaths = dataclasses.field(default_factory=_OddPaths)  # rows left out
 
   def where(self, i: int) -> str:
     return f'{self.path}, line {self.line_numbers[i]}'
@@ -178,29 +289,45 @@ def _check_exists(path: str):
     raise AnnotationError(f'{path}: file not found (see docs/dataset.md for the expected layout)')
 
 
-def _read_header(path: str, lines: list) -> int:
-  """Checks the two header lines; returns the row count that line 1 announces."""
+def _read_header(path: str, lines: list, data_bytes: int, min_row_bytes: int) -> int:
+  """Checks the two header lines; returns the row count that line 1 announces.
+
+  The count must be one the file can hold, `data_bytes` (the bytes after the header) at
+  `min_row_bytes` a row at least, before anything is allocated from it.
+  """
   if len(lines) < 2:
     raise AnnotationError(f'{path}: expected two header lines (a row count, then column '
                           f'names), found {len(lines)} lines')
-  try:
-    count = int(lines[0].strip())
-  except ValueError:
+  text = lines[0].strip()
+  if not (text.isascii() and text.isdigit()):
     raise AnnotationError(f'{path}, line 1: expected the number of rows, found '
-                          f'{lines[0].strip()[:60]!r}') from None
+                          f'{_quote(text[:60])}')
+  most = (data_bytes + 1) // min_row_bytes  # + 1: the last row may lack its line break
+  count = int(text) if len(text) <= 20 else None  # int() refuses over 4,300 digits
+  if count is None or count > most:
+    shown = text if len(text) <= 60 else f'{text[:60]}... ({len(text):,} digits)'
+    raise AnnotationError(f'{path}, line 1: says {shown} rows, but its {data_bytes:,} bytes '
+                          f'of rows hold at most {most:,}')
   if not lines[1].split():
     raise AnnotationError(f'{path}, line 2: expected column names, found an empty line')
   return count
 
 
-def _read_table(path: str, min_columns: int, max_columns: Optional[int] = None) -> _Table:
-  """Reads a small list file; checks its header, its row count and each row's width."""
+def _read_table(path: str, min_columns: int, max_columns: Optional[int] = None,
+                paths: bool = True) -> _Table:
+  """Reads a small list file; checks its header, its row count and each row's width.
+
+  With `paths`, the first column is an image path and rows whose path has a
+  `path_problem` are left out (kept in `odd_paths`); they count towards line 1's count.
+  """
   _check_exists(path)
-  with open(path, encoding='utf-8') as f:
-    lines = f.read().splitlines()
-  count = _read_header(path, lines)
+  with open(path, 'rb') as f:
+    data = f.read()
+  lines = _decode(path, data).split('\n')
+  header_bytes = sum(len(line.encode('utf-8')) + 1 for line in lines[:2])
+  count = _read_header(path, lines, max(len(data) - header_bytes, 0), 2 * min_columns)
   max_columns = max_columns or min_columns
-  line_numbers, rows = [], []
+  table = _Table(path, count, lines[1].split(), [], [])
   for number, line in enumerate(lines[2:], start=3):
     tokens = line.split()
     if not tokens:
@@ -210,52 +337,105 @@ def _read_table(path: str, min_columns: int, max_columns: Optional[int] = None) 
                   else f'{min_columns} to {max_columns}')
       raise AnnotationError(f'{path}, line {number}: expected {expected} columns, '
                             f'found {len(tokens)}')
-    line_numbers.append(number)
-    rows.append(tokens)
-  if len(rows) != count:
-    raise AnnotationError(f'{path}: line 1 says {count} rows, found {len(rows)}')
-  return _Table(path, count, lines[1].split(), line_numbers, rows)
+    table.line_numbers.append(number)
+    table.rows.append(tokens)
+  if paths:
+    _leave_out_odd_paths(table)
+  found = len(table.rows) + table.odd_paths.count
+  if found != count:
+    raise AnnotationError(f'{path}: line 1 says {count} rows, found {found}')
+  return table
+
+
+def _leave_out_odd_paths(table: _Table):
+  """Leaves out the rows whose path (first column) has a `path_problem`, counting them in
+  `table.odd_paths`."""
+  odd = _odd_paths([row[0] for row in table.rows])
+  if not odd.any():
+    return
+  rows = np.flatnonzero(odd).tolist()
+  table.odd_paths.add([table.line_numbers[i] for i in rows], [table.rows[i][0] for i in rows])
+  table.line_numbers = [line for line, o in zip(table.line_numbers, odd.tolist()) if not o]
+  table.rows = [row for row, o in zip(table.rows, odd.tolist()) if not o]
+
+
+def _int64(values) -> Optional[np.ndarray]:
+  """Integers as int64, or None when one is not an integer or int64 cannot hold it."""
+  try:
+    return np.array(values, dtype=np.int64)
+  except (ValueError, OverflowError):
+    return None
+
+
+def _is_integer_text(value: str) -> bool:
+  digits = value[1:] if value[:1] in ('-', '+') else value
+  return digits.isascii() and digits.isdigit() and len(digits) <= 18
 
 
 def _int_column(table: _Table, values: list, what: str, low: int, high: int) -> np.ndarray:
   """Converts strings to int32, checking each lies in [low, high]; errors name the line."""
-  try:
-    array = np.array(values, dtype=np.int64)
-  except ValueError:
-    array = None
+  array = _int64(values)
   bad = (np.flatnonzero((array < low) | (array > high)) if array is not None
-         else [i for i, v in enumerate(values) if not v.lstrip('-').isdigit()])
+         else [i for i, v in enumerate(values) if not _is_integer_text(v)])
   if len(bad):
     i = bad[0]
     raise AnnotationError(f'{table.where(i)}: {what} must be an integer in {low}..{high}, '
-                          f'found {values[i]!r}')
+                          f'found {_quote(values[i])}')
   return array.astype(np.int32)
 
 
-def _int_matrix(table: _Table, columns: slice, what: str) -> np.ndarray:
-  """The integer columns of every row as an (N, k) int32 array; errors name the line."""
+def _int_matrix(table: _Table, columns: slice, what: str, low: int, high: int) -> np.ndarray:
+  """The integer columns of every row as an (N, k) int64 array, each value checked to lie
+  in [low, high] before the caller narrows it; errors name the line."""
   cells = [row[columns] for row in table.rows]
-  try:
-    return np.array(cells, dtype=np.int64).astype(np.int32)
-  except ValueError:
+  array = _int64(cells)
+  if array is None:
     for i, row in enumerate(cells):
       for value in row:
-        if not value.lstrip('-').isdigit():
-          raise AnnotationError(f'{table.where(i)}: {what} must be integers, found {value!r}')
-    raise
+        if not _is_integer_text(value):
+          raise AnnotationError(f'{table.where(i)}: {what} must be integers, '
+                                f'found {_quote(value)}')
+    array = np.array(cells, dtype=np.int64)  # raises only if the loop above missed a case
+  outside = (array < low) | (array > high)
+  bad = np.flatnonzero(outside.any(axis=1)) if array.ndim == 2 else []
+  if len(bad):
+    value = array[bad[0]][outside[bad[0]]][0]
+    raise AnnotationError(f'{table.where(bad[0])}: {what} must be integers in {low}..{high}, '
+                          f'found {value}')
+  return array
+
+
+def _names(table: _Table, names: list, what: str) -> np.ndarray:
+  """Category or attribute names as an array, each at most `MAX_NAME_CHARS` characters."""
+  long = [i for i, name in enumerate(names) if len(name) > MAX_NAME_CHARS]
+  if long:
+    raise AnnotationError(f'{table.where(long[0])}: {what} must be at most {MAX_NAME_CHARS} '
+                          f'characters, found {_quote(names[long[0]])}')
+  return np.array(names, dtype=str)
+
+
+def _check_not_empty(table: _Table, what: str):
+  """A vocabulary or an image list without a row describes no dataset (and the summary's
+  and the model's sizes would be 0)."""
+  if not table.rows:
+    left_out = (f' ({table.odd_paths.count} rows left out for their image path)'
+                if table.odd_paths.count else '')
+    raise AnnotationError(f'{table.path}: expected at least one {what}, found none{left_out}')
 
 
 def read_category_cloth(root: str):
-  table = _read_table(os.path.join(root, CATEGORY_CLOTH), 2)
-  names = np.array([row[0] for row in table.rows])
+  table = _read_table(os.path.join(root, CATEGORY_CLOTH), 2, paths=False)
+  _check_not_empty(table, 'category')
+  names = _names(table, [row[0] for row in table.rows], 'a category name')
   types = _int_column(table, [row[1] for row in table.rows], 'category type', 1, 3) - 1
   return names, types.astype(np.int8)
 
 
 def read_attr_cloth(root: str):
   """Attribute names contain spaces ('abstract chevron print'): the type is the last token."""
-  table = _read_table(os.path.join(root, ATTR_CLOTH), 2, 64)
-  names = np.array([' '.join(row[:-1]) for row in table.rows])
+  table = _read_table(os.path.join(root, ATTR_CLOTH), 2, 64, paths=False)
+  _check_not_empty(table, 'attribute')
+  names = _names(table, [' '.join(row[:-1]) for row in table.rows], 'an attribute name')
   num_types = len(vocabulary.ATTRIBUTE_TYPE_NAMES)
   types = _int_column(table, [row[-1] for row in table.rows], 'attribute type', 1, num_types) - 1
   return names, types.astype(np.int8)
@@ -263,7 +443,8 @@ def read_attr_cloth(root: str):
 
 def _read_category_img(root: str, num_categories: int):
   table = _read_table(os.path.join(root, CATEGORY_IMG), 2)
-  paths = np.array([row[0] for row in table.rows])
+  _check_not_empty(table, 'image')
+  paths = np.array([row[0] for row in table.rows], dtype=str)
   labels = _int_column(table, [row[1] for row in table.rows], 'category label', 1,
                        num_categories) - 1
   if len(np.unique(paths)) != len(paths):
@@ -278,7 +459,10 @@ def _read_category_img(root: str, num_categories: int):
 def _read_bbox(root: str):
   """Reads the boxes; only format errors raise here (odd boxes: `check_geometry`)."""
   table = _read_table(os.path.join(root, BBOX), 5)
-  return table, _int_matrix(table, slice(1, 5), 'box coordinates x_1 y_1 x_2 y_2')
+  limits = np.iinfo(np.int32)
+  boxes = _int_matrix(table, slice(1, 5), 'box coordinates x_1 y_1 x_2 y_2', limits.min,
+                      limits.max)
+  return table, boxes.reshape(-1, 4).astype(np.int32)
 
 
 def _read_partition(root: str):
@@ -287,7 +471,8 @@ def _read_partition(root: str):
   split = np.empty(len(table.rows), np.int8)
   for i, row in enumerate(table.rows):
     if row[1] not in lookup:
-      raise AnnotationError(f'{table.where(i)}: expected train, val or test, found {row[1]!r}')
+      raise AnnotationError(f'{table.where(i)}: expected train, val or test, '
+                            f'found {_quote(row[1])}')
     split[i] = lookup[row[1]]
   return table, split
 
@@ -303,17 +488,20 @@ def _read_landmarks(root: str):
   garment_type = _int_column(table, [row[1] for row in table.rows], 'clothes type', 1, 3) - 1
   visibility = np.full((n, vocabulary.MAX_LANDMARKS), -1, np.int8)
   xy = np.zeros((n, vocabulary.MAX_LANDMARKS, 2), np.int16)
-  widths = np.array([len(row) for row in table.rows]) - lead
-  odd = np.flatnonzero(widths % 3)
+  widths = np.array([len(row) for row in table.rows], dtype=np.int64) - lead
+  odd = np.flatnonzero((widths % 3) | (widths < 0))
   if len(odd):
     raise AnnotationError(f'{table.where(odd[0])}: expected (visibility, x, y) triples after '
                           f'the clothes type, found {widths[odd[0]]} values')
   for width in np.unique(widths).tolist():  # rows of one width convert as one array
+    if width == 0:
+      continue  # a row without landmarks: all absent
     rows = np.flatnonzero(widths == width)
     subtable = dataclasses.replace(table, line_numbers=[table.line_numbers[i] for i in rows],
                                    rows=[table.rows[i] for i in rows])
-    triples = _int_matrix(subtable, slice(lead, None), 'landmark values').reshape(
-        len(rows), -1, 3)
+    limits = np.iinfo(np.int64)
+    triples = _int_matrix(subtable, slice(lead, None), 'landmark values', limits.min,
+                          limits.max).reshape(len(rows), -1, 3)
     _check_landmark_triples(subtable, triples)
     visibility[rows, :width // 3] = triples[:, :, 0]
     xy[rows, :width // 3] = triples[:, :, 1:]
@@ -321,9 +509,9 @@ def _read_landmarks(root: str):
 
 
 def _check_landmark_triples(table: _Table, triples: np.ndarray):
-  """Format errors of (visibility, x, y) triples: a visibility other than 0, 1 or 2, or a
-  coordinate that int16 cannot hold (it would wrap silently). A negative coordinate is
-  data, not a format error (`check_geometry`)."""
+  """Format errors of (visibility, x, y) int64 triples, before they are narrowed: a
+  visibility other than 0, 1 or 2, or a coordinate that int16 cannot hold (it would wrap
+  silently). A negative coordinate is data, not a format error (`check_geometry`)."""
   bad = np.flatnonzero(~np.isin(triples[:, :, 0], (0, 1, 2)).all(axis=1))
   if len(bad):
     raise AnnotationError(f'{table.where(bad[0])}: landmark visibility must be 0, 1 or 2')
@@ -356,7 +544,8 @@ _MAY_FOLLOW = _MAY_FOLLOW.ravel()
 
 
 def _parse_attr_chunk(path: str, chunk: bytes, first_line: int, num_attributes: int):
-  """Parses whole lines of list_attr_img.txt; returns their paths and (rows, A) int8 values.
+  """Parses whole lines of list_attr_img.txt; returns the rows' paths, their line numbers
+  and their (rows, A) int8 values.
 
   Works on the chunk's bytes at once rather than token by token, which would cost about
   a microsecond per value (289 M values): each byte of a line's values region (after its
@@ -394,22 +583,32 @@ def _parse_attr_chunk(path: str, chunk: bytes, first_line: int, num_attributes: 
   if len(wrong):
     raise AnnotationError(f'{path}, line {first_line + wrong[0]}: expected the image path and '
                           f'{num_attributes} values, found {counts[wrong[0]]} values')
-  paths = [p.decode('utf-8') for p, keep in zip(paths, nonblank) if keep]
-  return paths, values.reshape(-1, num_attributes)
+  lines = np.flatnonzero(nonblank) + first_line
+  paths = [_decode(path, p, line) for p, line in zip(
+      (p for p, keep in zip(paths, nonblank) if keep), lines.tolist())]
+  return paths, lines, values.reshape(-1, num_attributes)
 
 
 def _read_attr_img(root: str, num_attributes: int):
-  """Reads list_attr_img.txt in 32 MB chunks of whole lines into two (N, A) bool arrays."""
+  """Reads list_attr_img.txt in 32 MB chunks of whole lines into two (N, A) bool arrays.
+
+  Returns the rows' paths, their line numbers, the two arrays, and the `_OddPaths` of the
+  rows left out for a `path_problem`.
+  """
   path = os.path.join(root, ATTR_IMG)
   _check_exists(path)
   with open(path, 'rb') as f:
-    header = [f.readline().decode('utf-8', 'replace'), f.readline().decode('utf-8', 'replace')]
-    count = _read_header(path, header)
+    header = [f.readline(), f.readline()]
+    header_text = [_decode(path, line, number) for number, line in enumerate(header, start=1)]
+    data_bytes = max(os.fstat(f.fileno()).st_size - len(header[0]) - len(header[1]), 0)
+    # A row is at least a one-byte path, a blank and a digit per value, and a line break.
+    count = _read_header(path, header_text, data_bytes, 2 * num_attributes + 2)
     positive = np.zeros((count, num_attributes), bool)
     unknown = np.zeros((count, num_attributes), bool)
-    paths, rows, next_line, carry = [], 0, 3, b''
+    paths, path_lines, odd_paths, rows, next_line, carry = [], [], _OddPaths(), 0, 3, b''
     while True:
-      block = f.read(_ATTR_CHUNK_BYTES)
+      # No bigger than what is left: read(n) allocates n bytes first, 32 MB for a small file.
+      block = f.read(max(min(_ATTR_CHUNK_BYTES, os.fstat(f.fileno()).st_size - f.tell()), 1))
       chunk = carry + block
       cut = chunk.rfind(b'\n') + 1 if block else len(chunk)
       chunk, carry = chunk[:cut], chunk[cut:]
@@ -417,17 +616,22 @@ def _read_attr_img(root: str, num_attributes: int):
         break
       if not chunk.endswith(b'\n'):
         chunk += b'\n'
-      chunk_paths, values = _parse_attr_chunk(path, chunk, next_line, num_attributes)
-      if rows + len(values) > count:
+      chunk_paths, lines, values = _parse_attr_chunk(path, chunk, next_line, num_attributes)
+      if rows + odd_paths.count + len(values) > count:
         raise AnnotationError(f'{path}: line 1 says {count} rows, found more')
+      odd = _odd_paths(chunk_paths)
+      odd_paths.add(lines[odd], [p for p, o in zip(chunk_paths, odd.tolist()) if o])
+      values = values[~odd]
       positive[rows:rows + len(values)] = values == 1
       unknown[rows:rows + len(values)] = values == 0
-      paths += chunk_paths
+      paths += [p for p, o in zip(chunk_paths, odd.tolist()) if not o]
+      path_lines.append(lines[~odd])
       rows += len(values)
       next_line += chunk.count(b'\n')
-  if rows != count:
-    raise AnnotationError(f'{path}: line 1 says {count} rows, found {rows}')
-  return np.array(paths), positive, unknown
+  if rows + odd_paths.count != count:
+    raise AnnotationError(f'{path}: line 1 says {count} rows, found {rows + odd_paths.count}')
+  lines = np.concatenate(path_lines) if path_lines else np.zeros(0, np.int64)
+  return np.array(paths, dtype=str), lines, positive[:rows], unknown[:rows], odd_paths
 
 
 # ----------------------------------------------------------------------------- joining
@@ -442,7 +646,7 @@ def _align(master: _Table, master_paths: np.ndarray, paths: np.ndarray, file_nam
   """
   if len(master_paths) == len(paths) and np.array_equal(master_paths, paths):
     return None
-  where = lambda i: f'line {line_numbers[i]}' if line_numbers else f'row {i + 1}'
+  where = lambda i: f'line {line_numbers[i]}' if line_numbers is not None else f'row {i + 1}'
   position = {p: i for i, p in enumerate(master_paths.tolist())}
   order = np.full(len(master_paths), -1, np.int64)
   for i, p in enumerate(paths.tolist()):
@@ -464,9 +668,11 @@ def _aligned(array, order):
 
 
 def read_deepfashion(root: str, strict: bool = False) -> DeepFashionIndex:
-  """Parses the lists of a DeepFashion folder (no cache) and checks their geometry
-  (`check_geometry`); see `load_deepfashion`."""
+  """Parses the lists of a DeepFashion folder (no cache), reports the rows left out for
+  their image path (`check_paths`) and checks their geometry (`check_geometry`); see
+  `load_deepfashion`."""
   index = _parse_lists(root)
+  check_paths(index, strict)
   check_geometry(index, strict)
   return index
 
@@ -487,26 +693,33 @@ def _parse_lists(root: str) -> DeepFashionIndex:
   def join(file_name, other_paths, line_numbers=None):
     return _align(master, paths, other_paths, os.path.join(root, file_name), line_numbers)
 
-  attr_paths, positive, unknown = _read_attr_img(root, len(attribute_names))
-  order = join(ATTR_IMG, attr_paths)
+  odd_paths = {CATEGORY_IMG: master.odd_paths}
+  attr_paths, lines, positive, unknown, odd_paths[ATTR_IMG] = _read_attr_img(
+      root, len(attribute_names))
+  order = join(ATTR_IMG, attr_paths, lines)
   fields.update(attribute_positive=_aligned(positive, order),
                 attribute_unknown=_aligned(unknown, order))
   del positive, unknown
   table, boxes = _read_bbox(root)
   fields['bbox'] = _aligned(boxes, join(BBOX, _first_column(table), table.line_numbers))
+  odd_paths[BBOX] = table.odd_paths
   table, split = _read_partition(root)
   fields['split'] = _aligned(split, join(PARTITION, _first_column(table), table.line_numbers))
+  odd_paths[PARTITION] = table.odd_paths
   if os.path.isfile(os.path.join(root, LANDMARKS)):
     table, garment_type, visibility, xy = _read_landmarks(root)
     order = join(LANDMARKS, _first_column(table), table.line_numbers)
     fields.update(landmark_garment_type=_aligned(garment_type, order),
                   landmark_visibility=_aligned(visibility, order),
                   landmark_xy=_aligned(xy, order))
+    odd_paths[LANDMARKS] = table.odd_paths
+  fields['odd_paths'] = tuple((name, odd.count, tuple(odd.first))
+                              for name, odd in odd_paths.items() if odd.count)
   return _drop_known_unreadable(DeepFashionIndex(**fields))
 
 
 def _first_column(table: _Table) -> np.ndarray:
-  return np.array([row[0] for row in table.rows])
+  return np.array([row[0] for row in table.rows], dtype=str)
 
 
 def _drop_known_unreadable(index: DeepFashionIndex) -> DeepFashionIndex:
@@ -523,7 +736,7 @@ def _drop_known_unreadable(index: DeepFashionIndex) -> DeepFashionIndex:
 def _per_image_fields():
   return [f.name for f in dataclasses.fields(DeepFashionIndex)
           if f.name not in ('root', 'category_names', 'category_types', 'attribute_names',
-                            'attribute_types', 'dropped_images')]
+                            'attribute_types', 'dropped_images', 'odd_paths')]
 
 
 def _select_rows(index: DeepFashionIndex, rows: np.ndarray, **changes) -> DeepFashionIndex:
@@ -532,6 +745,29 @@ def _select_rows(index: DeepFashionIndex, rows: np.ndarray, **changes) -> DeepFa
     if value is not None:
       changes.setdefault(name, value[rows])
   return dataclasses.replace(index, **changes)
+
+
+# ----------------------------------------------------------------------------- odd rows
+
+
+def check_paths(index: DeepFashionIndex, strict: bool = False):
+  """Warns once per list about the rows left out for their image path (`path_problem`),
+  naming the first few lines; refuses the first (AnnotationError naming file and line)
+  when `strict`. The index keeps what it needs to say so, read from the cache or parsed."""
+  for file_name, count, rows in index.odd_paths:
+    path = os.path.join(index.root, file_name)
+    if strict:
+      line, problem = rows[0]
+      raise AnnotationError(
+          f'{path}, line {line}: expected a relative image path inside the image folder, found '
+          f'{problem} ({count} such rows; config.data.strict refuses them, without it they are '
+          'left out of the index and never opened)')
+    where = '; '.join(f'line {line}: {problem}' for line, problem in rows)
+    more = f'; {count - len(rows):,} more' if count > len(rows) else ''
+    logging.warning('%s: %d rows left out for their image path (%s%s): an image path must be '
+                    'relative, inside the image folder (no ".." part), at most %d bytes, '
+                    'without control characters; these are never opened', path, count, where,
+                    more, MAX_PATH_BYTES)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -613,7 +849,7 @@ def _line_numbers(path: str, image_paths: list) -> list:
   """
   found = dict.fromkeys(image_paths)
   remaining = len(found)
-  with open(path, encoding='utf-8') as f:
+  with open(path, encoding='utf-8', errors='replace') as f:  # it may have changed since
     for number, line in enumerate(f, start=1):
       first = line.split(None, 1)[:1]
       if number > 2 and first and first[0] in found and found[first[0]] is None:
@@ -680,7 +916,9 @@ def _save_cache(index: DeepFashionIndex, path: str):
     value = getattr(index, field.name)
     if value is None:
       continue
-    if field.name.startswith('attribute_') and value.dtype == bool:
+    if field.name == 'odd_paths':
+      arrays[field.name] = np.asarray(json.dumps(value))
+    elif field.name.startswith('attribute_') and value.dtype == bool:
       arrays[field.name + '_bits'] = np.packbits(value, axis=1)
     else:
       arrays[field.name] = np.asarray(value)
@@ -708,6 +946,8 @@ def _load_cache(path: str) -> DeepFashionIndex:
       fields[name] = value
   fields['root'] = str(fields['root'])
   fields['dropped_images'] = tuple(fields.get('dropped_images', np.array([])).tolist())
+  fields['odd_paths'] = tuple((name, count, tuple(map(tuple, rows))) for name, count, rows
+                              in json.loads(str(fields['odd_paths'])))
   return DeepFashionIndex(**fields)
 
 
@@ -717,13 +957,14 @@ def load_deepfashion(root: str, cache_dir: Optional[str] = None, partition: str 
 
   The cache is keyed by the folder and by each list's size and modification time: editing
   a list parses anew. A cache that cannot be read is parsed anew too, with a warning.
-  Cached or parsed, the index's geometry is checked (`check_geometry`, refusing odd boxes
-  and landmarks when `strict`).
+  Cached or parsed, the rows left out for their image path are reported (`check_paths`) and
+  the index's geometry is checked (`check_geometry`); `strict` refuses either.
   """
   if partition not in PARTITIONS:
     raise ValueError(f'partition must be one of {PARTITIONS}, got {partition!r}')
   root = os.path.abspath(root)
   index = _cached_or_parsed(root, cache_dir) if cache_dir else _parse_lists(root)
+  check_paths(index, strict)
   check_geometry(index, strict)
   return with_partition(index, partition)
 
