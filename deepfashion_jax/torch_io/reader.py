@@ -50,6 +50,9 @@ from deepfashion_jax.torch_io.errors import CheckpointError
 
 # The largest broadcast kept as a view: torch.zeros(1).expand(16384, 16384) is 1 GiB.
 MAX_BROADCAST_BYTES = 2**32
+# The most nodes a tuple may have as a tree (each reference counted anew), which hashing it
+# walks: a checkpoint's tuples (sizes, strides, arguments) have a handful.
+MAX_TUPLE_NODES = 2**20
 _MAX_COUNT = 2**62  # sizes, strides, offsets and element counts: int64 with room to add
 _MAX_DIMENSIONS = 32  # NumPy's limit (1.x; 2.x allows 64)
 _CHUNK = 2**20  # bytes read at a time from a zip member
@@ -256,19 +259,86 @@ class _Unpickler(pickle.Unpickler):
     return _Storage(key, (_count(view[1], 'a view offset'), _count(view[2], 'a view size')))
 
 
+class _PickleWalk:
+  """The pickle machine's stack and memo, opcode by opcode, holding for each object only
+  its size as a tree (every reference counted anew) when it is a tuple, 1 otherwise.
+  Hashing a tuple walks that tree, and a few hundred bytes of pickle can nest pairs of one
+  pair 40 deep: a dict key or set element of 2^40 nodes. Tuples are the only hashable
+  containers that hash their items each time, so bounding their size bounds every hash."""
+
+  _MARK = object()
+  _RETURNS_FIRST = frozenset(
+      ['SETITEM', 'SETITEMS', 'APPEND', 'APPENDS', 'ADDITEMS', 'BUILD', 'MEMOIZE'])
+
+  def __init__(self):
+    self.stack, self.memo, self.opcodes = [], {}, 0
+
+  def _pop(self, count: int) -> list:
+    if count > len(self.stack) or self._MARK in self.stack[len(self.stack) - count:]:
+      raise ValueError(f'stack underflow at opcode {self.opcodes}')
+    popped = self.stack[len(self.stack) - count:]
+    del self.stack[len(self.stack) - count:]
+    return popped
+
+  def _pop_to_mark(self, below: int) -> list:
+    if self._MARK not in self.stack:
+      raise ValueError(f'no MARK before opcode {self.opcodes}')
+    mark = len(self.stack) - 1 - self.stack[::-1].index(self._MARK)
+    items = self.stack[mark + 1:]
+    del self.stack[mark:]
+    return self._pop(below) + items
+
+  def step(self, opcode, arg):
+    """Applies one opcode; raises ValueError where the unpickler would allocate what the
+    pickle claims, or build a tuple past MAX_TUPLE_NODES."""
+    self.opcodes += 1
+    name, before = opcode.name, opcode.stack_before
+    if pickletools.markobject in before:
+      popped = self._pop_to_mark(before.index(pickletools.markobject))
+    elif name == 'POP' and self.stack[-1:] == [self._MARK]:
+      popped = self._pop_to_mark(0)
+    else:
+      popped = self._pop(len(before))
+    if name in ('PUT', 'BINPUT', 'LONG_BINPUT'):
+      # Picklers number memo slots from 0; the unpickler sizes its memo by the index.
+      if arg >= self.opcodes or not self.stack or self.stack[-1] is self._MARK:
+        raise ValueError(f'memo index {arg} at opcode {self.opcodes}')
+      self.memo[arg] = self.stack[-1]
+    elif name in ('GET', 'BINGET', 'LONG_BINGET'):
+      if arg not in self.memo:
+        raise ValueError(f'memo index {arg} is empty at opcode {self.opcodes}')
+      self.stack.append(self.memo[arg])
+    elif name == 'MARK':
+      self.stack.append(self._MARK)
+    elif name.startswith(('TUPLE', 'EMPTY_TUPLE')):
+      nodes = 1 + sum(popped)
+      if nodes > MAX_TUPLE_NODES:
+        raise ValueError(f'a tuple of {nodes} nodes (counting each reference) at opcode '
+                         f'{self.opcodes}, more than {MAX_TUPLE_NODES}')
+      self.stack.append(nodes)
+    elif name == 'MEMOIZE':
+      self.memo[len(self.memo)] = popped[0]
+      self.stack.append(popped[0])
+    elif name == 'DUP':
+      self.stack += popped * 2
+    elif name in self._RETURNS_FIRST:
+      self.stack.append(popped[0])
+    else:
+      self.stack += [1] * len(opcode.stack_after)
+
+
 def _pickle_end(file, size: int) -> int:
   """Walks the pickle that starts at `file`'s position (which holds `size` bytes) opcode by
-  opcode, building nothing, and returns where it ends. pickletools reads each argument
-  through `file.read`, which returns only what the file holds; the unpickler would first
-  allocate whatever a length claims. A memo index can be at most the number of opcodes
-  before it (picklers number memo entries from 0): the unpickler sizes its memo by it."""
+  opcode (`_PickleWalk`), building nothing, and returns where it ends. pickletools reads
+  each argument through `file.read`, which returns only what the file holds; the unpickler
+  would first allocate whatever a length claims."""
   start = file.tell()
+  walk = _PickleWalk()
   try:
-    for opcodes, (opcode, arg, _) in enumerate(pickletools.genops(file), 1):
-      if opcode.name in ('PUT', 'BINPUT', 'LONG_BINPUT') and arg >= opcodes:
-        raise ValueError(f'memo index {arg} at opcode {opcodes}')
+    for opcode, arg, _ in pickletools.genops(file):
       if opcode.name == 'FRAME' and arg > size - file.tell():
         raise ValueError(f'a frame of {arg} bytes, {size - file.tell()} left')
+      walk.step(opcode, arg)
   except ValueError as e:
     raise CheckpointError(f'the pickle at byte {start} is truncated or malformed: {e}') from None
   return file.tell()
