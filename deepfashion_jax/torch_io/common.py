@@ -65,9 +65,9 @@ def integer(value, what: str, path: str) -> int:
   Lu's step: a Python number or a one-element tensor), as an int."""
   if isinstance(value, int):
     return int(value)
-  number = value.reshape(()) if isinstance(value, np.ndarray) and value.size == 1 else value
-  if isinstance(number, np.ndarray) and number.dtype.kind in 'biuf':
-    number = number.item()
+  number = value
+  if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in 'biuf':
+    number = value.item()
   if isinstance(number, int) or (isinstance(number, float) and number.is_integer()):
     return int(number)
   raise CheckpointError(f'{path}: its {what} is {reprlib.repr(value)}, expected an integer')
