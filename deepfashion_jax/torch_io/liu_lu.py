@@ -177,7 +177,7 @@ def _pad_categories(arrays: dict, head: nnx.Linear) -> dict:
       or bias.shape != weight.shape[:1]):
     return arrays
   logging.warning("Liu & Lu's category head has %d outputs: categories %d to %d get a bias "
-                  'of %g so that they never win.', len(weight), len(weight) + 1, categories,
+                  'of %g so that they never win.', len(weight), len(weight) + 1, head.out_features,
                   common.NO_LOGIT_BIAS)
   arrays['category_fc2.weight'] = np.concatenate(
       [weight, np.zeros((missing, weight.shape[1]), weight.dtype)])
