@@ -10,7 +10,9 @@ What a file can make is bounded by its size, whatever its numbers say:
 - Every length the file states is checked against the bytes it holds before anything is
   allocated for it. Each pickle is walked opcode by opcode (pickletools) before it is
   unpickled, since the unpickler allocates what a length field or a memo index claims
-  before it reads a byte (BINBYTES8 can claim 2^40 bytes); the storages' declared sizes
+  before it reads a byte (BINBYTES8 can claim 2^40 bytes), and a tuple may have at most
+  `MAX_TUPLE_NODES` nodes counting each reference (hashing a dict key walks them all, and
+  pairs of pairs nested 40 deep take 2^40 steps); the storages' declared sizes
   must add up to at most the file's size; a zip member is read only up to the bytes its
   tensors declare, and must hold exactly those, stored uncompressed as torch.save writes it.
 - Each storage is read once, into one buffer. Every tensor is a read-only NumPy view into
