@@ -262,31 +262,33 @@ class _Unpickler(pickle.Unpickler):
 
 
 class _PickleWalk:
-  """The pickle machine's stack and memo, opcode by opcode, holding for each object only
+  """The pickle machine's stack, marks and memo, opcode by opcode, holding for each object only
   its size as a tree (every reference counted anew) when it is a tuple, 1 otherwise.
   Hashing a tuple walks that tree, and a few hundred bytes of pickle can nest pairs of one
   pair 40 deep: a dict key or set element of 2^40 nodes. Tuples are the only hashable
   containers that hash their items each time, so bounding their size bounds every hash."""
 
-  _MARK = object()
   _RETURNS_FIRST = frozenset(
       ['SETITEM', 'SETITEMS', 'APPEND', 'APPENDS', 'ADDITEMS', 'BUILD', 'MEMOIZE'])
 
   def __init__(self):
-    self.stack, self.memo, self.opcodes = [], {}, 0
+    self.stack, self.marks, self.memo, self.opcodes = [], [], {}, 0
+
+  def _above_mark(self) -> int:
+    return len(self.stack) - (self.marks[-1] if self.marks else 0)
 
   def _pop(self, count: int) -> list:
-    if count > len(self.stack) or self._MARK in self.stack[len(self.stack) - count:]:
+    if count > self._above_mark():
       raise ValueError(f'stack underflow at opcode {self.opcodes}')
     popped = self.stack[len(self.stack) - count:]
     del self.stack[len(self.stack) - count:]
     return popped
 
   def _pop_to_mark(self, below: int) -> list:
-    if self._MARK not in self.stack:
+    if not self.marks:
       raise ValueError(f'no MARK before opcode {self.opcodes}')
-    mark = len(self.stack) - 1 - self.stack[::-1].index(self._MARK)
-    items = self.stack[mark + 1:]
+    mark = self.marks.pop()
+    items = self.stack[mark:]
     del self.stack[mark:]
     return self._pop(below) + items
 
@@ -297,13 +299,13 @@ class _PickleWalk:
     name, before = opcode.name, opcode.stack_before
     if pickletools.markobject in before:
       popped = self._pop_to_mark(before.index(pickletools.markobject))
-    elif name == 'POP' and self.stack[-1:] == [self._MARK]:
+    elif name == 'POP' and self.marks and not self._above_mark():
       popped = self._pop_to_mark(0)
     else:
       popped = self._pop(len(before))
     if name in ('PUT', 'BINPUT', 'LONG_BINPUT'):
       # Picklers number memo slots from 0; the unpickler sizes its memo by the index.
-      if arg >= self.opcodes or not self.stack or self.stack[-1] is self._MARK:
+      if arg >= self.opcodes or not self._above_mark():
         raise ValueError(f'memo index {arg} at opcode {self.opcodes}')
       self.memo[arg] = self.stack[-1]
     elif name in ('GET', 'BINGET', 'LONG_BINGET'):
@@ -311,7 +313,7 @@ class _PickleWalk:
         raise ValueError(f'memo index {arg} is empty at opcode {self.opcodes}')
       self.stack.append(self.memo[arg])
     elif name == 'MARK':
-      self.stack.append(self._MARK)
+      self.marks.append(len(self.stack))
     elif name.startswith(('TUPLE', 'EMPTY_TUPLE')):
       nodes = 1 + sum(popped)
       if nodes > MAX_TUPLE_NODES:
