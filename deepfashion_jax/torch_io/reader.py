@@ -43,6 +43,7 @@ import reprlib
 import struct
 import sys
 import types
+import warnings
 import zipfile
 
 import ml_dtypes
@@ -352,10 +353,14 @@ def _unpickle(file, size: int):
   """The pickle at `file`'s position (which holds `size` bytes), checked first
   (`_pickle_end`), and the storages {key: (dtype, numel)} it names."""
   start = file.tell()
-  end = _pickle_end(file, size)
-  file.seek(start)
-  unpickler = _Unpickler(io.BytesIO(file.read(end - start)))
-  return unpickler.load(), unpickler.storages
+  # A protocol-0 string with an unknown escape warns (DeprecationWarning) in both readers:
+  # the file's business, not the caller's, and an error where warnings are errors.
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', DeprecationWarning)
+    end = _pickle_end(file, size)
+    file.seek(start)
+    unpickler = _Unpickler(io.BytesIO(file.read(end - start)))
+    return unpickler.load(), unpickler.storages
 
 
 # ---------------------------------------------------------------------- storages -> arrays
