@@ -76,6 +76,11 @@ def test_a_compressed_pickle_is_refused(tmp_path):
            'member archive/data.pkl is compressed')
 
 
+def test_a_member_placed_before_the_files_start_is_refused(tmp_path):
+  """zipfile seeks to the offset the archive gives a member: here before byte 0."""
+  _refused(_file(tmp_path, hostile.members_before_the_start()), 'a seek to byte -100')
+
+
 # ----------------------------------------------------------- broadcasts and shared storages
 
 

@@ -308,6 +308,16 @@ def hash_bomb(levels: int = 40) -> bytes:
   return zip_bytes(zip_members(pickled, {}))
 
 
+def members_before_the_start(shift: int = 100) -> bytes:
+  """The small zip checkpoint whose end record puts the central directory `shift` bytes
+  later than it is: zipfile then places every member `shift` bytes earlier, the first
+  before the file's start."""
+  data = small_checkpoint('zip')
+  end = len(data) - 22  # the end record, without a comment
+  (offset,) = struct.unpack('<I', data[end + 16:end + 20])
+  return data[:end + 16] + struct.pack('<I', offset + shift) + data[end + 20:]
+
+
 def pickle_claiming(opcode: bytes, file_format: str) -> bytes:
   """The small checkpoint with `opcode` (a length or memo slot claim) first in its pickle."""
   return with_pickle_mutated(file_format, lambda p: p[:2] + opcode + p[2:])
@@ -322,6 +332,7 @@ def named_files() -> dict:
       'storage member 4 bytes shorter than declared': with_member_changed('shrink', 2, 4),
       'data.pkl deflated': with_member_changed('deflate', 0, 1),
       'storage member missing': with_member_changed('drop', 2, 1),
+      'zip members placed before the start of the file': members_before_the_start(),
       '1 GiB broadcast (stride 0) of one float, zip': broadcast('zip'),
       '1 GiB broadcast (stride 0) of one float, legacy': broadcast('legacy'),
       '4 TiB broadcast (stride 0) of one float': one_tensor('zip', 1, 0, (2**21, 2**19),
