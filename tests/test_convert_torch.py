@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import struct
+import tracemalloc
 import zipfile
 
 from flax import nnx
@@ -240,6 +241,29 @@ def test_every_tensor_torch_pickles_is_read(tmp_path, file_format):
                   b'_rebuild_from_type_v2'):
     assert rebuild in pickled
   _assert_same_content(reader.read_pth(path), torch.load(path, weights_only=False))
+
+
+@pytest.mark.parametrize('file_format', FORMATS)
+def test_broadcasts_and_shared_storages_cost_only_their_storages(tmp_path, file_format):
+  """torch.save of an expanded tensor (1 GiB seen, 4 bytes stored) and of 256 slices of one
+  1 MiB vector reads as torch.load reads it, each tensor a read-only view into its storage."""
+  vector = torch.arange(2.0**18)
+  content = {'expanded': torch.zeros(1).expand(16384, 16384), 'vector': vector,
+             'slices': [vector[i:] for i in range(256)]}
+  path = _save(content, str(tmp_path / 'views.pth'), file_format)
+  tracemalloc.start()
+  try:
+    ours = reader.read_pth(path)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 3 * 2**20  # the vector's storage (1 MiB) and the pickle's objects
+  assert ours['expanded'].shape == (16384, 16384) and ours['expanded'].strides == (0, 0)
+  assert all(np.shares_memory(ours['vector'], s) for s in ours['slices'])
+  assert not any(s.flags.writeable for s in ours['slices'])
+  theirs = torch.load(path)
+  assert theirs['expanded'].stride() == (0, 0) and not ours['expanded'].any()
+  _assert_same_content(ours['slices'] + [ours['vector']], theirs['slices'] + [theirs['vector']])
 
 
 @dataclasses.dataclass

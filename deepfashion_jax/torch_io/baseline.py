@@ -60,7 +60,7 @@ def _check_fits(model: nnx.Module, arrays: dict, path: str):
     fixes.append('it was trained on pixels normalised as (x - 0.5) / 0.5; set '
                  '--config.data.normalization=baseline (config.data.normalization is '
                  f'{normalization!r})')
-  if 'box_top_left.weight' in arrays:
+  if 'box_top_left.weight' in arrays and arrays['box_top_left.weight'].ndim == 2:
     side = math.isqrt(arrays['box_top_left.weight'].shape[-1] // fashion_net.BOX_CHANNELS)
     if side != model.feature_size:
       fixes.append(f'its box branch reads {side}x{side} feature maps; set '
@@ -70,9 +70,15 @@ def _check_fits(model: nnx.Module, arrays: dict, path: str):
     raise CheckpointError(f'{path} is a baseline checkpoint: ' + '; and '.join(fixes))
 
 
-def _remap_category_head(arrays: dict) -> dict:
-  """The baseline's logit i is 1-based category i: drop logit 0, add a never-winning last."""
-  weight, bias = arrays['category_classifier.weight'], arrays['category_classifier.bias']
+def _remap_category_head(arrays: dict, model: nnx.Module) -> dict:
+  """The baseline's logit i is 1-based category i: drop logit 0, add a never-winning last.
+  A head of another shape than the model's is left as it is, for `common.load_variables`
+  to refuse naming its shape."""
+  weight, bias = arrays['category_classifier.weight'], arrays.get('category_classifier.bias')
+  head = model.category_classifier
+  if weight.shape != (head.out_features, head.in_features) or bias is None or bias.shape != (
+      head.out_features,):
+    return arrays
   logging.warning('Remapping the baseline category head: its logit i is category i (1-based); '
                   'its logit 0 is dropped and the last category, which it has no logit for, '
                   'gets a bias of %g so that it never wins.', common.NO_LOGIT_BIAS)
@@ -96,8 +102,8 @@ def load(model: nnx.Module, content, path: str) -> common.Loaded:
       [k.removeprefix('backbone.') for k in arrays if k.startswith('backbone.')], model, path)
   _check_fits(model, arrays, path)
   if 'category_classifier.weight' in arrays:
-    arrays = _remap_category_head(arrays)
+    arrays = _remap_category_head(arrays, model)
   norms = common.norm_modules(arrays)
   named = {name: (torchvision.flax_path(name, norms), array) for name, array in arrays.items()}
   common.load_variables(model, named, path)
-  return common.Loaded(NAME, 'model', int(content.get('epoch', 0)))
+  return common.Loaded(NAME, 'model', common.integer(content.get('epoch', 0), 'epoch', path))

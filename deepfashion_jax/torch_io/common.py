@@ -2,6 +2,7 @@
 parameter names turned into Flax's, and writing arrays into an nnx model by path."""
 
 import dataclasses
+import reprlib
 
 from flax import nnx
 import jax.numpy as jnp
@@ -37,11 +38,39 @@ def without_module_prefix(state: dict) -> dict:
   return state
 
 
+def only_tensors(state: dict, path: str) -> dict:
+  """`state`, a dict that must map parameter names (strings) to tensors (arrays), as a
+  state dict does: a file whose dict holds anything else is refused here, before a family
+  reads its keys."""
+  for key, value in state.items():
+    if not isinstance(key, str):
+      raise CheckpointError(f'{path}: a state dict key is {reprlib.repr(key)} '
+                            f'({type(key).__name__}), expected a parameter name (a string)')
+    if not isinstance(value, np.ndarray):
+      raise CheckpointError(f'{path}: {reprlib.repr(key)} holds {type(value).__name__}, '
+                            'expected a tensor')
+  return state
+
+
 def state_dict(obj, path: str) -> dict:
-  """The state dict `obj`, keys as the module had them (`without_module_prefix`)."""
+  """The state dict `obj` (`only_tensors`), keys as the module had them
+  (`without_module_prefix`)."""
   if not isinstance(obj, dict):
     raise CheckpointError(f'{path}: expected a state dict, found {type(obj).__name__}')
-  return without_module_prefix(obj)
+  return without_module_prefix(only_tensors(obj, path))
+
+
+def integer(value, what: str, path: str) -> int:
+  """`value`, a number the file records beside its weights (the baseline's epoch, Liu &
+  Lu's step: a Python number or a one-element tensor), as an int."""
+  if isinstance(value, int):
+    return int(value)
+  number = value
+  if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in 'biuf':
+    number = value.item()
+  if isinstance(number, int) or (isinstance(number, float) and number.is_integer()):
+    return int(number)
+  raise CheckpointError(f'{path}: its {what} is {reprlib.repr(value)}, expected an integer')
 
 
 def norm_modules(names) -> frozenset:

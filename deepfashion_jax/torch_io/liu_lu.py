@@ -157,24 +157,27 @@ def _check_fits(model: nnx.Module, arrays: dict, path: str):
                           + '; and '.join(fixes))
   classifier = arrays.get('category_fc2.weight')
   expected = (model.category_classifier.out_features, model.category_classifier.in_features)
-  if classifier is not None and classifier.shape[:1] != expected[:1] and not (
-      classifier.shape[0] == _CATEGORIES and expected[0] > _CATEGORIES):
+  if classifier is not None and classifier.ndim == 2 and classifier.shape[0] != expected[0] and (
+      not (classifier.shape[0] == _CATEGORIES and expected[0] > _CATEGORIES)):
     raise CheckpointError(
         f'{path}: category_fc2.weight has shape {classifier.shape}: {classifier.shape[0]} '
         f'categories; the model has {expected[0]} categories, its '
         f'category_classifier expects category_fc2.weight of shape {expected}')
 
 
-def _pad_categories(arrays: dict, categories: int) -> dict:
+def _pad_categories(arrays: dict, head: nnx.Linear) -> dict:
   """Their category head has 48 outputs (nn.Linear(1024, 48)): their logit j is category
   j + 1 of list_category_cloth.txt, as ours is (their label is the file's minus 1), and
-  categories 49 and 50 get never-winning logits, as a converted baseline's last does."""
-  weight, bias = arrays['category_fc2.weight'], arrays['category_fc2.bias']
-  missing = categories - len(weight)
-  if missing <= 0:
+  categories 49 and 50 get never-winning logits, as a converted baseline's last does. A
+  head that does not fit ours (`head`) is left as it is, for `common.load_variables` to
+  refuse naming its shape."""
+  weight, bias = arrays['category_fc2.weight'], arrays.get('category_fc2.bias')
+  missing = head.out_features - len(weight) if weight.ndim == 2 else 0
+  if (missing <= 0 or weight.shape[1] != head.in_features or bias is None
+      or bias.shape != weight.shape[:1]):
     return arrays
   logging.warning("Liu & Lu's category head has %d outputs: categories %d to %d get a bias "
-                  'of %g so that they never win.', len(weight), len(weight) + 1, categories,
+                  'of %g so that they never win.', len(weight), len(weight) + 1, head.out_features,
                   common.NO_LOGIT_BIAS)
   arrays['category_fc2.weight'] = np.concatenate(
       [weight, np.zeros((missing, weight.shape[1]), weight.dtype)])
@@ -192,12 +195,12 @@ def matches(content) -> bool:
 def load(model: nnx.Module, content, path: str) -> common.Loaded:
   """Loads their WholeNetwork's state dict into the whole model; the account holds their
   `__step` (0 without one)."""
-  state = _their_state_dict(content)
-  step = int(np.asarray(state.get(_STEP, 0)))
+  state = common.only_tensors(_their_state_dict(content), path)
+  step = common.integer(state.get(_STEP, 0), 'training step (__step)', path)
   arrays = {k: np.asarray(v) for k, v in state.items() if not _unused(k)}
   _check_fits(model, arrays, path)
   if 'category_fc2.weight' in arrays:
-    arrays = _pad_categories(arrays, model.category_classifier.out_features)
+    arrays = _pad_categories(arrays, model.category_classifier)
   named = {key: (_target(key), array) for key, array in arrays.items()}
   transposed = frozenset(k for k in arrays if k.rsplit('.', 1)[0] in _TRANSPOSED)
   common.load_variables(model, named, path, transposed=transposed, key_of=_key)
