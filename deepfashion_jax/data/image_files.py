@@ -1,0 +1,80 @@
+"""Image files read with bounds: regular files only, inside their folder, at most a byte cap.
+
+Every image the project reads from disk comes through `read` (the folder source, the TFDS
+preparation, users' photos); the pixel cap is checked from the decoded header before any
+pixel is decoded (`transforms.decode_image`). A file is refused before it is opened when it
+is not a regular file (a FIFO would block the open and the read, /dev/zero would be read
+until memory runs out, a folder cannot be read) or when it is larger than the byte cap; a
+listed image whose path, symlinks resolved, leaves its image folder is refused too (a list
+must not make training read /etc/passwd through a symlink). The open itself does not block
+(O_NONBLOCK), and what was opened is checked again, so a file swapped for a FIFO between the
+check and the open is refused as well. A refused file raises `ImageFileError`, an OSError:
+callers treat it as they treat an unreadable file (skipped, named in a log line and counted;
+raised under config.data.strict).
+
+The caps' defaults (config.data.max_image_bytes, config.data.max_image_pixels): DeepFashion's
+images are at most 300 pixels on a side and 10 to 25 KB; users' phone photos for
+--mode=predict are up to 48 megapixels (8064 x 6048) and 25 MB. 50 megapixels decode to
+150 MB of RGB, held once per decoding thread; 32 MiB of file bytes likewise.
+"""
+
+import os
+import stat
+
+from deepfashion_jax import errors
+
+DEFAULT_MAX_BYTES = 32 * 2**20  # config.data.max_image_bytes
+DEFAULT_MAX_PIXELS = 50_000_000  # config.data.max_image_pixels
+
+
+class ImageFileError(errors.DeepFashionError, OSError):
+  """An image file refused before it is read: not a regular file, outside its folder, or
+  larger than the byte cap."""
+
+
+def resolved_folders(*folders: str) -> tuple:
+  """The folders, symlinks resolved: the `inside` argument of `read`."""
+  return tuple(os.path.realpath(folder) for folder in folders)
+
+
+def _kind(mode: int) -> str:
+  for test, name in ((stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a FIFO (named pipe)'),
+                     (stat.S_ISCHR, 'a character device'), (stat.S_ISBLK, 'a block device'),
+                     (stat.S_ISSOCK, 'a socket')):
+    if test(mode):
+      return name
+  return 'not a regular file'
+
+
+def _checked(path: str, status: os.stat_result, max_bytes: int):
+  """Raises ImageFileError unless `status` is a regular file of at most max_bytes."""
+  if not stat.S_ISREG(status.st_mode):
+    raise ImageFileError(f'{path}: {_kind(status.st_mode)}, not a regular file: not read')
+  if status.st_size > max_bytes:
+    raise ImageFileError(f'{path}: {status.st_size:,} bytes, more than '
+                         f'config.data.max_image_bytes={max_bytes:,}: not read')
+
+
+def read(path: str, max_bytes: int, inside: tuple = ()) -> bytes:
+  """The bytes of the regular file at `path`, at most `max_bytes` of them.
+
+  inside: resolved folders (`resolved_folders`); when given, `path` must resolve (symlinks
+  followed) to a file inside one of them. Raises ImageFileError for a refused file, and the
+  OSError of the system for a missing or unreadable one (FileNotFoundError, ...).
+  """
+  try:
+    real = os.path.realpath(path)
+  except ValueError as e:  # an embedded NUL byte
+    raise ImageFileError(f'{path!r}: not a file name ({e})') from None
+  if inside and not any(os.path.commonpath([real, folder]) == folder for folder in inside):
+    raise ImageFileError(f'{path}: resolves to {real}, outside the image folder '
+                         f'{inside[0]}: not read')
+  _checked(path, os.stat(real), max_bytes)
+  descriptor = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0))
+  with open(descriptor, 'rb', closefd=True) as f:
+    _checked(path, os.fstat(descriptor), max_bytes)  # the file opened is the file checked
+    data = f.read(max_bytes + 1)
+  if len(data) > max_bytes:  # it grew since
+    raise ImageFileError(f'{path}: more than config.data.max_image_bytes={max_bytes:,} bytes: '
+                         'not read')
+  return data
