@@ -8,9 +8,9 @@ until memory runs out, a folder cannot be read) or when it is larger than the by
 listed image whose path, symlinks resolved, leaves its image folder is refused too (a list
 must not make training read /etc/passwd through a symlink). The open itself does not block
 (O_NONBLOCK), and what was opened is checked again, so a file swapped for a FIFO between the
-check and the open is refused as well. A refused file raises `ImageFileError`, an OSError:
-callers treat it as they treat an unreadable file (skipped, named in a log line and counted;
-raised under config.data.strict).
+check and the open is refused as well. A refused file, and one the system cannot read, raise
+`ImageFileError` naming the file: callers treat it as an unreadable image (skipped, named in
+a log line and counted; raised under config.data.strict).
 
 The caps' defaults (config.data.max_image_bytes, config.data.max_image_pixels): DeepFashion's
 images are at most 300 pixels on a side and 10 to 25 KB; users' phone photos for
@@ -59,8 +59,8 @@ def read(path: str, max_bytes: int, inside: tuple = ()) -> bytes:
   """The bytes of the regular file at `path`, at most `max_bytes` of them.
 
   inside: resolved folders (`resolved_folders`); when given, `path` must resolve (symlinks
-  followed) to a file inside one of them. Raises ImageFileError for a refused file, and the
-  OSError of the system for a missing or unreadable one (FileNotFoundError, ...).
+  followed) to a file inside one of them. Raises ImageFileError, naming the file, for a
+  refused file and for one the system cannot read (missing, no permission, ...).
   """
   try:
     real = os.path.realpath(path)
@@ -69,12 +69,18 @@ def read(path: str, max_bytes: int, inside: tuple = ()) -> bytes:
   if inside and not any(os.path.commonpath([real, folder]) == folder for folder in inside):
     raise ImageFileError(f'{path}: resolves to {real}, outside the image folder '
                          f'{inside[0]}: not read')
-  _checked(path, os.stat(real), max_bytes)
-  descriptor = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0))
-  with open(descriptor, 'rb', closefd=True) as f:
-    _checked(path, os.fstat(descriptor), max_bytes)  # the file opened is the file checked
-    data = f.read(max_bytes + 1)
-  if len(data) > max_bytes:  # it grew since
-    raise ImageFileError(f'{path}: more than config.data.max_image_bytes={max_bytes:,} bytes: '
-                         'not read')
+  try:
+    _checked(path, os.stat(real), max_bytes)
+    descriptor = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0))
+    with open(descriptor, 'rb', closefd=True) as f:
+      status = os.fstat(descriptor)
+      _checked(path, status, max_bytes)  # the file opened is the file checked
+      # Its size, not the cap: read(n) allocates n bytes before it reads.
+      data = f.read(status.st_size + 1)
+  except ImageFileError:
+    raise
+  except OSError as e:
+    raise ImageFileError(f'{path}: {e.strerror or e}') from None
+  if len(data) > status.st_size:
+    raise ImageFileError(f'{path}: grew while it was read: not read')
   return data

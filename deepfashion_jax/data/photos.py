@@ -89,19 +89,25 @@ class LoadedImage:
   error: str = ''
 
 
+def read_photo(path: str, canvas_size: int, max_bytes: int = image_files.DEFAULT_MAX_BYTES,
+               max_pixels: int = image_files.DEFAULT_MAX_PIXELS) -> tuple:
+  """(the photo fitted into the canvas, (height, width) of the photo), read upright: its
+  EXIF orientation applied, so that its size and the outputs' pixels are the upright
+  photo's. Raises ImageFileError (not a regular file: a FIFO, a device, a folder; more than
+  max_bytes; unreadable) or ImageDecodeError (not an image, more than max_pixels pixels)."""
+  image = transforms.decode_image(image_files.read(path, max_bytes), max_pixels, upright=True)
+  fitted, _ = transforms.fit_to_canvas(image, np.zeros(4, np.float32), canvas_size)
+  return fitted, image.shape[:2]
+
+
 def load_image(path: str, canvas_size: int, max_bytes: int = image_files.DEFAULT_MAX_BYTES,
                max_pixels: int = image_files.DEFAULT_MAX_PIXELS) -> LoadedImage:
-  """A photo upright (its EXIF orientation applied: its size and the outputs' pixels are
-  the upright photo's), fitted into the canvas; or its error: not a regular file (a FIFO,
-  a device, a folder), more than max_bytes bytes or max_pixels pixels, unreadable, not an
-  image (`image_files.read`, `transforms.decode_image`)."""
+  """`read_photo`'s photo, or its error: one photo never ends the run."""
   try:
-    image = transforms.decode_image(image_files.read(path, max_bytes), max_pixels,
-                                    upright=True)
-  except (OSError, transforms.ImageDecodeError) as e:
+    fitted, size = read_photo(path, canvas_size, max_bytes, max_pixels)
+  except (image_files.ImageFileError, transforms.ImageDecodeError) as e:
     return LoadedImage(path, error=f'{type(e).__name__}: {e}')
-  fitted, _ = transforms.fit_to_canvas(image, np.zeros(4, np.float32), canvas_size)
-  return LoadedImage(path, fitted, image.shape[:2])
+  return LoadedImage(path, fitted, size)
 
 
 @dataclasses.dataclass

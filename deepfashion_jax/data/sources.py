@@ -56,10 +56,8 @@ class FolderSource:
     try:
       image_bytes = image_files.read(os.path.join(self.image_dir, path), self.max_image_bytes,
                                      self.inside)
-    except FileNotFoundError:
-      image_error = 'file not found'
-    except OSError as e:
-      image_error = f'{type(e).__name__}: {e}'
+    except image_files.ImageFileError as e:
+      image_error = str(e)
     return dict(image_bytes=image_bytes, image_error=image_error, path=path,
                 index=int(self.rows[position]),
                 position=position, category=self.category[position],

@@ -110,8 +110,8 @@ def _example(index: annotations.DeepFashionIndex, row: int, image_dir: str, insi
   path = str(index.image_paths[row])
   try:
     image_bytes = image_files.read(os.path.join(image_dir, path), max_image_bytes, inside)
-  except OSError as e:
-    logging.warning('Storing %s as missing: %s: %s', path, type(e).__name__, e)
+  except image_files.ImageFileError as e:
+    logging.warning('Storing %s as missing: %s', path, e)
     image_bytes = b''
   landmarks = index.landmark_visibility is not None
   return {

@@ -90,6 +90,8 @@ def _decode_with_pil(data: bytes, max_pixels: int, upright: bool) -> np.ndarray:
       return _turned(_to_rgb(image), orientation)
   except ImageDecodeError:
     raise
+  except Image.UnidentifiedImageError:
+    raise ImageDecodeError('not an image: neither a JPEG nor a format PIL reads') from None
   except _PIL_ERRORS as e:
     raise ImageDecodeError(f'{type(e).__name__}: {e}') from None
 
