@@ -12,8 +12,9 @@ Signatures (the batch dimension B is polymorphic; both return the same dict):
     every photo of one call (a call per size, or the `encoded` signature).
   encoded(images): (B,) string, each the bytes of a JPEG, PNG, GIF or BMP file of any
     size, decoded in the graph (a JPEG with libjpeg's accurate integer DCT, the decoder
-    predict uses, and turned upright by its EXIF orientation as predict turns it; GIF: its
-    first frame) and run one photo at a time. A file that does not decode fails the whole
+    predict uses, and turned upright by its EXIF orientation as predict turns it; a PNG's
+    16-bit levels scaled, its transparency on white, as predict does; GIF: its first
+    frame) and run one photo at a time. A file that does not decode fails the whole
     call (predict instead answers it with an `error` line). serving_default takes pixels as
     they are: turn them upright first (PIL.ImageOps.exif_transpose).
 Outputs, float32:
@@ -53,6 +54,7 @@ from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax.data import device_transforms
 from deepfashion_jax.data import ten_crop
+from deepfashion_jax.data import transforms
 
 PLATFORMS = ('cpu', 'cuda')  # what the SavedModel runs on
 ENCODED_SIGNATURE = 'encoded'
@@ -109,6 +111,7 @@ def fitted_size(height, width, canvas_size: int):
 _EXIF_SCAN_BYTES = 1 << 16
 _IFD_ENTRIES_READ = 64  # entries of the first IFD searched for the orientation tag
 _EXIF_HEADER = b'Exif\x00\x00'
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
 def _unsigned(data, positions, size: int, little_endian):
@@ -163,15 +166,28 @@ def upright(image, orientation):
   return tf.switch_case(orientation - 1, turns)
 
 
+def _png_on_white(data):
+  """A PNG's pixels as `transforms.decode_image` gives them: 16-bit levels scaled to 8 bits,
+  transparent pixels composited on white (`transforms.ALPHA_BACKGROUND`)."""
+  rgba = tf.cast(tf.io.decode_png(data, channels=4, dtype=tf.uint16), tf.float32) / 65535
+  rgb, alpha = rgba[..., :3], rgba[..., 3:]
+  background = tf.constant(transforms.ALPHA_BACKGROUND, tf.float32) / 255
+  return tf.cast(tf.round((rgb * alpha + background * (1 - alpha)) * 255), tf.uint8)
+
+
 def decode(data):
-  """One image file's bytes -> (H, W, 3) uint8 RGB (a JPEG with the accurate integer DCT,
-  as `transforms.decode_image`'s libjpeg-turbo; TF's default DCT is the fast one), a JPEG
-  turned upright by its EXIF orientation as predict turns it."""
-  image = tf.cond(
-      tf.io.is_jpeg(data),
-      lambda: upright(tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
-                      exif_orientation(data)),
-      lambda: tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False))
+  """One image file's bytes -> (H, W, 3) uint8 RGB, as predict's reader decodes it: a JPEG
+  with the accurate integer DCT (as `transforms.decode_image`'s libjpeg-turbo; TF's default
+  DCT is the fast one), turned upright by its EXIF orientation; a PNG's 16-bit levels
+  scaled and its transparency on white."""
+  image = tf.case(
+      [(tf.io.is_jpeg(data),
+        lambda: upright(tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
+                        exif_orientation(data))),
+       (tf.strings.substr(data, 0, len(_PNG_SIGNATURE)) == _PNG_SIGNATURE,
+        lambda: _png_on_white(data))],
+      default=lambda: tf.io.decode_image(data, channels=3, dtype=tf.uint8,
+                                         expand_animations=False), exclusive=True)
   image.set_shape([None, None, 3])
   return image
 

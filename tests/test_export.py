@@ -178,10 +178,11 @@ def _exif_jpeg(orientation, endian='<', ifd_offset=None) -> bytes:
   return data
 
 
-def test_the_encoded_signature_turns_jpegs_upright_as_predict_does():
+def test_the_encoded_signature_decodes_as_predict_does():
   """In a graph, as the SavedModel's `encoded` signature decodes: each EXIF orientation, in
   either byte order, turns the photo as predict's reader turns it (the same pixels: both
-  decoders are libjpeg's accurate DCT); damaged EXIF leaves the stored pixels."""
+  decoders are libjpeg's accurate DCT); damaged EXIF leaves the stored pixels; 16-bit
+  grayscale and transparent PNGs give predict's pixels too."""
   decode = tf.function(lambda batch: tf.map_fn(export.decode, batch, fn_output_signature=
                                                tf.TensorSpec([None, None, 3], tf.uint8)),
                        input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
@@ -189,10 +190,13 @@ def test_the_encoded_signature_turns_jpegs_upright_as_predict_does():
   cases += [(_exif_jpeg(6, ifd_offset=0xFFFFFFF0), 1), (_exif_jpeg(6, ifd_offset=2), 1),
             (hostile_images.exif_rotated_jpeg(99), 1), (hostile_images.encode(
                 hostile_images.photo()), 1)]
+  cases += [(hostile_images.sixteen_bit_ramp(), None)]
+  cases += [(hostile_images.transparent_png(mode), None) for mode in ('RGBA', 'LA', 'P')]
   for data, orientation in cases:
     np.testing.assert_array_equal(decode(tf.constant([data]))[0].numpy(),
                                   transforms.decode_image(data, upright=True))
-    assert int(export.exif_orientation(tf.constant(data))) == orientation
+    if orientation:  # a JPEG
+      assert int(export.exif_orientation(tf.constant(data))) == orientation
 
 
 def test_the_canvas_fit_in_the_graph_is_pils():
