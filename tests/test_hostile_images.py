@@ -7,6 +7,9 @@ import os
 import shutil
 import tracemalloc
 
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
@@ -107,6 +110,51 @@ def _exif(orientation):
   exif = Image.Exif()
   exif[0x0112] = orientation
   return exif.tobytes()
+
+
+def _samples() -> list:
+  """One small file of each format PIL and libjpeg-turbo read, and the odd kinds."""
+  image = hostile.photo(24, 32)
+  files = [hostile.encode(image, name) for name in ('JPEG', 'PNG', 'GIF', 'BMP', 'TIFF',
+                                                    'WEBP')]
+  return files + [hostile.exif_rotated_jpeg(6, image), hostile.sixteen_bit_ramp(8, 16),
+                  hostile.transparent_png('RGBA'), hostile.transparent_png('P')]
+
+
+SAMPLES = _samples()
+
+
+def _mutated(data) -> bytes:
+  """A sample with a few bytes overwritten (its header too), then perhaps cut short."""
+  original = bytearray(data.draw(st.sampled_from(SAMPLES)))
+  for _ in range(data.draw(st.integers(0, 8))):
+    position = data.draw(st.integers(0, min(len(original) - 1, 64))
+                         if data.draw(st.booleans()) else st.integers(0, len(original) - 1))
+    original[position] = data.draw(st.integers(0, 255))
+  return bytes(original[:data.draw(st.integers(0, len(original)))])
+
+
+def _decodes_or_refuses(data):
+  """decode_image returns an RGB image or raises ImageDecodeError, in bounded memory."""
+  raised, peak = _peak_bytes(transforms.decode_image, _mutated(data), max_pixels=10**6,
+                             upright=data.draw(st.booleans()))
+  assert raised is None or isinstance(raised, transforms.ImageDecodeError)
+  assert peak < 16 * MB
+
+
+@pytest.mark.filterwarnings('ignore')  # PIL warns about damaged files it reads past
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_mutated_images_decode_or_raise_the_projects_error(data):
+  _decodes_or_refuses(data)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings('ignore')
+@settings(max_examples=3000, deadline=None)
+@given(st.data())
+def test_mutated_images_decode_or_raise_the_projects_error_at_length(data):
+  _decodes_or_refuses(data)
 
 
 # ---------------------------------------------------------------- the folder source
