@@ -190,16 +190,19 @@ def test_listed_files_that_are_not_regular_or_leave_the_folder_are_never_read(
     hostile_folder, never_opened):
   """A FIFO, /dev/zero, a link out of the image folder, a folder, a file over the byte cap
   and a JPEG over the pixel cap: each skipped like an unreadable image (counted, masked
-  out), none opened, the whole pass in bounded memory."""
-  index, rows, outside = hostile_folder
+  out), none read (the FIFO, /dev/zero and the folder never opened), the whole pass in
+  bounded memory."""
+  index, rows, _ = hostile_folder
   image_dir = index.image_dir()
-  never_opened('/dev/zero', outside, *(os.path.join(image_dir, str(index.image_paths[rows[k]]))
-                                       for k in ('fifo', 'folder')))
+  never_opened('/dev/zero', *(os.path.join(image_dir, str(index.image_paths[rows[k]]))
+                              for k in ('fifo', 'folder')))
   source = sources.FolderSource(index, np.arange(len(rows) + 2))
-  reasons = {kind: source[row]['image_error'] for kind, row in rows.items()}
+  records = {kind: source[row] for kind, row in rows.items()}
+  reasons = {kind: record['image_error'] for kind, record in records.items()}
   assert 'FIFO' in reasons['fifo'] and 'a folder' in reasons['folder']
-  assert 'outside the image folder' in reasons['dev_zero']
+  assert 'a character device' in reasons['dev_zero']
   assert 'outside the image folder' in reasons['outside']
+  assert records['outside']['image_bytes'] is None
   assert 'config.data.max_image_bytes' in reasons['oversize']
   assert source[rows['huge_jpeg']]['image_bytes'] is not None  # refused by the decoder
 

@@ -5,10 +5,10 @@ preparation, users' photos); the pixel cap is checked from the decoded header be
 pixel is decoded (`transforms.decode_image`). A file is refused before it is opened when it
 is not a regular file (a FIFO would block the open and the read, /dev/zero would be read
 until memory runs out, a folder cannot be read) or when it is larger than the byte cap; a
-listed image whose path, symlinks resolved, leaves its image folder is refused too (a list
-must not make training read /etc/passwd through a symlink). The open itself does not block
-(O_NONBLOCK), and what was opened is checked again, so a file swapped for a FIFO between the
-check and the open is refused as well. A refused file, and one the system cannot read, raise
+listed image whose path, symlinks resolved, leaves its image folder is refused unread too (a
+list must not make training read /etc/passwd through a symlink). The open itself does not
+block (O_NONBLOCK), and what was opened is checked again (kind, size, where it is), so a
+file swapped for a FIFO or a link between the check and the open is refused as well. A refused file, and one the system cannot read, raise
 `ImageFileError` naming the file: callers treat it as an unreadable image (skipped, named in
 a log line and counted; raised under config.data.strict).
 
@@ -55,6 +55,15 @@ def _checked(path: str, status: os.stat_result, max_bytes: int):
                          f'config.data.max_image_bytes={max_bytes:,}: not read')
 
 
+def _opened_path(descriptor: int, path: str) -> str:
+  """Where an open file is, every symlink resolved: the kernel's name for the descriptor
+  (one system call; Linux), else os.path.realpath of its path."""
+  try:
+    return os.readlink(f'/proc/self/fd/{descriptor}')
+  except OSError:
+    return os.path.realpath(path)
+
+
 def read(path: str, max_bytes: int, inside: tuple = ()) -> bytes:
   """The bytes of the regular file at `path`, at most `max_bytes` of them.
 
@@ -63,22 +72,22 @@ def read(path: str, max_bytes: int, inside: tuple = ()) -> bytes:
   refused file and for one the system cannot read (missing, no permission, ...).
   """
   try:
-    real = os.path.realpath(path)
-  except ValueError as e:  # an embedded NUL byte
-    raise ImageFileError(f'{path!r}: not a file name ({e})') from None
-  if inside and not any(os.path.commonpath([real, folder]) == folder for folder in inside):
-    raise ImageFileError(f'{path}: resolves to {real}, outside the image folder '
-                         f'{inside[0]}: not read')
-  try:
-    _checked(path, os.stat(real), max_bytes)
-    descriptor = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0))
+    _checked(path, os.stat(path), max_bytes)  # before opening: a device may act on an open
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0))
     with open(descriptor, 'rb', closefd=True) as f:
       status = os.fstat(descriptor)
       _checked(path, status, max_bytes)  # the file opened is the file checked
+      real = _opened_path(descriptor, path)
+      if inside and not any(os.path.commonpath([real, folder]) == folder
+                            for folder in inside):
+        raise ImageFileError(f'{path}: resolves to {real}, outside the image folder '
+                             f'{inside[0]}: not read')
       # Its size, not the cap: read(n) allocates n bytes before it reads.
       data = f.read(status.st_size + 1)
   except ImageFileError:
     raise
+  except ValueError as e:  # an embedded NUL byte
+    raise ImageFileError(f'{path!r}: not a file name ({e})') from None
   except OSError as e:
     raise ImageFileError(f'{path}: {e.strerror or e}') from None
   if len(data) > status.st_size:
