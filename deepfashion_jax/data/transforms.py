@@ -100,9 +100,11 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
   """(H, W, 3) uint8: 16-bit (and 32-bit integer) grayscale scaled from 0..65535 to 0..255
   (PIL's convert would saturate it), alpha composited on ALPHA_BACKGROUND."""
   if image.mode.startswith('I'):
-    levels = np.asarray(image).astype(np.int64).clip(0, 65535)
-    gray = ((levels * 255 + 32767) // 65535).astype(np.uint8)
-    return np.repeat(gray[..., None], 3, axis=2)
+    levels = np.asarray(image).clip(0, 65535).astype(np.uint32)  # 65535 * 255 fits
+    levels *= 255
+    levels += 32767
+    levels //= 65535  # rounded to the nearest 8-bit level
+    return np.repeat(levels.astype(np.uint8)[..., None], 3, axis=2)
   if image.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in image.info:
     background = Image.new('RGBA', image.size, ALPHA_BACKGROUND + (255,))
     return np.asarray(Image.alpha_composite(background, image.convert('RGBA')).convert('RGB'))
