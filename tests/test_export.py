@@ -178,6 +178,7 @@ def _exif_jpeg(orientation, endian='<', ifd_offset=None) -> bytes:
   return data
 
 
+@pytest.mark.filterwarnings('ignore:Corrupt EXIF')  # PIL, reading the damaged cases
 def test_the_encoded_signature_decodes_as_predict_does():
   """In a graph, as the SavedModel's `encoded` signature decodes: each EXIF orientation, in
   either byte order, turns the photo as predict's reader turns it (the same pixels: both
