@@ -225,6 +225,22 @@ def test_strict_mode_names_the_refused_file(hostile_folder, never_opened):
     list(pipeline.eval_dataset(source, batch_size=1, options=strict))
 
 
+def test_training_refused_images_in_a_row_stop_with_the_projects_error(hostile_folder,
+                                                                      monkeypatch,
+                                                                      never_opened):
+  """Training replaces each refused image by the next; a run of them, past the limit, stops
+  with an ImageDecodeError (main.py prints it as one message), not a RuntimeError."""
+  index, rows, _ = hostile_folder
+  never_opened('/dev/zero', *(os.path.join(index.image_dir(), str(index.image_paths[rows[k]]))
+                              for k in ('fifo', 'folder')))
+  monkeypatch.setattr(pipeline, '_MAX_CONSECUTIVE_BAD_FILES', 3)
+  source = sources.FolderSource(index, np.arange(len(rows)))  # all refused
+  dataset = pipeline.train_dataset(source, batch_size=2, seed=0,
+                                   options=pipeline.ImageOptions())
+  with pytest.raises(transforms.ImageDecodeError, match='3 unreadable images in a row'):
+    dataset[0]  # pylint: disable=pointless-statement
+
+
 def test_the_caps_are_config_fields_checked_at_start():
   config = test_config.get_config()
   assert config.data.max_image_bytes == image_files.DEFAULT_MAX_BYTES

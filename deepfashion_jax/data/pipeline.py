@@ -151,8 +151,9 @@ class TrainExample(grain.transforms.RandomMap):
       if image is not None:
         break
     else:
-      raise RuntimeError(f'{_MAX_CONSECUTIVE_BAD_FILES} unreadable images in a row, the '
-                         f'last {record["path"]}: is the image folder complete?')
+      raise transforms.ImageDecodeError(
+          f'{_MAX_CONSECUTIVE_BAD_FILES} unreadable images in a row, the last '
+          f'{record["path"]}: is the image folder complete?')
     fitted = _fit(record, image, self.options)
     crop = transforms.random_train_crop(rng, *transforms.window_size(fitted.window),
                                         self.options.img_size, self.options.crop_size,
