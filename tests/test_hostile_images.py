@@ -74,6 +74,17 @@ def test_a_huge_png_header_is_refused_before_decoding():
     transforms.decode_image(small, max_pixels=60 * 80 - 1)
 
 
+def test_a_damaged_png_is_refused_as_a_photo_too():
+  """Its EXIF is looked for after the pixels are decoded: reading it first (a PNG's getexif
+  decodes the image) swallowed the decoding error and returned the half-decoded image."""
+  png = bytearray(hostile.encode(hostile.photo(), 'PNG'))
+  start = png.index(b'IDAT') + 12
+  png[start:start + 8] = b'\xff' * 8  # the compressed pixels, broken
+  for upright in (False, True):
+    with pytest.raises(transforms.ImageDecodeError):
+      transforms.decode_image(bytes(png), upright=upright)
+
+
 def test_16_bit_grayscale_is_scaled_not_saturated():
   decoded = transforms.decode_image(hostile.sixteen_bit_ramp())
   assert decoded.shape == (40, 256, 3) and decoded.dtype == np.uint8
@@ -112,20 +123,12 @@ def _exif(orientation):
   return exif.tobytes()
 
 
-def _samples() -> list:
-  """One small file of each format PIL and libjpeg-turbo read, and the odd kinds."""
-  image = hostile.photo(24, 32)
-  files = [hostile.encode(image, name) for name in ('JPEG', 'PNG', 'GIF', 'BMP', 'TIFF',
-                                                    'WEBP')]
-  return files + [hostile.exif_rotated_jpeg(6, image), hostile.sixteen_bit_ramp(8, 16),
-                  hostile.transparent_png('RGBA'), hostile.transparent_png('P')]
-
-
-SAMPLES = _samples()
+SAMPLES = hostile.samples()
 
 
 def _mutated(data) -> bytes:
-  """A sample with a few bytes overwritten (its header too), then perhaps cut short."""
+  """A sample with a few bytes overwritten (its header too), then perhaps cut short (as
+  `hostile.mutated_samples`, drawn by hypothesis)."""
   original = bytearray(data.draw(st.sampled_from(SAMPLES)))
   for _ in range(data.draw(st.integers(0, 8))):
     position = data.draw(st.integers(0, min(len(original) - 1, 64))
@@ -135,11 +138,18 @@ def _mutated(data) -> bytes:
 
 
 def _decodes_or_refuses(data):
-  """decode_image returns an RGB image or raises ImageDecodeError, in bounded memory."""
-  raised, peak = _peak_bytes(transforms.decode_image, _mutated(data), max_pixels=10**6,
-                             upright=data.draw(st.booleans()))
-  assert raised is None or isinstance(raised, transforms.ImageDecodeError)
-  assert peak < 16 * MB
+  """decode_image returns an RGB image or raises ImageDecodeError, in bounded memory; the
+  same for a photo (upright) as for a listed image (a damaged file is not accepted as a
+  photo because reading its EXIF first decoded part of it)."""
+  mutated = _mutated(data)
+  outcomes = []
+  for upright in (False, True):
+    raised, peak = _peak_bytes(transforms.decode_image, mutated, max_pixels=10**6,
+                               upright=upright)
+    assert raised is None or isinstance(raised, transforms.ImageDecodeError)
+    assert peak < 16 * MB
+    outcomes.append(raised is None)
+  assert outcomes[0] == outcomes[1]
 
 
 @pytest.mark.filterwarnings('ignore')  # PIL warns about damaged files it reads past

@@ -35,7 +35,7 @@ from deepfashion_jax.data import synthetic
 
 SURFACE = 'images'
 _CANVAS = 300
-_SOURCE_IMAGES = 32  # rows of the tiny folder that the source's tries replace
+_SOURCE_IMAGES = 48  # rows of the tiny folder that the source's tries replace
 
 
 # ------------------------------------------------------------------------- the makers
@@ -110,22 +110,29 @@ def transparent_png(mode: str = 'RGBA') -> bytes:
   return encode(Image.fromarray(channels, mode), 'PNG')
 
 
-def mutated_jpegs(count: int, seed: int = 0) -> list:
-  """A fixed sample of JPEGs with bytes overwritten, cut short or repeated."""
+def samples() -> list:
+  """One small file of each format PIL and libjpeg-turbo read, and the odd kinds: what the
+  mutations start from."""
+  image = photo(24, 32)
+  files = [encode(image, name) for name in ('JPEG', 'PNG', 'GIF', 'BMP', 'TIFF', 'WEBP')]
+  return files + [exif_rotated_jpeg(6, image), sixteen_bit_ramp(8, 16),
+                  transparent_png('RGBA'), transparent_png('P')]
+
+
+def mutated_samples(count: int, seed: int = 0) -> list:
+  """A fixed sample of `samples()` with up to 8 bytes overwritten (half of them in the
+  first 64, the headers), some cut short: the property test's mutations
+  (tests/test_hostile_images.py), drawn by a seeded generator."""
   rng = np.random.default_rng(seed)
-  original = encode(photo(48, 64))
+  originals = samples()
   mutants = []
-  for _ in range(count):
-    data = bytearray(original)
-    kind = rng.integers(3)
-    if kind == 0:
-      for position in rng.integers(0, len(data), 8):
-        data[position] = rng.integers(256)
-    elif kind == 1:
-      data = data[:rng.integers(2, len(data))]
-    else:
-      start = rng.integers(2, len(data) - 64)
-      data[start:start] = data[start:start + 64] * 8
+  for i in range(count):
+    data = bytearray(originals[i % len(originals)])
+    for _ in range(rng.integers(1, 9)):
+      end = min(len(data), 64) if rng.random() < 0.5 else len(data)
+      data[rng.integers(0, end)] = rng.integers(256)
+    if rng.random() < 0.3:
+      data = data[:rng.integers(0, len(data))]
     mutants.append(bytes(data))
   return mutants
 
@@ -174,7 +181,7 @@ def _hostile_files(outside: pathlib.Path) -> list:
       ('LA PNG (accepted)', _bytes(transparent_png('LA'))),
       ('palette PNG with a transparent entry (accepted)', _bytes(transparent_png('P'))),
   ]
-  makers += [(f'mutated JPEG {i}', _bytes(data)) for i, data in enumerate(mutated_jpegs(8))]
+  makers += [(f'mutated file {i}', _bytes(data)) for i, data in enumerate(mutated_samples(20))]
   return makers
 
 

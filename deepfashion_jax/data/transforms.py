@@ -86,6 +86,7 @@ def _decode_with_pil(data: bytes, max_pixels: int, upright: bool) -> np.ndarray:
   try:
     with Image.open(io.BytesIO(data)) as image:
       _check_pixels(image.height, image.width, max_pixels)  # before .load() decodes
+      image.load()  # here, where a damaged file raises (a PNG's getexif loads it otherwise)
       orientation = _exif_orientation(image) if upright else 1
       return _turned(_to_rgb(image), orientation)
   except ImageDecodeError:
