@@ -295,9 +295,11 @@ def test_figure_names_fit_in_a_file_name():
   at most 255 bytes, which the system accepts; two long names alike but for their ends
   keep two figures."""
   names = ['x' * 246 + '.jpg', 'x' * 245 + 'y.jpg', 'é' * 125 + '.jpg']
-  paths = [predict._figure_path('/out', 12, name) for name in names]  # pylint: disable=protected-access
+  figure_path = predict._figure_path  # pylint: disable=protected-access
+  paths = [figure_path('/out', 12, name) for name in names]
   for path in paths:
     base = os.path.basename(path)
-    assert len(os.fsencode(base)) <= 255 and base.startswith('00012_') and base.endswith('.png')
+    assert len(os.fsencode(base)) <= 255
+    assert base.startswith('00012_') and base.endswith('.png')
   assert len(set(paths)) == len(paths)
-  assert predict._figure_path('/out', 3, 'dir/front.jpg') == '/out/00003_front.png'  # pylint: disable=protected-access
+  assert figure_path('/out', 3, 'dir/front.jpg') == '/out/00003_front.png'

@@ -118,7 +118,8 @@ def test_preparing_stores_refused_files_as_missing(synthetic_folder, tmp_path, m
   os.symlink(tmp_path / 'outside.jpg', paths[0])
   os.mkfifo(paths[1])
   helpers.forbid_opening(monkeypatch, paths[1])
-  example = lambda row, cap=2**20: tfds_builder._example(index, row, image_dir, inside, cap)  # pylint: disable=protected-access
+  make_example = tfds_builder._example  # pylint: disable=protected-access
+  example = lambda row, cap=2**20: make_example(index, row, image_dir, inside, cap)
   assert example(0)['image_bytes'] == example(1)['image_bytes'] == b''
   assert example(2, cap=10)['image_bytes'] == b''
   assert example(3)['image_bytes'] == (tmp_path / 'outside.jpg').read_bytes()

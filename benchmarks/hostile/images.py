@@ -230,8 +230,9 @@ def _photo_tries(folder: pathlib.Path, makers: list):
   yield 'photo: a 300-character name', lambda: read(photo_dir / ('y' * 296 + '.jpg'))
   figures = folder / 'figures'
   figures.mkdir()
+  figure_path = predict._figure_path  # pylint: disable=protected-access
   yield ('figure of a photo with a 250-character name',
-         lambda: open(predict._figure_path(str(figures), 7, str(long_name)), 'wb').close())  # pylint: disable=protected-access
+         lambda: open(figure_path(str(figures), 7, str(long_name)), 'wb').close())
 
 
 def tries(folder: pathlib.Path):

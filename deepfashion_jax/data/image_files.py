@@ -8,13 +8,14 @@ until memory runs out, a folder cannot be read) or when it is larger than the by
 listed image whose path, symlinks resolved, leaves its image folder is refused unread too (a
 list must not make training read /etc/passwd through a symlink). The open itself does not
 block (O_NONBLOCK), and what was opened is checked again (kind, size, where it is), so a
-file swapped for a FIFO or a link between the check and the open is refused as well. A refused file, and one the system cannot read, raise
-`ImageFileError` naming the file: callers treat it as an unreadable image (skipped, named in
-a log line and counted; raised under config.data.strict).
+file swapped for a FIFO or a link between the check and the open is refused as well. A
+refused file, and one the system cannot read, raise `ImageFileError` naming the file:
+callers treat it as an unreadable image (skipped, named in a log line and counted; raised
+under config.data.strict).
 
-The caps' defaults (config.data.max_image_bytes, config.data.max_image_pixels): DeepFashion's
-images are at most 300 pixels on a side and 10 to 25 KB; users' phone photos for
---mode=predict are up to 48 megapixels (8064 x 6048) and 25 MB. 50 megapixels decode to
+The caps' defaults (config.data.max_image_bytes, config.data.max_image_pixels):
+DeepFashion's images are at most 300 pixels on a side and 10 to 25 KB; users' phone photos
+for --mode=predict are up to 48 megapixels (8064 x 6048) and 25 MB. 50 megapixels decode to
 150 MB of RGB, held once per decoding thread; 32 MiB of file bytes likewise.
 """
 
