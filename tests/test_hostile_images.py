@@ -303,3 +303,19 @@ def test_figure_names_fit_in_a_file_name():
     assert base.startswith('00012_') and base.endswith('.png')
   assert len(set(paths)) == len(paths)
   assert figure_path('/out', 3, 'dir/front.jpg') == '/out/00003_front.png'
+
+
+@pytest.mark.filterwarnings('ignore')  # PIL warns about the damaged files it reads past
+def test_every_try_of_the_benchmark_is_clean(tmp_path):
+  """benchmarks/hostile/images.py: each try accepted or refused with the project's error."""
+  outcomes = []
+  for description, thunk in hostile.tries(tmp_path):
+    try:
+      thunk()
+      outcomes.append('accepted')
+    except errors.DeepFashionError:
+      outcomes.append('refused')
+    except Exception as e:  # pylint: disable=broad-except
+      outcomes.append(f'{description}: {type(e).__name__}: {e}')
+  assert len(outcomes) >= 60
+  assert set(outcomes) == {'accepted', 'refused'}, [o for o in outcomes if ':' in o]
