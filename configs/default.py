@@ -101,6 +101,8 @@ def get_config():
   config.data.crop_margin = 10.0  # 'gt_box': pixels added to each side of the box (mmfashion's 10)
   config.data.normalization = 'baseline'  # pixels: 'baseline' (x/255-0.5)/0.5, or 'imagenet' mean/std
   config.data.strict = False  # raise on an unreadable image or an odd box/landmark row instead
+  config.data.max_image_bytes = 32 * 2**20  # larger image files are refused unread (as unreadable)
+  config.data.max_image_pixels = 50_000_000  # more pixels (from the header): refused undecoded
   config.data.threads = 2  # decoding threads per process (libjpeg-turbo releases the GIL)
   config.data.processes = 0  # grain worker processes (0: decode in the main process)
   return config

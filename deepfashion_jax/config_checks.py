@@ -151,6 +151,16 @@ def check(config):
     raise errors.ConfigError(f'config.predict.temperature={config.predict.temperature}: expected a '
                      'positive number')
   _check_profile_steps(config)
+  _check_image_caps(config)
+
+
+def _check_image_caps(config):
+  """config.data.max_image_bytes and max_image_pixels: positive integers."""
+  for name in ('max_image_bytes', 'max_image_pixels'):
+    value = config.data[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise errors.ConfigError(f'config.data.{name}={value!r}: expected a positive integer '
+                               '(images with more are refused, as unreadable ones)')
 
 
 def _check_profile_steps(config):

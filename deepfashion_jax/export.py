@@ -12,8 +12,11 @@ Signatures (the batch dimension B is polymorphic; both return the same dict):
     every photo of one call (a call per size, or the `encoded` signature).
   encoded(images): (B,) string, each the bytes of a JPEG, PNG, GIF or BMP file of any
     size, decoded in the graph (a JPEG with libjpeg's accurate integer DCT, the decoder
-    predict uses; GIF: its first frame) and run one photo at a time. A file that does not
-    decode fails the whole call (predict instead answers it with an `error` line).
+    predict uses, and turned upright by its EXIF orientation as predict turns it; a PNG's
+    16-bit levels scaled, its transparency on white, as predict does; GIF: its first
+    frame) and run one photo at a time. A file that does not decode fails the whole
+    call (predict instead answers it with an `error` line). serving_default takes pixels as
+    they are: turn them upright first (PIL.ImageOps.exif_transpose).
 Outputs, float32:
   category_probabilities (B, 50): softmax of the crops' mean logits / config.predict.temperature;
   attribute_probabilities (B, 1000): sigmoid of the crops' mean logits;
@@ -51,6 +54,7 @@ from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax.data import device_transforms
 from deepfashion_jax.data import ten_crop
+from deepfashion_jax.data import transforms
 
 PLATFORMS = ('cpu', 'cuda')  # what the SavedModel runs on
 ENCODED_SIGNATURE = 'encoded'
@@ -102,13 +106,88 @@ def fitted_size(height, width, canvas_size: int):
   return tf.where(scale >= 1, tf.stack([height, width]), tf.stack(shrunk))
 
 
+# A JPEG's EXIF segment (APP1) comes first after its start marker, and a segment is at
+# most 64 KiB: the orientation is looked for in the first _EXIF_SCAN_BYTES.
+_EXIF_SCAN_BYTES = 1 << 16
+_IFD_ENTRIES_READ = 64  # entries of the first IFD searched for the orientation tag
+_EXIF_HEADER = b'Exif\x00\x00'
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def _unsigned(data, positions, size: int, little_endian):
+  """The `size`-byte unsigned integers at `positions` of `data` (int64 bytes, zero-padded
+  past its end), in the TIFF's byte order."""
+  values = [tf.gather(data, positions + k) for k in range(size)]
+  if_little = sum(v * 256**k for k, v in enumerate(values))
+  if_big = sum(v * 256**(size - 1 - k) for k, v in enumerate(values))
+  return tf.where(little_endian, if_little, if_big)
+
+
+def exif_orientation(data):
+  """The EXIF orientation (1 to 8) of one JPEG file's bytes, in TensorFlow ops; 1 without
+  one, or when the EXIF is damaged (offsets past the bytes, another value). As PIL reads it:
+  the APP1 segment that starts 'Exif\\0\\0', its TIFF header's byte order and first IFD,
+  that IFD's entry 0x0112."""
+  head = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 0, _EXIF_SCAN_BYTES), tf.uint8),
+                 tf.int64)
+  size = tf.size(head, out_type=tf.int64)
+  padded = tf.concat([head, tf.zeros([16], tf.int64)], 0)
+  # Each start of the header that fits, and one more (never empty; its end in the padding
+  # is not readable below): after an APP1 marker and the segment's length.
+  starts = tf.range(tf.maximum(size - len(_EXIF_HEADER) + 1, 0) + 1)
+  found = ((starts >= 4) & (tf.gather(padded, tf.maximum(starts - 4, 0)) == 0xFF)
+           & (tf.gather(padded, tf.maximum(starts - 3, 0)) == 0xE1))
+  for k, byte in enumerate(_EXIF_HEADER):
+    found &= tf.gather(padded, starts + k) == byte
+  tiff = tf.argmax(tf.cast(found, tf.int32), output_type=tf.int64) + len(_EXIF_HEADER)
+  little = tf.gather(padded, tiff) == ord('I')
+  readable = lambda position, length: (position >= 0) & (position + length <= size)
+  at = lambda position: tf.clip_by_value(position, 0, size)  # inside `padded`
+  ifd = tiff + _unsigned(padded, at(tiff + 4)[None], 4, little)[0]
+  count = _unsigned(padded, at(ifd)[None], 2, little)[0]
+  entries = ifd + 2 + 12 * tf.range(_IFD_ENTRIES_READ, dtype=tf.int64)
+  tags = _unsigned(padded, at(entries), 2, little)
+  values = _unsigned(padded, at(entries + 8), 2, little)  # a SHORT: the field's first 2 bytes
+  wanted = ((tags == 0x0112) & readable(entries, 12)
+            & (tf.range(_IFD_ENTRIES_READ, dtype=tf.int64) < count))
+  orientation = tf.gather(values, tf.argmax(tf.cast(wanted, tf.int32)))
+  valid = (tf.reduce_any(found) & readable(tiff, 8) & readable(ifd, 2) & tf.reduce_any(wanted)
+           & (orientation >= 1) & (orientation <= 8))
+  return tf.where(valid, tf.cast(orientation, tf.int32), 1)
+
+
+def upright(image, orientation):
+  """(H, W, 3) stored pixels turned by an EXIF orientation, as `transforms.decode_image`
+  turns them (PIL.ImageOps.exif_transpose's turns)."""
+  transposed = lambda: tf.transpose(image, [1, 0, 2])
+  turns = [lambda: image, lambda: image[:, ::-1], lambda: image[::-1, ::-1],
+           lambda: image[::-1], transposed, lambda: transposed()[:, ::-1],
+           lambda: transposed()[::-1, ::-1], lambda: transposed()[::-1]]
+  return tf.switch_case(orientation - 1, turns)
+
+
+def _png_on_white(data):
+  """A PNG's pixels as `transforms.decode_image` gives them: 16-bit levels scaled to 8 bits,
+  transparent pixels composited on white (`transforms.ALPHA_BACKGROUND`)."""
+  rgba = tf.cast(tf.io.decode_png(data, channels=4, dtype=tf.uint16), tf.float32) / 65535
+  rgb, alpha = rgba[..., :3], rgba[..., 3:]
+  background = tf.constant(transforms.ALPHA_BACKGROUND, tf.float32) / 255
+  return tf.cast(tf.round((rgb * alpha + background * (1 - alpha)) * 255), tf.uint8)
+
+
 def decode(data):
-  """One image file's bytes -> (H, W, 3) uint8 RGB (a JPEG with the accurate integer DCT,
-  as `transforms.decode_image`'s libjpeg-turbo; TF's default DCT is the fast one)."""
-  image = tf.cond(
-      tf.io.is_jpeg(data),
-      lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
-      lambda: tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False))
+  """One image file's bytes -> (H, W, 3) uint8 RGB, as predict's reader decodes it: a JPEG
+  with the accurate integer DCT (as `transforms.decode_image`'s libjpeg-turbo; TF's default
+  DCT is the fast one), turned upright by its EXIF orientation; a PNG's 16-bit levels
+  scaled and its transparency on white."""
+  image = tf.case(
+      [(tf.io.is_jpeg(data),
+        lambda: upright(tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
+                        exif_orientation(data))),
+       (tf.strings.substr(data, 0, len(_PNG_SIGNATURE)) == _PNG_SIGNATURE,
+        lambda: _png_on_white(data))],
+      default=lambda: tf.io.decode_image(data, channels=3, dtype=tf.uint8,
+                                         expand_animations=False), exclusive=True)
   image.set_shape([None, None, 3])
   return image
 

@@ -23,10 +23,15 @@ config.ema_decay > 0 keeps (refused on a checkpoint without one; `checkpoints`).
 
 `photo_outputs` cuts the crops, runs the model's jitted step and averages on batches of
 one shape, so the step compiles once however many images there are. An unreadable or
-non-image file gets a line with an `error` field, and the run goes on.
+non-image file, one that is not a regular file (a FIFO, /dev/zero, never read) or one over
+config.data.max_image_bytes or max_image_pixels gets a line with an `error` field, logged,
+and the run goes on; so does a photo whose figure cannot be written (`figure_error`).
+Photos are read upright (their EXIF orientation applied): sizes, boxes and landmarks are
+in the upright photo's pixels.
 """
 
 import functools
+import hashlib
 import json
 import os
 
@@ -48,6 +53,7 @@ from deepfashion_jax.data import ten_crop
 
 FIGURE_INCHES, FIGURE_DPI = (14.0, 7.0), 80  # every figure is 1120 x 560 pixels
 TOP_CATEGORIES = 5
+_MAX_NAME_BYTES = 255  # a file name's longest (NAME_MAX of Linux's and macOS's filesystems)
 # The figure's landmark labels: 'L.col', 'R.sle', ... (Liu & Lu's abbreviations).
 SLOT_LABELS = {slot: slot[0].upper() + '.' + slot.split('_')[1][:3]
                for slot in landmark_slots.SLOT_NAMES}
@@ -126,14 +132,16 @@ def draw_figure(image, line: dict, path: str):
   title = os.path.basename(line['path'])
   if 'garment_type' in line:
     title += f" ({line['garment_type']['name']}, {line['garment_type']['probability']:.2f})"
-  photo.set_title(title, fontsize=10)
+  photo.set_title(title, fontsize=10, parse_math=False)  # a name may hold a $
   photo.axis('off')
   charts = [('category', line['categories'], 'tab:blue')]
   charts += [(name, entries, 'tab:orange') for name, entries in line['attributes'].items()]
   for j, (title, entries, colour) in enumerate(charts[:6]):
     _bars(figure.add_subplot(grid[j // 3, 2 + j % 3]), entries, title, colour)
-  figure.savefig(path, dpi=FIGURE_DPI)
-  pyplot.close(figure)
+  try:
+    figure.savefig(path, dpi=FIGURE_DPI)
+  finally:
+    pyplot.close(figure)
 
 
 def warn_if_trained_on_box_cuts(config):
@@ -145,9 +153,30 @@ def warn_if_trained_on_box_cuts(config):
 
 
 def _figure_path(output_dir: str, number: int, image_path: str) -> str:
-  """Numbered, so that two photos called front.jpg in two folders keep both figures."""
+  """Numbered, so that two photos called front.jpg in two folders keep both figures. A name
+  longer than a file name may be (_MAX_NAME_BYTES) keeps the start of the photo's name and
+  a short hash of all of it."""
   stem = os.path.splitext(os.path.basename(image_path))[0]
-  return os.path.join(output_dir, f'{number:05d}_{stem}.png')
+  name = f'{number:05d}_{stem}.png'
+  if len(os.fsencode(name)) > _MAX_NAME_BYTES:
+    digest = hashlib.sha256(os.fsencode(stem)).hexdigest()[:10]
+    room = _MAX_NAME_BYTES - len(f'{number:05d}__{digest}.png')
+    while len(os.fsencode(stem)) > room:  # whole characters, not bytes, are cut
+      stem = stem[:-1]
+    name = f'{number:05d}_{stem}_{digest}.png'
+  return os.path.join(output_dir, name)
+
+
+def _write_figure(image, line: dict, path: str):
+  """The line's figure at `path` (line['figure']), or line['figure_error'] saying why there
+  is none: one photo's figure never ends the run."""
+  try:
+    draw_figure(image, line, path)
+  except (OSError, ValueError, RuntimeError) as e:  # a full disk, a name the system refuses
+    logging.error('No figure for %s: %s: %s', image.path, type(e).__name__, e)
+    line['figure_error'] = f'{type(e).__name__}: {e}'
+    return
+  line['figure'] = path
 
 
 def predict(config, workdir: str, images: str, output_dir: str) -> str:
@@ -175,11 +204,13 @@ def predict(config, workdir: str, images: str, output_dir: str) -> str:
       lines = _batch_lines(photo_batch, outputs_of, state, mesh, photos.names,
                            config.predict)
       for image, line in zip(photo_batch.images, lines):
-        if 'error' not in line:
-          line['figure'] = _figure_path(output_dir, number, image.path)
-          draw_figure(image, line, line['figure'])
+        if 'error' in line:
+          logging.error('Skipping %s: %s', image.path, line['error'])
+        else:
+          _write_figure(image, line, _figure_path(output_dir, number, image.path))
         out.write(json.dumps(line) + '\n')
         number += 1
+      out.flush()  # the lines so far survive whatever comes next
       bar.update(len(lines))
   return jsonl
 

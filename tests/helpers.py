@@ -1,6 +1,7 @@
 """What the end-to-end tests share: running main.py on the tiny config, reading back what
 a run saved."""
 
+import builtins
 import json
 import os
 import subprocess
@@ -55,3 +56,25 @@ def saved_state(workdir: str, step: int) -> dict:
 
 def saved_params(workdir: str, step: int) -> list:
   return jax.tree.leaves(saved_state(workdir, step)['params'])
+
+
+def forbid_opening(monkeypatch, *paths):
+  """Opening one of `paths` (symlinks resolved; by open or os.open) fails the test at once,
+  instead of blocking on a FIFO or reading /dev/zero until memory runs out."""
+  forbidden = {os.path.realpath(path) for path in paths}
+  real_open, real_os_open = builtins.open, os.open
+
+  def check(path):
+    if not isinstance(path, int) and os.path.realpath(path) in forbidden:
+      raise AssertionError(f'{path} was opened')
+
+  def guarded_open(path, *args, **kwargs):
+    check(path)
+    return real_open(path, *args, **kwargs)
+
+  def guarded_os_open(path, *args, **kwargs):
+    check(path)
+    return real_os_open(path, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, 'open', guarded_open)
+  monkeypatch.setattr(os, 'open', guarded_os_open)

@@ -23,7 +23,9 @@ import jax
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow as tf
 
+from benchmarks.hostile import images as hostile_images
 from configs import test as test_config
 from deepfashion_jax import checkpoints
 from deepfashion_jax import export
@@ -161,6 +163,41 @@ def test_export_runs_predicts_function(workdir, photo_files, monkeypatch, ten_cr
              else PIXEL_TOLERANCE)
     np.testing.assert_allclose(value, [e[key] for e in expected], rtol=0, atol=limit,
                                err_msg=key)
+
+
+def _exif_jpeg(orientation, endian='<', ifd_offset=None) -> bytes:
+  """A JPEG tagged with an EXIF orientation after two other tags, in either byte order;
+  ifd_offset: overwrite the TIFF header's offset of the first IFD (damaged EXIF)."""
+  exif = Image.Exif()
+  exif[0x010F], exif[0x0110], exif[0x0112] = 'Maker', 'Model X', orientation
+  exif.endian = endian
+  data = hostile_images.encode(hostile_images.photo(), exif=exif.tobytes())
+  if ifd_offset is not None:
+    tiff = data.index(b'Exif\x00\x00') + 6
+    data = data[:tiff + 4] + ifd_offset.to_bytes(4, 'little') + data[tiff + 8:]
+  return data
+
+
+@pytest.mark.filterwarnings('ignore:Corrupt EXIF')  # PIL, reading the damaged cases
+def test_the_encoded_signature_decodes_as_predict_does():
+  """In a graph, as the SavedModel's `encoded` signature decodes: each EXIF orientation, in
+  either byte order, turns the photo as predict's reader turns it (the same pixels: both
+  decoders are libjpeg's accurate DCT); damaged EXIF leaves the stored pixels; 16-bit
+  grayscale and transparent PNGs give predict's pixels too."""
+  decode = tf.function(lambda batch: tf.map_fn(export.decode, batch, fn_output_signature=
+                                               tf.TensorSpec([None, None, 3], tf.uint8)),
+                       input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+  cases = [(_exif_jpeg(o, endian), o) for o in range(1, 9) for endian in '<>']
+  cases += [(_exif_jpeg(6, ifd_offset=0xFFFFFFF0), 1), (_exif_jpeg(6, ifd_offset=2), 1),
+            (hostile_images.exif_rotated_jpeg(99), 1), (hostile_images.encode(
+                hostile_images.photo()), 1)]
+  cases += [(hostile_images.sixteen_bit_ramp(), None)]
+  cases += [(hostile_images.transparent_png(mode), None) for mode in ('RGBA', 'LA', 'P')]
+  for data, orientation in cases:
+    np.testing.assert_array_equal(decode(tf.constant([data]))[0].numpy(),
+                                  transforms.decode_image(data, upright=True))
+    if orientation:  # a JPEG
+      assert int(export.exif_orientation(tf.constant(data))) == orientation
 
 
 def test_the_canvas_fit_in_the_graph_is_pils():

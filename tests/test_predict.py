@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -18,6 +19,7 @@ from deepfashion_jax.data import photos as photos_lib
 from deepfashion_jax.data import ten_crop as ten_crop_lib
 from deepfashion_jax.data import transforms
 from deepfashion_jax.data import vocabulary
+from tests import helpers
 
 
 def _config(data_dir):
@@ -136,6 +138,37 @@ def test_predictions_and_figures(trained_workdir, photos, synthetic_folder, tmp_
   np.testing.assert_allclose(lines[2]['box'], 2 * np.array(lines[0]['box']), atol=4.0)
   # Two batches (2 photos, then 1 photo and 1 unreadable file), one compiled step.
   assert compiled[0]._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_every_photo_gets_its_line_whatever_the_others_are(trained_workdir, photos,
+                                                           synthetic_folder, tmp_path,
+                                                           monkeypatch):
+  """A legal 250-character name (its figure's name shortened), a photo stored sideways with
+  EXIF orientation 6 (predicted upright: its size and box those of the upright photo), a
+  FIFO called pipe.jpg and /dev/zero (error lines, never opened)."""
+  folder = tmp_path / 'hostile'
+  folder.mkdir()
+  long_name = folder / ('a' * 246 + '.jpg')
+  shutil.copy(photos['small'][0], long_name)
+  with Image.open(photos['small'][1]) as image:
+    upright = np.asarray(image.convert('RGB'))
+  exif = Image.Exif()
+  exif[0x0112] = 6  # turn a quarter clockwise to show
+  Image.fromarray(np.rot90(upright)).save(folder / 'sideways.jpg', quality=95,
+                                          exif=exif.tobytes())
+  os.mkfifo(folder / 'pipe.jpg')
+  helpers.forbid_opening(monkeypatch, folder / 'pipe.jpg', '/dev/zero')
+  images = f"{folder},{photos['small'][1]},/dev/zero"
+  lines = _lines(predict.predict(_config(synthetic_folder[0]), trained_workdir, images,
+                                 str(tmp_path / 'out')))
+  assert [line['path'] for line in lines] == [str(long_name), str(folder / 'pipe.jpg'),
+                                              str(folder / 'sideways.jpg'),
+                                              photos['small'][1], '/dev/zero']
+  long_line, fifo, sideways, original, zero = lines
+  assert 'a FIFO' in fifo['error'] and 'a character device' in zero['error']
+  assert os.path.isfile(long_line['figure']) and 'categories' in long_line
+  assert (sideways['height'], sideways['width']) == upright.shape[:2]
+  np.testing.assert_allclose(sideways['box'], original['box'], atol=4.0)
 
 
 def test_centre_crop_temperature_and_the_per_garment_type_head(synthetic_folder, photos,

@@ -4,6 +4,7 @@ order as the folder source, the same batches, and training from it."""
 import dataclasses
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,10 +12,12 @@ import pytest
 from configs import test as test_config
 from deepfashion_jax import train
 from deepfashion_jax.data import annotations
+from deepfashion_jax.data import image_files
 from deepfashion_jax.data import pipeline
 from deepfashion_jax.data import sources
 from deepfashion_jax.data import tfds_builder
 from deepfashion_jax.data import vocabulary
+from tests import helpers
 
 OPTIONS = pipeline.ImageOptions(img_size=80, crop_size=72)
 
@@ -32,6 +35,9 @@ def prepared(quirky_folder, tmp_path_factory):
 def _assert_same_record(a: dict, b: dict, where: str):
   assert a.keys() == b.keys(), where
   for key, value in a.items():
+    if key == 'image_error':  # the folder says why a file is unread, the dataset that it is
+      assert bool(value) == bool(b[key]), f'{where} {key}: {value!r}, {b[key]!r}'
+      continue
     if isinstance(value, np.ndarray):
       assert value.dtype == b[key].dtype, f'{where} {key}'
       np.testing.assert_array_equal(value, b[key], err_msg=f'{where} {key}')
@@ -95,6 +101,28 @@ def test_the_stored_fields_are_the_index(prepared):
     assert example['image_bytes'] == f.read()  # as stored, not re-encoded
   height, width = example['image_size']
   assert height > 0 and width > 0
+
+
+def test_preparing_stores_refused_files_as_missing(synthetic_folder, tmp_path, monkeypatch):
+  """A listed link out of the image folder, a FIFO and a file over the byte cap are stored
+  as missing images (b''), never read (the FIFO never opened)."""
+  root = tmp_path / 'deepfashion'
+  shutil.copytree(synthetic_folder[0], root)
+  index = annotations.read_deepfashion(str(root))
+  image_dir = index.image_dir()
+  inside = image_files.resolved_folders(image_dir, os.path.join(image_dir, 'img'))
+  paths = [os.path.join(image_dir, str(p)) for p in index.image_paths[:4]]
+  (tmp_path / 'outside.jpg').write_bytes(open(paths[3], 'rb').read())
+  for path in paths[:2]:
+    os.remove(path)
+  os.symlink(tmp_path / 'outside.jpg', paths[0])
+  os.mkfifo(paths[1])
+  helpers.forbid_opening(monkeypatch, paths[1])
+  make_example = tfds_builder._example  # pylint: disable=protected-access
+  example = lambda row, cap=2**20: make_example(index, row, image_dir, inside, cap)
+  assert example(0)['image_bytes'] == example(1)['image_bytes'] == b''
+  assert example(2, cap=10)['image_bytes'] == b''
+  assert example(3)['image_bytes'] == (tmp_path / 'outside.jpg').read_bytes()
 
 
 def test_an_unprepared_folder_names_the_command(tmp_path):

@@ -118,4 +118,5 @@ def prepare_tfds(config, workdir: str) -> str:
   """--mode=prepare: writes the folder's official partition as a TFDS dataset; returns
   its folder."""
   from deepfashion_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
-  return tfds_builder.prepare(load_index(config, workdir), folder.tfds_dir(config.data, workdir))
+  return tfds_builder.prepare(load_index(config, workdir), folder.tfds_dir(config.data, workdir),
+                              config.data.max_image_bytes)

@@ -4,11 +4,15 @@ Each photo is decoded and fitted into the canvas on the host (as in training: a 
 larger than the canvas is shrunk into it by `transforms.fit_to_canvas`); its crops are cut
 and their outputs averaged on the device (`ten_crop.py`). Every batch holds the same number
 of photos (the last one padded), so that the jitted step compiles once. An unreadable or
-non-image file is kept, with its error.
+non-image file is kept, with its error; so is a file that is not a regular file (a FIFO, a
+device such as /dev/zero, a folder: never opened for reading) or is over the byte or pixel
+cap (config.data.max_image_bytes, max_image_pixels). A photo is read upright: its EXIF
+orientation applied, as a photo viewer shows it (`transforms.decode_image`).
 """
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 from typing import Iterator, Optional
 
@@ -16,6 +20,7 @@ import numpy as np
 
 from deepfashion_jax.data import annotations
 from deepfashion_jax.data import folder
+from deepfashion_jax.data import image_files
 from deepfashion_jax.data import transforms
 from deepfashion_jax.data import vocabulary
 
@@ -84,14 +89,25 @@ class LoadedImage:
   error: str = ''
 
 
-def load_image(path: str, canvas_size: int) -> LoadedImage:
-  try:
-    with open(path, 'rb') as f:
-      image = transforms.decode_image(f.read())
-  except (OSError, transforms.ImageDecodeError) as e:
-    return LoadedImage(path, error=f'{type(e).__name__}: {e}')
+def read_photo(path: str, canvas_size: int, max_bytes: int = image_files.DEFAULT_MAX_BYTES,
+               max_pixels: int = image_files.DEFAULT_MAX_PIXELS) -> tuple:
+  """(the photo fitted into the canvas, (height, width) of the photo), read upright: its
+  EXIF orientation applied, so that its size and the outputs' pixels are the upright
+  photo's. Raises ImageFileError (not a regular file: a FIFO, a device, a folder; more than
+  max_bytes; unreadable) or ImageDecodeError (not an image, more than max_pixels pixels)."""
+  image = transforms.decode_image(image_files.read(path, max_bytes), max_pixels, upright=True)
   fitted, _ = transforms.fit_to_canvas(image, np.zeros(4, np.float32), canvas_size)
-  return LoadedImage(path, fitted, image.shape[:2])
+  return fitted, image.shape[:2]
+
+
+def load_image(path: str, canvas_size: int, max_bytes: int = image_files.DEFAULT_MAX_BYTES,
+               max_pixels: int = image_files.DEFAULT_MAX_PIXELS) -> LoadedImage:
+  """`read_photo`'s photo, or its error: one photo never ends the run."""
+  try:
+    fitted, size = read_photo(path, canvas_size, max_bytes, max_pixels)
+  except (image_files.ImageFileError, transforms.ImageDecodeError) as e:
+    return LoadedImage(path, error=f'{type(e).__name__}: {e}')
+  return LoadedImage(path, fitted, size)
 
 
 @dataclasses.dataclass
@@ -115,10 +131,12 @@ class Photos:
     return len(self.paths)
 
   def batches(self) -> Iterator[PhotoBatch]:
-    canvas_size = self._data.canvas_size
+    load = functools.partial(load_image, canvas_size=self._data.canvas_size,
+                             max_bytes=self._data.max_image_bytes,
+                             max_pixels=self._data.max_image_pixels)
     with concurrent.futures.ThreadPoolExecutor(self._data.threads) as pool:
       for start in range(0, len(self.paths), self.images_per_batch):
-        images = list(pool.map(lambda p: load_image(p, canvas_size),
+        images = list(pool.map(load,
                                self.paths[start:start + self.images_per_batch]))
         readable = [image for image in images if not image.error]
         yield PhotoBatch(images, self._batch(readable) if readable else None)

@@ -46,6 +46,7 @@ import grain
 import numpy as np
 
 from deepfashion_jax import errors
+from deepfashion_jax.data import image_files
 from deepfashion_jax.data import transforms
 
 # Give up on a training example after this many unreadable files in a row.
@@ -84,6 +85,7 @@ class ImageOptions:
   crop: str = 'none'  # the window crops are drawn from: 'none' (the image) or 'gt_box'
   crop_margin: float = 10.0  # 'gt_box': pixels added to each side of the box
   strict: bool = False  # raise on an unreadable image instead of skipping it
+  max_image_pixels: int = image_files.DEFAULT_MAX_PIXELS  # larger: refused from the header
 
   def __post_init__(self):
     """Each option is checked here, where the pipeline takes it, naming its config.data
@@ -110,17 +112,20 @@ def image_options(data_config) -> ImageOptions:
   return ImageOptions(canvas_size=data_config.canvas_size, img_size=data_config.img_size,
                       crop_size=data_config.crop_size, random_flip=data_config.random_flip,
                       eval_crop=data_config.eval_crop, crop=data_config.crop,
-                      crop_margin=data_config.crop_margin, strict=data_config.strict)
+                      crop_margin=data_config.crop_margin, strict=data_config.strict,
+                      max_image_pixels=data_config.max_image_pixels)
 
 
-def _decode(record: dict, strict: bool):
-  """The decoded image, or None (logged, or raised when strict) when it cannot be read."""
+def _decode(record: dict, options: ImageOptions):
+  """The decoded image, or None (logged, or raised when strict) when it cannot be read: a
+  file missing, refused by the source (`image_files`), not decodable, or of more pixels than
+  options.max_image_pixels."""
   try:
     if record['image_bytes'] is None:
-      raise transforms.ImageDecodeError('file not found')
-    return transforms.decode_image(record['image_bytes'])
+      raise transforms.ImageDecodeError(record.get('image_error') or 'file not found')
+    return transforms.decode_image(record['image_bytes'], options.max_image_pixels)
   except transforms.ImageDecodeError as e:
-    if strict:
+    if options.strict:
       raise transforms.ImageDecodeError(f'{record["path"]}: {e}') from None
     logging.warning('Skipping unreadable image %s: %s', record['path'], e)
     return None
@@ -185,12 +190,13 @@ class TrainExample(grain.transforms.RandomMap):
     for skipped in range(_MAX_CONSECUTIVE_BAD_FILES):
       if skipped:
         record = self.source[(record['position'] + 1) % len(self.source)]
-      image = _decode(record, self.options.strict)
+      image = _decode(record, self.options)
       if image is not None:
         break
     else:
-      raise RuntimeError(f'{_MAX_CONSECUTIVE_BAD_FILES} unreadable images in a row, the '
-                         f'last {record["path"]}: is the image folder complete?')
+      raise transforms.ImageDecodeError(
+          f'{_MAX_CONSECUTIVE_BAD_FILES} unreadable images in a row, the last '
+          f'{record["path"]}: is the image folder complete?')
     fitted = _fit(record, image, self.options)
     crop = transforms.random_train_crop(rng, *transforms.window_size(fitted.window),
                                         self.options.img_size, self.options.crop_size,
@@ -209,7 +215,7 @@ class EvalExample(grain.transforms.Map):
     if p >= len(self.positions):
       return self._invalid(self.source[int(self.positions[0])], skipped=0)
     record = self.source[int(self.positions[p])]
-    image = _decode(record, self.options.strict)
+    image = _decode(record, self.options)
     if image is None:
       return self._invalid(record, skipped=1)
     fitted = _fit(record, image, self.options)

@@ -1,7 +1,8 @@
 """Random-access sources of DeepFashion examples, for grain.
 
 A source's record is what the transforms need and nothing decoded: the image file's bytes
-as stored (None when the file is missing), its path for messages, the example's row in the
+as stored (None when the file is missing or refused, `image_files.read`, and then
+image_error says why), its path for messages, the example's row in the
 annotation index, its position in the source, the labels (the 1,000 attribute flags
 bit-packed, `np.packbits` order), the box in pixels and the landmarks in slot order
 (`landmark_slots`: xy (8, 2) float32 pixels, visibility (8,) int8, -1 where the garment
@@ -16,6 +17,7 @@ import os
 import numpy as np
 
 from deepfashion_jax.data import annotations
+from deepfashion_jax.data import image_files
 from deepfashion_jax.data import landmark_slots
 
 SOURCES = ('folder', 'tfds')  # config.data.source
@@ -28,8 +30,13 @@ class FolderSource:
   copies the source into every worker process.
   """
 
-  def __init__(self, index: annotations.DeepFashionIndex, rows: np.ndarray):
+  def __init__(self, index: annotations.DeepFashionIndex, rows: np.ndarray,
+               max_image_bytes: int = image_files.DEFAULT_MAX_BYTES):
     self.image_dir = index.image_dir()
+    # The listed paths are 'img/...': img/ may be a link to another disk, its files not.
+    self.inside = image_files.resolved_folders(self.image_dir,
+                                               os.path.join(self.image_dir, 'img'))
+    self.max_image_bytes = max_image_bytes
     self.rows = np.asarray(rows, np.int64)
     self.paths = index.image_paths[self.rows]
     self.category = index.category[self.rows].astype(np.int32)
@@ -45,12 +52,14 @@ class FolderSource:
 
   def __getitem__(self, position: int) -> dict:
     path = str(self.paths[position])
+    image_bytes, image_error = None, ''
     try:
-      with open(os.path.join(self.image_dir, path), 'rb') as f:
-        image_bytes = f.read()
-    except OSError:
-      image_bytes = None
-    return dict(image_bytes=image_bytes, path=path, index=int(self.rows[position]),
+      image_bytes = image_files.read(os.path.join(self.image_dir, path), self.max_image_bytes,
+                                     self.inside)
+    except image_files.ImageFileError as e:
+      image_error = str(e)
+    return dict(image_bytes=image_bytes, image_error=image_error, path=path,
+                index=int(self.rows[position]),
                 position=position, category=self.category[position],
                 category_type=self.category_type[position],
                 attribute_positive_bits=self.attribute_positive[position],
@@ -105,7 +114,10 @@ class TfdsSource:
     landmark_visibility, landmark_xy = landmark_slots.to_slots(  # TFDS keeps the file's order
         ints('landmark_garment_type'), ints('landmark_visibility')[None],
         ints('landmark_xy').reshape(1, -1, 2))
-    return dict(image_bytes=first_bytes('image_bytes') or None,
+    image_bytes = first_bytes('image_bytes') or None
+    return dict(image_bytes=image_bytes,
+                image_error='' if image_bytes else 'not in the prepared dataset (unreadable '
+                'or refused when it was prepared)',
                 path=first_bytes('file_name').decode(), index=int(first_int('index')),
                 position=position, category=np.int32(first_int('category')),
                 category_type=np.int32(first_int('category_type')),
@@ -125,7 +137,7 @@ def make_source(data_config, index: annotations.DeepFashionIndex, split: str, tf
   must have the index's rows.
   """
   if data_config.source == 'folder':
-    return FolderSource(index, index.split_indices(split))
+    return FolderSource(index, index.split_indices(split), data_config.max_image_bytes)
   source = TfdsSource(tfds_dir, split)
   if len(source) != len(index.split_indices(split)):
     raise ValueError(

@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from deepfashion_jax.data import annotations
+from deepfashion_jax.data import image_files
 from deepfashion_jax.data import vocabulary
 
 NUM_ATTRIBUTES = vocabulary.NUM_ATTRIBUTES  # the benchmark's; stored bit-packed
@@ -51,9 +52,11 @@ class DeepFashionCategoryAttribute(tfds.core.GeneratorBasedBuilder):
     Img/img/<Product_Name>/img_00000001.jpg ...   (img.zip unpacked; Img/ or img/)
   """
 
-  def __init__(self, *, index: annotations.DeepFashionIndex = None, **kwargs):
-    """index: the annotation index to write (default: read from the manual dir)."""
-    self._index = index
+  def __init__(self, *, index: annotations.DeepFashionIndex = None,
+               max_image_bytes: int = image_files.DEFAULT_MAX_BYTES, **kwargs):
+    """index: the annotation index to write (default: read from the manual dir);
+    max_image_bytes: larger files are stored as missing (`image_files.read`)."""
+    self._index, self._max_image_bytes = index, max_image_bytes
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -90,22 +93,26 @@ class DeepFashionCategoryAttribute(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, index: annotations.DeepFashionIndex, split: str):
     rows = index.split_indices(split)
     image_dir = index.image_dir()
+    inside = image_files.resolved_folders(image_dir, os.path.join(image_dir, 'img'))
     progress = _Progress(split, len(rows))
     for position, row in enumerate(rows):
       # Keys spread over TFDS's 128-bit key space in order: without shuffling they set the
       # order, and spread they fill all of its temporary buckets instead of one.
       key = (position << 128) // max(len(rows), 1)
-      yield key, _example(index, int(row), image_dir)
+      yield key, _example(index, int(row), image_dir, inside, self._max_image_bytes)
       progress.update(position + 1)
 
 
-def _example(index: annotations.DeepFashionIndex, row: int, image_dir: str) -> dict:
+def _example(index: annotations.DeepFashionIndex, row: int, image_dir: str, inside: tuple,
+             max_image_bytes: int) -> dict:
+  """One image's example; a missing, unreadable or refused file (`image_files.read`) is
+  stored as b'', which the pipeline treats as the folder source treats a missing file."""
   path = str(index.image_paths[row])
   try:
-    with open(os.path.join(image_dir, path), 'rb') as f:
-      image_bytes = f.read()
-  except OSError:
-    image_bytes = b''  # the pipeline treats it as the folder source treats a missing file
+    image_bytes = image_files.read(os.path.join(image_dir, path), max_image_bytes, inside)
+  except image_files.ImageFileError as e:
+    logging.warning('Storing %s as missing: %s', path, e)
+    image_bytes = b''
   landmarks = index.landmark_visibility is not None
   return {
       'image_bytes': image_bytes, 'file_name': path, 'index': row,
@@ -165,9 +172,11 @@ def _writer_memory(limit_bytes: int):
     tfds_shuffle.MAX_MEM_BUFFER_SIZE = previous
 
 
-def prepare(index: annotations.DeepFashionIndex, tfds_dir: str) -> str:
+def prepare(index: annotations.DeepFashionIndex, tfds_dir: str,
+            max_image_bytes: int = image_files.DEFAULT_MAX_BYTES) -> str:
   """Writes the dataset of `index` (its official partition) as ArrayRecord files under
-  tfds_dir; returns the dataset's folder. Already prepared: nothing to do."""
+  tfds_dir; returns the dataset's folder. Already prepared: nothing to do. Image files are
+  read by `image_files.read` (at most max_image_bytes, regular files in the image folder)."""
   if index.num_attributes != NUM_ATTRIBUTES:
     raise ValueError(f'{index.root} lists {index.num_attributes} attributes; the TFDS dataset '
                      f'stores the benchmark\'s {NUM_ATTRIBUTES}')
@@ -175,6 +184,7 @@ def prepare(index: annotations.DeepFashionIndex, tfds_dir: str) -> str:
     raise ValueError('The TFDS dataset needs the official train/val/test partition '
                      '(config.data.partition=official) with images in every split.')
   builder = DeepFashionCategoryAttribute(data_dir=tfds_dir, index=index,
+                                         max_image_bytes=max_image_bytes,
                                          file_format='array_record')
   total = len(index)
   logging.info('Preparing the TFDS dataset of %s (%d images) in %s', index.root, total,

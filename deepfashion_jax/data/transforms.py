@@ -24,35 +24,123 @@ window followed by the usual resize, crop and flip (`resize_crop_flip`, the refe
 
 import dataclasses
 import io
+import struct
 
 import numpy as np
 from PIL import Image
 import simplejpeg
 
 from deepfashion_jax import errors
+from deepfashion_jax.data import image_files
 from deepfashion_jax.data import landmark_slots
 
 
 class ImageDecodeError(errors.DeepFashionError, ValueError):
-  """An image file that cannot be decoded (truncated, not an image, unsupported)."""
+  """An image file that cannot be decoded (truncated, not an image, unsupported, or more
+  pixels than config.data.max_image_pixels)."""
 
 
-def decode_image(data: bytes) -> np.ndarray:
+# What PIL raises on a damaged or hostile file, besides OSError (its plug-ins parse headers
+# with struct and index into tables the file describes).
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError,
+               ZeroDivisionError, struct.error, Image.DecompressionBombError)
+_EXIF_ORIENTATION = 0x0112
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+
+
+def decode_image(data: bytes, max_pixels: int = image_files.DEFAULT_MAX_PIXELS,
+                 upright: bool = False) -> np.ndarray:
   """JPEG (or anything PIL reads, e.g. PNG under a .jpg name) -> (H, W, 3) uint8 RGB.
 
   libjpeg-turbo (simplejpeg) first: about twice as fast as PIL; it converts grayscale and
   CMYK to RGB and, in strict mode, refuses truncated files instead of padding them with grey.
+  An image of more than `max_pixels` pixels (height x width, from its header) is refused
+  before any pixel is decoded. 16-bit grayscale is scaled to 8 bits; transparent pixels
+  are composited on white (ALPHA_BACKGROUND).
+
+  upright: turn the image by its EXIF orientation, as a photo viewer shows it (users'
+  photos, `photos.py`). The dataset's reader leaves it off: the lists' boxes and landmarks
+  are in the stored pixels (DeepFashion's images carry no orientation).
   """
   try:
-    return simplejpeg.decode_jpeg(data, colorspace='RGB', strict=True)
+    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
   except ValueError as jpeg_error:
-    if data[:2] == b'\xff\xd8':  # a JPEG that libjpeg-turbo refused: truncated or broken
+    if data[:2] == b'\xff\xd8':  # a JPEG whose header libjpeg-turbo refused
       raise ImageDecodeError(str(jpeg_error)) from None
+    return _decode_with_pil(data, max_pixels, upright)
+  _check_pixels(height, width, max_pixels)
+  try:
+    image = simplejpeg.decode_jpeg(data, colorspace='RGB', strict=True)
+  except ValueError as jpeg_error:  # truncated or broken
+    raise ImageDecodeError(str(jpeg_error)) from None
+  return _turned(image, _orientation(data)) if upright else image
+
+
+def _check_pixels(height: int, width: int, max_pixels: int):
+  if height * width > max_pixels:
+    raise ImageDecodeError(f'{width} x {height} pixels, more than '
+                           f'config.data.max_image_pixels={max_pixels:,}: not decoded')
+
+
+def _decode_with_pil(data: bytes, max_pixels: int, upright: bool) -> np.ndarray:
   try:
     with Image.open(io.BytesIO(data)) as image:
-      return np.asarray(image.convert('RGB'))
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise ImageDecodeError(str(e)) from None
+      _check_pixels(image.height, image.width, max_pixels)  # before .load() decodes
+      image.load()  # here, where a damaged file raises (a PNG's getexif loads it otherwise)
+      orientation = _exif_orientation(image) if upright else 1
+      return _turned(_to_rgb(image), orientation)
+  except ImageDecodeError:
+    raise
+  except Image.UnidentifiedImageError:
+    raise ImageDecodeError('not an image: neither a JPEG nor a format PIL reads') from None
+  except _PIL_ERRORS as e:
+    raise ImageDecodeError(f'{type(e).__name__}: {e}') from None
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+  """(H, W, 3) uint8: 16-bit (and 32-bit integer) grayscale scaled from 0..65535 to 0..255
+  (PIL's convert would saturate it), alpha composited on ALPHA_BACKGROUND."""
+  if image.mode.startswith('I'):
+    levels = np.asarray(image).clip(0, 65535).astype(np.uint32)  # 65535 * 255 fits
+    levels *= 255
+    levels += 32767
+    levels //= 65535  # rounded to the nearest 8-bit level
+    return np.repeat(levels.astype(np.uint8)[..., None], 3, axis=2)
+  if image.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in image.info:
+    background = Image.new('RGBA', image.size, ALPHA_BACKGROUND + (255,))
+    return np.asarray(Image.alpha_composite(background, image.convert('RGBA')).convert('RGB'))
+  return np.asarray(image.convert('RGB'))
+
+
+def _exif_orientation(image: Image.Image) -> int:
+  """The EXIF orientation (1 to 8) of an opened image; 1 when it has none or it is damaged."""
+  try:
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+  except _PIL_ERRORS:
+    return 1
+  return orientation if orientation in range(1, 9) else 1
+
+
+def _orientation(data: bytes) -> int:
+  """The EXIF orientation of a JPEG file (its header only)."""
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      return _exif_orientation(image)
+  except _PIL_ERRORS:
+    return 1
+
+
+def _turned(image: np.ndarray, orientation: int) -> np.ndarray:
+  """The stored pixels turned upright by an EXIF orientation, as PIL.ImageOps.exif_transpose
+  turns them: 2 mirrored, 3 upside down, 4 flipped, 5 transposed, 6 turned a quarter
+  clockwise, 7 transversed, 8 turned a quarter anticlockwise."""
+  if orientation in (5, 6, 7, 8):
+    image = image.transpose(1, 0, 2)  # 5: the transpose; 6, 7 and 8 are it mirrored
+  if orientation in (2, 3, 6, 7):
+    image = image[:, ::-1]
+  if orientation in (3, 4, 7, 8):
+    image = image[::-1]
+  return np.ascontiguousarray(image)
 
 
 def clip_box_to_image(bbox: np.ndarray, height: int, width: int) -> np.ndarray:
