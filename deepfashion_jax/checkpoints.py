@@ -416,11 +416,24 @@ def restore_for_inference(config, workdir: str, mesh, attributes=None) -> Restor
   configuration may differ from the training run's. Reads beside a training run without
   disturbing it (`create_manager`'s read_only)."""
   manager = _read_only_manager(config, workdir)
-  metadata = read_metadata(manager, checkpoint_step(manager, config.eval.checkpoint))
+  metadata = _read_metadata_for_inference(
+      manager, checkpoint_step(manager, config.eval.checkpoint))
   config = _with_checkpoint_ema(metadata, inference_config(metadata, config))
   step_config, state = steps.create_train_state(config, mesh, attributes)
   state = state.replace(**restore_weights(manager, metadata, weights_target(state), config))
   return Restored(config, metadata.step, step_config, _chosen_weights(metadata, state, config))
+
+
+def _read_metadata_for_inference(manager, step: int) -> Metadata:
+  """`read_metadata`, whose DamagedCheckpointError names the checkpoint: a reader reports
+  it and leaves it where it is (only training sets one aside)."""
+  try:
+    return read_metadata(manager, step)
+  except DamagedCheckpointError as e:
+    raise DamagedCheckpointError(
+        f'The checkpoint of step {step} in {manager.directory} cannot be read ({e}); it is '
+        'left where it is. Choose another with --config.eval.checkpoint=STEP (saved: '
+        f'{manager.all_steps()}).') from e
 
 
 def weights_target(state) -> dict:
@@ -443,8 +456,8 @@ def restore_weights(manager, metadata: Metadata, target: dict, config) -> dict:
   try:
     return dict(manager.restore(metadata.step, args=ocp.args.Composite(state=partial))['state'])
   except Exception as e:  # pylint: disable=broad-except  (truncated files: many kinds)
-    raise DamagedCheckpointError(f'{metadata.title}: {type(e).__name__}: '
-                                 f'{str(e)[:300]}') from e
+    raise DamagedCheckpointError(f'{metadata.title} cannot be read back ({type(e).__name__}: '
+                                 f'{str(e)[:300]}); it is left where it is.') from e
 
 
 def _with_checkpoint_ema(metadata: Metadata, config):
@@ -485,7 +498,7 @@ def restore_every_kept(config, workdir: str, mesh, attributes=None):
   if not kept:
     raise NoCheckpointError(f'no checkpoint in {manager.directory}: train first, or write '
                             'one with --mode=convert')
-  metadata = read_metadata(manager, kept[0])
+  metadata = _read_metadata_for_inference(manager, kept[0])
   config = _with_checkpoint_ema(metadata, inference_config(metadata, config))
   step_config, state = steps.create_train_state(config, mesh, attributes)
   target = weights_target(state)
@@ -494,7 +507,7 @@ def restore_every_kept(config, workdir: str, mesh, attributes=None):
   for step in kept:
     try:
       if step != metadata.step:
-        metadata = read_metadata(manager, step)
+        metadata = _read_metadata_for_inference(manager, step)
       weights = restore_weights(manager, metadata, target, config)
     except DamagedCheckpointError:
       if os.path.isdir(os.path.join(os.fspath(manager.directory), str(step))):

@@ -137,8 +137,8 @@ def acquire(workdir: str, mode: str = 'train'):
 
 def _open_lock_file(workdir: str, path: str) -> int:
   """The lock file, opened for writing (created if missing); WorkdirError, naming it, when
-  the workdir is not a writable folder or the lock file is not a plain file (a symbolic
-  link is refused, not followed: the holder truncates what it opens)."""
+  the workdir is not a writable folder or the lock file is not a plain file of its own (a
+  symbolic or hard link is refused, not followed: the holder truncates what it opens)."""
   flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -148,10 +148,13 @@ def _open_lock_file(workdir: str, path: str) -> int:
               else getattr(e, 'strerror', None) or str(e))
     raise WorkdirError(f'--workdir={workdir!r} is not a writable folder: cannot open its '
                        f'lock file {path!r} ({reason}).') from e
-  if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+  status = os.fstat(descriptor)
+  odd = ('is not a plain file' if not stat.S_ISREG(status.st_mode) else
+         'has other names (hard links): it may be another file' if status.st_nlink > 1 else '')
+  if odd:
     os.close(descriptor)
-    raise WorkdirError(f'--workdir={workdir}: its lock file {path} is not a plain file; '
-                       'remove it (a run makes a new one).')
+    raise WorkdirError(f'--workdir={workdir}: its lock file {path} {odd}; remove it (a run '
+                       'makes a new one).')
   return descriptor
 
 

@@ -226,13 +226,18 @@ def _say_if_the_schedule_changed(config, saved: dict, step: int):
              if name in saved and saved[name] != config[name]}
   if not changed:
     return
-  old = config.copy_and_resolve_references()
-  for name, value in changed.items():
-    old[name] = value
-  rate, old_rate = _rate_at(steps.learning_rate(config)), _rate_at(steps.learning_rate(old))
-  last, old_last = config.num_train_steps, old.num_train_steps
-  fields = ', '.join(f'config.{name}={config[name]!r} ({value!r} when saved)'
+  fields = ', '.join(f'config.{name}={config[name]!r} ({repr(value)[:40]} when saved)'
                      for name, value in changed.items())
+  old = config.copy_and_resolve_references()
+  rate, last = _rate_at(steps.learning_rate(config)), config.num_train_steps
+  try:  # the checkpoint's values, as written into its config: a user's file may hold any
+    old.update(changed)
+    old_rate, old_last = _rate_at(steps.learning_rate(old)), int(old.num_train_steps)
+    old_rate(old_last)
+  except (TypeError, ValueError, OverflowError, ArithmeticError):
+    logging.warning('Resuming from step %d with %s: the saved values do not make a schedule; '
+                    'the new one is followed.', step, fields)
+    return
   if rate(step) == old_rate(step) and rate(last) == old_rate(old_last):
     logging.info('Resuming from step %d with %s: the learning rate is %.3g at step %d and '
                  '%.3g at the end, as before.', step, fields, rate(step), step, rate(last))
