@@ -181,6 +181,7 @@ def holder(descriptor: int) -> str:
   if not isinstance(description, dict) or not {'host', 'pid'} <= set(description):
     return ('a run that has not written its name yet' if not text.strip() else
             f'a run whose lock file reads {text.strip()[:80]!r}')
-  named = lambda key: str(description.get(key, '?'))[:80]
+  named = lambda key: ''.join(c if c.isprintable() else '?'
+                              for c in str(description.get(key, '?'))[:80])
   return (f'process {named("pid")} on host {named("host")} ({named("mode")} since '
           f'{named("since")})')

@@ -18,6 +18,18 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import numpy as np
+
+from configs import test as test_config
+from deepfashion_jax import checkpoints
+from deepfashion_jax import convert_torch
+from deepfashion_jax import evaluate
+from deepfashion_jax import run_lock
+from deepfashion_jax import sharding
+from deepfashion_jax import steps
+from deepfashion_jax import train
+
 SURFACE = 'workdir'
 
 # Takes the lock of argv[1] as a run of another process would, writes argv[2] as its
@@ -34,8 +46,34 @@ _OTHER_RUN = textwrap.dedent('''
 _DESCRIPTION = json.dumps(dict(host='other-host', pid=4242, mode='train', since='noon'))
 
 
+class _Big:
+  """A big file's content, written in slices: made without holding it in memory, so that
+  the memory counted is what the product takes to read it."""
+
+  def __init__(self, head: bytes, fill: bytes, size: int, tail: bytes = b''):
+    self.head, self.fill, self.size, self.tail = head, fill, size, tail
+
+  def write(self, descriptor_or_path):
+    with (open(descriptor_or_path, 'wb', closefd=False)
+          if isinstance(descriptor_or_path, int) else open(descriptor_or_path, 'wb')) as f:
+      f.write(self.head)
+      slice_ = self.fill * (2**16 // len(self.fill))
+      for _ in range(self.size // len(slice_)):
+        f.write(slice_)
+      f.write(self.tail)
+
+
+def _write(where, content):
+  """`content` (bytes or _Big) into a path or an open descriptor."""
+  if isinstance(content, _Big):
+    content.write(where)
+  elif isinstance(where, int):
+    os.write(where, content)
+  else:
+    pathlib.Path(where).write_bytes(content)
+
+
 def _config():
-  from configs import test as test_config  # pylint: disable=g-import-not-at-top
   return test_config.get_config()
 
 
@@ -70,7 +108,7 @@ class _HeldHere:
     self.descriptor = os.open(workdir / '.lock', os.O_RDWR | os.O_CREAT)
     fcntl.flock(self.descriptor, fcntl.LOCK_EX)
     os.ftruncate(self.descriptor, 0)
-    os.write(self.descriptor, content)
+    _write(self.descriptor, content)
 
   def __enter__(self):
     return self
@@ -80,18 +118,15 @@ class _HeldHere:
 
 
 def _train(workdir):
-  from deepfashion_jax import train  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(_config(), str(workdir))
 
 
 def _convert(workdir):
-  from deepfashion_jax import convert_torch  # pylint: disable=g-import-not-at-top
   convert_torch.convert(_config(), str(workdir), str(workdir / 'never_read.pth'))
 
 
 def _hold(workdir):
   """A run's lock taken and released: where a run that gets it would go on to train."""
-  from deepfashion_jax import run_lock  # pylint: disable=g-import-not-at-top
   with run_lock.hold(str(workdir)):
     pass
 
@@ -108,7 +143,6 @@ def _lock_tries(new):
       _convert)
 
   def same_process_holds():
-    from deepfashion_jax import run_lock  # pylint: disable=g-import-not-at-top
     workdir = new()
     with run_lock.hold(str(workdir)):
       _train(workdir)
@@ -124,11 +158,11 @@ def _lock_tries(new):
 
   def unlocked_file(content):
     workdir = new()
-    (workdir / '.lock').write_bytes(content)
+    _write(workdir / '.lock', content)
     _hold(workdir)
 
   for name, content in (('naming a live process on another host', _DESCRIPTION.encode()),
-                        ('of 10 MB of zeros', bytes(10 * 2**20)),
+                        ('of 10 MB of zeros', _Big(b'', b'\0', 10 * 2**20)),
                         ('of binary garbage', bytes(range(256)) * 16)):
     yield f'unlocked lock file {name} (free)', lambda c=content: unlocked_file(c)
 
@@ -139,8 +173,8 @@ def _lock_tries(new):
 
   for name, content in (
       ('empty (not written yet)', b''), ('binary', b'\xff\xfe\x00garbage' * 100),
-      ('10 MB long', b'{"host": "' + b'h' * (10 * 2**20) + b'"}'),
-      ('deeply nested JSON', b'[' * 100_000), ('a JSON list', b'[1, 2, 3]'),
+      ('10 MB long', _Big(b'{"host": "', b'h', 10 * 2**20, b'"}')),
+      ('deeply nested JSON', _Big(b'', b'[', 2**20)), ('a JSON list', b'[1, 2, 3]'),
       ('a pid of 2^80 and a host of NULs', b'{"host": "\\u0000\\u0000", "pid": '
        + str(2**80).encode() + b'}'),
       ('a JSON number 1e999', b'1e999'), ('invalid UTF-8 in a string', b'{"host": "\xc3("}')):
@@ -203,9 +237,6 @@ def _odd_workdir_tries(new, folder):
 def _inference_tries(new):
   """Evaluation (as predict and export) on odd checkpoint folders, and beside a run."""
   def restore(workdir, **eval_fields):
-    import jax  # pylint: disable=g-import-not-at-top
-    from deepfashion_jax import checkpoints  # pylint: disable=g-import-not-at-top
-    from deepfashion_jax import sharding  # pylint: disable=g-import-not-at-top
     config = _config()
     config.eval.update(eval_fields)
     checkpoints.restore_for_inference(config, str(workdir),
@@ -239,15 +270,13 @@ def _inference_tries(new):
            lambda c=choice: in_workdir(folder('checkpoints'), checkpoint=c))
 
   def beside_a_run():
-    import jax  # pylint: disable=g-import-not-at-top
-    from deepfashion_jax import checkpoints  # pylint: disable=g-import-not-at-top
-    from deepfashion_jax import sharding  # pylint: disable=g-import-not-at-top
-    from deepfashion_jax import steps  # pylint: disable=g-import-not-at-top
     workdir, config = new(), _config()
     config.grad_clip_norm, config.best_metric = 1.0, ''  # evaluated without clipping
-    _, state = steps.create_train_state(config, sharding.make_mesh(jax.devices()[:1]))
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    shapes = jax.eval_shape(lambda: steps.create_train_state(config, mesh)[1])  # no compiling
     manager = checkpoints.create_manager(str(workdir), best_metric='')
-    checkpoints.save(manager, 2, state, config=config)
+    checkpoints.save(manager, 2, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes),
+                     config=config)
     manager.wait_until_finished()
     with _HeldHere(workdir, _DESCRIPTION.encode()):
       restore(workdir)
@@ -257,8 +286,6 @@ def _inference_tries(new):
 
 def _resume_tries(new):
   """What a resumed run reads of what the stopped one left: metrics.jsonl, saved values."""
-  from deepfashion_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from deepfashion_jax import train  # pylint: disable=g-import-not-at-top
 
   def metrics(content=None, make=None):
     workdir = new()
@@ -266,13 +293,13 @@ def _resume_tries(new):
     if make:
       make(path)
     else:
-      path.write_bytes(content)
+      _write(path, content)
     evaluate.drop_jsonl_rows_after(str(workdir), 3)
 
   for name, content in (
       ('rows past the step and a cut line', b'{"step": 3}\n{"step": 5}\n{"step": 6, "lo'),
-      ('binary garbage', bytes(range(256)) * 64), ('one 20 MB line', b'7' * (20 * 2**20)),
-      ('deeply nested JSON', b'[' * 100_000 + b'\n{"step": 1}\n'),
+      ('binary garbage', bytes(range(256)) * 64), ('one 20 MB line', _Big(b'', b'7', 20 * 2**20)),
+      ('deeply nested JSON', _Big(b'', b'[', 2**20, b'\n{"step": 1}\n')),
       ('steps of every JSON kind', b'\n'.join(
           json.dumps(dict(step=s)).encode() for s in (True, None, 'x', 1.5, [1], {}, -1,
                                                       2**80, -2**80))),
