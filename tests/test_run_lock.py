@@ -2,6 +2,7 @@
 lock free, odd workdirs and lock files are refused by name, and with several processes
 process 0 holds it for the run."""
 
+import json
 import os
 import signal
 import socket
@@ -154,3 +155,49 @@ def test_with_several_processes_process_zero_holds_it_and_the_others_follow(
     with run_lock.hold(workdir):
       assert not os.path.exists(workdir)  # no lock of its own
   assert len(broadcasts) == 1
+
+
+# One process of a two-process run (argv: process id, coordinator port, workdir): takes the
+# run's lock and says whether it held it or was refused.
+_PROCESS_OF_A_RUN = textwrap.dedent('''
+    import json, os, sys
+    from deepfashion_jax import run_lock, sharding
+    process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    sharding.initialize_distributed(f'localhost:{port}', 2, process_id)
+    try:
+      with run_lock.hold(workdir):
+        print(json.dumps(['held', os.getpid()]), flush=True)
+    except run_lock.WorkdirError as e:
+      print(json.dumps([type(e).__name__, str(e)]), flush=True)
+''')
+
+
+def _run_of_two_processes(workdir) -> list:
+  """What each process of a two-process run said, in process order."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = str(s.getsockname()[1])
+  processes = [subprocess.Popen([sys.executable, '-c', _PROCESS_OF_A_RUN, str(i), port,
+                                 workdir], cwd=helpers.ROOT, stdout=subprocess.PIPE,
+                                text=True, env=helpers.ONE_DEVICE) for i in range(2)]
+  try:
+    return [json.loads(p.communicate(timeout=120)[0].splitlines()[-1]) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+
+
+@pytest.mark.slow
+def test_the_processes_of_one_run_share_process_zeros_lock(tmp_path):
+  """Through JAX's distributed runtime: both processes of a run go on while process 0 holds
+  the lock (named in the file); with another run holding it, both stop."""
+  workdir = str(tmp_path / 'run')
+  (zero, zero_pid), (one, _) = _run_of_two_processes(workdir)
+  assert zero == one == 'held'
+  with open(os.path.join(workdir, run_lock.LOCK_FILE)) as f:
+    assert json.load(f)['pid'] == zero_pid
+  with run_lock.hold(workdir):
+    (zero, zero_says), (one, one_says) = _run_of_two_processes(workdir)
+  assert zero == one == 'WorkdirLockedError'
+  assert f'process {os.getpid()} on host' in zero_says
+  assert 'process 0 could not take the run\'s lock' in one_says
