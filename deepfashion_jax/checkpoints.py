@@ -479,9 +479,10 @@ def _chosen_weights(metadata: Metadata, state, config):
   if config.eval.weights != 'ema':
     return state
   if not steps.has_ema(state):
-    raise errors.ConfigError(f'config.eval.weights=ema: the checkpoint of step {metadata.step} in '
-                     f'{metadata.directory} keeps no moving average of the weights (it was '
-                     'trained with config.ema_decay=0); use --config.eval.weights=raw')
+    raise errors.ConfigError(
+        f'config.eval.weights=ema: the checkpoint of step {metadata.step} in '
+        f'{metadata.directory} keeps no moving average of the weights (it was trained with '
+        'config.ema_decay=0); use --config.eval.weights=raw')
   return steps.ema_weights(state)
 
 

@@ -242,6 +242,7 @@ def test_a_resumed_run_says_how_its_schedule_changed(caplog):
           f'{cosine(3, 8):.3g} ({cosine(3, 4):.3g} under the values saved); it goes to 0 at '
           'step 8 (the saved schedule went to 0 at step 4).') in caplog.text
   caplog.clear()
-  with caplog.at_level(logging.INFO):
-    train._say_if_the_schedule_changed(config, dict(saved, num_train_steps=8), 3)  # pylint: disable=protected-access
+  with caplog.at_level(logging.INFO):  # the same values: nothing to say
+    train._say_if_the_schedule_changed(  # pylint: disable=protected-access
+        config, dict(saved, num_train_steps=8), 3)
   assert not caplog.text

@@ -313,16 +313,15 @@ def _resume_tries(new):
 
   config = _config()
   config.schedule, config.warmup_steps, config.num_train_steps = 'cosine', 2, 8
+  schedule_note = train._say_if_the_schedule_changed  # pylint: disable=protected-access
   for value in ('abc', None, -3, 0, 2.5, 2**80, [1], float('nan'), float('inf'), True):
     yield (f'resumed with num_train_steps saved as {value!r}',
-           lambda v=value: train._say_if_the_schedule_changed(  # pylint: disable=protected-access
-               config, dict(num_train_steps=v), 3))
+           lambda v=value: schedule_note(config, dict(num_train_steps=v), 3))
   for name, value in (('learning_rate', 'fast'), ('learning_rate', -1e308),
                       ('warmup_steps', -(2**70)), ('schedule', 'zigzag'),
                       ('decay_every_steps', 0)):
     yield (f'resumed with {name} saved as {value!r}',
-           lambda n=name, v=value: train._say_if_the_schedule_changed(  # pylint: disable=protected-access
-               config, {n: v}, 3))
+           lambda n=name, v=value: schedule_note(config, {n: v}, 3))
 
 
 def tries(folder: pathlib.Path):
