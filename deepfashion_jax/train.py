@@ -6,6 +6,10 @@ and k steps, a restart and N - k more give the same parameters and the same logg
 metrics. SIGTERM or SIGINT stops it after the current step with a checkpoint (`Preempted`;
 with several processes, all after the same step, up to three steps later: `_StopSignals`);
 a non-finite step stops it at the next log without saving (`stop_if_diverged`).
+A run holds its workdir's lock throughout (`run_lock`: a second run there is refused). On
+resuming, what the stopped run logged into metrics.jsonl after its checkpoint is dropped
+(each step is logged once), and a num_train_steps (or other schedule field) changed since
+the checkpoint is said at start, with where the learning rate now goes.
 
 With config.ema_decay > 0 each evaluation also evaluates the moving average of the
 weights (`steps.ema_weights`) and logs its metrics beside the raw ones, prefixed `ema_`

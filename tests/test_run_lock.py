@@ -63,6 +63,10 @@ def test_a_second_run_is_refused_at_once_naming_the_holder_and_a_killed_one_free
       train.train_and_evaluate(config, workdir)
     with pytest.raises(run_lock.WorkdirLockedError, match=f'process {pid} on host'):
       convert_torch.convert(config, workdir, str(tmp_path / 'unread.pth'))
+    prepare = subprocess.run(helpers.main_command(workdir, '', '--mode=prepare'),
+                             cwd=helpers.ROOT, env=helpers.ONE_DEVICE, capture_output=True,
+                             text=True, timeout=300)
+    assert prepare.returncode != 0 and f'process {pid} on host' in prepare.stderr
     assert os.listdir(workdir) == [run_lock.LOCK_FILE]  # nothing written by the refused runs
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
