@@ -27,6 +27,7 @@ from deepfashion_jax import convert_torch
 from deepfashion_jax import data
 from deepfashion_jax import evaluate
 from deepfashion_jax import predict
+from deepfashion_jax import run_lock
 from deepfashion_jax import sharding
 from deepfashion_jax import train
 
@@ -59,7 +60,8 @@ def prepare(config, workdir: str):
   if config.data.partition != 'official':
     raise app.UsageError('--mode=prepare writes the official partition: drop '
                          f'--config.data.partition={config.data.partition}')
-  print('prepared', data.prepare_tfds(config, workdir))
+  with run_lock.hold(workdir, 'prepare'):  # it may write the synthetic folder there
+    print('prepared', data.prepare_tfds(config, workdir))
 
 
 def _quiet_checkpointing_logs(record) -> bool:

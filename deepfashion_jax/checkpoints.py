@@ -20,7 +20,13 @@ none, or the other way round (the message names config.ema_decay).
 Evaluation and prediction restore through `restore_for_inference`, which takes those
 fields, and whether there is a moving average, from the checkpoint itself instead
 (`restore_every_kept`: each kept one in turn, for config.eval.checkpoint=all), and hand
-back the raw weights or, with config.eval.weights='ema', their moving average.
+back the raw weights or, with config.eval.weights='ema', their moving average. They read
+the weights alone (`restore_weights`), never the optimiser's state: a run trained with
+clipping or another optimiser is evaluated, and predicts, under a configuration without
+them. They read committed checkpoints only and change nothing (a read-only manager; a
+damaged checkpoint is reported, not set aside), so they may run beside a training run in
+the same workdir; only that run, which holds the workdir's lock (`run_lock`), moves
+checkpoints.
 Every restore reads what a checkpoint says of itself once (`read_metadata`, a `Metadata`),
 and the checks take that.
 """
@@ -46,6 +52,12 @@ CHECKPOINT_FOLDER = 'checkpoints'
 DAMAGED_FOLDER = 'damaged_checkpoints'
 # The config fields that shape the model's arrays, named when a checkpoint does not fit.
 _SHAPING_FIELDS = ('model', 'dtype', 'data.crop_size', 'optimizer', 'grad_clip_norm')
+# Those that shape the weights (what inference restores), not the optimiser's state.
+_WEIGHT_SHAPING_FIELDS = ('model', 'data.crop_size')
+# The parts of a train state that inference restores (`restore_weights`): the step, the
+# weights and their moving average; never the optimiser's state, which evaluation and
+# prediction do not need and which another optimiser configuration shapes otherwise.
+_WEIGHTS = ('step', 'params', 'batch_stats', 'ema_params', 'ema_batch_stats')
 # Fields that change no array but what the weights compute: a checkpoint is meaningful only
 # with the values it was trained (or converted) with: FashionNet's CHANGES_MEANING and two
 # of the data's.
@@ -72,10 +84,18 @@ class DamagedCheckpointError(errors.DeepFashionError, ValueError):
   """A checkpoint that cannot be read back."""
 
 
+class NoCheckpointError(errors.DeepFashionError, ValueError):
+  """A workdir without the checkpoint that evaluation or prediction asks for."""
+
+
 def create_manager(workdir: str, keep: int = 3, best_metric: str = '',
                    read_only: bool = False) -> ocp.CheckpointManager:
   """Keeps the newest `keep` checkpoints, and the best one by `best_metric` (higher is
-  better) among those saved with evaluation metrics."""
+  better) among those saved with evaluation metrics.
+
+  read_only: for evaluation and prediction, beside a run that may be training in the same
+  workdir: it sees committed checkpoints only (not orbax's temporary folders), never
+  creates, deletes or moves anything, and restores with `restore_weights`."""
   policies = [checkpoint_managers.LatestN(n=keep)]
   best = {}
   if best_metric:
@@ -88,7 +108,10 @@ def create_manager(workdir: str, keep: int = 3, best_metric: str = '',
       preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
       read_only=read_only, create=not read_only, **best)
   # Handlers named up front, so that a checkpoint's metadata reads before any restore.
-  handlers = dict(state=ocp.StandardCheckpointHandler(),
+  # A reader restores part of the state (`restore_weights`): the PyTree handler does that.
+  state_handler = (ocp.PyTreeCheckpointHandler() if read_only
+                   else ocp.StandardCheckpointHandler())
+  handlers = dict(state=state_handler,
                   data=grain.checkpoint.CheckpointHandler(), config=ocp.JsonCheckpointHandler())
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_FOLDER),
                                item_handlers=handlers, options=options)
@@ -214,14 +237,14 @@ def _has_ema_arrays(flat: dict) -> bool:
 # ------------------------------------------------------------------------ the checks
 
 
-def _config_differences(metadata: Metadata, config) -> list:
-  """'config.x: A in the checkpoint, B here' for the shaping fields that differ."""
+def _config_differences(metadata: Metadata, config, fields=_SHAPING_FIELDS) -> list:
+  """'config.x: A in the checkpoint, B here' for the shaping `fields` that differ."""
   if metadata.config is None:
     return []
   saved, here = metadata.config, _flat_fields(config.to_dict())
   return [f'config.{name}: {saved.get(name)!r} in the checkpoint, {here.get(name)!r} here'
           for name in sorted(set(saved) | set(here))
-          if name.startswith(_SHAPING_FIELDS) and saved.get(name) != here.get(name)]
+          if name.startswith(fields) and saved.get(name) != here.get(name)]
 
 
 def _meaning_differences(metadata: Metadata, config) -> dict:
@@ -233,11 +256,17 @@ def _meaning_differences(metadata: Metadata, config) -> dict:
           if name in saved and saved[name] != here.get(name)}
 
 
-def check_compatible(metadata: Metadata, abstract_state, config=None):
+def check_compatible(metadata: Metadata, abstract_state, config=None,
+                     weights_only: bool = False):
   """Raises CheckpointMismatchError naming the arrays (and config fields) that differ
   between the checkpoint and this run's state, or the _MEANING_FIELDS it was trained with
-  that differ from `config`."""
+  that differ from `config`. weights_only: `abstract_state` holds the _WEIGHTS alone, and
+  the checkpoint's other arrays (the optimiser's) are not compared."""
   saved = metadata.arrays
+  shaping = _SHAPING_FIELDS
+  if weights_only:
+    saved = {k: v for k, v in saved.items() if k.split('/', 1)[0] in _WEIGHTS}
+    shaping = _WEIGHT_SHAPING_FIELDS
   expected = {k: tuple(v.shape)
               for k, v in ocp.tree.to_flat_dict(abstract_state, sep='/').items()}
   differences = [f'{k}: only in the checkpoint' for k in saved.keys() - expected.keys()]
@@ -256,7 +285,7 @@ def check_compatible(metadata: Metadata, abstract_state, config=None):
         'something else with this configuration; it is not loaded. Set '
         + ' '.join(f'--config.{k}={v}' for k, v in meaning.items()) + '.')
   if differences:
-    fields = _config_differences(metadata, config) if config is not None else []
+    fields = _config_differences(metadata, config, shaping) if config is not None else []
     raise CheckpointMismatchError(
         f'{metadata.title} was written by another configuration; it is not loaded. '
         + (f'Config: {"; ".join(fields)}. ' if fields else '')
@@ -307,18 +336,28 @@ def _set_aside(manager, step: int, reason: str):
   manager.reload()
 
 
-def restore_newest_intact(manager, abstract_state, data_iterator=None, config=None):
-  """(step, state) of the newest checkpoint that reads back, or (None, None) when there is
-  none; damaged ones are set aside, one of another configuration or format version stops
-  the run. Step 0 (converted weights) restores no data iterator."""
+class Resumed(NamedTuple):
+  """What `restore_newest_intact` found: all None when there is no checkpoint."""
+  step: Optional[int]
+  state: Optional[steps.TrainState]
+  config: Optional[dict]  # the flattened config saved with it (None: saved without one)
+
+
+def restore_newest_intact(manager, abstract_state, data_iterator=None,
+                          config=None) -> Resumed:
+  """The newest checkpoint that reads back; damaged ones are set aside, one of another
+  configuration or format version stops the run. Step 0 (converted weights) restores no
+  data iterator. Only a run that holds the workdir's lock (`run_lock`) calls this: it moves
+  checkpoints."""
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      state = restore_checked(manager, read_metadata(manager, step), abstract_state,
+      metadata = read_metadata(manager, step)
+      state = restore_checked(manager, metadata, abstract_state,
                               data_iterator if step > 0 else None, config)
-      return step, state
+      return Resumed(step, state, metadata.config)
     except DamagedCheckpointError as e:
       _set_aside(manager, step, str(e))
-  return None, None
+  return Resumed(None, None, None)
 
 
 # ----------------------------------------------------------------------------- inference
@@ -335,14 +374,14 @@ def checkpoint_step(manager, choice: str) -> int:
     if not choice.isdigit() or int(choice) not in manager.all_steps():
       also = (f" ('{EVERY_CHECKPOINT}' is for --mode=evaluate only)"
               if choice == EVERY_CHECKPOINT else '')
-      raise ValueError(f'config.eval.checkpoint={choice!r}: expected \'\', \'best\' or one of '
-                       f'the saved steps {manager.all_steps()}{also}')
+      raise NoCheckpointError(f'config.eval.checkpoint={choice!r}: expected \'\', \'best\' or '
+                              f'one of the saved steps {manager.all_steps()}{also}')
     step = int(choice)
   else:
     step = manager.latest_step()
   if step is None:
-    raise ValueError(f'no checkpoint in {manager.directory}: train first, or write one '
-                     'with --mode=convert')
+    raise NoCheckpointError(f'no checkpoint in {manager.directory}: train first, or write '
+                            'one with --mode=convert')
   return step
 
 
@@ -373,13 +412,52 @@ def inference_config(metadata: Metadata, config):
 def restore_for_inference(config, workdir: str, mesh, attributes=None) -> Restored:
   """config.eval.checkpoint of `workdir`, the config holding the values the checkpoint was
   trained with (`inference_config`); `attributes` as in `steps.create_train_state` (None:
-  for prediction only)."""
+  for prediction only). Only the weights are read (`restore_weights`): the optimiser's
+  configuration may differ from the training run's. Reads beside a training run without
+  disturbing it (`create_manager`'s read_only)."""
   manager = _read_only_manager(config, workdir)
-  metadata = read_metadata(manager, checkpoint_step(manager, config.eval.checkpoint))
+  metadata = _read_metadata_for_inference(
+      manager, checkpoint_step(manager, config.eval.checkpoint))
   config = _with_checkpoint_ema(metadata, inference_config(metadata, config))
   step_config, state = steps.create_train_state(config, mesh, attributes)
-  state = restore_checked(manager, metadata, abstract_like(state), config=config)
+  state = state.replace(**restore_weights(manager, metadata, weights_target(state), config))
   return Restored(config, metadata.step, step_config, _chosen_weights(metadata, state, config))
+
+
+def _read_metadata_for_inference(manager, step: int) -> Metadata:
+  """`read_metadata`, whose DamagedCheckpointError names the checkpoint: a reader reports
+  it and leaves it where it is (only training sets one aside)."""
+  try:
+    return read_metadata(manager, step)
+  except DamagedCheckpointError as e:
+    raise DamagedCheckpointError(
+        f'The checkpoint of step {step} in {manager.directory} cannot be read ({e}); it is '
+        'left where it is. Choose another with --config.eval.checkpoint=STEP (saved: '
+        f'{manager.all_steps()}).') from e
+
+
+def weights_target(state) -> dict:
+  """The _WEIGHTS of a train state as `restore_weights` takes them: name -> the shapes,
+  dtypes and shardings to restore into."""
+  return {name: abstract_like(getattr(state, name)) for name in _WEIGHTS
+          if getattr(state, name) is not None}
+
+
+def restore_weights(manager, metadata: Metadata, target: dict, config) -> dict:
+  """The _WEIGHTS of the checkpoint `metadata` describes, placed like `target`
+  (`weights_target`), after `check_compatible` of those alone: the optimiser's state is
+  neither read nor compared, so that a run trained with clipping or another optimiser is
+  evaluated with a configuration without them. `manager` is read-only. One that fails to
+  read back raises DamagedCheckpointError."""
+  check_compatible(metadata, target, config, weights_only=True)
+  partial = ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)
+  try:
+    return dict(manager.restore(metadata.step, args=ocp.args.Composite(state=partial))['state'])
+  except Exception as e:  # pylint: disable=broad-except  (truncated files: many kinds)
+    raise DamagedCheckpointError(f'{metadata.title} cannot be read back ({type(e).__name__}: '
+                                 f'{str(e)[:300]}); it is left where it is.') from e
 
 
 def _with_checkpoint_ema(metadata: Metadata, config):
@@ -401,9 +479,10 @@ def _chosen_weights(metadata: Metadata, state, config):
   if config.eval.weights != 'ema':
     return state
   if not steps.has_ema(state):
-    raise ValueError(f'config.eval.weights=ema: the checkpoint of step {metadata.step} in '
-                     f'{metadata.directory} keeps no moving average of the weights (it was '
-                     'trained with config.ema_decay=0); use --config.eval.weights=raw')
+    raise errors.ConfigError(
+        f'config.eval.weights=ema: the checkpoint of step {metadata.step} in '
+        f'{metadata.directory} keeps no moving average of the weights (it was trained with '
+        'config.ema_decay=0); use --config.eval.weights=raw')
   return steps.ema_weights(state)
 
 
@@ -418,18 +497,28 @@ def restore_every_kept(config, workdir: str, mesh, attributes=None):
   manager = _read_only_manager(config, workdir)
   kept = sorted(manager.all_steps())
   if not kept:
-    raise ValueError(f'no checkpoint in {manager.directory}: train first, or write one '
-                     'with --mode=convert')
-  metadata = read_metadata(manager, kept[0])
+    raise NoCheckpointError(f'no checkpoint in {manager.directory}: train first, or write '
+                            'one with --mode=convert')
+  metadata = _read_metadata_for_inference(manager, kept[0])
   config = _with_checkpoint_ema(metadata, inference_config(metadata, config))
   step_config, state = steps.create_train_state(config, mesh, attributes)
-  abstract_state = abstract_like(state)
-  del state  # the initial values: only their shapes and shardings are needed
+  target = weights_target(state)
+  # The initial weights: only their shapes and shardings (`target`) are needed.
+  state = state.replace(**{name: None for name in target if name != 'step'})
   for step in kept:
-    if step != metadata.step:
-      metadata = read_metadata(manager, step)
-    state = restore_checked(manager, metadata, abstract_state, config=config)
-    yield Restored(config, step, step_config, _chosen_weights(metadata, state, config))
+    try:
+      if step != metadata.step:
+        metadata = _read_metadata_for_inference(manager, step)
+      weights = restore_weights(manager, metadata, target, config)
+    except DamagedCheckpointError:
+      if os.path.isdir(os.path.join(os.fspath(manager.directory), str(step))):
+        raise
+      logging.warning('The checkpoint of step %d in %s was removed while the others were '
+                      'read (by the run training there: it keeps the newest '
+                      'config.keep_checkpoints); skipped.', step, manager.directory)
+      continue
+    yield Restored(config, step, step_config,
+                   _chosen_weights(metadata, state.replace(**weights), config))
 
 
 def _read_only_manager(config, workdir: str) -> ocp.CheckpointManager:

@@ -11,6 +11,7 @@ import jax
 
 from deepfashion_jax import checkpoints
 from deepfashion_jax import config_checks
+from deepfashion_jax import run_lock
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax import torch_io
@@ -36,13 +37,15 @@ def with_torch_weights(step_config, state, path: str, mesh):
 def convert(config, workdir: str, torch_checkpoint: str) -> int:
   """--mode=convert: writes a PyTorch baseline, Liu & Lu (or torchvision) checkpoint as this
   project's step-0 checkpoint in `workdir`, for `--mode=evaluate` and prediction; returns
-  the step."""
+  the step. Holds the workdir's lock meanwhile (`run_lock`): refused while a run trains
+  there."""
   config_checks.check(config)
-  mesh = sharding.make_mesh()
-  step_config, state = steps.create_train_state(config, mesh)
-  state = with_torch_weights(step_config, state, torch_checkpoint, mesh)
-  manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
-  checkpoints.save(manager, 0, state, config=config)
-  manager.wait_until_finished()
+  with run_lock.hold(workdir, 'convert'):
+    mesh = sharding.make_mesh()
+    step_config, state = steps.create_train_state(config, mesh)
+    state = with_torch_weights(step_config, state, torch_checkpoint, mesh)
+    manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
+    checkpoints.save(manager, 0, state, config=config)
+    manager.wait_until_finished()
   logging.info('Wrote %s as the step-0 checkpoint of %s', torch_checkpoint, workdir)
   return 0

@@ -31,7 +31,9 @@ already; breakdown.py says how ties count).
 import json
 import math
 import os
+import tempfile
 
+from absl import logging
 from clu import metric_writers
 import jax
 import matplotlib
@@ -209,9 +211,67 @@ def write_json(workdir: str, split: str, step: int, results: dict,
   return path
 
 
+METRICS_JSONL = 'metrics.jsonl'
+
+
 def append_jsonl(workdir: str, step: int, results: dict):
-  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+  with open(os.path.join(workdir, METRICS_JSONL), 'a') as f:
     f.write(json.dumps(dict(step=step, **_json_values(results)), allow_nan=False) + '\n')
+
+
+def drop_jsonl_rows_after(workdir: str, step: int) -> int:
+  """Removes from metrics.jsonl the rows of steps after `step`, and lines that are not such
+  rows (one cut short by a crash), so that a run resumed from `step` logs each step once;
+  returns how many lines went. Streamed (the file may be long) into a new file that
+  replaces the old one whole."""
+  path = os.path.join(workdir, METRICS_JSONL)
+  if not os.path.isfile(path):
+    return 0
+  dropped = 0
+  with open(path, 'rb') as rows, tempfile.NamedTemporaryFile(
+      'wb', dir=workdir, prefix='.metrics-', suffix='.jsonl', delete=False) as kept:
+    try:
+      for line in _lines(rows):
+        row_step = _row_step(line)
+        if row_step is None or row_step > step:
+          dropped += 1
+        else:
+          kept.write(line.rstrip(b'\r\n') + b'\n')
+    except BaseException:
+      os.remove(kept.name)
+      raise
+  if dropped:
+    os.chmod(kept.name, os.stat(path).st_mode & 0o777)  # the temporary file's is 0600
+    os.replace(kept.name, path)
+    logging.warning('%s: dropped %d lines of steps after %d, logged before the run stopped and '
+                    'trained again from step %d (or unreadable).', path, dropped, step, step)
+  else:
+    os.remove(kept.name)
+  return dropped
+
+
+# A row is a few kilobytes; a longer line is not one, and is not read whole.
+_MAX_ROW_BYTES = 2**20
+
+
+def _lines(rows):
+  """The file's lines, each at most _MAX_ROW_BYTES (a longer one comes as b'')."""
+  while line := rows.readline(_MAX_ROW_BYTES):
+    if len(line) == _MAX_ROW_BYTES and not line.endswith(b'\n'):
+      while (rest := rows.readline(_MAX_ROW_BYTES)) and not rest.endswith(b'\n'):
+        pass
+      line = b''
+    yield line
+
+
+def _row_step(line: bytes):
+  """The step of one metrics.jsonl line, or None when it is not a row with an integer step."""
+  try:
+    row = json.loads(line)
+  except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+    return None
+  step = row.get('step') if isinstance(row, dict) else None
+  return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def evaluate_with_breakdown(eval_examples_step, state, eval_data, mesh, names,

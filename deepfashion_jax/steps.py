@@ -131,11 +131,23 @@ LOSS_ARGUMENTS_FROM_ELSEWHERE = ('pos_weight',)
 
 
 def create_optimizer(config) -> optax.GradientTransformation:
-  """Adam (the baseline's) or SGD with momentum; optional warm-up, then a constant rate,
-  cosine decay, or a step decay (x config.decay_rate every config.decay_every_steps: Liu &
-  Lu's x0.8 per epoch); weight decay (AdamW's decoupled decay with Adam, coupled L2 with
-  SGD) on the kernels only unless config.decay_norms_and_biases; the gradient's global
-  norm clipped to config.grad_clip_norm first when that is > 0."""
+  """Adam (the baseline's) or SGD with momentum, at `learning_rate(config)`; weight decay
+  (AdamW's decoupled decay with Adam, coupled L2 with SGD) on the kernels only unless
+  config.decay_norms_and_biases; the gradient's global norm clipped to
+  config.grad_clip_norm first when that is > 0."""
+  schedule = learning_rate(config)
+  mask = None if config.decay_norms_and_biases else _kernels_only
+  optimizer = _base_optimizer(config, schedule, mask)
+  if config.grad_clip_norm > 0:  # only then: the optimiser state keeps its old structure
+    optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
+  return optimizer
+
+
+def learning_rate(config) -> optax.ScalarOrSchedule:
+  """The learning rate by optimiser step: optional warm-up, then a constant rate, cosine
+  decay (to 0 at config.num_train_steps), or a step decay (x config.decay_rate every
+  config.decay_every_steps: Liu & Lu's x0.8 per epoch). A plain number when constant: the
+  optimiser state then keeps no step count of its own."""
   peak = config.learning_rate
   if config.schedule == 'cosine':
     schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(config.warmup_steps, 1),
@@ -151,11 +163,7 @@ def create_optimizer(config) -> optax.GradientTransformation:
     schedule = optax.linear_schedule(0.0, peak, config.warmup_steps)
   else:
     schedule = peak
-  mask = None if config.decay_norms_and_biases else _kernels_only
-  optimizer = _base_optimizer(config, schedule, mask)
-  if config.grad_clip_norm > 0:  # only then: the optimiser state keeps its old structure
-    optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
-  return optimizer
+  return schedule
 
 
 def _base_optimizer(config, schedule, mask) -> optax.GradientTransformation:

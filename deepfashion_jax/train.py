@@ -6,6 +6,10 @@ and k steps, a restart and N - k more give the same parameters and the same logg
 metrics. SIGTERM or SIGINT stops it after the current step with a checkpoint (`Preempted`;
 with several processes, all after the same step, up to three steps later: `_StopSignals`);
 a non-finite step stops it at the next log without saving (`stop_if_diverged`).
+A run holds its workdir's lock throughout (`run_lock`: a second run there is refused). On
+resuming, what the stopped run logged into metrics.jsonl after its checkpoint is dropped
+(each step is logged once), and a num_train_steps (or other schedule field) changed since
+the checkpoint is said at start, with where the learning rate now goes.
 
 With config.ema_decay > 0 each evaluation also evaluates the moving average of the
 weights (`steps.ema_weights`) and logs its metrics beside the raw ones, prefixed `ema_`
@@ -36,6 +40,7 @@ from deepfashion_jax import config_checks
 from deepfashion_jax import convert_torch
 from deepfashion_jax import data
 from deepfashion_jax import evaluate
+from deepfashion_jax import run_lock
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax import throughput as throughput_lib
@@ -207,32 +212,85 @@ def _check_writable(workdir: str):
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix='.writable-'):
       pass
-  except OSError as e:
-    raise OSError(f'--workdir={workdir} is not a writable folder: {e}') from e
+  except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+    raise run_lock.WorkdirError(f'--workdir={workdir} is not a writable folder: {e}') from e
+
+
+# The config fields the learning-rate schedule is computed from (`steps.learning_rate`).
+_SCHEDULE_FIELDS = ('num_train_steps', 'learning_rate', 'schedule', 'warmup_steps',
+                    'decay_every_steps', 'decay_rate')
+
+
+def _say_if_the_schedule_changed(config, saved: dict, step: int):
+  """A run resumed with another num_train_steps (or other schedule fields) than its
+  checkpoint was saved with follows the schedule of the new values from `step` on: says so
+  at start, with the old and new values and the rate at `step` and at the end under each.
+  `saved`: the checkpoint's flattened config."""
+  changed = {name: saved[name] for name in _SCHEDULE_FIELDS
+             if name in saved and saved[name] != config[name]}
+  if not changed:
+    return
+  fields = ', '.join(f'config.{name}={config[name]!r} ({repr(value)[:40]} when saved)'
+                     for name, value in changed.items())
+  old = config.copy_and_resolve_references()
+  rate, last = _rate_at(steps.learning_rate(config)), config.num_train_steps
+  try:  # the checkpoint's values, as written into its config: a user's file may hold any
+    old.update(changed)
+    old_rate, old_last = _rate_at(steps.learning_rate(old)), int(old.num_train_steps)
+    old_rate(old_last)
+  except (TypeError, ValueError, OverflowError, ArithmeticError):
+    logging.warning('Resuming from step %d with %s: the saved values do not make a schedule; '
+                    'the new one is followed.', step, fields)
+    return
+  if rate(step) == old_rate(step) and rate(last) == old_rate(old_last):
+    logging.info('Resuming from step %d with %s: the learning rate is %.3g at step %d and '
+                 '%.3g at the end, as before.', step, fields, rate(step), step, rate(last))
+    return
+  logging.warning(
+      'Resuming from step %d with %s: the learning-rate schedule is recomputed. At step %d '
+      'the rate is now %.3g (%.3g under the values saved); it goes to %.3g at step %d (the '
+      'saved schedule went to %.3g at step %d).', step, fields, step, rate(step),
+      old_rate(step), rate(last), last, old_rate(old_last), old_last)
+
+
+def _rate_at(schedule):
+  """step -> the learning rate of `steps.learning_rate`'s schedule (or constant)."""
+  return lambda step: float(schedule(step) if callable(schedule) else schedule)
 
 
 def train_and_evaluate(config, workdir: str):
   """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics
   and, when the run logged twice or more, its `train_images_per_sec`, with
   `train_flops_per_step`, `train_tflops_per_sec` and `train_mfu` where they are known
-  (`throughput.Throughput`)."""
+  (`throughput.Throughput`). Holds the workdir's lock throughout (`run_lock`): another run
+  on it is refused at once."""
   config_checks.check(config)
   _check_writable(workdir)
+  with run_lock.hold(workdir, 'train'):
+    return _resume_and_train(config, workdir)
+
+
+def _resume_and_train(config, workdir: str) -> dict:
+  """`train_and_evaluate` under the workdir's lock."""
   training_data = data.create_datasets(config, workdir)
   mesh = sharding.make_mesh()
   step_config, state = steps.create_train_state(config, mesh, training_data.attributes)
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
   # Step 0 is a converted checkpoint: weights only, the data starts from the beginning.
-  latest, restored = checkpoints.restore_newest_intact(
+  resumed = checkpoints.restore_newest_intact(
       manager, checkpoints.abstract_like(state), training_data.train_batches, config)
-  if latest is not None:
-    logging.info('Resuming from the checkpoint of step %d in %s', latest, workdir)
-    state = restored
+  if resumed.step is not None:
+    logging.info('Resuming from the checkpoint of step %d in %s', resumed.step, workdir)
+    state = resumed.state
   elif config.init_from:
     state = convert_torch.with_torch_weights(step_config, state, config.init_from, mesh)
   if int(state.step) >= config.num_train_steps:
     logging.info('%s is already trained to step %d (config.num_train_steps); nothing to do. '
                  'Evaluate it with --mode=evaluate.', workdir, int(state.step))
+  elif resumed.config is not None:
+    _say_if_the_schedule_changed(config, resumed.config, int(state.step))
+  if jax.process_index() == 0:  # what a stopped run logged after its checkpoint, to redo
+    evaluate.drop_jsonl_rows_after(workdir, int(state.step))
 
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=jax.process_index() > 0)

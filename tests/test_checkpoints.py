@@ -14,6 +14,7 @@ import pytest
 
 from configs import test as test_config
 from deepfashion_jax import checkpoints
+from deepfashion_jax import run_lock
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax import train
@@ -107,19 +108,35 @@ def test_a_float16_state_survives_a_checkpoint(synthetic_folder, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def _write_checkpoint(workdir, ema_decay):
+def _write_checkpoint(workdir, ema_decay, **optimizer_fields):
   """A step-4 checkpoint of the test config with config.ema_decay; its moving average (if
-  any) moved away from its weights, so that choosing one or the other shows."""
+  any) moved away from its weights, so that choosing one or the other shows. With
+  `optimizer_fields` (grad_clip_norm=1.0, say), saved as trained with them: their config,
+  and an optimiser state of their structure."""
   config = test_config.get_config()
   config.ema_decay, config.best_metric = ema_decay, ''
   mesh = sharding.make_mesh(jax.devices()[:1])
   _, state = steps.create_train_state(config, mesh)
   if ema_decay:
     state = state.replace(ema_params=jax.tree.map(lambda x: x + 0.5, state.ema_params))
+  if optimizer_fields:
+    config.update(optimizer_fields)  # zeros of its state's shapes: no compilation needed
+    shapes = jax.eval_shape(steps.create_optimizer(config).init, state.params)
+    state = state.replace(opt_state=jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
   manager = checkpoints.create_manager(workdir, best_metric='')
   checkpoints.save(manager, 4, state, config=config)
   manager.wait_until_finished()
   return config, mesh, manager, state
+
+
+def _files(folder) -> dict:
+  """path -> (size, modification time) of every file and folder under `folder`."""
+  found = {}
+  for root, folders, files in os.walk(folder):
+    for name in folders + files:
+      path = os.path.join(root, name)
+      found[path] = (os.path.getsize(path), os.path.getmtime(path))
+  return found
 
 
 @pytest.mark.parametrize('saved_decay, here_decay, message', [
@@ -138,15 +155,34 @@ def test_a_checkpoint_with_an_ema_resumes_only_with_one_and_the_other_way_round(
                                       config=config)
 
 
-def test_inference_restores_the_raw_weights_or_their_ema_whatever_ema_decay_says(tmp_path):
-  config, mesh, _, saved = _write_checkpoint(str(tmp_path / 'ema'), 0.9)
-  config.ema_decay = 0.0  # evaluate and predict take the average's presence from the checkpoint
-  for weights, want in (('raw', saved.params), ('ema', saved.ema_params)):
-    config.eval.weights = weights
-    restored = checkpoints.restore_for_inference(config, str(tmp_path / 'ema'), mesh)
-    assert restored.step == 4 and restored.config.ema_decay > 0
-    _assert_equal_states(restored.state.params, want)
-    _assert_equal_states(restored.state.ema_params, saved.ema_params)
+def test_inference_restores_the_raw_weights_or_their_ema_whatever_the_optimiser_was(tmp_path):
+  """Trained with a moving average, clipping and SGD (an optimiser state of another
+  structure): evaluation and prediction restore the weights or their average with a config
+  that has none of them (config.ema_decay=0, no clipping, Adam). Beside a run training in
+  the workdir (holding its lock) they take no lock and change nothing; a damaged
+  checkpoint is reported, not set aside."""
+  workdir = str(tmp_path / 'ema')
+  _, mesh, _, saved = _write_checkpoint(workdir, 0.9, grad_clip_norm=1.0, optimizer='sgd')
+  config = test_config.get_config()
+  with run_lock.hold(workdir):  # a run training there
+    before = _files(workdir)
+    for weights, want in (('raw', saved.params), ('ema', saved.ema_params)):
+      config.eval.weights = weights
+      restored = checkpoints.restore_for_inference(config, workdir, mesh)
+      assert restored.step == 4 and restored.config.ema_decay > 0
+      _assert_equal_states(restored.state.params, want)
+      _assert_equal_states(restored.state.ema_params, saved.ema_params)
+    assert _files(workdir) == before
+    for path in glob.glob(os.path.join(workdir, 'checkpoints', '4', '**', '*'),
+                          recursive=True):
+      if os.path.isfile(path) and os.path.getsize(path) > 1000:
+        with open(path, 'r+b') as f:  # a disk that lost their second halves
+          f.truncate(os.path.getsize(path) // 2)
+    before = _files(workdir)
+    with pytest.raises(checkpoints.DamagedCheckpointError,
+                       match=r'The checkpoint of step 4 in .* cannot be read .* left where'):
+      checkpoints.restore_for_inference(config, workdir, mesh)
+    assert _files(workdir) == before  # nothing moved, removed or written
   plain, *_ = _write_checkpoint(str(tmp_path / 'plain'), 0.0)
   plain.eval.weights = 'ema'
   with pytest.raises(ValueError, match=r'config.eval.weights=ema: the checkpoint of step 4 .* '
@@ -221,3 +257,4 @@ def test_every_restore_reads_a_checkpoint_metadata_once(tmp_path, monkeypatch):
   assert reads_of(for_inference) == ([6], [6])
   every_kept = lambda: list(checkpoints.restore_every_kept(config, str(tmp_path), mesh))
   assert reads_of(every_kept) == ([4, 6], [4, 6])
+

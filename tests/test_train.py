@@ -2,7 +2,9 @@
 workdirs, and its throughput figure."""
 
 import glob
+import json
 import logging
+import math
 import os
 import re
 import signal
@@ -15,6 +17,7 @@ import pytest
 
 from configs import test as test_config
 from deepfashion_jax import checkpoints
+from deepfashion_jax import evaluate
 from deepfashion_jax import train
 from tests import helpers
 
@@ -32,20 +35,33 @@ def _scalars(workdir):
   return values
 
 
+def _logged_steps(workdir) -> list:
+  """The steps of metrics.jsonl's rows, in order."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line)['step'] for line in f]
+
+
 def test_resumed_run_equals_uninterrupted_run_bit_for_bit(synthetic_folder, tmp_path,
                                                           caplog):
   """In this process (the SIGTERM test below resumes in a new one). With a moving average
   of the weights (its metrics logged as ema_*, the best checkpoint chosen by one): it
-  resumes exactly too. (Gradient accumulation adds nothing to the state: test_steps.py.)"""
+  resumes exactly too. (Gradient accumulation adds nothing to the state: test_steps.py.)
+  metrics.jsonl then logs each step once: what a run stopped after its checkpoint had
+  logged (step 5 here, and a line cut short) is dropped on resume. The longer run is said
+  at start."""
   caplog.set_level(logging.INFO)
   data_dir = synthetic_folder[0]
   options = dict(ema_decay=0.9, best_metric='ema_category_top3')
   straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
   train.train_and_evaluate(helpers.tiny_config(data_dir, **options), straight)  # 6 steps
   train.train_and_evaluate(helpers.tiny_config(data_dir, num_train_steps=4, **options), split)
+  with open(os.path.join(split, 'metrics.jsonl'), 'a') as f:  # as if killed after step 5
+    f.write('{"step": 5, "loss": 1.0}\n{"step": 6, "lo')
   caplog.clear()
   train.train_and_evaluate(helpers.tiny_config(data_dir, **options), split)  # steps 5 and 6
   assert 'Resuming from the checkpoint of step 4' in caplog.text
+  assert 'Resuming from step 4 with config.num_train_steps=6 (4 when saved)' in caplog.text
+  assert _logged_steps(split) == [3, 4, 6] and _logged_steps(straight) == [3, 6]
 
   saved = helpers.saved_state(straight, 6)
   assert int(saved['step']) == 6 and 'ema_params' in saved and 'ema_batch_stats' in saved
@@ -194,3 +210,39 @@ def test_periodic_actions_are_due_every_n_steps_and_after_the_last():
   due = [step for step in range(1, 11) if train.itstime(step, 4, 10)]
   assert due == [4, 8, 10]
   assert [s for s in range(1, 9) if train.itstime(s, 4, 8)] == [4, 8]  # the last once
+
+
+def test_rows_past_the_resumed_step_and_lines_that_are_not_rows_leave_metrics_jsonl(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  lines = [b'{"step": 2, "loss": 1.5}', b'{"step": 3}', b'{"step": 4, "loss": 1.2}',
+           b'x' * (3 * 2**20), b'\xff\xfe', b'[1, 2]', b'{"step": true}', b'{"step": "1"}',
+           b'[' * 5000, b'{"step": 1}', b'{"step": 9}', b'{"step": 3, "lo']
+  path.write_bytes(b'\n'.join(lines))
+  os.chmod(path, 0o644)
+  assert evaluate.drop_jsonl_rows_after(str(tmp_path), 3) == 9
+  assert path.read_bytes() == b'{"step": 2, "loss": 1.5}\n{"step": 3}\n{"step": 1}\n'
+  assert os.stat(path).st_mode & 0o777 == 0o644
+  assert os.listdir(tmp_path) == ['metrics.jsonl']  # no temporary file left
+  assert evaluate.drop_jsonl_rows_after(str(tmp_path), 3) == 0  # nothing more to drop
+  assert evaluate.drop_jsonl_rows_after(str(tmp_path / 'none'), 3) == 0
+
+
+def test_a_resumed_run_says_how_its_schedule_changed(caplog):
+  """Cosine decay over 8 steps instead of 4, resumed at step 3 (2 warm-up steps): the rate at
+  step 3 and at the end, under the saved and the new lengths."""
+  config = test_config.get_config()
+  config.schedule, config.warmup_steps, config.learning_rate = 'cosine', 2, 1e-3
+  config.num_train_steps = 8
+  saved = dict(num_train_steps=4, schedule='cosine', warmup_steps=2, learning_rate=1e-3)
+  cosine = lambda step, total: 1e-3 * 0.5 * (1 + math.cos(math.pi * (step - 2) / (total - 2)))
+  with caplog.at_level(logging.INFO):
+    train._say_if_the_schedule_changed(config, saved, 3)  # pylint: disable=protected-access
+  assert (f'Resuming from step 3 with config.num_train_steps=8 (4 when saved): the '
+          f'learning-rate schedule is recomputed. At step 3 the rate is now '
+          f'{cosine(3, 8):.3g} ({cosine(3, 4):.3g} under the values saved); it goes to 0 at '
+          'step 8 (the saved schedule went to 0 at step 4).') in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.INFO):  # the same values: nothing to say
+    train._say_if_the_schedule_changed(  # pylint: disable=protected-access
+        config, dict(saved, num_train_steps=8), 3)
+  assert not caplog.text
