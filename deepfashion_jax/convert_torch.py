@@ -14,6 +14,7 @@ from deepfashion_jax import config_checks
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax import torch_io
+from deepfashion_jax.data import trained_on
 
 
 def with_torch_weights(step_config, state, path: str, mesh):
@@ -38,11 +39,13 @@ def convert(config, workdir: str, torch_checkpoint: str) -> int:
   project's step-0 checkpoint in `workdir`, for `--mode=evaluate` and prediction; returns
   the step."""
   config_checks.check(config)
+  names = trained_on.conversion_record(config.data, torch_checkpoint)  # a bad folder: first
   mesh = sharding.make_mesh()
   step_config, state = steps.create_train_state(config, mesh)
   state = with_torch_weights(step_config, state, torch_checkpoint, mesh)
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
   checkpoints.save(manager, 0, state, config=config)
   manager.wait_until_finished()
+  trained_on.record_conversion(workdir, names)
   logging.info('Wrote %s as the step-0 checkpoint of %s', torch_checkpoint, workdir)
   return 0

@@ -49,6 +49,7 @@ from deepfashion_jax import data
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax.data import photos
+from deepfashion_jax.data import trained_on
 from deepfashion_jax.data import vocabulary
 
 # The columns of config.eval.checkpoint=all's table, each also drawn against the step.
@@ -274,7 +275,9 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   breakdowns; prints and writes what the module's docstring lists. Returns its results;
   with config.eval.checkpoint=all, {step: results} of every kept checkpoint."""
   config_checks.check(config)
+  trained_on.refuse_synthetic_stand_in(config.data, workdir, training=False)
   eval_data = data.create_eval_data(config, workdir)
+  trained_on.warn_if_other_data(config.data, workdir)
   mesh = sharding.make_mesh()
   names = photos.load_output_names(config.data, workdir)
   every = config.eval.checkpoint == checkpoints.EVERY_CHECKPOINT

@@ -39,6 +39,7 @@ from deepfashion_jax import evaluate
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax import throughput as throughput_lib
+from deepfashion_jax.data import trained_on
 
 
 @dataclasses.dataclass
@@ -218,7 +219,10 @@ def train_and_evaluate(config, workdir: str):
   (`throughput.Throughput`)."""
   config_checks.check(config)
   _check_writable(workdir)
+  # What the run trains on is recorded, and a resumed run must read what it started on.
+  trained_on.refuse_synthetic_stand_in(config.data, workdir, training=True)
   training_data = data.create_datasets(config, workdir)
+  trained_on.check_and_record_training_data(config.data, workdir)
   mesh = sharding.make_mesh()
   step_config, state = steps.create_train_state(config, mesh, training_data.attributes)
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
