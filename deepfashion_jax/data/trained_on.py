@@ -118,6 +118,7 @@ def lists_sha256(root: str, cache_dir: str = '') -> str:
   digest = _hash_lists(root)
   if memo:
     try:
+      os.makedirs(cache_dir, exist_ok=True)
       _write_atomically(memo, digest)
     except OSError as e:  # a read-only cache folder: hashed again next time
       logging.info('Could not keep the lists\' SHA-256 in %s: %s', memo, e)

@@ -1,0 +1,87 @@
+"""A workdir's record of what its run was trained on (data/trained_on.py): the folder's
+fingerprint, a moved folder, edited lists, a converted model's names. The modes that use
+it are tested with them: test_predict.py, test_evaluate.py, test_export.py."""
+
+import dataclasses
+import os
+import shutil
+
+import pytest
+
+from deepfashion_jax.data import annotations
+from deepfashion_jax.data import trained_on
+from tests import helpers
+
+
+def _trained_workdir(tmp_path) -> str:
+  """A workdir that holds a trained checkpoint (only its folder: nothing reads it here)."""
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints' / '4').mkdir(parents=True)
+  return str(workdir)
+
+
+def test_the_fingerprint_is_the_lists_content_kept_by_their_cache_key(synthetic_folder,
+                                                                      tmp_path):
+  """Another copy of the lists has the same digest; an edited list another; the digest is
+  kept beside the annotation cache, and a damaged kept digest is computed again."""
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(synthetic_folder[0], copy)
+  cache = str(tmp_path / 'cache')
+  digest = trained_on.lists_sha256(copy, cache)
+  assert digest == trained_on.lists_sha256(synthetic_folder[0]) and len(digest) == 64
+  (kept,) = os.listdir(cache)
+  with open(os.path.join(cache, kept), 'w') as f:
+    f.write('not a digest')
+  assert trained_on.lists_sha256(copy, cache) == digest
+  with open(os.path.join(copy, annotations.BBOX), 'a') as f:
+    f.write('\n')
+  edited = trained_on.lists_sha256(copy, cache)
+  assert edited != digest and edited == trained_on.lists_sha256(copy)  # not the kept one
+
+
+def test_resuming_on_the_same_lists_elsewhere_and_not_on_edited_ones(synthetic_folder,
+                                                                     tmp_path):
+  """A moved folder (same lists, another path): accepted, and recorded there. Edited
+  lists: refused, naming both folders, the record kept; without a trained checkpoint
+  (nothing to resume), recorded anew."""
+  workdir = _trained_workdir(tmp_path)
+  trained_on.check_and_record_training_data(
+      helpers.tiny_config(synthetic_folder[0]).data, workdir)
+  first = trained_on.read(workdir)
+  assert first.data.path == os.path.abspath(synthetic_folder[0]) and not first.data.synthetic
+  assert first.vocabulary == trained_on.read_vocabulary(synthetic_folder[0])
+  moved = str(tmp_path / 'moved')
+  shutil.copytree(synthetic_folder[0], moved)
+  trained_on.check_and_record_training_data(helpers.tiny_config(moved).data, workdir)
+  assert trained_on.read(workdir) == dataclasses.replace(
+      first, data=dataclasses.replace(first.data, path=moved))
+
+  with open(os.path.join(moved, annotations.CATEGORY_IMG), 'a') as f:
+    f.write('\n')
+  with pytest.raises(trained_on.TrainedOnError, match='lists differ') as raised:
+    trained_on.check_and_record_training_data(helpers.tiny_config(moved).data, workdir)
+  assert moved in str(raised.value) and 'trained_on.json' in str(raised.value)
+  assert trained_on.read(workdir).data.path == moved  # unchanged by the refusal
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  trained_on.check_and_record_training_data(helpers.tiny_config(moved).data, workdir)
+  assert trained_on.read(workdir).data.lists_sha256 == trained_on.lists_sha256(moved)
+
+
+def test_a_converted_model_is_named_by_the_folder_given(synthetic_folder, tmp_path):
+  """--mode=convert with config.data.data_dir records its names (no training folder);
+  without one, nothing; and never over the record of a trained run."""
+  record = trained_on.conversion_record(helpers.tiny_config(synthetic_folder[0]).data,
+                                        'epoch_200.pth')
+  assert record.data is None and record.converted_from == os.path.abspath('epoch_200.pth')
+  assert record.vocabulary == trained_on.read_vocabulary(synthetic_folder[0])
+  assert trained_on.conversion_record(helpers.tiny_config('').data, 'epoch_200.pth') is None
+  fresh = str(tmp_path / 'converted')
+  os.makedirs(fresh)
+  trained_on.record_conversion(fresh, record)
+  assert trained_on.read(fresh) == record
+  trained = _trained_workdir(tmp_path)
+  trained_on.check_and_record_training_data(
+      helpers.tiny_config(synthetic_folder[0]).data, trained)
+  before = trained_on.read(trained)
+  trained_on.record_conversion(trained, record)
+  assert trained_on.read(trained) == before
