@@ -3,11 +3,18 @@ fingerprint, a moved folder, edited lists, a converted model's names. The modes 
 it are tested with them: test_predict.py, test_evaluate.py, test_export.py."""
 
 import dataclasses
+import json
 import os
 import shutil
+import tempfile
 
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies
 import pytest
 
+from benchmarks.hostile import run_record
+from deepfashion_jax import errors
 from deepfashion_jax.data import annotations
 from deepfashion_jax.data import trained_on
 from tests import helpers
@@ -85,3 +92,36 @@ def test_a_converted_model_is_named_by_the_folder_given(synthetic_folder, tmp_pa
   before = trained_on.read(trained)
   trained_on.record_conversion(trained, record)
   assert trained_on.read(trained) == before
+
+
+_VALID = json.dumps(run_record.valid_record()).encode()
+
+
+def _damaged_record_is_clean(data: strategies.DataObject):
+  """A randomly damaged record: its names, or the project's error naming the file."""
+  damaged = run_record.mutated(
+      _VALID, lambda n: data.draw(strategies.integers(0, n - 1), label='draw'))
+  with tempfile.TemporaryDirectory() as workdir:
+    with open(trained_on.record_path(workdir), 'wb') as f:
+      f.write(damaged)
+    try:
+      names = run_record.names_of_record(workdir)
+    except errors.DeepFashionError as e:
+      assert trained_on.RECORD_NAME in str(e)
+      return
+  assert all(isinstance(name, str) for name in names.category_names + names.attribute_names)
+  assert sum(len(indices) for _, indices in names.attribute_groups) == len(
+      names.attribute_names)
+
+
+@settings(max_examples=30, deadline=None)
+@given(strategies.data())
+def test_a_damaged_record_is_read_or_refused_cleanly(data):
+  _damaged_record_is_clean(data)
+
+
+@pytest.mark.slow
+@settings(max_examples=1000, deadline=None)
+@given(strategies.data())
+def test_a_damaged_record_is_read_or_refused_cleanly_at_length(data):
+  _damaged_record_is_clean(data)

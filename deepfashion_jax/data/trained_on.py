@@ -180,7 +180,8 @@ def read(workdir: str) -> Optional[Record]:
     return None
   try:
     with open(path, 'rb') as f:
-      text = f.read(_MAX_RECORD_BYTES + 1)
+      # Read as large as the file says (read(n) allocates n bytes), never past the limit.
+      text = f.read(min(os.fstat(f.fileno()).st_size, _MAX_RECORD_BYTES) + 1)
     if len(text) > _MAX_RECORD_BYTES:
       raise ValueError(f'larger than {_MAX_RECORD_BYTES} bytes')
     return _parse(json.loads(text.decode('utf-8')))
