@@ -214,12 +214,10 @@ def test_resuming_on_other_lists_is_refused(trained_run, synthetic_folder):
   """Before anything is restored or written: the checkpoints and the record stay."""
   _, workdir, _ = trained_run
   kept = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
-  with open(os.path.join(workdir, trained_on.RECORD_NAME)) as f:
-    record = f.read()
+  record = trained_on.read(workdir)
   config = helpers.tiny_config(synthetic_folder[0], keep_checkpoints=2)
   with pytest.raises(trained_on.TrainedOnError, match='does not resume on other data') as raised:
     train.train_and_evaluate(config, workdir)
   assert os.path.abspath(synthetic_folder[0]) in str(raised.value)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == kept
-  with open(os.path.join(workdir, trained_on.RECORD_NAME)) as f:
-    assert f.read() == record
+  assert trained_on.read(workdir) == record
