@@ -44,6 +44,7 @@ def test_the_fingerprint_is_the_lists_content_kept_by_their_cache_key(synthetic_
     f.write('\n')
   edited = trained_on.lists_sha256(copy, cache)
   assert edited != digest and edited == trained_on.lists_sha256(copy)  # not the kept one
+  assert len(os.listdir(cache)) == 1  # the stale digest is gone
 
 
 def test_resuming_on_the_same_lists_elsewhere_and_not_on_edited_ones(synthetic_folder,
@@ -114,7 +115,7 @@ def _damaged_record_is_clean(data: strategies.DataObject):
       names.attribute_names)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(strategies.data())
 def test_a_damaged_record_is_read_or_refused_cleanly(data):
   _damaged_record_is_clean(data)

@@ -120,9 +120,19 @@ def lists_sha256(root: str, cache_dir: str = '') -> str:
     try:
       os.makedirs(cache_dir, exist_ok=True)
       _write_atomically(memo, digest)
+      _remove_stale_digests(memo)
     except OSError as e:  # a read-only cache folder: hashed again next time
       logging.info('Could not keep the lists\' SHA-256 in %s: %s', memo, e)
   return digest
+
+
+def _remove_stale_digests(memo: str):
+  """The digests of this folder's lists as they were before (as the cache keeps one index)."""
+  folder_name, kept = os.path.dirname(memo), os.path.basename(memo)
+  prefix = kept.rsplit('_', 1)[0] + '_'
+  for name in os.listdir(folder_name):
+    if name.startswith(prefix) and name.endswith('.sha256') and name != kept:
+      os.remove(os.path.join(folder_name, name))
 
 
 def _hash_lists(root: str) -> str:
@@ -239,7 +249,9 @@ def _parse(contents) -> Record:
 
 
 def _has_trained_checkpoints(workdir: str) -> bool:
-  """Whether the workdir holds a checkpoint of a trained step (not step 0, converted)."""
+  """Whether the workdir holds a checkpoint of a trained step (not step 0, converted):
+  `checkpoints.py` writes step N into WORKDIR/checkpoints/N (named here, not imported:
+  data code does not import the model's)."""
   checkpoints = os.path.join(workdir, 'checkpoints')
   return os.path.isdir(checkpoints) and any(
       name.isdigit() and int(name) > 0 for name in os.listdir(checkpoints))
