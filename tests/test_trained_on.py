@@ -95,6 +95,27 @@ def test_a_converted_model_is_named_by_the_folder_given(synthetic_folder, tmp_pa
   assert trained_on.read(trained) == before
 
 
+def test_an_unrecorded_workdir_is_not_evaluated_on_a_stand_in(synthetic_folder, tmp_path):
+  """A workdir that does not say what it was trained on (an older run, or converted) and
+  holds no synthetic folder: config.data.data_dir empty is refused, naming the field (and
+  the PyTorch file of a converted one); with the synthetic folder its training wrote, or
+  for training a new run, it is not (test_evaluate.py runs evaluate itself)."""
+  config = helpers.tiny_config('')
+  workdir = str(tmp_path / 'older_run')
+  os.makedirs(os.path.join(workdir, 'checkpoints', '6'))
+  with pytest.raises(errors.DeepFashionError, match='config.data.data_dir') as raised:
+    trained_on.refuse_synthetic_stand_in(config.data, workdir, training=False)
+  assert trained_on.RECORD_NAME in str(raised.value)
+  trained_on.refuse_synthetic_stand_in(config.data, workdir, training=True)
+  trained_on.write(workdir, trained_on.conversion_record(
+      helpers.tiny_config(synthetic_folder[0]).data, 'epoch_200.pth'))
+  with pytest.raises(errors.DeepFashionError, match='converted from .*epoch_200.pth'):
+    trained_on.refuse_synthetic_stand_in(config.data, workdir, training=False)
+  os.remove(trained_on.record_path(workdir))
+  shutil.copytree(synthetic_folder[0], os.path.join(workdir, 'synthetic_deepfashion'))
+  trained_on.refuse_synthetic_stand_in(config.data, workdir, training=False)
+
+
 _VALID = json.dumps(run_record.valid_record()).encode()
 
 
