@@ -222,9 +222,9 @@ def _strings(value, what: str) -> tuple:
 
 
 def _types(value, what: str, count: int, names: tuple) -> tuple:
-  # Not isinstance: True is an int too.
   if (not isinstance(value, list) or len(value) != count
-      or not all(type(v) is int and 0 <= v < len(names) for v in value)):  # pylint: disable=unidiomatic-typecheck
+      or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(names)
+                 for v in value)):
     raise ValueError(f'{what}: expected {count} integers in 0..{len(names) - 1}')
   return tuple(value)
 
