@@ -285,22 +285,22 @@ def refuse_synthetic_stand_in(data_config, workdir: str, training: bool):
   if data_config.data_dir:
     return
   record = read(workdir)
-  trained_on = record.data if record else None
-  if trained_on is not None and trained_on.synthetic:
+  trained_folder = record.data if record else None
+  if trained_folder is not None and trained_folder.synthetic:
     return
-  if training and (trained_on is None or not _has_trained_checkpoints(workdir)):
+  if training and (trained_folder is None or not _has_trained_checkpoints(workdir)):
     return
-  if not training and trained_on is None and (_synthetic_folder_written(workdir)
+  if not training and trained_folder is None and (_synthetic_folder_written(workdir)
                                               or data_config.synthetic_images <= 0):
     return  # the synthetic folder training wrote, or none at all (folder.data_root says so)
   stand_in = ('a synthetic stand-in written into the workdir' if data_config.synthetic_images > 0
               else 'no data folder at all')
   doing = (f'resuming would go on training on {stand_in}' if training else
            f'--mode=evaluate would score the model on {stand_in}')
-  if trained_on is not None:
+  if trained_folder is not None:
     raise TrainedOnError(
         f'config.data.data_dir is empty: {doing}, but the model in {workdir} was trained on '
-        f'{trained_on.path}. Set --config.data.data_dir={trained_on.path} (or where that '
+        f'{trained_folder.path}. Set --config.data.data_dir={trained_folder.path} (or where that '
         'folder is now).')
   what = (f'its model was converted from {record.converted_from}' if record else
           f'it has no {RECORD_NAME}: trained before runs recorded their data, or converted '
