@@ -72,6 +72,9 @@ def test_evaluate_mode_writes_the_table_and_json(trained_run, quirky_folder, cap
                    'attr_recall_top5', 'attr_recall_top3_texture', 'attr_recall_top5_style',
                    'baseline_attr_recall_top3_texture', 'bbox_iou', 'loss'}
   assert expected_keys <= set(written) and written['step'] == 6
+  assert written['data'] == dict(path=os.path.abspath(data_dir),
+                                 lists_sha256=trained_on.lists_sha256(data_dir),
+                                 trained_on_these_lists=True)
   assert 'category_top1' in printed and 'eval_val_6.json' in printed
   logged = helpers.logged_evaluations(workdir)[6]  # the training run's own evaluation of step 6
   for key in expected_keys:

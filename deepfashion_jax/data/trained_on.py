@@ -334,19 +334,25 @@ def check_and_record_training_data(data_config, workdir: str):
     write(workdir, Record(read_vocabulary(here.path), here))
 
 
-def warn_if_other_data(data_config, workdir: str):
+def warn_if_other_data(data_config, workdir: str) -> dict:
   """At the start of --mode=evaluate, the folder written or found: a loud warning naming
   both folders and fingerprints when its lists are not the ones the run was trained on,
-  and whether they name the outputs differently."""
+  and whether they name the outputs differently. Returns what evaluate's JSON says of its
+  data: {path, lists_sha256, trained_on_these_lists: true, false, or null when the workdir
+  does not record the lists it was trained on}."""
+  here = data_folder(data_config, workdir)
   record = read(workdir)
-  if record is None or record.data is None:
-    return
-  here, before = data_folder(data_config, workdir), record.data
-  if here.lists_sha256 == before.lists_sha256:
+  before = record.data if record else None
+  said = dict(path=here.path, lists_sha256=here.lists_sha256,
+              trained_on_these_lists=None if before is None
+              else here.lists_sha256 == before.lists_sha256)
+  if before is None:
+    return said
+  if said['trained_on_these_lists']:
     if here.path != before.path:
       logging.info('Evaluating on %s: the same lists as %s, which the run was trained on.',
                    here.path, before.path)
-    return
+    return said
   renamed = _first_renamed_output(record.vocabulary, read_vocabulary(here.path))
   logging.warning(
       'NOT THE DATA THIS MODEL WAS TRAINED ON: evaluating on %s (lists SHA-256 %s), but '
@@ -355,6 +361,7 @@ def warn_if_other_data(data_config, workdir: str):
       here.path, here.lists_sha256, workdir, before.path, before.lists_sha256,
       f' Their lists also name the outputs differently: {renamed}.' if renamed else '',
       before.path)
+  return said
 
 
 def _first_renamed_output(trained: Vocabulary, here: Vocabulary) -> str:
