@@ -15,6 +15,7 @@ from deepfashion_jax import run_lock
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax import torch_io
+from deepfashion_jax.data import trained_on
 
 
 def with_torch_weights(step_config, state, path: str, mesh):
@@ -40,6 +41,7 @@ def convert(config, workdir: str, torch_checkpoint: str) -> int:
   the step. Holds the workdir's lock meanwhile (`run_lock`): refused while a run trains
   there."""
   config_checks.check(config)
+  names = trained_on.conversion_record(config.data, torch_checkpoint)  # a bad folder: first
   with run_lock.hold(workdir, 'convert'):
     mesh = sharding.make_mesh()
     step_config, state = steps.create_train_state(config, mesh)
@@ -47,5 +49,6 @@ def convert(config, workdir: str, torch_checkpoint: str) -> int:
     manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
     checkpoints.save(manager, 0, state, config=config)
     manager.wait_until_finished()
+    trained_on.record_conversion(workdir, names)
   logging.info('Wrote %s as the step-0 checkpoint of %s', torch_checkpoint, workdir)
   return 0

@@ -10,7 +10,9 @@ fails (`breakdown.py`), and writes into the workdir:
 - `eval_<split>_<step>.json`: `step`, `split`, the metrics of metrics.py, the
   `skipped_images_eval`, `mean_attribute_average_precision`, and `per_category`,
   `per_garment_type`, `confusion_matrix` (counts), `most_confused_pairs` and
-  `per_attribute` (breakdown.py's docstring says what each holds);
+  `per_attribute` (breakdown.py's docstring says what each holds), and `data`: the folder
+  and its lists' SHA-256, and whether the run was trained on those lists
+  (`trained_on.warn_if_other_data`);
 - `confusion_<split>_<step>.png`: the confusion matrix, rows normalised, 1000 x 1000
   pixels, also in TensorBoard as the image `eval_<split>_confusion` at the step;
 - with config.eval.checkpoint=all, each kept checkpoint's two files above, then
@@ -51,6 +53,7 @@ from deepfashion_jax import data
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax.data import photos
+from deepfashion_jax.data import trained_on
 from deepfashion_jax.data import vocabulary
 
 # The columns of config.eval.checkpoint=all's table, each also drawn against the step.
@@ -334,7 +337,9 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   breakdowns; prints and writes what the module's docstring lists. Returns its results;
   with config.eval.checkpoint=all, {step: results} of every kept checkpoint."""
   config_checks.check(config)
+  trained_on.refuse_synthetic_stand_in(config.data, workdir, training=False)
   eval_data = data.create_eval_data(config, workdir)
+  evaluated_on = trained_on.warn_if_other_data(config.data, workdir)
   mesh = sharding.make_mesh()
   names = photos.load_output_names(config.data, workdir)
   every = config.eval.checkpoint == checkpoints.EVERY_CHECKPOINT
@@ -349,6 +354,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         eval_examples_step = steps.jit_steps(step_config, mesh).evaluate_examples
       results, details = evaluate_with_breakdown(eval_examples_step, state, eval_data, mesh,
                                                  names, f'evaluating step {step}')
+      details['data'] = evaluated_on
       report_checkpoint(workdir, split, step, results, details, names.category_names, writer,
                         config.eval.weights)
       evaluated[step] = results

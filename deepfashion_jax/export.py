@@ -25,6 +25,10 @@ Outputs, float32:
   landmarks (B, 8, 2) (x, y) in the photo's pixels and landmark_peaks (B, 8) (each
     heatmap's highest value), in `landmark_slots.SLOT_NAMES` order (a landmark branch);
   garment_type_probabilities (B, 3) (config.model.category_head='per_garment_type').
+What each entry is called (the names the run recorded: `data/trained_on.py`) goes beside
+the SavedModel in OUTPUT_DIR/assets.extra/output_names.json: a list per output
+(`category_probabilities`, `attribute_probabilities` and their `attribute_types`,
+`garment_type_probabilities`, `landmarks`).
 
 The preprocessing, the crops and the averaging are predict's: a photo larger than
 config.data.canvas_size is shrunk into the canvas with PIL's bilinear weights
@@ -38,6 +42,7 @@ centre crop, or with config.export.ten_crop the baseline's ten crops
 
 import dataclasses
 import functools
+import json
 import os
 
 from absl import logging
@@ -53,11 +58,16 @@ from deepfashion_jax import predict
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax.data import device_transforms
+from deepfashion_jax.data import landmark_slots
+from deepfashion_jax.data import photos as photos_lib
 from deepfashion_jax.data import ten_crop
+from deepfashion_jax.data import trained_on
 from deepfashion_jax.data import transforms
 
 PLATFORMS = ('cpu', 'cuda')  # what the SavedModel runs on
 ENCODED_SIGNATURE = 'encoded'
+# Beside the SavedModel, where TF Serving keeps extra files: each output's entries' names.
+OUTPUT_NAMES = os.path.join('assets.extra', 'output_names.json')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,4 +254,30 @@ def export(config, workdir: str, output_dir: str) -> str:
   os.makedirs(output_dir, exist_ok=True)
   tf.saved_model.save(module, output_dir, signatures=signatures,
                       options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
+  write_output_names(config, workdir, output_dir)
   return output_dir
+
+
+def write_output_names(config, workdir: str, output_dir: str) -> str:
+  """OUTPUT_DIR/assets.extra/output_names.json (`OUTPUT_NAMES`): what each output's
+  entries are called, from the names the run recorded (`photos.load_output_names`); returns
+  its path, or '' (with a warning saying what to pass) when the workdir names none."""
+  try:
+    names = photos_lib.load_output_names(config.data, workdir)
+  except trained_on.TrainedOnError as e:
+    logging.warning('%s The SavedModel is written without %s.', e, OUTPUT_NAMES)
+    return ''
+  types = np.zeros(len(names.attribute_names), np.int64)
+  for t, (_, indices) in enumerate(names.attribute_groups):
+    types[indices] = t
+  type_names = [name for name, _ in names.attribute_groups]
+  contents = dict(category_probabilities=list(names.category_names),
+                  attribute_probabilities=list(names.attribute_names),
+                  attribute_types=[type_names[t] for t in types],
+                  garment_type_probabilities=list(names.garment_type_names),
+                  landmarks=list(landmark_slots.SLOT_NAMES))
+  path = os.path.join(output_dir, OUTPUT_NAMES)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(contents, f, indent=1)
+  return path

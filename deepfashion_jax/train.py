@@ -44,6 +44,7 @@ from deepfashion_jax import run_lock
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax import throughput as throughput_lib
+from deepfashion_jax.data import trained_on
 
 
 @dataclasses.dataclass
@@ -272,7 +273,10 @@ def train_and_evaluate(config, workdir: str):
 
 def _resume_and_train(config, workdir: str) -> dict:
   """`train_and_evaluate` under the workdir's lock."""
+  # What the run trains on is recorded, and a resumed run must read what it started on.
+  trained_on.refuse_synthetic_stand_in(config.data, workdir, training=True)
   training_data = data.create_datasets(config, workdir)
+  trained_on.check_and_record_training_data(config.data, workdir)
   mesh = sharding.make_mesh()
   step_config, state = steps.create_train_state(config, mesh, training_data.attributes)
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)

@@ -472,9 +472,11 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     torch_io.load_into(model, path)
 
 
-def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path, saves_as_on_a_gpu):
+def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path, saves_as_on_a_gpu,
+                                                             synthetic_folder):
   """A checkpoint as the baseline's users have them (PyTorch < 1.6's format, saved from a
-  GPU, through nn.DataParallel) converts, evaluates and predicts."""
+  GPU, through nn.DataParallel) converts, evaluates and predicts (on a data folder named
+  explicitly: a converted model is never scored on a synthetic stand-in by default)."""
   torch = pytest.importorskip('torch')
   from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
@@ -492,6 +494,7 @@ def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path, saves_as_
     convert_torch.convert(config, workdir, path)
   config.model.roi_pool = 'baseline_max'
   assert convert_torch.convert(config, workdir, path) == 0
+  config.data.data_dir = synthetic_folder[0]
   results = evaluate.evaluate_checkpoint(config, workdir)
   assert 0 <= results['category_top5'] <= 1 and os.path.isfile(
       os.path.join(workdir, 'eval_val_0.json'))

@@ -5,13 +5,17 @@ import glob
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 from PIL import Image
 import pytest
 
+from deepfashion_jax import checkpoints
+from deepfashion_jax import errors
 from deepfashion_jax import evaluate
 from deepfashion_jax import train
+from deepfashion_jax.data import trained_on
 from deepfashion_jax.data import vocabulary
 from tests import helpers
 
@@ -68,6 +72,9 @@ def test_evaluate_mode_writes_the_table_and_json(trained_run, quirky_folder, cap
                    'attr_recall_top5', 'attr_recall_top3_texture', 'attr_recall_top5_style',
                    'baseline_attr_recall_top3_texture', 'bbox_iou', 'loss'}
   assert expected_keys <= set(written) and written['step'] == 6
+  assert written['data'] == dict(path=os.path.abspath(data_dir),
+                                 lists_sha256=trained_on.lists_sha256(data_dir),
+                                 trained_on_these_lists=True)
   assert 'category_top1' in printed and 'eval_val_6.json' in printed
   logged = helpers.logged_evaluations(workdir)[6]  # the training run's own evaluation of step 6
   for key in expected_keys:
@@ -157,3 +164,63 @@ def test_the_moving_average_evaluation_has_files_of_its_own(tmp_path):
   with open(os.path.join(workdir, 'eval_val_ema_all.json')) as f:
     assert json.load(f)['weights'] == 'ema'
   assert os.path.isfile(os.path.join(workdir, 'eval_val_ema_category_top1_vs_step.png'))
+
+
+def test_no_synthetic_stand_in_for_a_model_trained_on_a_folder(trained_run, quirky_folder):
+  """config.data.data_dir left empty (as configs/demo.py has it) on a workdir trained on a
+  folder: one clear error naming the field and that folder, before a single synthetic
+  image is written; resuming training the same way is refused too."""
+  _, workdir, _ = trained_run
+  config = helpers.tiny_config('', keep_checkpoints=2)
+  assert config.data.synthetic_images > 0  # what would write the stand-in
+  for run in (evaluate.evaluate_checkpoint, train.train_and_evaluate):
+    with pytest.raises(errors.DeepFashionError) as raised:
+      run(config, workdir)
+    assert 'config.data.data_dir' in str(raised.value), run
+    assert os.path.abspath(quirky_folder[0]) in str(raised.value), run
+    assert not os.path.exists(os.path.join(workdir, 'synthetic_deepfashion')), run
+
+
+class _Stop(Exception):
+  """Raised where the checkpoint would be restored: the test ends there."""
+
+
+def test_evaluating_other_lists_says_so_naming_both(trained_run, quirky_folder,
+                                                     synthetic_folder, tmp_path, monkeypatch,
+                                                     caplog):
+  """Another folder's lists: a warning naming both folders and fingerprints; the same lists
+  copied elsewhere: no such warning."""
+  _, workdir, _ = trained_run
+  monkeypatch.setattr(checkpoints, 'restore_for_inference', _raise_stop)
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(quirky_folder[0], copy)
+  warnings = {}
+  for name, data_dir in (('other', synthetic_folder[0]), ('copy', copy)):
+    caplog.clear()
+    with caplog.at_level(logging.INFO), pytest.raises(_Stop):
+      evaluate.evaluate_checkpoint(helpers.tiny_config(data_dir, keep_checkpoints=2), workdir)
+    warnings[name] = [r.getMessage() for r in caplog.records
+                      if r.levelno >= logging.WARNING and 'TRAINED ON' in r.getMessage()]
+  (warning,) = warnings['other']
+  trained = trained_on.read(workdir).data
+  assert os.path.abspath(quirky_folder[0]) in warning and trained.lists_sha256 in warning
+  assert os.path.abspath(synthetic_folder[0]) in warning
+  assert trained_on.lists_sha256(synthetic_folder[0]) in warning
+  assert not warnings['copy']
+
+
+def _raise_stop(*args, **kwargs):
+  raise _Stop()
+
+
+def test_resuming_on_other_lists_is_refused(trained_run, synthetic_folder):
+  """Before anything is restored or written: the checkpoints and the record stay."""
+  _, workdir, _ = trained_run
+  kept = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  record = trained_on.read(workdir)
+  config = helpers.tiny_config(synthetic_folder[0], keep_checkpoints=2)
+  with pytest.raises(trained_on.TrainedOnError, match='does not resume on other data') as raised:
+    train.train_and_evaluate(config, workdir)
+  assert os.path.abspath(synthetic_folder[0]) in str(raised.value)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == kept
+  assert trained_on.read(workdir) == record

@@ -15,6 +15,7 @@ docs/command_line.md, export):
 """
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -33,9 +34,12 @@ from deepfashion_jax import predict
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax.data import device_transforms
+from deepfashion_jax.data import landmark_slots
 from deepfashion_jax.data import photos as photos_lib
 from deepfashion_jax.data import ten_crop as ten_crop_lib
+from deepfashion_jax.data import trained_on
 from deepfashion_jax.data import transforms
+from deepfashion_jax.data import vocabulary
 from tests import helpers
 
 # Run by TensorFlow alone: JAX, Flax and this package cannot even be imported.
@@ -124,8 +128,8 @@ def _predict_results(config, workdir, paths, ten_crop) -> list:
   through its `photo_outputs`."""
   mesh = sharding.make_mesh()
   config, _, step_config, state = checkpoints.restore_for_inference(config, workdir, mesh)
-  names = photos_lib.load_output_names(config.data, workdir)
-  photos = photos_lib.Photos(paths, names, config.data, images_per_batch=len(paths),
+  # Only numbers are compared: no names (this workdir records none).
+  photos = photos_lib.Photos(paths, None, config.data, images_per_batch=len(paths),
                              device_count=mesh.size)
   photo_batch = next(photos.batches())
   outputs = jax.device_get(predict.photo_outputs(
@@ -279,3 +283,24 @@ def test_the_saved_model_answers_what_predict_answers(workdir, photo_files, tmp_
       limit = (PROBABILITY_TOLERANCE if key.endswith(('probabilities', 'peaks'))
                else PIXEL_TOLERANCE)
       assert difference < limit, (key, difference, measured)
+
+
+def test_the_outputs_names_go_beside_the_saved_model(synthetic_folder, tmp_path, caplog):
+  """assets.extra/output_names.json: the names the run recorded, one list per output, in
+  output order; a workdir that records none: no file, and a warning saying what to pass."""
+  workdir, config = str(tmp_path / 'run'), _config()
+  os.makedirs(workdir)
+  assert not export.write_output_names(config, workdir, str(tmp_path / 'unnamed'))
+  assert any('config.data.data_dir' in r.getMessage() for r in caplog.records)
+  words = trained_on.read_vocabulary(synthetic_folder[0])
+  trained_on.write(workdir, trained_on.Record(words, None, 'baseline.pth'))
+  path = export.write_output_names(config, workdir, str(tmp_path / 'named'))
+  assert path == str(tmp_path / 'named' / 'assets.extra' / 'output_names.json')
+  with open(path) as f:
+    names = json.load(f)
+  assert names['category_probabilities'] == list(words.category_names)
+  assert names['attribute_probabilities'] == list(words.attribute_names)
+  assert names['attribute_types'] == [vocabulary.ATTRIBUTE_TYPE_NAMES[t]
+                                      for t in words.attribute_types]
+  assert names['garment_type_probabilities'] == list(vocabulary.GARMENT_TYPE_NAMES)
+  assert names['landmarks'] == list(landmark_slots.SLOT_NAMES)

@@ -8,8 +8,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from benchmarks.hostile import run_record
 from configs import test as test_config
 from deepfashion_jax import checkpoints
+from deepfashion_jax import errors
 from deepfashion_jax import predict
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
@@ -17,6 +19,7 @@ from deepfashion_jax import train
 from deepfashion_jax.data import annotations
 from deepfashion_jax.data import photos as photos_lib
 from deepfashion_jax.data import ten_crop as ten_crop_lib
+from deepfashion_jax.data import trained_on
 from deepfashion_jax.data import transforms
 from deepfashion_jax.data import vocabulary
 from tests import helpers
@@ -194,13 +197,51 @@ def test_centre_crop_temperature_and_the_per_garment_type_head(synthetic_folder,
   assert top[1] < top[0]  # a high temperature flattens the distribution
 
 
-def test_without_a_data_folder_the_built_in_names(tmp_path):
+def test_the_run_names_its_outputs_without_a_data_folder(trained_workdir, photos,
+                                                        synthetic_folder, tmp_path):
+  """Trained on a folder, predicting with none at all: the names the run recorded, each
+  attribute under its type, not numbered ones in one group."""
+  with open(os.path.join(trained_workdir, trained_on.RECORD_NAME)) as f:
+    recorded = json.load(f)['data']
+  assert recorded == dict(path=os.path.abspath(synthetic_folder[0]), synthetic=False,
+                          lists_sha256=trained_on.lists_sha256(synthetic_folder[0]))
+  config = _config('')
+  config.data.synthetic_images = 0  # no data folder at all
+  line = _lines(predict.predict(config, trained_workdir, photos['small'][0], str(tmp_path)))[0]
+  names, types = annotations.read_attr_cloth(synthetic_folder[0])
+  assert list(line['attributes']) == list(vocabulary.ATTRIBUTE_TYPE_NAMES)
+  for t, entries in enumerate(line['attributes'].values()):
+    assert entries and {e['name'] for e in entries} <= set(names[types == t])
+  categories = set(annotations.read_category_cloth(synthetic_folder[0])[0])
+  assert {c['name'] for c in line['categories']} <= categories
+
+
+def test_without_a_record_or_a_data_folder_it_says_what_to_pass(tmp_path):
+  """A workdir that names no outputs (trained before runs recorded them, or converted
+  without a data folder): no invented names, an error saying what to set."""
   config = _config('')
   config.data.synthetic_images = 0
-  words = photos_lib.load_output_names(config.data, str(tmp_path))
-  assert words.category_names == vocabulary.CATEGORY_NAMES
-  assert [name for name, _ in words.attribute_groups] == ['attributes']
-  assert len(words.attribute_groups[0][1]) == vocabulary.NUM_ATTRIBUTES
+  with pytest.raises(errors.DeepFashionError, match='config.data.data_dir'):
+    photos_lib.load_output_names(config.data, str(tmp_path))
+
+
+@pytest.mark.parametrize('damage', ['not json', '[]', '{"version": 1}', 'bool types',
+                                    'short types', 'huge'])
+def test_a_damaged_record_is_named(tmp_path, damage):
+  """A record that does not read back: the project's error naming the file (more damage:
+  tests/test_trained_on.py, benchmarks/hostile/run_record.py)."""
+  contents = run_record.valid_record()
+  words = contents['vocabulary']
+  text = {'not json': '{"version": 1, ', '[]': '[]', '{"version": 1}': '{"version": 1}',
+          'huge': ' ' * (17 << 20)}.get(damage)
+  if damage == 'bool types':
+    words['category_types'] = [True] * len(words['category_types'])
+  elif damage == 'short types':
+    words['attribute_types'] = words['attribute_types'][:-1]
+  path = tmp_path / trained_on.RECORD_NAME
+  path.write_text(text if text is not None else json.dumps(contents))
+  with pytest.raises(errors.DeepFashionError, match=str(path)):
+    photos_lib.load_output_names(_config('').data, str(tmp_path))
 
 
 def test_a_gt_box_model_reads_each_photo_whole_and_says_so(synthetic_folder, photos,

@@ -21,6 +21,7 @@ import numpy as np
 from deepfashion_jax.data import annotations
 from deepfashion_jax.data import folder
 from deepfashion_jax.data import image_files
+from deepfashion_jax.data import trained_on
 from deepfashion_jax.data import transforms
 from deepfashion_jax.data import vocabulary
 
@@ -64,21 +65,32 @@ def _labelled_folder(data_config, workdir: str) -> Optional[str]:
   return synthetic if os.path.isfile(os.path.join(synthetic, annotations.ATTR_CLOTH)) else None
 
 
+def names_of(words: trained_on.Vocabulary) -> OutputNames:
+  """The OutputNames of a vocabulary: attributes grouped by their type."""
+  types = np.asarray(words.attribute_types, np.int64)
+  groups = tuple((name, np.flatnonzero(types == t))
+                 for t, name in enumerate(words.attribute_type_names))
+  return OutputNames(tuple(words.category_names), tuple(words.attribute_names), groups,
+                     tuple(words.garment_type_names))
+
+
 def load_output_names(data_config, workdir: str) -> OutputNames:
-  """Names from the data folder's list_category_cloth.txt and list_attr_cloth.txt; without
-  one, the built-in category names and numbered attributes in one group (their types are
-  only known from the list)."""
+  """The names the run recorded in the workdir (`trained_on.py`: no data folder needed);
+  without a record, those of config.data.data_dir's or the workdir's synthetic folder's
+  list_category_cloth.txt and list_attr_cloth.txt. Without either, TrainedOnError saying
+  what to pass: numbered names would look like an answer."""
+  record = trained_on.read(workdir)
+  if record is not None:
+    return names_of(record.vocabulary)
   root = _labelled_folder(data_config, workdir)
   if root is None:
-    count = vocabulary.NUM_ATTRIBUTES
-    return OutputNames(vocabulary.CATEGORY_NAMES,
-                       tuple(f'attribute {i}' for i in range(count)),
-                       (('attributes', np.arange(count)),))
-  categories, _ = annotations.read_category_cloth(root)
-  attributes, types = annotations.read_attr_cloth(root)
-  groups = tuple((name, np.flatnonzero(types == t))
-                 for t, name in enumerate(vocabulary.ATTRIBUTE_TYPE_NAMES))
-  return OutputNames(tuple(categories), tuple(attributes), groups)
+    raise trained_on.TrainedOnError(
+        f'{workdir} does not say what its model\'s outputs are called (it has no '
+        f'{trained_on.RECORD_NAME}: trained before runs recorded it, or converted from PyTorch '
+        'without config.data.data_dir). Set --config.data.data_dir=<the DeepFashion folder it '
+        'was trained on>: its Anno/list_category_cloth.txt and Anno/list_attr_cloth.txt name '
+        'the outputs.')
+  return names_of(trained_on.read_vocabulary(root))
 
 
 @dataclasses.dataclass
