@@ -15,7 +15,10 @@
       --num_processes=2 --process_id=0    # and =1 on the second host (docs/multihost.md)
 """
 
+import difflib
 import logging as python_logging
+import os
+import re
 import sys
 
 from absl import app
@@ -25,6 +28,7 @@ from ml_collections import config_flags
 
 from deepfashion_jax import convert_torch
 from deepfashion_jax import data
+from deepfashion_jax import errors
 from deepfashion_jax import evaluate
 from deepfashion_jax import predict
 from deepfashion_jax import sharding
@@ -51,6 +55,8 @@ flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of proce
                     "JAX's coordinator listens (with --num_processes and --process_id).")
 flags.DEFINE_integer('num_processes', None, 'Multi-host: how many processes in all.')
 flags.DEFINE_integer('process_id', None, 'Multi-host: this process, from 0.')
+flags.DEFINE_bool('verbose', False, "A wrong input (configuration, data, checkpoint) is one "
+                  'message and exit status 2; with --verbose, its Python traceback too.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -102,5 +108,100 @@ def main(argv):
     print(data.summary(config, workdir))
 
 
+USER_ERROR_STATUS = 2  # a wrong input, said in one message (as argparse's usage errors)
+
+
+def _exit_with_user_error(message: str):
+  """Prints the project's own error (or a wrong flag) as one message and exits with 2."""
+  print(f'main.py: error: {message}', file=sys.stderr, flush=True)
+  sys.exit(USER_ERROR_STATUS)
+
+
+def _user_errors_in_one_line(run_mode):
+  """`run_mode`, with the project's own errors (errors.DeepFashionError: a wrong
+  configuration, data folder, checkpoint or workdir) printed as their message alone, unless
+  --verbose; any other error is a bug and keeps its traceback."""
+  def run(argv):
+    try:
+      return run_mode(argv)
+    except errors.DeepFashionError as e:
+      if FLAGS.verbose:
+        raise
+      _exit_with_user_error(f'{e}')
+  return run
+
+
+def _config_argument(argv) -> str | None:
+  """The value of --config in `argv` (--config=FILE or --config FILE; the last one, as absl
+  takes), None if absent."""
+  value = None
+  for i, arg in enumerate(argv):
+    if re.match(r'--?config=', arg):
+      value = arg.split('=', 1)[1]
+    elif re.fullmatch(r'--?config', arg) and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _unknown_override(argv) -> str | None:
+  """'config.x: no such field in FILE; did you mean y?' for the first --config.x override
+  that names no field of the --config file; None when every one names a field (or the file
+  does not load: its own error says why)."""
+  path = _config_argument(argv)
+  try:
+    config = FLAGS['config'].parser.parse(path)
+    config.keys()
+  except Exception:  # pylint: disable=broad-except  (the caller re-raises the first error)
+    return None
+  for arg in argv:
+    override = re.match(r'--?(?:no)?config\.([^=]+)', arg)
+    missing = override and _missing_field(config, override.group(1).split('.'))
+    if missing:
+      return f'{missing[0]}: no such field in {path}; {missing[1]}'
+  return None
+
+
+def _missing_field(config, names) -> tuple[str, str] | None:
+  """(the field, a hint) when config.<names joined by dots> is not a field, else None."""
+  node = config
+  for depth, name in enumerate(names):
+    if hasattr(node, 'keys') and name in node:
+      node = node[name]
+      continue
+    parent = '.'.join(['config'] + names[:depth])
+    fields = sorted(node.keys()) if hasattr(node, 'keys') else []
+    close = difflib.get_close_matches(name, fields, n=1)
+    if close:
+      hint = f'did you mean {close[0]}?'
+    elif fields:
+      hint = f"{parent}'s fields are {', '.join(fields)}"
+    else:
+      hint = f'{parent} is a value, not a section'
+    return f'{parent}.{name}', hint
+  return None
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a wrong flag (unknown, of the wrong type, or a --config.x
+  override that names no field) as one line and exit status 2 instead of a traceback."""
+  try:
+    remaining = FLAGS(argv)
+  except flags.Error as e:  # an unknown flag, a value of the wrong type
+    _exit_with_user_error(f'{e}')
+  except (AttributeError, KeyError, IndexError):  # config_flags: an override of no field
+    message = _unknown_override(argv)
+    if message is None or '--verbose' in argv:
+      raise
+    _exit_with_user_error(message)
+  try:  # config_flags defers a file that does not load to the config's first use
+    FLAGS.config.keys()
+  except OSError as e:
+    path = _config_argument(argv)
+    what = ('no such file' if not os.path.isfile(path.split(':', 1)[0]) else
+            f'{e}'.splitlines()[-1].strip())
+    _exit_with_user_error(f'--config={path}: cannot load the config file ({what})')
+  return remaining
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(_user_errors_in_one_line(main), flags_parser=parse_flags)

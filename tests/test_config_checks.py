@@ -29,7 +29,7 @@ def test_a_wrong_config_value_is_refused_naming_the_field(synthetic_folder, tmp_
      "'resnet34', 'resnet50', 'resnet101', 'resnet152', 'vgg16', 'vgg16_bn')"),
     ('model.backbone', 'vgg19', "config.model.backbone='vgg19': expected one of ('resnet18', "
      "'resnet34', 'resnet50', 'resnet101', 'resnet152', 'vgg16', 'vgg16_bn')"),
-    ('warmup_steps', 10, 'config.warmup_steps=10 leaves no steps for the cosine decay'),
+    ('warmup_steps', -1, 'config.warmup_steps=-1: expected 0 (off) or a number of steps'),
     ('data.crop', 'bbox', "config.data.crop='bbox': expected one of ('none', 'gt_box')"),
     ('data.crop_margin', -1.0, 'config.data.crop_margin=-1.0: expected pixels >= 0'),
     ('decay_rate', 1.5, 'config.decay_rate=1.5: expected a factor in (0, 1]'),
