@@ -3,7 +3,7 @@
   python main.py --config=configs/demo.py --workdir=runs/demo            # train (or resume)
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=evaluate
   python main.py --config=configs/default.py --workdir=DIR --mode=convert \\
-      --torch_checkpoint=epoch_200.pth --config.model.roi_pool=baseline_max
+      --torch_checkpoint=epoch_200.pth
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=predict \\
       --images=photo.jpg,more_photos/ --output_dir=predictions
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=export \\
@@ -92,7 +92,8 @@ def main(argv):
   elif FLAGS.mode == 'convert':
     if not FLAGS.torch_checkpoint:
       raise app.UsageError('--mode=convert needs --torch_checkpoint=FILE.pth')
-    convert_torch.convert(config, workdir, FLAGS.torch_checkpoint)
+    convert_torch.convert(config, workdir, FLAGS.torch_checkpoint,
+                          given=frozenset(config_flags.get_override_values(FLAGS['config'])))
   elif FLAGS.mode == 'predict':
     if FLAGS.images is None or not FLAGS.output_dir:
       raise app.UsageError('--mode=predict needs --images=PATHS and --output_dir=DIR')
