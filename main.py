@@ -15,7 +15,6 @@
       --num_processes=2 --process_id=0    # and =1 on the second host (docs/multihost.md)
 """
 
-import difflib
 import logging as python_logging
 import os
 import re
@@ -26,6 +25,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from deepfashion_jax import config_checks
 from deepfashion_jax import convert_torch
 from deepfashion_jax import data
 from deepfashion_jax import errors
@@ -154,31 +154,12 @@ def _unknown_override(argv) -> str | None:
     config.keys()
   except Exception:  # pylint: disable=broad-except  (the caller re-raises the first error)
     return None
-  for arg in argv:
-    override = re.match(r'--?(?:no)?config\.([^=]+)', arg)
-    missing = override and _missing_field(config, override.group(1).split('.'))
-    if missing:
-      return f'{missing[0]}: no such field in {path}; {missing[1]}'
-  return None
-
-
-def _missing_field(config, names) -> tuple[str, str] | None:
-  """(the field, a hint) when config.<names joined by dots> is not a field, else None."""
-  node = config
-  for depth, name in enumerate(names):
-    if hasattr(node, 'keys') and name in node:
-      node = node[name]
-      continue
-    parent = '.'.join(['config'] + names[:depth])
-    fields = sorted(node.keys()) if hasattr(node, 'keys') else []
-    close = difflib.get_close_matches(name, fields, n=1)
-    if close:
-      hint = f'did you mean {close[0]}?'
-    elif fields:
-      hint = f"{parent}'s fields are {', '.join(fields)}"
-    else:
-      hint = f'{parent} is a value, not a section'
-    return f'{parent}.{name}', hint
+  overrides = [m.group(1) for m in map(re.compile(r'--?(?:no)?config\.([^=]+)').match, argv)
+               if m]
+  try:
+    config_checks.check_field_names(config, overrides, path)
+  except errors.ConfigError as e:
+    return f'{e}'
   return None
 
 

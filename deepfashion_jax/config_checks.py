@@ -6,6 +6,7 @@ and choices are read from those functions' signatures and Literal annotations.
 """
 
 import dataclasses
+import difflib
 import inspect
 import math
 import numbers
@@ -46,13 +47,16 @@ _MAX_SEED = 2**32 - 1
 _MAX_BATCH = 2**20
 _MAX_SIDE = 4096  # pixels; DeepFashion's images are at most 300 on a side
 _MAX_WORKERS = 256
+# Real fields act in float32 (losses, optimiser): a larger value would be an infinity there.
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclasses.dataclass(frozen=True)
 class Number:
   """What a numeric config field accepts: an int (`integer`) or any real number, never a
-  bool, a NaN or an infinity; at least `low` (above it when `low_open`) and at most `high`
-  (below it when `high_open`). `expected` is what a message says it accepts."""
+  bool, a NaN or an infinity (nor, a real, one beyond float32's range); at least `low`
+  (above it when `low_open`) and at most `high` (below it when `high_open`). `expected` is
+  what a message says it accepts."""
   expected: str
   low: float = -math.inf
   high: float = math.inf
@@ -66,6 +70,8 @@ class Number:
       return False
     # Compared as they are: an int beyond a float's range is not converted (OverflowError).
     if not isinstance(value, numbers.Integral) and not math.isfinite(value):
+      return False
+    if not self.integer and abs(value) > _FLOAT32_MAX:
       return False
     above = value > self.low if self.low_open else value >= self.low
     below = value < self.high if self.high_open else value <= self.high
@@ -158,13 +164,38 @@ def _get(config, name):
   return value
 
 
+def check_field_names(config, names, source: str = 'the config'):
+  """Raises ConfigError for the first dotted name ('num_train_step', 'model.roi_pol') that
+  names no field of `config` (from `source`, a config file), with the nearest field's name:
+  main.py's --config.x overrides, before config_flags applies them."""
+  for name in names:
+    node, parts = config, name.split('.')
+    for depth, part in enumerate(parts):
+      if hasattr(node, 'keys') and part in node:
+        node = node[part]
+        continue
+      parent = '.'.join(['config'] + parts[:depth])
+      fields = sorted(node.keys()) if hasattr(node, 'keys') else []
+      close = difflib.get_close_matches(part, fields, n=1)
+      if close:
+        hint = f'did you mean {close[0]}?'
+      elif fields:
+        hint = f"{parent}'s fields are {', '.join(fields)}"
+      else:
+        hint = f'{parent} is a value, not a section'
+      raise errors.ConfigError(f'{parent}.{part}: no such field in {source}; {hint}')
+
+
 def check_numbers_and_kinds(config):
   """Each field of `NUMBERS` a finite number in its range, each of `_BOOLEANS` a bool and
   each of `_STRINGS` a str; raises ConfigError naming the first that is not."""
   for name, number in NUMBERS.items():
     value = _get(config, name)
     if not number.accepts(value):
-      raise errors.ConfigError(f'config.{name}={value!r}: expected {number.expected}')
+      beyond = (not number.integer and isinstance(value, numbers.Real)
+                and not isinstance(value, bool) and abs(value) > _FLOAT32_MAX)
+      raise errors.ConfigError(f'config.{name}={value!r}: expected {number.expected}'
+                               + (" within float32's range (the run's)" if beyond else ''))
   for names, kind, what in ((_BOOLEANS, bool, 'True or False'), (_STRINGS, str, 'a string')):
     for name in names:
       if not isinstance(_get(config, name), kind):

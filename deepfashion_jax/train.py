@@ -208,7 +208,8 @@ def _check_writable(workdir: str):
     with tempfile.NamedTemporaryFile(dir=workdir, prefix='.writable-'):
       pass
   except OSError as e:
-    raise OSError(f'--workdir={workdir} is not a writable folder: {e}') from e
+    raise data.folder.UnwritableFolderError(
+        f'--workdir={workdir} is not a writable folder: {e}') from e
 
 
 def train_and_evaluate(config, workdir: str):
