@@ -155,9 +155,13 @@ _STRINGS = ('init_from', 'best_metric', 'eval.checkpoint', 'data.data_dir', 'dat
 
 def _get(config, name):
   """config.<name>; a field that the config lacks is a ConfigError naming it."""
-  value = config
-  for part in name.split('.'):
-    if not hasattr(value, 'keys') or part not in value:
+  value, parts = config, name.split('.')
+  for depth, part in enumerate(parts):
+    if not hasattr(value, 'keys'):
+      section = '.'.join(['config'] + parts[:depth])
+      raise errors.ConfigError(f'{section}={value!r}: expected a section of fields, as '
+                               'configs/default.py has it')
+    if part not in value:
       raise errors.ConfigError(f'config.{name}: missing; a config starts from '
                                'configs/default.get_config(), which has every field')
     value = value[part]
