@@ -171,7 +171,6 @@ def _get(config, field):
     ('weight_decay', -0.1, 'config.weight_decay=-0.1: expected 0 (off) or a positive decay'),
     ('weight_decay', float('inf'), 'config.weight_decay=inf: expected 0 (off) or a positive'),
     ('momentum', 1.0, 'config.momentum=1.0: expected a momentum in [0, 1)'),
-    ('warmup_steps', -1, 'config.warmup_steps=-1: expected 0 (off) or a number of steps'),
     ('seed', -1, "config.seed=-1: expected an integer in [0, 2**32 - 1] (grain's seeds)"),
     ('seed', 2**32, "config.seed=4294967296: expected an integer in [0, 2**32 - 1]"),
     ('num_train_steps', 2**31, 'config.num_train_steps=2147483648: expected a positive '
