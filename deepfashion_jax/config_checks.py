@@ -97,7 +97,7 @@ _SEED = _integer(0, _MAX_SEED, "an integer in [0, 2**32 - 1] (grain's seeds)")
 
 # Every numeric field of configs/default.py and what it accepts, checked first, each naming
 # its field. A new numeric field gets its line here (tests/test_config_checks.py walks
-# default.py and fails for one that is missing).
+# default.py's numeric fields and fails for one that takes NaN, an infinity or 2**64).
 NUMBERS = {
     'seed': _SEED,
     'batch_size': _integer(1, _MAX_BATCH),

@@ -41,14 +41,14 @@ def test_main_refuses_flags_it_does_not_have(tmp_path):
 def test_a_folder_without_deepfashion_is_refused_with_the_field_named(tmp_path):
   config = test_config.get_config()
   config.data.data_dir = str(tmp_path)
-  with pytest.raises(ValueError, match=r'config.data.data_dir=.* does not hold DeepFashion: '
-                                       r'missing Anno/list_category_cloth.txt'):
+  with pytest.raises(errors.ConfigError, match=r'config.data.data_dir=.* does not hold '
+                                                r'DeepFashion: missing Anno/list_category_'):
     folder.data_root(config.data, str(tmp_path / 'run'))
 
 
 def test_no_data_dir_and_no_synthetic_data_is_refused(tmp_path):
   data = ml_collections.ConfigDict(dict(data_dir='', synthetic_images=0))
-  with pytest.raises(ValueError, match='config.data.data_dir is empty'):
+  with pytest.raises(errors.ConfigError, match='config.data.data_dir is empty'):
     folder.data_root(data, str(tmp_path))
 
 

@@ -27,7 +27,7 @@ def _check_deepfashion_folder(root: str):
   missing = [name for name in annotations.REQUIRED_FILES
              if not os.path.isfile(os.path.join(root, name))]
   if missing:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.data.data_dir={root!r} does not hold DeepFashion: missing '
         f'{", ".join(missing)}. Point it at the folder that holds Anno/, Eval/ and Img/ '
         '(see docs/dataset.md), or use configs/demo.py for synthetic data.')
@@ -59,9 +59,9 @@ def data_root(data_config, workdir: str) -> str:
     return root
   if data_config.synthetic_images > 0:
     return _write_synthetic_once(os.path.join(workdir, SYNTHETIC_FOLDER), data_config)
-  raise ValueError('config.data.data_dir is empty: set it to your DeepFashion folder '
-                   '(--config.data.data_dir=/path/to/DeepFashion), or set '
-                   'config.data.synthetic_images > 0 to write a synthetic one.')
+  raise errors.ConfigError('config.data.data_dir is empty: set it to your DeepFashion folder '
+                           '(--config.data.data_dir=/path/to/DeepFashion), or set '
+                           'config.data.synthetic_images > 0 to write a synthetic one.')
 
 
 def annotation_cache_dir(data_config, workdir: str) -> str:
