@@ -81,6 +81,7 @@ def main(argv):
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
   config, workdir = FLAGS.config, FLAGS.workdir
+  config_checks.check(config)  # every mode, describe and prepare too: before anything is read
   if FLAGS.mode == 'train':
     try:
       train.train_and_evaluate(config, workdir)

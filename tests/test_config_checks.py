@@ -28,10 +28,13 @@ def test_a_wrong_config_value_is_refused_naming_the_field(tmp_path):
 
 
 def test_verbose_keeps_the_traceback_of_a_user_error(tmp_path):
+  """--mode=describe checks the config too, before it writes the synthetic folder."""
   command = [sys.executable, os.path.join(helpers.ROOT, 'main.py'), '--config=configs/test.py',
-             f'--workdir={tmp_path}', '--config.dtype=float8', '--verbose']
+             f'--workdir={tmp_path / "run"}', '--mode=describe', '--config.dtype=float8',
+             '--verbose']
   result = subprocess.run(command, cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1 and 'Traceback' in result.stderr
+  assert not os.path.exists(tmp_path / 'run')
   assert result.stderr.strip().splitlines()[-1].startswith(
       "deepfashion_jax.errors.ConfigError: config.dtype='float8'")
 
