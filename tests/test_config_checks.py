@@ -5,6 +5,9 @@ import re
 import subprocess
 import sys
 
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 import ml_collections
 import pytest
 
@@ -214,3 +217,41 @@ def test_a_mistyped_field_name_is_refused_with_the_nearest_field(name, message):
   config_checks.check_field_names(config, ['batch_size', 'data.strict'], 'configs/demo.py')
   with pytest.raises(errors.ConfigError, match=re.escape(message)):
     config_checks.check_field_names(config, ['batch_size', name], 'configs/demo.py')
+
+
+def _leaf_fields(config, prefix=''):
+  for name, value in config.items():
+    if hasattr(value, 'items'):
+      yield from _leaf_fields(value, f'{prefix}{name}.')
+    else:
+      yield prefix + name
+
+
+ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(-2**70, 2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+    st.lists(st.integers(-3, 3), max_size=3), st.tuples(st.integers(), st.integers()),
+    st.dictionaries(st.sampled_from(['a', 'b']), st.integers(), max_size=2))
+
+
+def _any_value_in_any_field(field, value):
+  """check() accepts the value, or refuses it with a ConfigError whose message names the
+  field (alone, or beside the field it must agree with); nothing else escapes."""
+  config = ml_collections.ConfigDict(_set(test_config.get_config().to_dict(), field, value))
+  try:
+    config_checks.check(config)
+  except errors.ConfigError as e:
+    assert field.rsplit('.', 1)[-1] in f'{e}', (field, value, f'{e}')
+
+
+@settings(max_examples=60, deadline=None)
+@given(field=st.sampled_from(list(_leaf_fields(default_config.get_config()))), value=ANY_VALUE)
+def test_any_value_in_any_field_is_accepted_or_a_config_error_naming_it(field, value):
+  _any_value_in_any_field(field, value)
+
+
+@pytest.mark.slow
+@settings(max_examples=3000, deadline=None)
+@given(field=st.sampled_from(list(_leaf_fields(default_config.get_config()))), value=ANY_VALUE)
+def test_any_value_in_any_field_is_accepted_or_a_config_error_naming_it_at_length(field, value):
+  _any_value_in_any_field(field, value)
