@@ -2,7 +2,8 @@
 file, a notebook or a --config.x override gives them.
 
 Every numeric field of configs/default.py set to NaN, infinity, -1, 0 and 2**64; fields of
-the wrong kind (a string for a number, None, a bool for a count, a number for a section);
+the wrong kind (a string for a number, None, a bool for a count, a number for a section, a
+value beyond float32; a sample of tests/test_config_checks.py's property test's values);
 fields missing; and mistyped field names, as main.py checks its --config.x overrides
 (`config_checks.check_field_names`). Each try comes out accepted (a legal value: 0 where it
 means off) or refused with errors.ConfigError naming the field.
@@ -24,7 +25,9 @@ WRONG_KINDS = (
     ('init_from', None), ('best_metric', 3), ('data.data_dir', ['/data']),
     ('model.backbone', 18), ('dtype', None), ('eval.split', ['val']),
     ('data.normalization', {'mean': 0.5}), ('profile_steps', '10,15'), ('profile_steps', (1,)),
-    ('profile_steps', (5, 2)), ('profile_steps', (1.5, 2)), ('model', 5), ('data', 'folder'),
+    ('profile_steps', (5, 2)), ('profile_steps', (1.5, 2)), ('profile_steps', None),
+    ('seed', {'a': 1}), ('init_from', (1, 2)), ('learning_rate', 1e39), ('model', 5),
+    ('data', 'folder'),
 )
 MISSING = ('adam_eps', 'data.crop_size', 'model.backbone', 'loss', 'predict')
 MISTYPED = ('num_train_step', 'lerning_rate', 'model.roi_pol', 'modle.backbone',
