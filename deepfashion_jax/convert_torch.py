@@ -47,6 +47,9 @@ def fitted_config(config, content, path: str, given=frozenset()):
   and a log line naming them; ConfigError when one of them is in `given` (the fields the
   user set: main.py's --config.x overrides) with another value."""
   family, needed = torch_io.fitting_config(content, config, path)
+  crop_size = needed.get('data.crop_size', config.data.crop_size)
+  if config.data.img_size < crop_size:  # training's resize is never smaller than its crop
+    needed = {**needed, 'data.img_size': crop_size}
   changes = {name: value for name, value in needed.items() if _get(config, name) != value}
   conflicts = [f'--config.{name}={_get(config, name)} (its weights need {value!r})'
                for name, value in changes.items() if name in given]
@@ -60,8 +63,6 @@ def fitted_config(config, content, path: str, given=frozenset()):
   for name, value in changes.items():
     section, _, field = name.rpartition('.')
     (config[section] if section else config)[field] = value
-  # Training's resize must not be smaller than the crop (config_checks).
-  config.data.img_size = max(config.data.img_size, config.data.crop_size)
   logging.info('%s is a %s checkpoint: set %s, as its weights need (saved with the converted '
                'checkpoint)', path, family,
                ', '.join(f'config.{name}={value!r}' for name, value in changes.items()))

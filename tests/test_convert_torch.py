@@ -518,7 +518,7 @@ def test_convert_sets_what_a_baseline_checkpoint_needs(tmp_path, caplog):
     fitted = convert_torch.fitted_config(config, torch_io.read(path), path)
   assert (fitted.model.backbone, fitted.model.roi_pool, fitted.data.normalization,
           fitted.data.crop_size) == ('resnet18', 'baseline_max', 'baseline', 224)
-  assert fitted.data.img_size >= fitted.data.crop_size  # config_checks accepts it
+  assert fitted.data.img_size == 224  # was 80: training's resize is never below its crop
   assert (config.model.backbone, config.data.crop_size) == ('resnet50', 72)
   [line] = [r.getMessage() for r in caplog.records if 'baseline checkpoint' in r.getMessage()]
   assert "config.model.roi_pool='baseline_max'" in line and 'config.data.crop_size=224' in line
