@@ -5,7 +5,11 @@ config.loss are the keyword arguments of FashionNet and of losses.total_loss: th
 and choices are read from those functions' signatures and Literal annotations.
 """
 
+import dataclasses
+import difflib
 import inspect
+import math
+import numbers
 import typing
 
 import jax
@@ -35,19 +39,171 @@ _CHOICES = {
     'eval.split': vocabulary.SPLIT_NAMES[1:],  # the held-out splits
     'eval.weights': steps.WEIGHTS,
 }
-_POSITIVE = ('batch_size', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
-             'checkpoint_every_steps', 'keep_checkpoints', 'max_nonfinite_in_a_row',
-             'decay_every_steps', 'grad_accum_steps',
-             'eval.batch_size', 'predict.top_k_attributes', 'predict.batch_size',
-             'data.img_size', 'data.crop_size', 'data.canvas_size',
-             'data.threads')
+# The largest values that the run's arithmetic holds: the train state counts steps in int32,
+# grain takes seeds in [0, 2**32 - 1]; and sizes that no DeepFashion run needs, so that a
+# mistyped 2**64 fails here, not as an allocation an hour in.
+_MAX_STEPS = 2**31 - 1
+_MAX_SEED = 2**32 - 1
+_MAX_BATCH = 2**20
+_MAX_SIDE = 4096  # pixels; DeepFashion's images are at most 300 on a side
+_MAX_WORKERS = 256
+# Real fields act in float32 (losses, optimiser): a larger value would be an infinity there.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+@dataclasses.dataclass(frozen=True)
+class Number:
+  """What a numeric config field accepts: an int (`integer`) or any real number, never a
+  bool, a NaN or an infinity (nor, a real, one beyond float32's range); at least `low`
+  (above it when `low_open`) and at most `high` (below it when `high_open`). `expected` is
+  what a message says it accepts."""
+  expected: str
+  low: float = -math.inf
+  high: float = math.inf
+  integer: bool = False
+  low_open: bool = False
+  high_open: bool = False
+
+  def accepts(self, value) -> bool:
+    kind = numbers.Integral if self.integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+      return False
+    # Compared as they are: an int beyond a float's range is not converted (OverflowError).
+    if not isinstance(value, numbers.Integral) and not math.isfinite(value):
+      return False
+    if not self.integer and abs(value) > _FLOAT32_MAX:
+      return False
+    above = value > self.low if self.low_open else value >= self.low
+    below = value < self.high if self.high_open else value <= self.high
+    return above and below
+
+
+def _integer(low: int, high: int, expected: str = '') -> Number:
+  if not expected:
+    expected = (f'a positive integer (at most {high:,})' if low == 1 else
+                f'an integer in [{low:,}, {high:,}]')
+  return Number(expected, low, high, integer=True)
+
+
+def _real(expected: str, low: float, high: float = math.inf, **open_ends) -> Number:
+  return Number(expected, low, high, **open_ends)
+
+
+_POSITIVE_REAL = _real('a positive number', 0, low_open=True)
+_WEIGHT = _real('a weight >= 0', 0)
+_STEP_COUNT = _integer(1, _MAX_STEPS)
+_SIDE = _integer(1, _MAX_SIDE, f'a positive side in pixels (at most {_MAX_SIDE})')
+_SEED = _integer(0, _MAX_SEED, "an integer in [0, 2**32 - 1] (grain's seeds)")
+
+# Every numeric field of configs/default.py and what it accepts, checked first, each naming
+# its field. A new numeric field gets its line here (tests/test_config_checks.py walks
+# default.py's numeric fields and fails for one that takes NaN, an infinity or 2**64).
+NUMBERS = {
+    'seed': _SEED,
+    'batch_size': _integer(1, _MAX_BATCH),
+    'num_train_steps': _STEP_COUNT,
+    'learning_rate': _POSITIVE_REAL,
+    'adam_eps': _real("a positive number (Adam's epsilon, e.g. 1e-8)", 0, low_open=True),
+    'momentum': _real('a momentum in [0, 1)', 0, 1, high_open=True),
+    'weight_decay': _real('0 (off) or a positive decay', 0),
+    'decay_rate': _real('a factor in (0, 1]', 0, 1, low_open=True),
+    'decay_every_steps': _STEP_COUNT,
+    'warmup_steps': _integer(0, _MAX_STEPS, f'0 (off) or a number of steps (at most '
+                             f'{_MAX_STEPS:,})'),
+    'grad_clip_norm': _real('0 (off) or a positive norm', 0),
+    'ema_decay': _real('0 (off) or a decay in (0, 1), e.g. 0.999', 0, 1, high_open=True),
+    'grad_accum_steps': _integer(1, _MAX_BATCH),
+    'max_nonfinite_in_a_row': _STEP_COUNT,
+    'log_every_steps': _STEP_COUNT,
+    'eval_every_steps': _STEP_COUNT,
+    'checkpoint_every_steps': _STEP_COUNT,
+    'keep_checkpoints': _STEP_COUNT,
+    'num_box_images': _integer(0, _MAX_BATCH),
+    'eval.batch_size': _integer(1, _MAX_BATCH),
+    'predict.temperature': _POSITIVE_REAL,
+    'predict.top_k_attributes': _STEP_COUNT,
+    'predict.batch_size': _integer(1, _MAX_BATCH),
+    'model.roi_sampling_ratio': _integer(-1, 64, '-1 or 0 (adaptive), or samples per bin and '
+                                         'axis, at most 64'),
+    'model.dropout': _real('a rate in [0, 1)', 0, 1, high_open=True),
+    'loss.pos_weights_scale': _real('0 (no weighting) or a positive number', 0),
+    'loss.beta': _WEIGHT,
+    'loss.category_weight': _WEIGHT,
+    'loss.attribute_weight': _WEIGHT,
+    'loss.two_way_negative_weight': _WEIGHT,
+    'loss.landmark_weight': _WEIGHT,
+    'loss.landmark_radius': _real('pixels > 0', 0, low_open=True),
+    'data.synthetic_images': _integer(0, 1_000_000, '0 (off) or a number of images (at most '
+                                      '1,000,000)'),
+    'data.synthetic_seed': _SEED,
+    'data.img_size': _SIDE,
+    'data.crop_size': _SIDE,
+    'data.canvas_size': _SIDE,
+    'data.crop_margin': _real('pixels >= 0', 0),
+    'data.threads': _integer(1, _MAX_WORKERS),
+    'data.processes': _integer(0, _MAX_WORKERS, '0 (decode in the main process) or a number '
+                               f'of worker processes (at most {_MAX_WORKERS})'),
+}
+# The fields that hold a bool or a str (a path, a metric's name; the fields with a fixed
+# set of values are `_CHOICES`' and the Literal annotations').
+_BOOLEANS = ('decay_norms_and_biases', 'predict.ten_crop', 'export.ten_crop',
+             'model.roi_aligned', 'model.box_gradient_into_roi', 'loss.reduce_sum',
+             'data.synthetic_quirks', 'data.random_flip', 'data.strict')
+_STRINGS = ('init_from', 'best_metric', 'eval.checkpoint', 'data.data_dir', 'data.cache_dir',
+            'data.tfds_dir')
 
 
 def _get(config, name):
-  value = config
-  for part in name.split('.'):
+  """config.<name>; a field that the config lacks is a ConfigError naming it."""
+  value, parts = config, name.split('.')
+  for depth, part in enumerate(parts):
+    if not hasattr(value, 'keys'):
+      section = '.'.join(['config'] + parts[:depth])
+      raise errors.ConfigError(f'{section}={value!r}: expected a section of fields, as '
+                               'configs/default.py has it')
+    if part not in value:
+      raise errors.ConfigError(f'config.{name}: missing; a config starts from '
+                               'configs/default.get_config(), which has every field')
     value = value[part]
   return value
+
+
+def check_field_names(config, names, source: str = 'the config'):
+  """Raises ConfigError for the first dotted name ('num_train_step', 'model.roi_pol') that
+  names no field of `config` (from `source`, a config file), with the nearest field's name:
+  main.py's --config.x overrides, before config_flags applies them."""
+  for name in names:
+    node, parts = config, name.split('.')
+    for depth, part in enumerate(parts):
+      if hasattr(node, 'keys') and part in node:
+        node = node[part]
+        continue
+      parent = '.'.join(['config'] + parts[:depth])
+      fields = sorted(node.keys()) if hasattr(node, 'keys') else []
+      close = difflib.get_close_matches(part, fields, n=1)
+      if close:
+        hint = f'did you mean {close[0]}?'
+      elif fields:
+        hint = f"{parent}'s fields are {', '.join(fields)}"
+      else:
+        hint = f'{parent} is a value, not a section'
+      raise errors.ConfigError(f'{parent}.{part}: no such field in {source}; {hint}')
+
+
+def check_numbers_and_kinds(config):
+  """Each field of `NUMBERS` a finite number in its range, each of `_BOOLEANS` a bool and
+  each of `_STRINGS` a str; raises ConfigError naming the first that is not."""
+  for name, number in NUMBERS.items():
+    value = _get(config, name)
+    if not number.accepts(value):
+      beyond = (not number.integer and isinstance(value, numbers.Real)
+                and not isinstance(value, bool) and abs(value) > _FLOAT32_MAX)
+      raise errors.ConfigError(f'config.{name}={value!r}: expected {number.expected}'
+                               + (" within float32's range (the run's)" if beyond else ''))
+  for names, kind, what in ((_BOOLEANS, bool, 'True or False'), (_STRINGS, str, 'a string')):
+    for name in names:
+      if not isinstance(_get(config, name), kind):
+        raise errors.ConfigError(f'config.{name}={_get(config, name)!r}: expected {what}')
 
 
 # The config sections that are a function's keyword arguments (steps.py makes the calls):
@@ -85,24 +241,19 @@ def _check_keyword_section(config, section: str):
 
 
 def check(config):
-  """Raises ValueError naming the first field with a wrong value."""
+  """Raises ConfigError (a ValueError) naming the first field with a wrong value."""
+  check_numbers_and_kinds(config)  # first: the checks below compute with them
   # The registry's own check, so that a new backbone needs no line here.
-  backbones.check_name(config.model.backbone, field='config.model.backbone')
+  backbones.check_name(_get(config, 'model.backbone'), field='config.model.backbone')
   for name, choices in _CHOICES.items():
     if _get(config, name) not in choices:
       raise errors.ConfigError(f'config.{name}={_get(config, name)!r}: expected one of {choices}')
   for section in _CONSUMERS:
     _check_keyword_section(config, section)
-  for name in _POSITIVE:
-    value = _get(config, name)
-    if not isinstance(value, int) or value <= 0:
-      raise errors.ConfigError(f'config.{name}={value!r}: expected a positive integer')
   if config.data.source == 'tfds' and config.data.partition != 'official':
     raise errors.ConfigError(f"config.data.source='tfds' reads the official partition; "
                      f'config.data.partition={config.data.partition!r} needs '
                      "config.data.source='folder'")
-  if not config.data.crop_margin >= 0:
-    raise errors.ConfigError(f'config.data.crop_margin={config.data.crop_margin}: expected pixels >= 0')
   if config.data.crop_size > config.data.img_size:
     raise errors.ConfigError(f'config.data.crop_size={config.data.crop_size} is larger than '
                      f'config.data.img_size={config.data.img_size}')
@@ -117,9 +268,6 @@ def check(config):
                      f'config.grad_accum_steps={config.grad_accum_steps} times the number of '
                      f'devices ({jax.device_count()}): each micro-batch is split over the '
                      'devices')
-  if not 0.0 <= config.ema_decay < 1.0:
-    raise errors.ConfigError(f'config.ema_decay={config.ema_decay}: expected 0 (off) or a decay in '
-                     '(0, 1), e.g. 0.999')
   if config.best_metric.startswith(steps.EMA_PREFIX) and not config.ema_decay > 0:
     raise errors.ConfigError(f'config.best_metric={config.best_metric!r} names a metric of the moving '
                      'average of the weights, which config.ema_decay=0 does not keep: set '
@@ -128,28 +276,10 @@ def check(config):
     raise errors.ConfigError(f'config.checkpoint_every_steps={config.checkpoint_every_steps} must be a '
                      f'multiple of config.log_every_steps={config.log_every_steps}, so that '
                      'a resumed run logs the same training metrics')
-  if config.schedule == 'cosine' and config.warmup_steps >= config.num_train_steps:
-    raise errors.ConfigError(f'config.warmup_steps={config.warmup_steps} leaves no steps for the cosine '
-                     f'decay: config.num_train_steps={config.num_train_steps} must be larger')
-  if not config.grad_clip_norm >= 0:
-    raise errors.ConfigError(f'config.grad_clip_norm={config.grad_clip_norm}: expected 0 (off) or a '
-                     'positive norm')
-  if not 0 < config.decay_rate <= 1:
-    raise errors.ConfigError(f'config.decay_rate={config.decay_rate}: expected a factor in (0, 1]')
-  if config.learning_rate <= 0:
-    raise errors.ConfigError(f'config.learning_rate={config.learning_rate}: expected a positive number')
-  if not 0.0 <= config.model.dropout < 1.0:
-    raise errors.ConfigError(f'config.model.dropout={config.model.dropout}: expected a rate in [0, 1)')
-  if config.loss.pos_weights_scale < 0:
-    raise errors.ConfigError(f'config.loss.pos_weights_scale={config.loss.pos_weights_scale}: expected '
-                     '0 (no weighting) or a positive number')
   if config.loss.pos_weights_scale and config.loss.attribute != 'bce':
     raise errors.ConfigError('config.loss.pos_weights_scale weights the BCE loss; it has no meaning '
                      f'with config.loss.attribute={config.loss.attribute!r}')
   _check_liu_lu_parts(config)
-  if not config.predict.temperature > 0:
-    raise errors.ConfigError(f'config.predict.temperature={config.predict.temperature}: expected a '
-                     'positive number')
   _check_profile_steps(config)
   _check_image_caps(config)
 
@@ -186,12 +316,6 @@ def _check_liu_lu_parts(config):
     raise errors.ConfigError("config.model.heads='liu_lu' has its own category head and no "
                      "dropout: leave config.model.category_head='single' and "
                      'config.model.dropout=0')
-  for name in ('category_weight', 'attribute_weight', 'landmark_weight',
-               'two_way_negative_weight'):
-    if not loss[name] >= 0:
-      raise errors.ConfigError(f'config.loss.{name}={loss[name]}: expected a weight >= 0')
-  if not loss.landmark_radius > 0:
-    raise errors.ConfigError(f'config.loss.landmark_radius={loss.landmark_radius}: expected pixels > 0')
   side = config.data.crop_size
   if model.landmarks != 'none' and side % 8:
     raise errors.ConfigError(f'config.model.landmarks={model.landmarks!r} predicts heatmaps at 8x '

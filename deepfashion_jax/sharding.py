@@ -5,6 +5,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 import numpy as np
 
+from deepfashion_jax import errors
+
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
   """One axis, `data`, over the given devices (all of them by default)."""
@@ -40,8 +42,9 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
   given = (coordinator_address, num_processes, process_id)
   if any(value is not None for value in given):
     if any(value is None for value in given):
-      raise ValueError('--coordinator_address, --num_processes and --process_id go '
-                       'together: give all three, or none in a cluster JAX recognises')
+      raise errors.ConfigError('--coordinator_address, --num_processes and --process_id go '
+                               'together: give all three, or none in a cluster JAX '
+                               'recognises')
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif _cluster_detected():

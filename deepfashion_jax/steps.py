@@ -30,6 +30,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional
 
+from absl import logging
 import flax
 from flax import nnx
 from flax.training import dynamic_scale as dynamic_scale_lib
@@ -130,6 +131,24 @@ def model_arguments_from_elsewhere(config, rngs: Optional[nnx.Rngs]) -> dict:
 LOSS_ARGUMENTS_FROM_ELSEWHERE = ('pos_weight',)
 
 
+# The warm-up takes at most this fraction of the run (`warmup_steps`).
+MAX_WARMUP_FRACTION = 0.5
+
+
+def warmup_steps(config) -> int:
+  """config.warmup_steps, or half of config.num_train_steps when it is longer, with a logged
+  note: a warm-up longer than half the run was meant for a longer one (the demo's 50 steps
+  in a run shortened with --config.num_train_steps=10), and the cosine decay needs steps
+  after it."""
+  longest = int(config.num_train_steps * MAX_WARMUP_FRACTION)
+  if config.warmup_steps <= longest:
+    return config.warmup_steps
+  logging.info('config.warmup_steps=%d is more than half of config.num_train_steps=%d: the '
+               'learning rate warms up over %d steps instead', config.warmup_steps,
+               config.num_train_steps, longest)
+  return longest
+
+
 def create_optimizer(config) -> optax.GradientTransformation:
   """Adam (the baseline's) or SGD with momentum, at `learning_rate(config)`; weight decay
   (AdamW's decoupled decay with Adam, coupled L2 with SGD) on the kernels only unless
@@ -146,21 +165,21 @@ def create_optimizer(config) -> optax.GradientTransformation:
 def learning_rate(config) -> optax.ScalarOrSchedule:
   """The learning rate by optimiser step: optional warm-up, then a constant rate, cosine
   decay (to 0 at config.num_train_steps), or a step decay (x config.decay_rate every
-  config.decay_every_steps: Liu & Lu's x0.8 per epoch). A plain number when constant: the
-  optimiser state then keeps no step count of its own."""
-  peak = config.learning_rate
+  config.decay_every_steps: Liu & Lu's x0.8 per epoch); the warm-up takes at most half the
+  run (`warmup_steps`). A plain number when constant: the optimiser state then keeps no
+  step count of its own."""
+  peak, warmup = config.learning_rate, warmup_steps(config)
   if config.schedule == 'cosine':
-    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(config.warmup_steps, 1),
+    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1),
                                                   max(config.num_train_steps, 2))
   elif config.schedule == 'step_decay':
     schedule = optax.exponential_decay(peak, config.decay_every_steps, config.decay_rate,
                                        staircase=True)
-    if config.warmup_steps > 0:
-      schedule = optax.join_schedules(
-          [optax.linear_schedule(0.0, peak, config.warmup_steps), schedule],
-          [config.warmup_steps])
-  elif config.warmup_steps > 0:
-    schedule = optax.linear_schedule(0.0, peak, config.warmup_steps)
+    if warmup > 0:
+      schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), schedule],
+                                      [warmup])
+  elif warmup > 0:
+    schedule = optax.linear_schedule(0.0, peak, warmup)
   else:
     schedule = peak
   return schedule

@@ -10,6 +10,8 @@ import pickle
 import re
 import struct
 import tracemalloc
+import subprocess
+import sys
 import zipfile
 
 from flax import nnx
@@ -22,7 +24,9 @@ import pytest
 torch = pytest.importorskip('torch')
 
 from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+from deepfashion_jax import checkpoints
 from deepfashion_jax import convert_torch
+from deepfashion_jax import errors
 from deepfashion_jax import torch_io
 from deepfashion_jax.models import fashion_net
 from deepfashion_jax.torch_io import reader
@@ -490,11 +494,18 @@ def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path, saves_as_
   config = test_config.get_config()
   config.ema_decay = 0.9  # the moving average starts from the converted weights
   workdir = str(tmp_path / 'converted')
-  with pytest.raises(ValueError, match='--config.model.roi_pool=baseline_max'):
-    convert_torch.convert(config, workdir, path)
-  config.model.roi_pool = 'baseline_max'
+  # roi_pool='align' as the user's own flag is refused, before anything is written ...
+  with pytest.raises(errors.ConfigError, match=re.escape(
+      "--config.model.roi_pool=align (its weights need 'baseline_max')")):
+    convert_torch.convert(config, workdir, path, given={'model.roi_pool'})
+  assert not os.path.exists(workdir)
+  # ... and as the config file's default, set to the baseline's by itself.
   assert convert_torch.convert(config, workdir, path) == 0
   config.data.data_dir = synthetic_folder[0]
+  assert config.model.roi_pool == 'align'  # the caller's config is left as it was
+  saved = checkpoints.read_metadata(checkpoints.create_manager(workdir, read_only=True),
+                                   0).config
+  assert (saved['model.roi_pool'], saved['data.normalization']) == ('baseline_max', 'baseline')
   results = evaluate.evaluate_checkpoint(config, workdir)
   assert 0 <= results['category_top5'] <= 1 and os.path.isfile(
       os.path.join(workdir, 'eval_val_0.json'))
@@ -514,3 +525,63 @@ def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path, saves_as_
   with open(predict.predict(config, workdir, photo, str(tmp_path / 'out'))) as f:
     line = json.loads(f.readline())
   assert line['path'] == photo and len(line['categories']) == 5 and os.path.isfile(line['figure'])
+
+
+def _imagenet_resnet50_config():
+  """The user's config as a baseline checkpoint's would not have it: ImageNet's
+  normalisation, ROI-Align, ResNet-50, 72 px crops."""
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.model.backbone, config.data.normalization = 'resnet50', 'imagenet'
+  return config
+
+
+def test_convert_sets_what_a_baseline_checkpoint_needs(tmp_path, caplog):
+  """Backbone, pooling, normalisation and a crop size whose maps its box branch reads (a
+  7x7 box branch: 224 px), in one log line; the caller's config is left as it was."""
+  _, path = _baseline_checkpoint(tmp_path, 18, feature_size=7)
+  config = _imagenet_resnet50_config()
+  with caplog.at_level('INFO'):
+    fitted = convert_torch.fitted_config(config, torch_io.read(path), path)
+  assert (fitted.model.backbone, fitted.model.roi_pool, fitted.data.normalization,
+          fitted.data.crop_size) == ('resnet18', 'baseline_max', 'baseline', 224)
+  assert fitted.data.img_size == 224  # was 80: training's resize is never below its crop
+  assert (config.model.backbone, config.data.crop_size) == ('resnet50', 72)
+  [line] = [r.getMessage() for r in caplog.records if 'baseline checkpoint' in r.getMessage()]
+  assert "config.model.roi_pool='baseline_max'" in line and 'config.data.crop_size=224' in line
+
+
+@pytest.mark.parametrize('given, refused', [
+    ({'model.roi_pool'}, "--config.model.roi_pool=align (its weights need 'baseline_max')"),
+    ({'data.crop_size', 'data.normalization'},
+     "--config.data.normalization=imagenet (its weights need 'baseline'); "
+     '--config.data.crop_size=72 (its weights need 224)'),
+])
+def test_convert_refuses_a_flag_the_user_gave_that_the_checkpoint_contradicts(tmp_path, given,
+                                                                             refused):
+  _, path = _baseline_checkpoint(tmp_path, 18, feature_size=7)
+  with pytest.raises(errors.ConfigError, match=re.escape(refused)):
+    convert_torch.fitted_config(_imagenet_resnet50_config(), torch_io.read(path), path, given)
+
+
+def test_a_torchvision_file_fits_any_config(tmp_path):
+  """torchvision's backbones fill the backbone only: nothing to set."""
+  path = _save({'fc.weight': torch.zeros(2, 2)}, str(tmp_path / 'imagenet.pth'))
+  config = _imagenet_resnet50_config()
+  assert convert_torch.fitted_config(config, torch_io.read(path), path) is config
+
+
+def test_main_refuses_a_flag_that_contradicts_the_checkpoint_in_one_line(tmp_path):
+  """main.py passes the --config.x overrides it was given as the fields the user set; the
+  refusal comes before any model is built, as one line and exit status 2."""
+  _, path = _baseline_checkpoint(tmp_path, 18, feature_size=3)
+  command = [sys.executable, os.path.join(helpers.ROOT, 'main.py'), '--config=configs/test.py',
+             f'--workdir={tmp_path / "run"}', '--mode=convert', f'--torch_checkpoint={path}',
+             '--config.model.roi_pool=align']
+  result = subprocess.run(command, cwd=helpers.ROOT, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'main.py: error: {path} is a baseline checkpoint, which these flags do not fit: '
+      "--config.model.roi_pool=align (its weights need 'baseline_max'). Drop them: "
+      '--mode=convert sets what the file needs')

@@ -9,7 +9,9 @@ import numpy as np
 import optax
 import pytest
 
+from configs import demo as demo_config
 from configs import test as test_config
+from deepfashion_jax import config_checks
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax.data import annotations
@@ -227,6 +229,27 @@ def test_step_decay_multiplies_the_rate_by_decay_rate_every_decay_every_steps(wa
   else:
     expected = [1.0, 1.0, 1.0, 0.8, 0.8, 0.8, 0.64, 0.64]
   np.testing.assert_allclose(rates, expected, rtol=1e-6)
+
+
+def test_a_shortened_demo_warms_up_over_half_its_run_with_a_note(caplog):
+  """--config.num_train_steps=10 on the demo (warmup_steps=50): accepted at start, the
+  warm-up clipped to 5 steps with a logged note, then the cosine decay to 0 at step 10."""
+  config = demo_config.get_config()
+  config.num_train_steps = 10
+  config_checks.check(config)
+  config.optimizer, config.momentum, config.learning_rate = 'sgd', 0.0, 1.0
+  with caplog.at_level('INFO'):
+    optimizer_fn = steps.create_optimizer(config)
+  assert ('config.warmup_steps=50 is more than half of config.num_train_steps=10: the '
+          'learning rate warms up over 5 steps instead') in caplog.text
+  params = {'w': jnp.zeros(())}
+  opt_state = optimizer_fn.init(params)
+  rates = []
+  for _ in range(11):
+    updates, opt_state = optimizer_fn.update({'w': jnp.ones(())}, opt_state, params)
+    rates.append(-float(updates['w']))
+  np.testing.assert_allclose(rates[:6], [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], rtol=1e-6)
+  assert rates[5] > rates[7] > rates[9] > rates[10] == 0.0
 
 
 @pytest.mark.parametrize('clip, expected', [(0.0, -1.0), (0.5, -0.25)])

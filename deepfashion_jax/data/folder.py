@@ -10,6 +10,7 @@ import shutil
 
 from absl import logging
 
+from deepfashion_jax import errors
 from deepfashion_jax.data import annotations
 from deepfashion_jax.data import synthetic
 
@@ -17,11 +18,16 @@ SYNTHETIC_FOLDER = 'synthetic_deepfashion'
 _COMPLETE_MARKER = '.complete'
 
 
+class UnwritableFolderError(errors.DeepFashionError, OSError):
+  """A folder that the run writes (the workdir, the annotation cache next to it) cannot be
+  created or written; the message names it and the flag that moves it."""
+
+
 def _check_deepfashion_folder(root: str):
   missing = [name for name in annotations.REQUIRED_FILES
              if not os.path.isfile(os.path.join(root, name))]
   if missing:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.data.data_dir={root!r} does not hold DeepFashion: missing '
         f'{", ".join(missing)}. Point it at the folder that holds Anno/, Eval/ and Img/ '
         '(see docs/dataset.md), or use configs/demo.py for synthetic data.')
@@ -53,9 +59,9 @@ def data_root(data_config, workdir: str) -> str:
     return root
   if data_config.synthetic_images > 0:
     return _write_synthetic_once(os.path.join(workdir, SYNTHETIC_FOLDER), data_config)
-  raise ValueError('config.data.data_dir is empty: set it to your DeepFashion folder '
-                   '(--config.data.data_dir=/path/to/DeepFashion), or set '
-                   'config.data.synthetic_images > 0 to write a synthetic one.')
+  raise errors.ConfigError('config.data.data_dir is empty: set it to your DeepFashion folder '
+                           '(--config.data.data_dir=/path/to/DeepFashion), or set '
+                           'config.data.synthetic_images > 0 to write a synthetic one.')
 
 
 def annotation_cache_dir(data_config, workdir: str) -> str:
@@ -80,5 +86,26 @@ def load_index(data_config, workdir: str) -> annotations.DeepFashionIndex:
   """The annotation index of the configured data, with the configured split; with
   config.data.strict, boxes and landmarks outside their image are refused."""
   root = data_root(data_config, workdir)
-  return annotations.load_deepfashion(root, annotation_cache_dir(data_config, workdir),
-                                      partition=data_config.partition, strict=data_config.strict)
+  cache_dir = annotation_cache_dir(data_config, workdir)
+  try:
+    return annotations.load_deepfashion(root, cache_dir, partition=data_config.partition,
+                                        strict=data_config.strict)
+  except OSError as e:
+    if isinstance(e, errors.DeepFashionError) or not _on_the_way_to(e.filename, cache_dir):
+      raise
+    reason = e.strerror or f'{e}'
+    if data_config.cache_dir:
+      raise UnwritableFolderError(f'config.data.cache_dir={cache_dir} cannot be written '
+                                  f'({reason}): set it to a writable folder') from e
+    raise UnwritableFolderError(
+        f'--workdir={workdir}: the annotation cache goes next to it, in {cache_dir}, which '
+        f'cannot be written ({reason}): put the workdir in a writable folder, or set '
+        '--config.data.cache_dir to one') from e
+
+
+def _on_the_way_to(path, folder: str) -> bool:
+  """Whether `path` is `folder`, inside it, or a folder above it (which creating it makes)."""
+  if not isinstance(path, str):
+    return False
+  path, folder = os.path.abspath(path), os.path.abspath(folder)
+  return os.path.commonpath([path, folder]) in (path, folder)

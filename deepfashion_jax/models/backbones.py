@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from flax import nnx
 
+from deepfashion_jax import errors
 from deepfashion_jax.models import resnet
 from deepfashion_jax.models import vgg
 
@@ -39,9 +40,9 @@ BACKBONES = {
 
 
 def check_name(value, field: str = 'backbone'):
-  """Raises ValueError, naming `field`, unless `value` is one of BACKBONES."""
+  """Raises ConfigError (a ValueError), naming `field`, unless `value` is one of BACKBONES."""
   if not isinstance(value, str) or value not in BACKBONES:
-    raise ValueError(f'{field}={value!r}: expected one of {tuple(BACKBONES)}')
+    raise errors.ConfigError(f'{field}={value!r}: expected one of {tuple(BACKBONES)}')
 
 
 def create(name: str, *, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:

@@ -21,7 +21,9 @@ layouts into Flax's, batch-norm leaf names, writing arrays into the model) and p
   matches(content) -> bool: whether `content`, what the reader returned, is one of its
     files; it must not raise, whatever `content` is;
   load(model, content, path) -> common.Loaded: fills the model (or a part of it), raising
-    CheckpointError naming `path`, what differs and the flag to set.
+    CheckpointError naming `path`, what differs and the flag to set;
+  and may provide fitting_config(content, config, path) -> dict: the config fields its
+    weights need ({'model.roi_pool': 'baseline_max'}), which --mode=convert sets.
 Families are tried in order: put a new one before `torchvision`, which takes any state dict
 the others leave. A family whose files are not torch.save's (.safetensors, say) also needs
 its reader, beside `reader`, chosen in `load_into` by the file's first bytes.
@@ -44,11 +46,31 @@ FAMILIES = (
 )
 
 
-def load_into(model: nnx.Module, path: str) -> Loaded:
-  """Loads the PyTorch file at `path` into `model` (the whole model or its backbone,
-  whichever the file holds); returns what it loaded."""
-  content = reader.read_pth(path)
+def read(path: str):
+  """What the PyTorch file at `path` holds (`reader.read_pth`), for `load_into` and
+  `fitting_config`."""
+  return reader.read_pth(path)
+
+
+def _family_of(content, path: str):
   for family in FAMILIES:
     if family.matches(content):
-      return family.load(model, content, path)
+      return family
   raise CheckpointError(f'{path}: expected a state dict, found {type(content).__name__}')
+
+
+def load_into(model: nnx.Module, path: str, content=None) -> Loaded:
+  """Loads the PyTorch file at `path` (or what `read` returned for it, `content`) into
+  `model` (the whole model or its backbone, whichever the file holds); returns what it
+  loaded."""
+  content = read(path) if content is None else content
+  return _family_of(content, path).load(model, content, path)
+
+
+def fitting_config(content, config, path: str) -> tuple[str, dict]:
+  """(the file's family, the config fields its weights need with their values:
+  {'model.roi_pool': 'baseline_max', ...}); no fields for a family whose files fit any
+  configuration of their part (torchvision's backbones)."""
+  family = _family_of(content, path)
+  fit = getattr(family, 'fitting_config', None)
+  return family.NAME, (fit(content, config, path) if fit else {})

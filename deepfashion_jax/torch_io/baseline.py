@@ -6,7 +6,8 @@ nn.Sequential of torchvision's ResNet modules, read as `torchvision` reads them)
 heads' (`MODULES` maps its module names to ours). It computes what the baseline did only with
 the baseline's local pooling, pixel normalisation and input size: a model configured
 otherwise is refused, naming each flag to set. Its category logit i is 1-based category i,
-so the last category has no logit (`_remap_category_head`).
+so the last category has no logit (`_remap_category_head`). `fitting_config` says which config
+values its weights need, for --mode=convert to set them.
 """
 
 import math
@@ -16,6 +17,7 @@ from flax import nnx
 import numpy as np
 
 from deepfashion_jax.models import fashion_net
+from deepfashion_jax.models import resnet
 from deepfashion_jax.torch_io import common
 from deepfashion_jax.torch_io import torchvision
 from deepfashion_jax.torch_io.errors import CheckpointError
@@ -46,6 +48,32 @@ def _our_name(key: str) -> str:
   return key
 
 
+def _box_branch_side(arrays: dict) -> int | None:
+  """The side of the feature maps its box branch reads (None when the file has none, or a
+  weight of another rank: loading names its shape)."""
+  if 'box_top_left.weight' not in arrays or arrays['box_top_left.weight'].ndim != 2:
+    return None
+  return math.isqrt(arrays['box_top_left.weight'].shape[-1] // fashion_net.BOX_CHANNELS)
+
+
+def fitting_config(content, config, path: str) -> dict:
+  """The config fields that the file's weights need ({'model.roi_pool': 'baseline_max',
+  ...}): its backbone, the baseline's local pooling and pixel normalisation, and a
+  config.data.crop_size whose feature maps its box branch reads (the configured one when it
+  gives them already). --mode=convert sets them."""
+  arrays = _arrays(content, path)
+  fields = {'model.roi_pool': 'baseline_max', 'data.normalization': 'baseline'}
+  try:
+    fields['model.backbone'] = torchvision.backbone_of(
+        [k.removeprefix('backbone.') for k in arrays if k.startswith('backbone.')])
+  except CheckpointError:
+    pass  # loading names what the file holds
+  side = _box_branch_side(arrays)
+  if side and -(-config.data.crop_size // resnet.ResNet.stride) != side:
+    fields['data.crop_size'] = resnet.ResNet.stride * side
+  return fields
+
+
 def _check_fits(model: nnx.Module, arrays: dict, path: str):
   """A baseline checkpoint computes what the baseline did only with its local pooling, its
   pixel normalisation and a box branch sized for its input: names each config field that
@@ -60,8 +88,8 @@ def _check_fits(model: nnx.Module, arrays: dict, path: str):
     fixes.append('it was trained on pixels normalised as (x - 0.5) / 0.5; set '
                  '--config.data.normalization=baseline (config.data.normalization is '
                  f'{normalization!r})')
-  if 'box_top_left.weight' in arrays and arrays['box_top_left.weight'].ndim == 2:
-    side = math.isqrt(arrays['box_top_left.weight'].shape[-1] // fashion_net.BOX_CHANNELS)
+  side = _box_branch_side(arrays)
+  if side is not None:
     if side != model.feature_size:
       fixes.append(f'its box branch reads {side}x{side} feature maps; set '
                    f'--config.data.crop_size={model.feature_stride * side} '
@@ -93,11 +121,16 @@ def matches(content) -> bool:
   return isinstance(content, dict) and 'model' in content
 
 
+def _arrays(content, path: str) -> dict:
+  """content['model'] as {our name: array} (`MODULES`)."""
+  return {_our_name(k): np.asarray(v)
+          for k, v in common.state_dict(content['model'], path).items()
+          if not k.endswith('num_batches_tracked')}
+
+
 def load(model: nnx.Module, content, path: str) -> common.Loaded:
   """Loads content['model'] into the whole model; the account holds content['epoch']."""
-  arrays = {_our_name(k): np.asarray(v)
-            for k, v in common.state_dict(content['model'], path).items()
-            if not k.endswith('num_batches_tracked')}
+  arrays = _arrays(content, path)
   torchvision.check_backbone(
       [k.removeprefix('backbone.') for k in arrays if k.startswith('backbone.')], model, path)
   _check_fits(model, arrays, path)

@@ -60,9 +60,9 @@ def _vgg_of(names) -> str:
   return 'vgg16_bn' if norms else 'vgg16'
 
 
-def _backbone_of(names) -> str:
+def backbone_of(names) -> str:
   """The backbone (its name in backbones.BACKBONES: 'resnet50', 'vgg16_bn') that a set of
-  torchvision-style keys describes."""
+  torchvision-style keys describes; CheckpointError when they describe none."""
   names = set(names)
   if any(n.startswith('features.') for n in names):
     return _vgg_of(names)
@@ -73,7 +73,7 @@ def check_backbone(names, model: nnx.Module, path: str):
   """Refuses a file whose backbone (from its torchvision-style keys) is not the configured
   model's, naming both and the flag to set."""
   try:
-    held = _backbone_of(names)
+    held = backbone_of(names)
   except CheckpointError as e:
     raise CheckpointError(f'{path}: {e}') from None
   if held != model.backbone_name:
