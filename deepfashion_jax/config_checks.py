@@ -143,6 +143,10 @@ NUMBERS = {
     'data.threads': _integer(1, _MAX_WORKERS),
     'data.processes': _integer(0, _MAX_WORKERS, '0 (decode in the main process) or a number '
                                f'of worker processes (at most {_MAX_WORKERS})'),
+    # Larger image files, and images of more pixels (from their headers), are refused as
+    # unreadable ones are.
+    'data.max_image_bytes': _integer(1, 2**40, 'a positive number of bytes'),
+    'data.max_image_pixels': _integer(1, 2**40, 'a positive number of pixels'),
 }
 # The fields that hold a bool or a str (a path, a metric's name; the fields with a fixed
 # set of values are `_CHOICES`' and the Literal annotations').
@@ -281,16 +285,7 @@ def check(config):
                      f'with config.loss.attribute={config.loss.attribute!r}')
   _check_liu_lu_parts(config)
   _check_profile_steps(config)
-  _check_image_caps(config)
 
-
-def _check_image_caps(config):
-  """config.data.max_image_bytes and max_image_pixels: positive integers."""
-  for name in ('max_image_bytes', 'max_image_pixels'):
-    value = config.data[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-      raise errors.ConfigError(f'config.data.{name}={value!r}: expected a positive integer '
-                               '(images with more are refused, as unreadable ones)')
 
 
 def _check_profile_steps(config):

@@ -78,11 +78,11 @@ def convert(config, workdir: str, torch_checkpoint: str, given=frozenset()) -> i
   `given`, the fields the user set, are refused when they differ) and saved with it. Holds
   the workdir's lock meanwhile (`run_lock`): refused while a run trains there."""
   config_checks.check(config)
-  content = torch_io.read(torch_checkpoint)
-  config = fitted_config(config, content, torch_checkpoint, given)
-  config_checks.check(config)  # again: the fitted crop size against the rest
-  names = trained_on.conversion_record(config.data, torch_checkpoint)  # a bad folder: first
   with run_lock.hold(workdir, 'convert'):
+    content = torch_io.read(torch_checkpoint)
+    config = fitted_config(config, content, torch_checkpoint, given)
+    config_checks.check(config)  # again: the fitted crop size against the rest
+    names = trained_on.conversion_record(config.data, torch_checkpoint)  # a bad folder: first
     mesh = sharding.make_mesh()
     step_config, state = steps.create_train_state(config, mesh)
     state = with_torch_weights(step_config, state, torch_checkpoint, mesh, content)

@@ -127,7 +127,8 @@ ZERO_IS_NOT = {'batch_size', 'num_train_steps', 'learning_rate', 'adam_eps', 'de
                'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                'keep_checkpoints', 'eval.batch_size', 'predict.temperature',
                'predict.top_k_attributes', 'predict.batch_size', 'loss.landmark_radius',
-               'data.img_size', 'data.crop_size', 'data.canvas_size', 'data.threads'}
+               'data.img_size', 'data.crop_size', 'data.canvas_size', 'data.threads',
+               'data.max_image_bytes', 'data.max_image_pixels'}
 MINUS_ONE_IS_LEGAL = {'model.roi_sampling_ratio'}
 FRACTIONS = {'momentum', 'decay_rate', 'ema_decay', 'model.dropout'}  # below 1
 NEVER_LEGAL = (float('nan'), float('inf'), -float('inf'), 1e39)  # 1e39: inf in float32

@@ -498,7 +498,7 @@ def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path, saves_as_
   with pytest.raises(errors.ConfigError, match=re.escape(
       "--config.model.roi_pool=align (its weights need 'baseline_max')")):
     convert_torch.convert(config, workdir, path, given={'model.roi_pool'})
-  assert not os.path.exists(workdir)
+  assert os.listdir(workdir) == ['.lock']  # the lock it held, and nothing else
   # ... and as the config file's default, set to the baseline's by itself.
   assert convert_torch.convert(config, workdir, path) == 0
   config.data.data_dir = synthetic_folder[0]

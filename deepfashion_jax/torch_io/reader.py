@@ -600,3 +600,5 @@ def read_pth(path: str):
     raise CheckpointError(f'{path}: {e}') from None
   except _MALFORMED as e:
     raise CheckpointError(f'{path}: cannot read the checkpoint: {e}') from None
+  except OSError as e:  # missing, a folder, unreadable: the user named the wrong file
+    raise CheckpointError(f'{path}: cannot open the checkpoint: {e.strerror or e}') from None
