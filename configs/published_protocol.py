@@ -11,11 +11,12 @@ ground-truth box (no margin) and resized to 224 x 224, aspect not kept, in train
 evaluation alike, without random crop or flip; Adam at 1e-4, x0.8 after every epoch, for
 20 epochs of batch 16; evaluation on the test split.
 
-Not there yet, so do not expect their numbers: the landmarks and the landmark-driven
-attention (the next issue), and their heads and losses (fully connected layers on the
+Not in this config, so do not expect Liu & Lu's numbers from it: the landmarks and the
+landmark-driven attention, and their heads and losses (fully connected layers on the
 flattened conv5 features; a two-way cross-entropy per attribute weighted 0.1 / 1; loss
-weights category 1, attributes 20). This config keeps this codebase's FashionNet heads
-(global and ROI-Align local features on the predicted box) and losses (BCE summed over
+weights category 1, attributes 20): configs/landmark_attention.py has them. This config
+keeps this codebase's FashionNet heads (global and ROI-Align local features on the
+predicted box) and losses (BCE summed over
 attributes, box loss). Their training also restarts Adam's moments every epoch; ours
 carries them over. mmfashion enlarges the box by 10 px: --config.data.crop_margin=10.
 
