@@ -253,6 +253,9 @@ def main(argv=None, package: str = PACKAGE) -> int:
   parser.add_argument('--timeout', type=float, default=60.0,
                       help='seconds a try may run before it counts as not clean (0: no limit)')
   parser.add_argument('--json', default='', help='write the table and every outcome here')
+  parser.add_argument('--each', action='store_true',
+                      help="print every try's outcome and traced memory, not only those not "
+                      'clean')
   parser.add_argument('--verbose', action='store_true',
                       help="keep the product's log lines (hostile inputs log many warnings)")
   args = parser.parse_args(argv)
@@ -269,6 +272,9 @@ def main(argv=None, package: str = PACKAGE) -> int:
       if o.outcome == 'not clean':
         print(f'NOT CLEAN  {result.surface}: {o.input}: {o.error}'
               + (f' (raised at {o.raised_at})' if o.raised_at else ''))
+      elif args.each:
+        print(f'{o.outcome:<15}  {result.surface}: {o.input} ({_mib(o.traced_bytes)})'
+              + (f': {o.error[:150]}' if o.error else ''))
   print(table(results))
   clean = all(r.count('not clean') == 0 for r in results)
   if args.json:

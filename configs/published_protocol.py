@@ -16,8 +16,7 @@ landmark-driven attention, and their heads and losses (fully connected layers on
 flattened conv5 features; a two-way cross-entropy per attribute weighted 0.1 / 1; loss
 weights category 1, attributes 20): configs/landmark_attention.py has them. This config
 keeps this codebase's FashionNet heads (global and ROI-Align local features on the
-predicted box) and losses (BCE summed over
-attributes, box loss). Their training also restarts Adam's moments every epoch; ours
+predicted box) and losses (BCE summed over attributes, box loss). Their training also restarts Adam's moments every epoch; ours
 carries them over. mmfashion enlarges the box by 10 px: --config.data.crop_margin=10.
 
 The ImageNet start: torchvision's VGG-16 weights (vgg16-397923af.pth, downloaded once)

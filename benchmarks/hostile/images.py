@@ -11,20 +11,18 @@ ImageDecodeError, both DeepFashionErrors.
 The makers (`jpeg_with_size`, `png_with_size`, ...) are shared with the tests
 (tests/test_hostile_images.py).
 
-  python -m benchmarks.hostile.images   # prints each try's outcome
+  python -m benchmarks.hostile_input --surfaces images --each   # each try's outcome
 """
 
 import io
 import os
 import pathlib
 import struct
-import tempfile
 import zlib
 
 import numpy as np
 from PIL import Image
 
-from deepfashion_jax import errors
 from deepfashion_jax import predict
 from deepfashion_jax.data import annotations
 from deepfashion_jax.data import image_files
@@ -244,20 +242,3 @@ def tries(folder: pathlib.Path):
   makers = _hostile_files(outside)
   yield from _source_tries(folder, makers, outside)
   yield from _photo_tries(folder, makers)
-
-
-def main():
-  with tempfile.TemporaryDirectory() as folder:
-    for description, thunk in tries(pathlib.Path(folder)):
-      try:
-        thunk()
-        outcome = 'accepted'
-      except errors.DeepFashionError as e:
-        outcome = f'refused, {type(e).__name__}: {e}'
-      except Exception as e:  # pylint: disable=broad-except
-        outcome = f'NOT CLEAN, {type(e).__name__}: {e}'
-      print(f'{description:60s} {outcome[:150]}')
-
-
-if __name__ == '__main__':
-  main()

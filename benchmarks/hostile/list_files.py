@@ -9,16 +9,13 @@ bytes flipped, files cut short).
 raises `DeepFashionError` when it is refused. Every outcome should be one of the two.
 `tests/test_hostile_lists.py` draws the same mutations with hypothesis.
 
-  python -m benchmarks.hostile.list_files    # prints each try's outcome and peak memory
+  python -m benchmarks.hostile_input --surfaces list_files --each   # each try's outcome
 """
 
 import dataclasses
 import os
 import pathlib
 import shutil
-import sys
-import tempfile
-import tracemalloc
 
 import numpy as np
 
@@ -217,31 +214,3 @@ def tries(folder: pathlib.Path):
       apply(root, valid, mutation)
       load(root, workdir, strict)
     yield mutation.describe() + (' (strict)' if strict else ''), thunk
-
-
-def main():
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from deepfashion_jax import errors  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.ERROR)  # the odd rows' warnings, one per list and try
-  counts = {'accepted': 0, 'refused': 0, 'NOT CLEAN': 0}
-  with tempfile.TemporaryDirectory() as folder:
-    for description, thunk in tries(pathlib.Path(folder)):
-      tracemalloc.start()
-      try:
-        thunk()
-        outcome = 'accepted'
-      except errors.DeepFashionError:
-        outcome = 'refused'
-      except Exception as e:  # pylint: disable=broad-except
-        outcome = 'NOT CLEAN'
-        description += f': {type(e).__name__}: {str(e)[:200]}'
-      peak = tracemalloc.get_traced_memory()[1]
-      tracemalloc.stop()
-      counts[outcome] += 1
-      print(f'{outcome:<10} {peak / 2**20:8.1f} MB  {description}')
-  print(f'{SURFACE}: {sum(counts.values())} tries, {counts}')
-  return 1 if counts['NOT CLEAN'] else 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

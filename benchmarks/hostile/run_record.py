@@ -10,19 +10,16 @@ the outputs): it returns when the record is accepted and raises `DeepFashionErro
 is refused. `mutated(data, draw)` is the random damage, which tests/test_trained_on.py
 also draws with hypothesis.
 
-  python -m benchmarks.hostile.run_record    # prints each try's outcome and peak memory
+  python -m benchmarks.hostile_input --surfaces run_record --each   # each try's outcome
 """
 
 import json
 import os
 import pathlib
 import random
-import sys
 import tempfile
-import tracemalloc
 
 from configs import test as test_config
-from deepfashion_jax import errors
 from deepfashion_jax.data import photos
 from deepfashion_jax.data import trained_on
 from deepfashion_jax.data import vocabulary
@@ -154,27 +151,3 @@ def tries(folder: pathlib.Path):
   for i in range(RANDOM_TRIES):
     yield f'random damage {i}', _write_try(folder, number + i,
                                            mutated(valid, rng.randrange))
-
-
-def main():
-  clean = 0
-  with tempfile.TemporaryDirectory() as folder:
-    for description, thunk in tries(pathlib.Path(folder)):
-      tracemalloc.start()
-      try:
-        thunk()
-        outcome = 'accepted'
-      except errors.DeepFashionError as e:
-        outcome = f'refused: {type(e).__name__}: {str(e)[:100]}'
-      except Exception as e:  # pylint: disable=broad-except  (what the benchmark counts)
-        outcome = f'NOT CLEAN: {type(e).__name__}: {str(e)[:100]}'
-      peak = tracemalloc.get_traced_memory()[1]
-      tracemalloc.stop()
-      clean += not outcome.startswith('NOT CLEAN')
-      print(f'{description[:40]:<40}  {peak / 2**20:7.1f} MiB  {outcome}')
-  print(f'{SURFACE}: {clean} clean')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -339,18 +339,3 @@ def tries(folder: pathlib.Path):
   yield from _odd_workdir_tries(new, folder)
   yield from _inference_tries(new)
   yield from _resume_tries(new)
-
-
-if __name__ == '__main__':  # python -m benchmarks.hostile.workdir: each try's outcome
-  import tempfile  # pylint: disable=g-import-not-at-top
-  from deepfashion_jax import errors  # pylint: disable=g-import-not-at-top
-  with tempfile.TemporaryDirectory() as scratch:
-    for description, thunk in tries(pathlib.Path(scratch)):
-      try:
-        thunk()
-        outcome = 'accepted'
-      except errors.DeepFashionError as e:
-        outcome = f'refused: {str(e)[:150]}'
-      except Exception as e:  # pylint: disable=broad-except  (what the benchmark counts)
-        outcome = f'NOT CLEAN: {type(e).__name__}: {str(e)[:300]}'
-      print(f'{description}: {outcome}')
