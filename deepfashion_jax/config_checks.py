@@ -18,8 +18,8 @@ from deepfashion_jax import errors
 from deepfashion_jax import losses
 from deepfashion_jax import steps
 from deepfashion_jax.data import annotations
+from deepfashion_jax.data import pipeline
 from deepfashion_jax.data import sources
-from deepfashion_jax.data import transforms
 from deepfashion_jax.data import vocabulary
 from deepfashion_jax.models import backbones
 from deepfashion_jax.models import fashion_net
@@ -32,8 +32,6 @@ _CHOICES = {
     'schedule': steps.SCHEDULES,
     'model.backbone': tuple(backbones.BACKBONES),
     'data.partition': annotations.PARTITIONS,
-    'data.eval_crop': transforms.EVAL_CROPS,
-    'data.crop': transforms.CROPS,
     'data.source': sources.SOURCES,
     'data.normalization': tuple(fashion_net.NORMALIZATIONS),
     'eval.split': vocabulary.SPLIT_NAMES[1:],  # the held-out splits
@@ -237,11 +235,12 @@ def _check_keyword_section(config, section: str):
   for field, value in config[section].items():
     if field not in parameters:
       raise errors.ConfigError(f'config.{section}.{field}: not a parameter of {function_name} '
-                       f'that config.{section} gives (expected one of {parameters})')
+                               f'that config.{section} gives (expected one of {parameters})')
     if typing.get_origin(annotations.get(field)) is typing.Literal:
       choices = typing.get_args(annotations[field])
       if value not in choices:
-        raise errors.ConfigError(f'config.{section}.{field}={value!r}: expected one of {choices}')
+        raise errors.ConfigError(
+            f'config.{section}.{field}={value!r}: expected one of {choices}')
 
 
 def check(config):
@@ -251,38 +250,40 @@ def check(config):
   backbones.check_name(_get(config, 'model.backbone'), field='config.model.backbone')
   for name, choices in _CHOICES.items():
     if _get(config, name) not in choices:
-      raise errors.ConfigError(f'config.{name}={_get(config, name)!r}: expected one of {choices}')
+      raise errors.ConfigError(
+          f'config.{name}={_get(config, name)!r}: expected one of {choices}')
   for section in _CONSUMERS:
     _check_keyword_section(config, section)
   if config.data.source == 'tfds' and config.data.partition != 'official':
     raise errors.ConfigError(f"config.data.source='tfds' reads the official partition; "
-                     f'config.data.partition={config.data.partition!r} needs '
-                     "config.data.source='folder'")
-  if config.data.crop_size > config.data.img_size:
-    raise errors.ConfigError(f'config.data.crop_size={config.data.crop_size} is larger than '
-                     f'config.data.img_size={config.data.img_size}')
+                             f'config.data.partition={config.data.partition!r} needs '
+                             "config.data.source='folder'")
+  # The image options (crops, sides, margin) are checked where the pipeline takes them, for
+  # a library call too.
+  pipeline.image_options(config.data)
   # Devices are spread evenly over processes: a multiple of the device count is also one
   # of the process count, which each process's share of a batch needs.
   for name in ('batch_size', 'eval.batch_size'):
     if _get(config, name) % jax.device_count():
-      raise errors.ConfigError(f'config.{name}={_get(config, name)} must be a multiple of the number '
-                       f'of devices ({jax.device_count()})')
+      raise errors.ConfigError(f'config.{name}={_get(config, name)} must be a multiple of the '
+                               f'number of devices ({jax.device_count()})')
   if config.batch_size % (config.grad_accum_steps * jax.device_count()):
     raise errors.ConfigError(f'config.batch_size={config.batch_size} must be a multiple of '
-                     f'config.grad_accum_steps={config.grad_accum_steps} times the number of '
-                     f'devices ({jax.device_count()}): each micro-batch is split over the '
-                     'devices')
+                             f'config.grad_accum_steps={config.grad_accum_steps} times the number '
+                             f'of devices ({jax.device_count()}): each micro-batch is split over '
+                             'the devices')
   if config.best_metric.startswith(steps.EMA_PREFIX) and not config.ema_decay > 0:
-    raise errors.ConfigError(f'config.best_metric={config.best_metric!r} names a metric of the moving '
-                     'average of the weights, which config.ema_decay=0 does not keep: set '
-                     'config.ema_decay > 0, or name a metric of the raw weights')
+    raise errors.ConfigError(f'config.best_metric={config.best_metric!r} names a metric of the '
+                             'moving average of the weights, which config.ema_decay=0 does not '
+                             'keep: set config.ema_decay > 0, or name a metric of the raw weights')
   if config.checkpoint_every_steps % config.log_every_steps:
-    raise errors.ConfigError(f'config.checkpoint_every_steps={config.checkpoint_every_steps} must be a '
-                     f'multiple of config.log_every_steps={config.log_every_steps}, so that '
-                     'a resumed run logs the same training metrics')
+    raise errors.ConfigError(f'config.checkpoint_every_steps={config.checkpoint_every_steps} '
+                             f'must be a multiple of config.log_every_steps='
+                             f'{config.log_every_steps}, so that a resumed run logs the same '
+                             'training metrics')
   if config.loss.pos_weights_scale and config.loss.attribute != 'bce':
-    raise errors.ConfigError('config.loss.pos_weights_scale weights the BCE loss; it has no meaning '
-                     f'with config.loss.attribute={config.loss.attribute!r}')
+    raise errors.ConfigError('config.loss.pos_weights_scale weights the BCE loss; it has no '
+                             f'meaning with config.loss.attribute={config.loss.attribute!r}')
   _check_liu_lu_parts(config)
   _check_profile_steps(config)
 
@@ -297,8 +298,8 @@ def _check_profile_steps(config):
           and all(isinstance(s, int) and not isinstance(s, bool) for s in window)
           and 1 <= window[0] <= window[1]):
     raise errors.ConfigError(f'config.profile_steps={window!r}: expected (0, 0) (off) or (a, b), '
-                     'the steps a to b (both included) to trace, 1 <= a <= b, e.g. '
-                     "--config.profile_steps='(10,15)'")
+                             'the steps a to b (both included) to trace, 1 <= a <= b, e.g. '
+                             "--config.profile_steps='(10,15)'")
 
 
 def _check_liu_lu_parts(config):
@@ -306,16 +307,17 @@ def _check_liu_lu_parts(config):
   model, loss = config.model, config.loss
   if loss.attribute == 'two_way' and model.heads != 'liu_lu':
     raise errors.ConfigError("config.loss.attribute='two_way' needs two logits per attribute: "
-                     "config.model.heads='liu_lu'")
+                             "config.model.heads='liu_lu'")
   if model.heads == 'liu_lu' and (model.category_head != 'single' or model.dropout):
     raise errors.ConfigError("config.model.heads='liu_lu' has its own category head and no "
-                     "dropout: leave config.model.category_head='single' and "
-                     'config.model.dropout=0')
+                             "dropout: leave config.model.category_head='single' and "
+                             'config.model.dropout=0')
   side = config.data.crop_size
   if model.landmarks != 'none' and side % 8:
-    raise errors.ConfigError(f'config.model.landmarks={model.landmarks!r} predicts heatmaps at 8x '
-                     f'a stride-8 map: config.data.crop_size={side} must be a multiple of 8')
+    raise errors.ConfigError(f'config.model.landmarks={model.landmarks!r} predicts heatmaps at '
+                             f'8x a stride-8 map: config.data.crop_size={side} must be a multiple '
+                             'of 8')
   if model.landmarks == 'attention' and side % 32:
     raise errors.ConfigError(f"config.model.landmarks='attention' runs a U-Net over the stride-8 "
-                     f'map, halving it twice: config.data.crop_size={side} must be a '
-                     'multiple of 32')
+                             f'map, halving it twice: config.data.crop_size={side} must be a '
+                             'multiple of 32')

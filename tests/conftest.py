@@ -36,8 +36,9 @@ def _shared_compilation_cache() -> str:
 def pytest_configure(config):  # pylint: disable=unused-argument
   """Before any test: a persistent compilation cache shared by this process, pytest-xdist's
   other workers and the processes the tests start (main.py runs, workers), since many
-  tests compile the same few steps; and absl flags marked parsed, which grain's worker
-  processes read (main.py parses them: tests take their defaults)."""
+  tests compile the same few steps; and absl flags marked parsed, so that code reading a
+  flag (main.py's) takes its default, as in a parsed run. (The pipeline needs no parsing:
+  test_pipeline.py runs grain's workers from an unparsed process.)"""
   try:
     import filelock  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:  # JAX would warn at each cache read and compile everything again

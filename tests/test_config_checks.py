@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import ml_collections
 import pytest
 
+from benchmarks.hostile import configs as hostile_configs
 from configs import default as default_config
 from configs import test as test_config
 from deepfashion_jax import config_checks
@@ -104,15 +105,6 @@ def test_an_unknown_model_or_loss_field_stops_training_at_start(section, field, 
   assert not workdir.exists()
 
 
-def _numeric_fields(config, prefix=''):
-  """The dotted names of config's int and float fields (not bools), every section down."""
-  for name, value in config.items():
-    if hasattr(value, 'items'):
-      yield from _numeric_fields(value, f'{prefix}{name}.')
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-      yield prefix + name
-
-
 # What each numeric field of configs/default.py accepts besides its ordinary values, said
 # here apart from config_checks' table: 0 where it means off or is a legal origin, -1 where
 # it means adaptive. NaN, the infinities, 2**64 and a fraction in an int field never are.
@@ -144,7 +136,7 @@ def test_every_numeric_field_of_the_default_config_is_checked():
   """Each numeric field of configs/default.py, set to NaN, +-inf, 1e39, 2**64, -1, 0 and (an
   int field) 1.5 on the test config: a ConfigError naming the field, or acceptance where the
   value is legal (2**64: in a real field that is not a fraction)."""
-  fields = list(_numeric_fields(default_config.get_config()))
+  fields = list(hostile_configs.numeric_fields(default_config.get_config()))
   unknown = set(fields) - ZERO_IS_LEGAL - ZERO_IS_NOT
   assert not unknown, f'say here whether 0 is legal for {unknown}'
   base = test_config.get_config()

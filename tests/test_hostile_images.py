@@ -15,6 +15,7 @@ from PIL import Image
 from PIL import ImageOps
 import pytest
 
+from benchmarks import hostile_input
 from benchmarks.hostile import images as hostile
 from configs import test as test_config
 from deepfashion_jax import config_checks
@@ -308,14 +309,8 @@ def test_figure_names_fit_in_a_file_name():
 @pytest.mark.filterwarnings('ignore')  # PIL warns about the damaged files it reads past
 def test_every_try_of_the_benchmark_is_clean(tmp_path):
   """benchmarks/hostile/images.py: each try accepted or refused with the project's error."""
-  outcomes = []
-  for description, thunk in hostile.tries(tmp_path):
-    try:
-      thunk()
-      outcomes.append('accepted')
-    except errors.DeepFashionError:
-      outcomes.append('refused')
-    except Exception as e:  # pylint: disable=broad-except
-      outcomes.append(f'{description}: {type(e).__name__}: {e}')
+  outcomes = [hostile_input.run_try(description, thunk)
+              for description, thunk in hostile.tries(tmp_path)]
   assert len(outcomes) >= 60
-  assert set(outcomes) == {'accepted', 'refused'}, [o for o in outcomes if ':' in o]
+  assert {o.outcome for o in outcomes} == {'accepted', 'refused cleanly'}, [
+      o for o in outcomes if o.outcome == 'not clean']

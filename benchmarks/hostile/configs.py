@@ -34,10 +34,10 @@ MISTYPED = ('num_train_step', 'lerning_rate', 'model.roi_pol', 'modle.backbone',
             'data.data_dirr', 'seed.x', 'loss.beta.x', 'evaluate.split', 'config.batch_size', '')
 
 
-def _numeric_fields(config, prefix=''):
+def numeric_fields(config, prefix=''):
   for name, value in config.items():
     if hasattr(value, 'items'):
-      yield from _numeric_fields(value, f'{prefix}{name}.')
+      yield from numeric_fields(value, f'{prefix}{name}.')
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
       yield prefix + name
 
@@ -63,7 +63,7 @@ def _check(config):
 def tries(folder: pathlib.Path):
   """(description, thunk) pairs; `folder` is not needed: nothing is written."""
   del folder
-  for field in _numeric_fields(default_config.get_config()):
+  for field in numeric_fields(default_config.get_config()):
     for value in VALUES:
       yield f'config.{field}={value!r}', _check(_with(field, value))
   for field, value in WRONG_KINDS:

@@ -923,14 +923,22 @@ def _save_cache(index: DeepFashionIndex, path: str):
     else:
       arrays[field.name] = np.asarray(value)
   arrays['num_attributes'] = np.asarray(index.num_attributes)
+  keep_in_cache(path, lambda f: np.savez(f, **arrays))
+
+
+def keep_in_cache(path: str, write):
+  """Writes a cache file (`cache_path`'s name, any extension) atomically, `write(binary
+  file)`, and removes what the cache kept under that name for the lists as they were before
+  (the same folder's files of the same extension under another key)."""
   folder = os.path.dirname(path)
   os.makedirs(folder, exist_ok=True)
   with tempfile.NamedTemporaryFile(dir=folder, suffix='.tmp', delete=False) as f:
-    np.savez(f, **arrays)
+    write(f)
   os.replace(f.name, path)
   prefix = os.path.basename(path).rsplit('_', 1)[0] + '_'
+  extension = os.path.splitext(path)[1]
   for name in os.listdir(folder):
-    if name.startswith(prefix) and name.endswith('.npz') and name != os.path.basename(path):
+    if name.startswith(prefix) and name.endswith(extension) and name != os.path.basename(path):
       os.remove(os.path.join(folder, name))
 
 

@@ -35,11 +35,9 @@ what to pass, rather than invent names.
 
 The fingerprint is the SHA-256 of the seven lists' bytes (each preceded by its name and
 size, in `annotations.ALL_FILES` order): content, not sizes and times, so that a copy of
-the folder on another disk or host matches. The real lists are ~930 MB, mostly
-`list_attr_img.txt`: measured here, 900 MB take 1.8 s (read through a 1 MiB buffer, from
-the page cache; SHA-256 itself runs at ~1.4 GB/s). So the digest is kept in the annotation
-cache folder under the cache's own key (the lists' sizes and modification times): a
-folder's lists are hashed again only after they change (reading the kept one: < 1 ms).
+the folder on another disk or host matches. Hashing the real lists (~930 MB) takes seconds,
+so the digest is kept in the annotation cache folder under the cache's own key (the lists'
+sizes and modification times): a folder's lists are hashed again only after they change.
 """
 
 import dataclasses
@@ -117,9 +115,7 @@ def lists_sha256(root: str, cache_dir: str = '') -> str:
   digest = _hash_lists(root)
   if memo:
     try:
-      os.makedirs(cache_dir, exist_ok=True)
-      _write_atomically(memo, digest)
-      _remove_stale_digests(memo)
+      annotations.keep_in_cache(memo, lambda f: f.write(digest.encode('ascii')))
     except OSError as e:  # a read-only cache folder: hashed again next time
       logging.info('Could not keep the lists\' SHA-256 in %s: %s', memo, e)
   return digest
@@ -135,15 +131,6 @@ def _kept_digest(memo: str) -> str:
   except OSError:
     return ''
   return digest if len(digest) == 64 and set(digest) <= set('0123456789abcdef') else ''
-
-
-def _remove_stale_digests(memo: str):
-  """The digests of this folder's lists as they were before (as the cache keeps one index)."""
-  folder_name, kept = os.path.dirname(memo), os.path.basename(memo)
-  prefix = kept.rsplit('_', 1)[0] + '_'
-  for name in os.listdir(folder_name):
-    if name.startswith(prefix) and name.endswith('.sha256') and name != kept:
-      os.remove(os.path.join(folder_name, name))
 
 
 def _hash_lists(root: str) -> str:
