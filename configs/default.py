@@ -56,7 +56,7 @@ def get_config():
   # FashionNet's keyword arguments (models/fashion_net.py), field for field; a field that
   # changes what a checkpoint's weights compute is named in fashion_net.CHANGES_MEANING.
   config.model = ml_collections.ConfigDict()
-  # 'resnet18' | 'resnet34' | 'resnet50' | 'resnet101' | 'resnet152' | 'vgg16' | 'vgg16_bn'
+  # one of models/backbones.py's BACKBONES (docs/configs.md lists them)
   config.model.backbone = 'resnet18'
   config.model.roi_pool = 'align'  # 'align' (ROI-Align) or 'baseline_max' (the baseline's)
   config.model.roi_sampling_ratio = 2  # ROI-Align samples per bin and axis (<= 0: adaptive)
@@ -70,6 +70,7 @@ def get_config():
   # 'none', 'heatmaps' (a landmark branch beside the heads) or 'attention' (Liu & Lu's
   # landmark-driven attention); both read VGG-16's conv4_3 or a ResNet's layer2
   config.model.landmarks = 'none'
+  config.model.drop_path = 0.0  # ConvNeXt, ViT: stochastic depth's rate in the last block
 
   config.loss = ml_collections.ConfigDict()  # losses.total_loss's keyword arguments
   config.loss.attribute = 'bce'  # 'bce', 'hinge' or 'two_way' (Liu & Lu's; heads='liu_lu')

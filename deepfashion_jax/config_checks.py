@@ -124,6 +124,7 @@ NUMBERS = {
     'model.roi_sampling_ratio': _integer(-1, 64, '-1 or 0 (adaptive), or samples per bin and '
                                          'axis, at most 64'),
     'model.dropout': _real('a rate in [0, 1)', 0, 1, high_open=True),
+    'model.drop_path': _real('a rate in [0, 1)', 0, 1, high_open=True),
     'loss.pos_weights_scale': _real('0 (no weighting) or a positive number', 0),
     'loss.beta': _WEIGHT,
     'loss.category_weight': _WEIGHT,
@@ -248,6 +249,8 @@ def check(config):
   check_numbers_and_kinds(config)  # first: the checks below compute with them
   # The registry's own check, so that a new backbone needs no line here.
   backbones.check_name(_get(config, 'model.backbone'), field='config.model.backbone')
+  backbones.check_options(config.model.backbone,
+                          {f: _get(config, f'model.{f}') for f in backbones.OPTIONS})
   for name, choices in _CHOICES.items():
     if _get(config, name) not in choices:
       raise errors.ConfigError(

@@ -112,16 +112,16 @@ def test_each_backbone_says_its_last_map_name_stride_and_side(name, final_map, s
     outputs = nnx.eval_shape(lambda m, x: m(x), model,
                              jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32))
     assert outputs[final_map].shape == (1, cells, cells, 512)
+    assert outputs['global'].shape == (1, model.global_features)
     if name == 'vgg16':  # Liu & Lu's landmark branch reads conv4_3, at stride 8
-      assert tuple(outputs) == vgg.STAGES
+      assert tuple(outputs) == vgg.STAGES + ('global',)
       assert outputs['conv4_3'].shape == (1, side // 8, side // 8, 512)
 
 
 @pytest.mark.parametrize('value', [18, '50'])
 def test_a_resnet_depth_or_an_unknown_backbone_is_refused_naming_the_backbones(value):
   with pytest.raises(ValueError, match=re.escape(
-      f"backbone={value!r}: expected one of ('resnet18', 'resnet34', 'resnet50', "
-      "'resnet101', 'resnet152', 'vgg16', 'vgg16_bn')")):
+      f"backbone={value!r}: expected one of {tuple(backbones.BACKBONES)}")):
     fashion_net.FashionNet(backbone=value, image_size=64, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=re.escape("backbone='vgg19': expected one of ('resnet18'")):
     fashion_net.FashionNet(backbone='vgg19', image_size=64, rngs=nnx.Rngs(0))
@@ -356,3 +356,10 @@ def test_batch_norm_running_statistics_follow_pytorchs():
     np.testing.assert_allclose(out, expected.transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(ours.mean[...], theirs.running_mean.numpy(), rtol=1e-5)
   np.testing.assert_allclose(ours.var[...], theirs.running_var.numpy(), rtol=1e-5)
+
+
+def test_a_backbone_option_is_refused_by_a_backbone_that_has_none_naming_the_field():
+  with pytest.raises(ValueError, match=re.escape(
+      'config.model.drop_path=0.1: ResNet-18 has no such option; leave it at 0.0')):
+    fashion_net.FashionNet(backbone='resnet18', drop_path=0.1, image_size=64,
+                           rngs=nnx.Rngs(0))

@@ -3,13 +3,15 @@
 `config.model.backbone` is one of BACKBONES: 'resnet18', 'resnet34', 'resnet50',
 'resnet101', 'resnet152', 'vgg16' or 'vgg16_bn', torchvision's names. Each backbone is an
 nnx.Module called on (B, H, W, 3) images that returns its intermediate feature maps by
-name, and says what FashionNet needs of its last one:
+name, and under 'global' its (B, global_features) global feature (a ResNet's or VGG's: the
+mean of its last map), and says what FashionNet needs of its last one:
   out_features      its channels (512 for ResNet-18/34 and VGG-16, 2048 for ResNet-50+);
   final_map         its name ('layer4' for a ResNet, 'conv5_3' for VGG-16);
   stride            input pixels per cell (32, 16): ROI-Align's spatial_scale is 1 / stride;
   feature_size(s)   its side for an input side s (ceil(s / 32), floor(s / 16));
 and of its stride-8 map, which the landmark branch reads (`landmarks.py`):
-  landmark_map      its name ('layer2', 'conv4_3'), landmark_features its channels.
+  landmark_map      its name ('layer2', 'conv4_3'), landmark_features its channels;
+  global_features   the global feature's size (out_features for a ResNet or VGG).
 Called with at_landmark_map=f, a backbone goes on from f(that map) instead of the map:
 the landmark-driven attention re-weights it there.
 """
@@ -28,7 +30,16 @@ from deepfashion_jax.models import vgg
 @dataclasses.dataclass(frozen=True)
 class Backbone:
   title: str  # how messages name it: 'ResNet-50', 'VGG-16-BN'
-  build: Callable[..., nnx.Module]  # (*, dtype, rngs) -> the module
+  build: Callable[..., nnx.Module]  # (*, dtype, rngs, **options) -> the module
+  # config.model's fields that the module takes as keyword arguments (`create`); a
+  # backbone refuses the others when they differ from their defaults (OPTIONS).
+  options: tuple = ()
+
+
+# config.model's fields that only some backbones use, with the value that leaves them off.
+OPTIONS = {
+    'drop_path': 0.0,  # stochastic depth's highest rate (ConvNeXt, ViT)
+}
 
 
 BACKBONES = {
@@ -45,7 +56,21 @@ def check_name(value, field: str = 'backbone'):
     raise errors.ConfigError(f'{field}={value!r}: expected one of {tuple(BACKBONES)}')
 
 
-def create(name: str, *, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
-  """The backbone called `name` (one of BACKBONES)."""
+def check_options(name: str, options: dict):
+  """Raises ConfigError naming the field when a backbone option in `options` (config.model's
+  fields in OPTIONS) is set away from its default for a backbone that does not take it."""
   check_name(name)
-  return BACKBONES[name].build(dtype=dtype, rngs=rngs)
+  for field, value in options.items():
+    if field not in BACKBONES[name].options and value != OPTIONS[field]:
+      takers = tuple(n for n, b in BACKBONES.items() if field in b.options)
+      raise errors.ConfigError(
+          f'config.model.{field}={value!r}: {BACKBONES[name].title} has no such option; '
+          f'leave it at {OPTIONS[field]!r}, or pick a backbone that has it: {takers}')
+
+
+def create(name: str, *, dtype: Any, rngs: nnx.Rngs, **options) -> nnx.Module:
+  """The backbone called `name` (one of BACKBONES); `options`: config.model's fields in
+  OPTIONS, those the backbone takes passed on to it."""
+  check_options(name, options)
+  taken = {k: v for k, v in options.items() if k in BACKBONES[name].options}
+  return BACKBONES[name].build(dtype=dtype, rngs=rngs, **taken)

@@ -87,6 +87,7 @@ class FashionNet(nnx.Module):
                box_gradient_into_roi: bool = False, category_head: CategoryHead = 'single',
                dropout: float = 0.0, heads: Heads = 'fashionnet',
                landmarks: Landmarks = 'none',
+               drop_path: float = backbones.OPTIONS['drop_path'],
                # Not in config.model: from the data, the run, or the dataset's constants.
                image_size: int = 224, normalization: str = 'baseline',
                dtype: Any = jnp.float32, category_types=None, num_categories: int = 50,
@@ -103,7 +104,7 @@ class FashionNet(nnx.Module):
                        f'{normalization!r}')
     self.normalization = normalization
     self.backbone_name = backbone
-    self.backbone = backbones.create(backbone, dtype=dtype, rngs=rngs)
+    self.backbone = backbones.create(backbone, dtype=dtype, rngs=rngs, drop_path=drop_path)
     channels = self.backbone.out_features
     self.image_size = image_size
     self.feature_stride = self.backbone.stride  # input pixels per cell of the last map
@@ -123,8 +124,8 @@ class FashionNet(nnx.Module):
     if heads == 'liu_lu':
       self._liu_lu_heads(channels, num_categories, num_attributes, linear)
     else:
-      self._fashionnet_heads(channels, num_categories, num_attributes, category_types, linear,
-                             rngs)
+      self._fashionnet_heads(channels, self.backbone.global_features, num_categories,
+                             num_attributes, category_types, linear, rngs)
     # Made last, so that the rest starts from the same weights with or without them.
     if landmarks != 'none':
       self.landmark_branch = landmarks_lib.LandmarkBranch(self.backbone.landmark_features,
@@ -133,16 +134,17 @@ class FashionNet(nnx.Module):
       self.landmark_attention = landmarks_lib.LandmarkAttention(
           self.backbone.landmark_features, dtype=dtype, rngs=rngs)
 
-  def _fashionnet_heads(self, channels, num_categories, num_attributes, category_types,
-                        linear, rngs):
-    """The baseline's: the box branch, and the heads on the joined features."""
+  def _fashionnet_heads(self, channels, global_features, num_categories, num_attributes,
+                        category_types, linear, rngs):
+    """The baseline's: the box branch, and the heads on the joined features: the
+    backbone's global feature (a ResNet's: its last map's mean) and the local ones."""
     self.box_reduce = nnx.Conv(channels, BOX_CHANNELS, (1, 1), dtype=self.dtype,
                                param_dtype=jnp.float32, rngs=rngs,
                                **torch_default_init(channels))
     flat = BOX_CHANNELS * self.feature_size ** 2
     self.box_top_left = linear(flat, 2)
     self.box_size = linear(flat, 2)
-    joined = channels * (1 + ROI_OUTPUT_SIZE ** 2)
+    joined = global_features + channels * ROI_OUTPUT_SIZE ** 2
     self.attribute_classifier = linear(joined, num_attributes)
     if self.category_head == 'single':
       self.category_classifier = linear(joined, num_categories)
@@ -216,9 +218,9 @@ class FashionNet(nnx.Module):
         features, _ = self.landmark_attention(features, found['heatmaps'])
       return features
 
-    features = self.backbone(images.astype(self.dtype),
-                             at_landmark_map if self.landmarks != 'none' else None)
-    features = features[self.backbone.final_map]
+    backbone_outputs = self.backbone(images.astype(self.dtype),
+                                     at_landmark_map if self.landmarks != 'none' else None)
+    features = backbone_outputs[self.backbone.final_map]
     outputs = {}
     if 'heatmaps' in found:
       outputs['landmark_heatmaps'] = found['heatmaps']
@@ -226,7 +228,7 @@ class FashionNet(nnx.Module):
     if self.heads == 'liu_lu':
       return dict(outputs, **self._liu_lu_outputs(features))
     box = self.predict_box(features)
-    global_features = features.mean(axis=(1, 2))
+    global_features = backbone_outputs['global']
     joined = jnp.concatenate([global_features, self.local_features(features, box)], axis=-1)
     joined = self.dropout(joined, rngs=dropout_rng)
     outputs.update(box=box,

@@ -131,7 +131,8 @@ def _shortcut(block, x):
 
 
 class ResNet(nnx.Module):
-  """The backbone without avgpool and fc; returns every stage's output by name."""
+  """The backbone without fc; returns every stage's output by name, and avgpool's as
+  'global'."""
 
   final_map = 'layer4'
   stride = 32  # input pixels per cell of layer4
@@ -156,7 +157,7 @@ class ResNet(nnx.Module):
       setattr(self, f'layer{stage + 1}', nnx.List(layer))
       if f'layer{stage + 1}' == self.landmark_map:
         self.landmark_features = in_features  # its channels
-    self.out_features = in_features
+    self.out_features = self.global_features = in_features
 
   def feature_size(self, side: int) -> int:
     """layer4's side for an input side: each of the five stride-2 layers rounds up."""
@@ -174,4 +175,5 @@ class ResNet(nnx.Module):
       outputs[name] = x
       if name == self.landmark_map and at_landmark_map is not None:
         x = at_landmark_map(x)
+    outputs['global'] = x.mean(axis=(1, 2))
     return outputs

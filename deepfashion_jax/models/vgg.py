@@ -78,7 +78,8 @@ def conv3x3(in_features, out_features, dtype, rngs):
 
 class VGG16(nnx.Module):
   """VGG-16's features up to conv5_3's ReLU (with `batch_norm`, VGG-16-BN's); returns
-  each block's output before its pool by name (STAGES)."""
+  each block's output before its pool by name (STAGES), and the mean of conv5_3's as
+  'global'."""
 
   final_map = 'conv5_3'
   stride = 2 ** POOLS  # input pixels per cell of conv5_3
@@ -100,7 +101,7 @@ class VGG16(nnx.Module):
         layers.append(MaxPool())
     self.features = nnx.List(layers)
     self.stage_indices = tuple(stage_indices)  # (index in features, name)
-    self.out_features = in_features
+    self.out_features = self.global_features = in_features
     self.landmark_features = BLOCKS[STAGES.index(self.landmark_map)][-1]  # its channels
 
   def feature_size(self, side: int) -> int:
@@ -119,4 +120,5 @@ class VGG16(nnx.Module):
         outputs[stages[index]] = x
         if stages[index] == self.landmark_map and at_landmark_map is not None:
           x = at_landmark_map(x)
+    outputs['global'] = outputs[self.final_map].mean(axis=(1, 2))
     return outputs
