@@ -29,8 +29,9 @@ $(VENV)/.runtime: requirements.txt pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt pyproject.toml | $(PY)
+$(VENV)/.dev: requirements.txt requirements-dev.txt requirements-references.txt pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -r requirements-dev.txt -e .
+	$(PY) -m pip install --quiet --no-deps -r requirements-references.txt
 	touch $(VENV)/.runtime $@
 
 # pyenv's python3.13 shim runs only where 3.13 is a selected version: when $(PYTHON313)
@@ -42,8 +43,9 @@ $(NEWEST_PY):
 	$(NEWEST_PY) -m pip install --quiet --upgrade pip
 
 # --upgrade: the newest releases that the requirements allow, also when the venv is old.
-$(NEWEST)/.dev: requirements.txt requirements-dev.txt pyproject.toml | $(NEWEST_PY)
+$(NEWEST)/.dev: requirements.txt requirements-dev.txt requirements-references.txt pyproject.toml | $(NEWEST_PY)
 	$(NEWEST_PY) -m pip install --quiet --upgrade -r requirements-dev.txt -e .
+	$(NEWEST_PY) -m pip install --quiet --no-deps -r requirements-references.txt
 	touch $@
 
 demo: $(VENV)/.runtime
