@@ -100,7 +100,8 @@ def get_config():
   config.data.eval_crop = 'resize'  # evaluation: 'resize' to crop_size (baseline) or 'center_crop'
   config.data.crop = 'none'  # first cut to: 'none' (whole image, baseline) or 'gt_box' (published)
   config.data.crop_margin = 10.0  # 'gt_box': pixels added to each side of the box (mmfashion's 10)
-  config.data.normalization = 'baseline'  # pixels: 'baseline' (x/255-0.5)/0.5, or 'imagenet' mean/std
+  # pixels: 'baseline' (x/255-0.5)/0.5, 'imagenet' or 'clip' mean/std (fashion_net.NORMALIZATIONS)
+  config.data.normalization = 'baseline'
   config.data.strict = False  # raise on an unreadable image or an odd box/landmark row instead
   config.data.max_image_bytes = 32 * 2**20  # larger image files are refused unread (as unreadable)
   config.data.max_image_pixels = 50_000_000  # more pixels (from the header): refused undecoded

@@ -52,11 +52,14 @@ Landmarks = Literal['none', 'heatmaps', 'attention']
 # means something only with the values it was trained with (checkpoints.py).
 CHANGES_MEANING = ('roi_pool', 'roi_aligned', 'roi_sampling_ratio')
 LIU_LU_HIDDEN = 1024  # their heads' hidden layer
-# Per-channel (mean, std) of x / 255: the baseline's (0.5, 0.5), or torchvision's ImageNet
-# statistics, which torchvision's pretrained backbones expect.
+# Per-channel (mean, std) of x / 255: the baseline's (0.5, 0.5), which SigLIP's weights
+# and timm's augreg ViTs expect too; torchvision's ImageNet statistics, which torchvision's
+# pretrained backbones expect; and the statistics of CLIP's training images, which CLIP's
+# image towers expect (OpenAI's and open_clip's preprocessing).
 NORMALIZATIONS = {
     'baseline': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    'clip': ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
 
 
