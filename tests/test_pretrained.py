@@ -5,6 +5,8 @@ these tests run (nothing here reaches the internet)."""
 import dataclasses
 import hashlib
 import http.server
+import io
+import logging
 import os
 import re
 import socket
@@ -54,6 +56,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       self.send_error(404)
       return
     start = int(re.fullmatch(r'bytes=(\d+)-', asked).group(1)) if asked else 0
+    if asked and behaviour.honour_range and start >= len(body):
+      self.send_error(416)
+      return
     if asked and behaviour.honour_range:
       self.send_response(206)
       self.send_header('Content-Range', f'bytes {start}-{len(body) - 1}/{len(body)}')
@@ -174,6 +179,35 @@ def test_a_corrupt_partial_file_is_never_used(server, monkeypatch, cache):
     pretrained.resolve(NAME)
   assert _cache_files(cache) == ['tiny-0123.pth.lock']
   assert _read(pretrained.resolve(NAME)) == CONTENT
+
+
+def test_a_partial_file_longer_than_the_file_is_dropped_and_the_download_restarted(
+    server, monkeypatch, cache):
+  _register(monkeypatch, server.url + '/files/tiny.pth')
+  os.makedirs(cache / 'torchvision')
+  (cache / 'torchvision' / 'tiny-0123.pth.partial').write_bytes(b'\0' * 20000)
+  assert _read(pretrained.resolve(NAME)) == CONTENT
+  assert [asked for _, asked in server.behaviour.requests] == ['bytes=20000-', None]  # 416
+
+
+def test_a_download_says_its_progress_on_a_terminal_and_in_the_log(server, monkeypatch,
+                                                                    caplog):
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  _register(monkeypatch, server.url + '/files/tiny.pth')
+  monkeypatch.setattr(pretrained, '_PROGRESS_EVERY_S', 0)
+  monkeypatch.setattr(pretrained, '_CHUNK', 4096)
+  monkeypatch.setattr(pretrained.sys, 'stderr', Terminal())
+  with caplog.at_level(logging.INFO):
+    path = pretrained.resolve(NAME)
+  lines = pretrained.sys.stderr.getvalue()
+  assert f'\r{NAME}: 0.0 / 0.0 MB (40%) ' in lines and f'\r{NAME}: 0.0 / 0.0 MB (80%) ' in lines
+  assert ' MB/s ' in lines and lines.endswith('\n')
+  assert (f'Downloading {NAME} from {server.url}/files/tiny.pth into {path} (0.0 MB)'
+          in caplog.text)
+  assert f'{NAME}: received 0.0 MB in ' in caplog.text
 
 
 def test_fewer_bytes_than_content_length_are_refused(server, monkeypatch, cache):
