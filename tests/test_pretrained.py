@@ -342,6 +342,22 @@ def test_a_name_for_another_backbone_is_refused_naming_both_fields(tmp_path):
   assert not (tmp_path / 'workdir').exists()
 
 
+def test_convert_reads_the_file_a_name_resolves_to(server, monkeypatch, tmp_path, cache):
+  """--mode=convert's --torch_checkpoint: the name downloaded, then its cached file read."""
+  class Read(Exception):
+    pass
+
+  def read(path):
+    raise Read(path)
+
+  _register(monkeypatch, server.url + '/files/tiny.pth')
+  monkeypatch.setattr(convert_torch.torch_io, 'read', read)
+  with pytest.raises(Read) as raised:
+    convert_torch.convert(test_config.get_config(), str(tmp_path / 'workdir'), NAME)
+  assert raised.value.args == (str(cache / 'torchvision' / 'tiny-0123.pth'),)
+  assert _read(raised.value.args[0]) == CONTENT
+
+
 def _zero_model():
   """FashionNet(backbone='resnet18') with zeros for weights: its shapes without the seconds
   that XLA:CPU takes to compile a random initialisation op by op."""
