@@ -17,15 +17,17 @@ is checked too.
 
 Several processes (a multi-host run, several runs on one machine) each resolve the name
 themselves: the one that takes `<file>.lock` (an flock) downloads, the others wait for it
-and then find the file. Where the filesystem has no locks (some network filesystems), two
-processes may write the one `.partial` at once; the size and hash checks then refuse what
-they mixed, and the rename into place is atomic, so no process reads a half-written file.
+and then find the file; the rename into place is atomic, so no process reads a
+half-written file. A cache shared by hosts thus needs a filesystem with locks (NFSv4,
+Lustre mounted with flock); where there are none, a warning says so, as two processes
+could then write one `.partial` at once: give each host its own cache.
 
 `$DEEPFASHION_JAX_WEIGHTS_URL`, when set, is a mirror that replaces every publisher: a name
 is downloaded from `<mirror>/<scheme>/<file>`, the cache's own layout (a copy of a cache
 folder served over HTTP is such a mirror), and checked as from its publisher.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import fcntl
@@ -239,8 +241,10 @@ def _lock(descriptor: int, path: str):
   except BlockingIOError:
     logging.info('Waiting for another process downloading into %s', path)
     fcntl.flock(descriptor, fcntl.LOCK_EX)
-  except OSError:  # no locks on this filesystem
-    pass
+  except OSError as e:  # no locks on this filesystem
+    logging.warning('%s: cannot lock it (%s): another process may download the same file at '
+                    'once. Give each host its own %s', path + '.lock', e.strerror,
+                    CACHE_VARIABLE)
 
 
 class _Interrupted(Exception):
@@ -286,6 +290,11 @@ def _size(path: str) -> int:
   return os.path.getsize(path) if os.path.exists(path) else 0
 
 
+def _remove(path: str):
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(path)
+
+
 def _open_url(name: str, weights: Weights, url: str, path: str, start: int):
   """The response to a GET of `url` (from byte `start` when > 0); DeepFashionError, saying
   what to do offline, when the server cannot be reached or refuses."""
@@ -321,14 +330,14 @@ def _fetch_into(partial: str, name: str, weights: Weights, url: str, path: str):
   try:
     response = _open_url(name, weights, url, path, start)
   except _Interrupted:  # the server cannot resume there: the next try starts from 0
-    os.remove(partial)
+    _remove(partial)
     raise
   with response:
     first, total = _content_range(response.headers.get('Content-Range'))
     if response.status == 206 and first == start:
       mode = 'ab'
     elif response.status == 206:  # resumed elsewhere than asked: start again from 0
-      os.remove(partial)
+      _remove(partial)
       raise _Interrupted(f'asked for byte {start:,} on, the server sent from {first}')
     else:
       start, mode = 0, 'wb'
@@ -348,7 +357,7 @@ def _fetch_into(partial: str, name: str, weights: Weights, url: str, path: str):
   if total is not None and received < total:
     raise _Interrupted(f'{received:,} of {total:,} bytes')
   if total is not None and received > total:
-    os.remove(partial)
+    _remove(partial)
     raise errors.DeepFashionError(f'{name}: {url} sent {received:,} bytes, but announced '
                                   f'{total:,}: removed, not used')
 
@@ -359,7 +368,7 @@ def _check_hash(partial: str, name: str, weights: Weights, url: str):
     return
   digest = _sha256(partial)
   if not digest.startswith(weights.sha256):
-    os.remove(partial)
+    _remove(partial)
     raise errors.DeepFashionError(
         f'{name}: the file downloaded from {url} has SHA-256 {digest}, but the published one '
         f'starts with {weights.sha256}: removed, not used. A mirror ({MIRROR_VARIABLE}) must '

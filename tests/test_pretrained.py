@@ -3,6 +3,7 @@ checked by size and hash, refused when wrong; against an HTTP server on 127.0.0.
 these tests run (nothing here reaches the internet)."""
 
 import dataclasses
+import errno
 import hashlib
 import http.server
 import io
@@ -304,6 +305,18 @@ def test_processes_resolving_one_name_at_once_download_it_once(server, monkeypat
     thread.join()
   assert len(paths) == 4 and len(set(paths)) == 1 and _read(paths[0]) == CONTENT
   assert len(server.behaviour.requests) == 1
+
+
+def test_a_filesystem_without_locks_downloads_and_warns(server, monkeypatch, caplog, cache):
+  def no_locks(descriptor, operation):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+  _register(monkeypatch, server.url + '/files/tiny.pth')
+  monkeypatch.setattr(pretrained.fcntl, 'flock', no_locks)
+  assert _read(pretrained.resolve(NAME)) == CONTENT
+  assert (f'{cache / "torchvision" / "tiny-0123.pth.lock"}: cannot lock it (No locks '
+          'available): another process may download the same file at once. Give each host '
+          'its own DEEPFASHION_JAX_CACHE') in caplog.text
 
 
 def test_the_registry_reads_as_its_publishers_name_the_files():
