@@ -46,7 +46,8 @@ flags.DEFINE_enum('mode', 'train',
                   'checkpoint as a TensorFlow SavedModel for serving; describe: load '
                   '(or write) the dataset and summarise it; prepare: write the dataset as '
                   'TFDS ArrayRecord files (config.data.tfds_dir) for config.data.source=tfds.')
-flags.DEFINE_string('torch_checkpoint', None, '--mode=convert: the .pth file to convert.')
+flags.DEFINE_string('torch_checkpoint', None, '--mode=convert: the .pth file to convert, or '
+                    'a pretrained name such as torchvision:convnext_tiny (docs/pretrained.md).')
 flags.DEFINE_string('images', None, '--mode=predict: comma-separated image files and/or '
                     'folders (searched recursively for images).')
 flags.DEFINE_string('output_dir', None, '--mode=predict: where predictions.jsonl and the '

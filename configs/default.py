@@ -6,7 +6,8 @@ import ml_collections
 def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0  # seeds initialisation, data order and augmentation
-  # weights to start from: a baseline epoch_N.pth (whole model) or torchvision .pth (backbone)
+  # weights to start from: a baseline epoch_N.pth (whole model) or torchvision .pth (backbone),
+  # or a pretrained name, downloaded once: 'torchvision:convnext_tiny' (docs/pretrained.md)
   config.init_from = ''
   config.dtype = 'float32'  # activations: float32 | bfloat16 | float16 (dynamic loss scale); params float32
   config.batch_size = 32  # global batch, split over processes and devices

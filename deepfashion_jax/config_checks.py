@@ -16,6 +16,7 @@ import jax
 
 from deepfashion_jax import errors
 from deepfashion_jax import losses
+from deepfashion_jax import pretrained
 from deepfashion_jax import steps
 from deepfashion_jax.data import annotations
 from deepfashion_jax.data import pipeline
@@ -251,6 +252,8 @@ def check(config):
   backbones.check_name(_get(config, 'model.backbone'), field='config.model.backbone')
   backbones.check_options(config.model.backbone,
                           {f: _get(config, f'model.{f}') for f in backbones.OPTIONS})
+  # A pretrained name: registered, and for the configured backbone (nothing is downloaded).
+  pretrained.check_backbone(config.init_from, config.model.backbone, field='config.init_from')
   for name, choices in _CHOICES.items():
     if _get(config, name) not in choices:
       raise errors.ConfigError(

@@ -1,6 +1,8 @@
 """Train states from PyTorch files: --config.init_from and --mode=convert.
 
-Both load the file through `torch_io.load_into`, which says what files it reads (the
+Both take a path or a pretrained name (`torchvision:convnext_tiny`), which
+`pretrained.resolve` turns into the cached file, downloading it once. Both load the file
+through `torch_io.load_into`, which says what files it reads (the
 baseline's checkpoints, Liu & Lu's network, torchvision's ImageNet backbones) and refuses
 one that does not fit the configured model. --mode=convert first sets the config fields that
 the file's weights need (a baseline checkpoint's pooling, normalisation and crop size), unless
@@ -15,6 +17,7 @@ from deepfashion_jax import checkpoints
 from deepfashion_jax import config_checks
 from deepfashion_jax import run_lock
 from deepfashion_jax import errors
+from deepfashion_jax import pretrained
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax import torch_io
@@ -22,10 +25,12 @@ from deepfashion_jax.data import trained_on
 
 
 def with_torch_weights(step_config, state, path: str, mesh, content=None):
-  """The train state with weights from a PyTorch file (or what `torch_io.read` returned for
-  it, `content`): a baseline checkpoint or Liu & Lu's state dict sets the whole model, a
+  """The train state with weights from a PyTorch file, or a pretrained name (each process
+  resolves it: `pretrained.resolve`), or what `torch_io.read` returned for the file,
+  `content`: a baseline checkpoint or Liu & Lu's state dict sets the whole model, a
   torchvision state dict the backbone; the optimiser starts afresh, and a moving average of
   the weights (config.ema_decay > 0) from the loaded weights."""
+  path = pretrained.resolve(path)
   model = nnx.merge(step_config.graphdef, state.params, state.batch_stats, copy=True)
   loaded = torch_io.load_into(model, path, content)
   logging.info('Initialised the %s from the %s checkpoint %s', loaded.part, loaded.family,
@@ -76,9 +81,12 @@ def convert(config, workdir: str, torch_checkpoint: str, given=frozenset()) -> i
   project's step-0 checkpoint in `workdir`, for `--mode=evaluate` and prediction; returns
   the step. The config fields the file's weights need are set (`fitted_config`; those in
   `given`, the fields the user set, are refused when they differ) and saved with it. Holds
-  the workdir's lock meanwhile (`run_lock`): refused while a run trains there."""
+  the workdir's lock meanwhile (`run_lock`): refused while a run trains there.
+  `torch_checkpoint` may be a pretrained name (`pretrained.REGISTRY`), downloaded once."""
   config_checks.check(config)
+  pretrained.check_backbone(torch_checkpoint, config.model.backbone, field='--torch_checkpoint')
   with run_lock.hold(workdir, 'convert'):
+    torch_checkpoint = pretrained.resolve(torch_checkpoint, field='--torch_checkpoint')
     content = torch_io.read(torch_checkpoint)
     config = fitted_config(config, content, torch_checkpoint, given)
     config_checks.check(config)  # again: the fitted crop size against the rest
