@@ -9,6 +9,10 @@ return {name: array} for a state dict. It hands what it read to the first family
 - `liu_lu`: a state dict of Liu & Lu 2018's WholeNetwork: the whole
   FashionNet(backbone='vgg16', heads='liu_lu', landmarks='attention');
 - `baseline`: the PyTorch baseline's `epoch_N.pth`: the whole model;
+- `open_clip`: an open_clip CLIP model's state dict (OpenAI's CLIP, LAION's, ...): its
+  image tower into a CLIP ViT backbone;
+- `hugging_face`: a Hugging Face transformers CLIP or SigLIP model (or vision model): its
+  image tower into a CLIP or SigLIP ViT backbone (`vit_towers` has what these two share);
 - `torchvision`: a torchvision ResNet or VGG-16(-BN) state dict: the backbone only, the
   ImageNet start.
 Any may come from nn.DataParallel (every key prefixed `module.`) and from any device. A
@@ -36,7 +40,9 @@ reader, beside these two, chosen in `read` by the file's first bytes.
 from flax import nnx
 
 from deepfashion_jax.torch_io import baseline
+from deepfashion_jax.torch_io import hugging_face
 from deepfashion_jax.torch_io import liu_lu
+from deepfashion_jax.torch_io import open_clip
 from deepfashion_jax.torch_io import reader
 from deepfashion_jax.torch_io import safetensors_file
 from deepfashion_jax.torch_io import torchvision
@@ -47,6 +53,8 @@ from deepfashion_jax.torch_io.errors import CheckpointError
 FAMILIES = (
     liu_lu,  # before the baseline: their state dict may sit under 'model' too
     baseline,
+    open_clip,
+    hugging_face,
     torchvision,  # last: any state dict
 )
 

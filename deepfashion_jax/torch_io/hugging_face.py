@@ -1,0 +1,135 @@
+"""Hugging Face transformers' CLIP and SigLIP image towers into the ViT backbone: a
+`model.safetensors` (or `pytorch_model.bin`) saved by CLIPModel, CLIPVisionModel,
+CLIPVisionModelWithProjection, SiglipModel or SiglipVisionModel.
+
+The tower's keys are `embeddings.patch_embedding.{weight, bias}` (SigLIP's has a bias),
+`embeddings.class_embedding` (D,) (CLIP's; SigLIP has no class token),
+`embeddings.position_embedding.weight` (tokens, D), `pre_layrnorm.*` (CLIP's, so spelt),
+`encoder.layers.N.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2, mlp.fc1, mlp.fc2}`,
+`post_layernorm.*`, and SigLIP's attention-pooling head `head.{probe, attention (packed
+nn.MultiheadAttention), layernorm, mlp}`. A whole CLIPModel or SiglipModel holds them
+under `vision_model.`, beside `text_model.*`, `logit_scale` (and SigLIP's `logit_bias`),
+which are left alone; a vision model alone saves them without the prefix (transformers 5)
+or under `vision_model.` (transformers 4). CLIP's projection `visual_projection.weight`
+(P, D), an nn.Linear without bias, sits beside `vision_model.`.
+"""
+
+import re
+
+from flax import nnx
+import numpy as np
+
+from deepfashion_jax.torch_io import common
+from deepfashion_jax.torch_io import vit_towers
+
+NAME = 'hugging_face'
+_PATCH = 'embeddings.patch_embedding.weight'
+_FIRST_BLOCK = 'encoder.layers.0.self_attn.q_proj.weight'
+_VISION_PREFIX = 'vision_model.'
+_PROJECTION = 'visual_projection.weight'
+_LAYER = re.compile(r'encoder\.layers\.(\d+)\.(.+)\.(\w+)$')
+_HEAD_IN_PROJECTION = re.compile(r'head\.attention\.in_proj_(?:weight|bias)$')
+# A layer's modules -> the backbone's, and whether each is a LayerNorm.
+_LAYER_MODULES = {
+    'layer_norm1': (('ln1',), True), 'layer_norm2': (('ln2',), True),
+    'self_attn.q_proj': (('attention', 'query'), False),
+    'self_attn.k_proj': (('attention', 'key'), False),
+    'self_attn.v_proj': (('attention', 'value'), False),
+    'self_attn.out_proj': (('attention', 'out'), False),
+    'mlp.fc1': (('mlp', 'fc1'), False), 'mlp.fc2': (('mlp', 'fc2'), False)}
+_TOP_MODULES = {
+    'embeddings.patch_embedding': (('patch_embed',), False),
+    'pre_layrnorm': (('ln_pre',), True), 'post_layernorm': (('norm',), True),
+    'head.attention.out_proj': (('map_head', 'attention', 'out'), False),
+    'head.layernorm': (('map_head', 'norm'), True),
+    'head.mlp.fc1': (('map_head', 'mlp', 'fc1'), False),
+    'head.mlp.fc2': (('map_head', 'mlp', 'fc2'), False)}
+# Buffers older transformers saved beside the weights: no weights.
+_BUFFERS = ('embeddings.position_ids',)
+
+
+def _prefix(state: dict) -> str | None:
+  """What precedes the vision tower's keys ('', 'vision_model.', ...), when `state` holds
+  exactly one CLIP-style vision tower; None otherwise."""
+  prefixes = [k[:-len(_PATCH)] for k in state if isinstance(k, str) and k.endswith(_PATCH)]
+  if len(prefixes) != 1 or prefixes[0] + _FIRST_BLOCK not in state:
+    return None
+  return prefixes[0]
+
+
+def matches(content) -> bool:
+  """A Hugging Face CLIP or SigLIP model's state dict (or its vision model's)."""
+  if not isinstance(content, dict):
+    return False
+  return _prefix(common.without_module_prefix(content)) is not None
+
+
+def _tower(arrays: dict, projection: int, path: str) -> vit_towers.Tower:
+  """What the tower's arrays (keys without the prefix) hold."""
+  width, patch = vit_towers.patch_embedding(arrays, _PATCH, path)
+  class_token = 'embeddings.class_embedding' in arrays
+  key = 'embeddings.position_embedding.weight'
+  tokens = vit_towers.shape(arrays, key, 2, path)[0]
+  kind = 'CLIP' if class_token else 'SigLIP'
+  return vit_towers.Tower(
+      f'a Hugging Face {kind}', kind, patch_size=patch, width=width,
+      depth=vit_towers.depth(arrays, r'encoder\.layers\.(\d+)\.'),
+      mlp_dim=vit_towers.shape(arrays, 'encoder.layers.0.mlp.fc1.weight', 2, path)[0],
+      grid=vit_towers.grid(tokens, int(class_token), key, path),
+      patch_bias='embeddings.patch_embedding.bias' in arrays, class_token=class_token,
+      ln_pre='pre_layrnorm.weight' in arrays, map_head='head.probe' in arrays,
+      projection=projection)
+
+
+def _target(key: str) -> tuple:
+  """The backbone's variable a tower key fills (a path the backbone lacks, for a key it has
+  no variable for: load_variables lists it as unexpected)."""
+  layer = _LAYER.match(key)
+  if layer:
+    number, module, leaf = layer.groups()
+    if module in _LAYER_MODULES:
+      target, is_norm = _LAYER_MODULES[module]
+      return ('blocks', int(number)) + target + (vit_towers.leaf(leaf, is_norm),)
+  module, _, leaf = key.rpartition('.')
+  if module in _TOP_MODULES:
+    target, is_norm = _TOP_MODULES[module]
+    return target + (vit_towers.leaf(leaf, is_norm),)
+  return ('(not in the backbone)', key)
+
+
+def _named(arrays: dict, tower: vit_towers.Tower, model: nnx.Module, path: str) -> dict:
+  """{key: (path in the backbone, array in PyTorch's layout)} for the tower's arrays."""
+  named = {}
+  for key, array in arrays.items():
+    if key == 'embeddings.class_embedding':
+      named[key] = (('class_token',), array.reshape(1, 1, -1))
+    elif key == 'embeddings.position_embedding.weight':
+      named[key] = (('position_embedding',),
+                    vit_towers.position_embedding(array, tower, model))
+    elif key == 'head.probe':
+      named[key] = (('map_head', 'probe'), array)
+    elif _HEAD_IN_PROJECTION.match(key):
+      named.update(vit_towers.unpacked(key, array, ('map_head', 'attention'), path))
+    elif key not in _BUFFERS:
+      named[key] = (_target(key), array)
+  return named
+
+
+def load(model: nnx.Module, content, path: str) -> common.Loaded:
+  """Loads the vision tower (and CLIP's projection, when the file has it) into the backbone,
+  the text tower left out."""
+  state = common.state_dict(content, path)
+  prefix = _prefix(state)
+  outer = prefix[:-len(_VISION_PREFIX)] if prefix.endswith(_VISION_PREFIX) else prefix
+  arrays = {k[len(prefix):]: np.asarray(v) for k, v in state.items()
+            if k.startswith(prefix) and k != outer + _PROJECTION}
+  projection = state.get(outer + _PROJECTION)
+  if projection is not None:
+    vit_towers.shape(state, outer + _PROJECTION, 2, path)
+  tower = _tower(arrays, 0 if projection is None else projection.shape[0], path)
+  vit_towers.check(model, tower, path)
+  named = _named(arrays, tower, model, path)
+  if projection is not None:
+    named[outer + _PROJECTION] = (('projection',), np.asarray(projection))
+  vit_towers.load(model, tower, named, path)
+  return common.Loaded(NAME, 'backbone')

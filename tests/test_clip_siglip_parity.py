@@ -1,0 +1,278 @@
+"""CLIP and SigLIP image towers saved by their own libraries load through torch_io.load_into
+(the product's path) into the ViT backbone, which then computes what theirs computes:
+- open_clip's CLIP (a whole CLIP model's state dict, torch.save): image features
+  (ln_post(class token) @ proj), and the patch tokens after ln_post;
+- Hugging Face's CLIPModel (model.safetensors): its image features
+  (visual_projection(post_layernorm(class token))); CLIPVisionModel (no projection): its
+  pooler_output, the backbone's projection kept as it was;
+- Hugging Face's SiglipModel and SiglipVisionModel: pooler_output (the attention-pooling
+  head's) and last_hidden_state (post_layernorm over every token);
+in eval and training mode (no drop path), at the shrunk towers' native side (32 px) and at
+48 px, where their position embeddings are resampled by timm's resample_abs_pos_embed and
+ours by the loader. Files of another tower are refused, naming what they hold and the flag.
+
+Random weights (`_randomise`): every weight normal with variance 1 / fan-in, biases and
+the class token N(0, 0.1^2), position embeddings N(0, 0.5^2), LayerNorms' scales
+N(1, 0.1^2) and biases N(0, 0.1^2), so that a wrong mapping shows. Each comparison
+prints its largest difference and value (-s).
+"""
+
+import re
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepfashion_jax import torch_io
+from deepfashion_jax.models import fashion_net
+from deepfashion_jax.models import vit
+from tests import reference_libraries
+
+torch = reference_libraries.import_torch()
+
+TOLERANCE = 1e-4  # max |ours - theirs| < TOLERANCE * max |theirs|
+OTHER_SIDE = 48  # the shrunk towers' native side is 32: 2 x 2 patches of 16, then 3 x 3
+BATCH = 2
+
+
+def _randomise(module, seed: int):
+  """The module's parameters drawn as the module docstring says, in place."""
+  generator = torch.Generator().manual_seed(seed)
+  norms = {name for name, m in module.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+  with torch.no_grad():
+    for name, parameter in module.named_parameters():
+      owner, _, leaf = name.rpartition('.')
+      noise = torch.randn(parameter.shape, generator=generator)
+      if owner in norms:
+        parameter.copy_((1.0 if leaf == 'weight' else 0.0) + 0.1 * noise)
+      elif parameter.ndim == 0:  # logit_scale
+        continue
+      elif 'position' in name:
+        parameter.copy_(0.5 * noise)
+      elif parameter.ndim == 1:
+        parameter.copy_(0.1 * noise)
+      else:
+        fan_in = parameter.shape[0] if leaf == 'proj' else parameter[0].numel()
+        parameter.copy_(noise / fan_in ** 0.5)
+  return module
+
+
+def _resampled(position_embedding, prefix_tokens: int, side: int, patch: int):
+  """timm's resample_abs_pos_embed of a (tokens, D) or (1, tokens, D) position embedding to
+  the grid of `side`, in its own shape."""
+  timm_layers = reference_libraries.import_timm().layers
+  embedding = position_embedding.reshape(1, -1, position_embedding.shape[-1])
+  resampled = timm_layers.resample_abs_pos_embed(embedding, [side // patch] * 2,
+                                                 num_prefix_tokens=prefix_tokens)
+  return resampled.reshape(-1, position_embedding.shape[-1]) if position_embedding.ndim == 2 \
+      else resampled
+
+
+def _images(side: int, seed: int = 0):
+  return torch.randn(BATCH, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def _ours(backbone: str, path: str, side: int, train: bool):
+  """FashionNet(backbone=...) for `side` px inputs, loaded from `path`; its backbone in
+  eval or training mode (drop path 0) and a function of NCHW torch images -> its outputs
+  as NumPy arrays."""
+  model = fashion_net.FashionNet(backbone=backbone, image_size=side, rngs=nnx.Rngs(0))
+  loaded = torch_io.load_into(model, path)
+  assert loaded.part == 'backbone'
+  if train:
+    model.train()
+  else:
+    model.eval()
+
+  def run(images):
+    nhwc = jnp.asarray(images.numpy().transpose(0, 2, 3, 1))
+    outputs = model.backbone(nhwc, dropout_rng=jax.random.key(1) if train else None)
+    return {k: np.asarray(v) for k, v in outputs.items()}
+
+  return model, loaded, run
+
+
+def _check(what: str, ours, theirs):
+  theirs = np.asarray(theirs)
+  assert ours.shape == theirs.shape, (what, ours.shape, theirs.shape)
+  error, scale = np.abs(ours - theirs).max(), np.abs(theirs).max()
+  print(f'{what}: max |ours - theirs| {error:.2e}, max |theirs| {scale:.2f}')
+  assert error < TOLERANCE * scale, (what, error, scale)
+
+
+def _tokens_as_map(tokens, prefix_tokens: int):
+  """(B, prefix + g * g, D) torch tokens -> the (B, g, g, D) map of the patch tokens."""
+  patches = tokens[:, prefix_tokens:].detach().numpy()
+  side = int(round(patches.shape[1] ** 0.5))
+  return patches.reshape(patches.shape[0], side, side, -1)
+
+
+# open_clip ------------------------------------------------------------------------------
+
+def _open_clip_model(side: int, seed: int = 0):
+  """open_clip's CLIP with clip_vit_test's image tower (QuickGELU, as OpenAI's CLIP) and a
+  small text tower, random weights."""
+  open_clip = reference_libraries.import_open_clip()
+  a = vit.ARCHITECTURES['clip_vit_test']
+  vision = open_clip.CLIPVisionCfg(layers=a.depth, width=a.width, head_width=a.width // a.heads,
+                                   patch_size=a.patch_size, image_size=side,
+                                   mlp_ratio=a.mlp_dim / a.width)
+  text = open_clip.CLIPTextCfg(context_length=8, vocab_size=50, width=16, heads=2, layers=1)
+  model = open_clip.CLIP(embed_dim=a.projection, vision_cfg=vision, text_cfg=text,
+                         quick_gelu=True)
+  return _randomise(model, seed).eval()
+
+
+@pytest.fixture(scope='module')
+def open_clip_file(tmp_path_factory):
+  """A whole open_clip CLIP model's state dict, as torch.save writes it: `visual.*`
+  beside the text tower's keys."""
+  model = _open_clip_model(vit.ARCHITECTURES['clip_vit_test'].image_size)
+  path = str(tmp_path_factory.mktemp('open_clip') / 'open_clip_pytorch_model.bin')
+  torch.save(model.state_dict(), path)
+  return model, path
+
+
+def _open_clip_at(model, side: int):
+  """The reference at another side: the same weights, its position embedding resampled."""
+  if side == model.visual.image_size[0]:
+    return model
+  other = _open_clip_model(side, seed=1)
+  state = dict(model.state_dict())
+  state['visual.positional_embedding'] = _resampled(state['visual.positional_embedding'], 1,
+                                                    side, model.visual.patch_size[0])
+  other.load_state_dict(state)
+  return other.eval()
+
+
+@pytest.mark.parametrize('side', [32, OTHER_SIDE])
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_open_clip_tower_computes_theirs(open_clip_file, side, train):
+  model, path = open_clip_file
+  reference = _open_clip_at(model, side).train(train)
+  _, loaded, ours = _ours('clip_vit_test', path, side, train)
+  assert loaded == torch_io.Loaded('open_clip', 'backbone')
+  images = _images(side)
+  got = ours(images)
+  with torch.no_grad():
+    features = reference.encode_image(images)
+    tokens = reference.visual.forward_intermediates(images, indices=1)['image_intermediates']
+    tokens_after_ln_post = reference.visual.ln_post(
+        tokens[-1].flatten(2).transpose(1, 2)).unflatten(1, got['tokens'].shape[1:3])
+  _check(f'open_clip {side} px {train=} image features', got['global'], features)
+  _check(f'open_clip {side} px {train=} tokens', got['tokens'], tokens_after_ln_post.numpy())
+
+
+# Hugging Face ---------------------------------------------------------------------------
+
+def _hf_vision_config(kind: str, side: int, **fields):
+  transformers = reference_libraries.import_transformers()
+  a = vit.ARCHITECTURES['clip_vit_test' if kind == 'clip' else 'siglip_test']
+  config = (transformers.CLIPVisionConfig if kind == 'clip' else transformers.SiglipVisionConfig)
+  return config(hidden_size=a.width, intermediate_size=a.mlp_dim, num_hidden_layers=a.depth,
+                num_attention_heads=a.heads, image_size=side, patch_size=a.patch_size,
+                layer_norm_eps=a.norm_eps, **fields)
+
+
+def _hf_model(class_name: str, side: int, seed: int = 0):
+  """transformers' `class_name` (CLIPModel, CLIPVisionModel, SiglipModel, ...) with the
+  shrunk tower of the same kind, a small text tower where it has one, random weights."""
+  transformers = reference_libraries.import_transformers()
+  kind = 'clip' if class_name.startswith('CLIP') else 'siglip'
+  vision = _hf_vision_config(kind, side)
+  cls = getattr(transformers, class_name)
+  if class_name in ('CLIPModel', 'SiglipModel'):
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=50, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    config = getattr(transformers, f'{class_name[:-5]}Config')(
+        text_config=text, vision_config=vision.to_dict(),
+        **({'projection_dim': vit.ARCHITECTURES['clip_vit_test'].projection}
+           if kind == 'clip' else {}))
+  else:
+    config = vision
+  return _randomise(cls(config), seed).eval()
+
+
+@pytest.fixture(scope='module')
+def hf_files(tmp_path_factory):
+  """{class name: (model, the model.safetensors its save_pretrained wrote)}."""
+  files = {}
+  for class_name in ('CLIPModel', 'CLIPVisionModel', 'SiglipModel', 'SiglipVisionModel'):
+    model = _hf_model(class_name, 32)
+    folder = tmp_path_factory.mktemp(class_name)
+    model.save_pretrained(str(folder))
+    files[class_name] = model, str(folder / 'model.safetensors')
+  return files
+
+
+def _vision_model(model):
+  return getattr(model, 'vision_model', model)
+
+
+def _hf_at(class_name: str, model, side: int):
+  """The reference's vision model at another side: the same weights, its position
+  embedding resampled."""
+  vision = _vision_model(model)
+  if side == vision.config.image_size:
+    return vision
+  other = _vision_model(_hf_model(class_name, side, seed=1))
+  state = dict(vision.state_dict())
+  key = 'embeddings.position_embedding.weight'
+  prefix = int(class_name.startswith('CLIP'))
+  state[key] = _resampled(state[key], prefix, side, vision.config.patch_size)
+  other.load_state_dict(state)
+  return other.eval()
+
+
+@pytest.mark.parametrize('side', [32, OTHER_SIDE])
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_hugging_face_clip_computes_theirs(hf_files, side, train):
+  """CLIPModel's file, text tower and all: image features and the tokens."""
+  model, path = hf_files['CLIPModel']
+  vision = _hf_at('CLIPModel', model, side).train(train)
+  _, loaded, ours = _ours('clip_vit_test', path, side, train)
+  assert loaded == torch_io.Loaded('hugging_face', 'backbone')
+  images = _images(side)
+  got = ours(images)
+  with torch.no_grad():
+    outputs = vision(pixel_values=images)
+    features = model.visual_projection(outputs.pooler_output)
+    tokens = vision.post_layernorm(outputs.last_hidden_state)
+  _check(f'HF CLIP {side} px {train=} image features', got['global'], features)
+  _check(f'HF CLIP {side} px {train=} tokens', got['tokens'], _tokens_as_map(tokens, 1))
+
+
+def test_hugging_face_clip_vision_model_without_projection(hf_files):
+  """CLIPVisionModel's file (no projection; keys without `vision_model.`): pooler_output,
+  then the backbone's own projection, which the load leaves as it was."""
+  model, path = hf_files['CLIPVisionModel']
+  fresh = fashion_net.FashionNet(backbone='clip_vit_test', image_size=32, rngs=nnx.Rngs(0))
+  initial = np.asarray(fresh.backbone.projection[...])
+  loaded_model, _, ours = _ours('clip_vit_test', path, 32, train=False)
+  projection = np.asarray(loaded_model.backbone.projection[...])
+  np.testing.assert_array_equal(projection, initial)
+  images = _images(32)
+  with torch.no_grad():
+    pooled = model(pixel_values=images).pooler_output.numpy()
+  _check('HF CLIPVisionModel pooled @ our projection', ours(images)['global'],
+         pooled @ projection)
+
+
+@pytest.mark.parametrize('class_name', ['SiglipModel', 'SiglipVisionModel'])
+@pytest.mark.parametrize('side', [32, OTHER_SIDE])
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_hugging_face_siglip_computes_theirs(hf_files, class_name, side, train):
+  """The attention-pooling head's output and post_layernorm's tokens."""
+  model, path = hf_files[class_name]
+  vision = _hf_at(class_name, model, side).train(train)
+  _, loaded, ours = _ours('siglip_test', path, side, train)
+  assert loaded == torch_io.Loaded('hugging_face', 'backbone')
+  images = _images(side)
+  got = ours(images)
+  with torch.no_grad():
+    outputs = vision(pixel_values=images)
+  _check(f'HF {class_name} {side} px {train=} pooled', got['global'], outputs.pooler_output)
+  _check(f'HF {class_name} {side} px {train=} tokens', got['tokens'],
+         _tokens_as_map(outputs.last_hidden_state, 0))
