@@ -74,11 +74,32 @@ def _images(side: int, seed: int = 0):
   return torch.randn(BATCH, 3, side, side, generator=torch.Generator().manual_seed(seed))
 
 
+def _model(backbone: str, side: int, abstract: bool = False):
+  """FashionNet(backbone=...) for `side` px inputs: abstract (shapes only: a refusal comes
+  before any value is written), or with every variable drawn from N(0, 1) by NumPy (its own
+  initialisers, run eagerly, compile one random draw per shape: seconds on 2 cores)."""
+  model = nnx.eval_shape(lambda: fashion_net.FashionNet(backbone=backbone, image_size=side,
+                                                        rngs=nnx.Rngs(0)))
+  if abstract:
+    return model
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(0)
+  draw = lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32), s.dtype)
+  return nnx.merge(graphdef, jax.tree.map(draw, state))
+
+
+@nnx.jit
+def _backbone_outputs(backbone, images, dropout_rng):
+  """The backbone's outputs, compiled once per tower, side and mode (eagerly, each
+  operation compiles on its own: slower here)."""
+  return backbone(images, dropout_rng=dropout_rng)
+
+
 def _ours(backbone: str, path: str, side: int, train: bool):
-  """FashionNet(backbone=...) for `side` px inputs, loaded from `path`; its backbone in
-  eval or training mode (drop path 0) and a function of NCHW torch images -> its outputs
-  as NumPy arrays."""
-  model = fashion_net.FashionNet(backbone=backbone, image_size=side, rngs=nnx.Rngs(0))
+  """FashionNet(backbone=...) for `side` px inputs (`_model`), loaded from `path`; its
+  backbone in eval or training mode (drop path 0) and a function of NCHW torch images ->
+  its outputs as NumPy arrays."""
+  model = _model(backbone, side)
   loaded = torch_io.load_into(model, path)
   assert loaded.part == 'backbone'
   if train:
@@ -88,7 +109,7 @@ def _ours(backbone: str, path: str, side: int, train: bool):
 
   def run(images):
     nhwc = jnp.asarray(images.numpy().transpose(0, 2, 3, 1))
-    outputs = model.backbone(nhwc, dropout_rng=jax.random.key(1) if train else None)
+    outputs = _backbone_outputs(model.backbone, nhwc, jax.random.key(1) if train else None)
     return {k: np.asarray(v) for k, v in outputs.items()}
 
   return model, loaded, run
@@ -248,8 +269,7 @@ def test_hugging_face_clip_vision_model_without_projection(hf_files):
   """CLIPVisionModel's file (no projection; keys without `vision_model.`): pooler_output,
   then the backbone's own projection, which the load leaves as it was."""
   model, path = hf_files['CLIPVisionModel']
-  fresh = fashion_net.FashionNet(backbone='clip_vit_test', image_size=32, rngs=nnx.Rngs(0))
-  initial = np.asarray(fresh.backbone.projection[...])
+  initial = np.asarray(_model('clip_vit_test', 32).backbone.projection[...])
   loaded_model, _, ours = _ours('clip_vit_test', path, 32, train=False)
   projection = np.asarray(loaded_model.backbone.projection[...])
   np.testing.assert_array_equal(projection, initial)
@@ -260,11 +280,13 @@ def test_hugging_face_clip_vision_model_without_projection(hf_files):
          pooled @ projection)
 
 
-@pytest.mark.parametrize('class_name', ['SiglipModel', 'SiglipVisionModel'])
-@pytest.mark.parametrize('side', [32, OTHER_SIDE])
-@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+@pytest.mark.parametrize('class_name, side, train', [
+    ('SiglipVisionModel', 32, False), ('SiglipVisionModel', 32, True),
+    ('SiglipVisionModel', OTHER_SIDE, False), ('SiglipVisionModel', OTHER_SIDE, True),
+    ('SiglipModel', 32, False)])
 def test_hugging_face_siglip_computes_theirs(hf_files, class_name, side, train):
-  """The attention-pooling head's output and post_layernorm's tokens."""
+  """The attention-pooling head's output and post_layernorm's tokens; from SiglipModel's
+  file (text tower and all, the tower under `vision_model.`) too."""
   model, path = hf_files[class_name]
   vision = _hf_at(class_name, model, side).train(train)
   _, loaded, ours = _ours('siglip_test', path, side, train)
@@ -275,4 +297,146 @@ def test_hugging_face_siglip_computes_theirs(hf_files, class_name, side, train):
     outputs = vision(pixel_values=images)
   _check(f'HF {class_name} {side} px {train=} pooled', got['global'], outputs.pooler_output)
   _check(f'HF {class_name} {side} px {train=} tokens', got['tokens'],
+         _tokens_as_map(outputs.last_hidden_state, 0))
+
+
+# Files of another tower ----------------------------------------------------------------
+
+def _refused(backbone: str, path: str, message: str, content=None, side: int = 32):
+  model = _model(backbone, side, abstract=True)
+  with pytest.raises(torch_io.CheckpointError) as refusal:
+    torch_io.load_into(model, path, content)
+  assert str(refusal.value).startswith(f'{path} holds '), str(refusal.value)
+  assert re.search(message, str(refusal.value)), str(refusal.value)
+
+
+def test_a_clip_tower_is_refused_by_a_siglip_backbone_naming_the_flag(open_clip_file):
+  _, path = open_clip_file
+  _refused('siglip_test', path, re.escape(
+      'holds an open_clip ViT 32 wide, 2 deep, patch 16; the configured backbone is SigLIP '
+      "ViT (shrunk, for tests), 32 wide, 2 deep, patch 16 (config.model.backbone="
+      "'siglip_test'): patch_bias False (the backbone: True); class_token True (the "
+      'backbone: False); ln_pre True (the backbone: False); attention_pooling False (the '
+      'backbone: True); projection 24 (the backbone: 0): '
+      'set --config.model.backbone=clip_vit_test'))
+
+
+def test_a_siglip_tower_is_refused_by_a_clip_backbone(hf_files):
+  _, path = hf_files['SiglipModel']
+  _refused('clip_vit_test', path, re.escape(
+      "holds a Hugging Face SigLIP ViT 32 wide, 2 deep, patch 16; the configured backbone is "
+      'CLIP ViT (shrunk, for tests), 32 wide, 2 deep, patch 16 '
+      "(config.model.backbone='clip_vit_test'): ") + '.*'
+      + re.escape('set --config.model.backbone=siglip_test'))
+
+
+def test_a_tower_is_refused_by_a_backbone_that_is_no_vit(hf_files):
+  _, path = hf_files['CLIPModel']
+  _refused('resnet18', path, re.escape(
+      'holds a Hugging Face CLIP ViT 32 wide, 2 deep, patch 16; the configured backbone is '
+      "ResNet-18 (config.model.backbone='resnet18'), not a Vision Transformer: "
+      'set --config.model.backbone=clip_vit_test'))
+
+
+def _open_clip_b16_state() -> dict:
+  """The keys and shapes of open_clip's ViT-B-16 (OpenAI's weights), every array a
+  broadcast zero: nothing is allocated."""
+  width, blocks, mlp, tokens = 768, 12, 3072, 197
+  shapes = {'visual.conv1.weight': (width, 3, 16, 16), 'visual.class_embedding': (width,),
+            'visual.positional_embedding': (tokens, width), 'visual.proj': (width, 512),
+            'positional_embedding': (77, 512), 'logit_scale': ()}
+  for norm in ('ln_pre', 'ln_post'):
+    shapes.update({f'visual.{norm}.weight': (width,), f'visual.{norm}.bias': (width,)})
+  for block in range(blocks):
+    prefix = f'visual.transformer.resblocks.{block}.'
+    shapes.update({prefix + 'attn.in_proj_weight': (3 * width, width),
+                   prefix + 'attn.in_proj_bias': (3 * width,),
+                   prefix + 'attn.out_proj.weight': (width, width),
+                   prefix + 'attn.out_proj.bias': (width,),
+                   prefix + 'mlp.c_fc.weight': (mlp, width), prefix + 'mlp.c_fc.bias': (mlp,),
+                   prefix + 'mlp.c_proj.weight': (width, mlp),
+                   prefix + 'mlp.c_proj.bias': (width,)})
+    for norm in ('ln_1', 'ln_2'):
+      shapes.update({f'{prefix}{norm}.weight': (width,), f'{prefix}{norm}.bias': (width,)})
+  return {key: np.broadcast_to(np.float32(0), shape) for key, shape in shapes.items()}
+
+
+def test_a_full_size_tower_is_refused_by_a_shrunk_backbone_naming_both():
+  path = 'ViT-B-16/open_clip_pytorch_model.bin'
+  _refused('clip_vit_test', path, re.escape(
+      'holds an open_clip ViT 768 wide, 12 deep, patch 16; the configured backbone is CLIP '
+      "ViT (shrunk, for tests), 32 wide, 2 deep, patch 16 (config.model.backbone="
+      "'clip_vit_test'): width 768 (the backbone: 32); depth 12 (the backbone: 2); mlp_dim "
+      '3072 (the backbone: 64); projection 512 (the backbone: 24): '
+      'set --config.model.backbone=clip_vit_b16'), content=_open_clip_b16_state())
+
+
+def test_a_siglip_tower_without_its_pooling_head_is_refused_saying_so(hf_files):
+  """No backbone fits it: no flag is suggested."""
+  _, path = hf_files['SiglipVisionModel']
+  content = {k: v for k, v in torch_io.read(path).items() if not k.startswith('head.')}
+  _refused('siglip_test', path, re.escape(
+      "(config.model.backbone='siglip_test'): attention_pooling False (the backbone: True)")
+      + '$', content=content)
+
+
+
+def _damaged(state: dict, damage: str) -> dict:
+  """An open_clip state dict (`visual.*`) with one thing wrong."""
+  state, tower = dict(state), 'visual.'
+  block = tower + 'transformer.resblocks.0.'
+  if damage == 'patch-embedding-2d':
+    state[tower + 'conv1.weight'] = state[tower + 'conv1.weight'].reshape(32, -1)
+  elif damage == 'positions-of-another-width':
+    state[tower + 'positional_embedding'] = np.zeros((5, 40), np.float32)
+  elif damage == 'positions-no-square':
+    state[tower + 'positional_embedding'] = np.zeros((7, 32), np.float32)
+  elif damage == 'in-proj-not-packed':
+    state[block + 'attn.in_proj_weight'] = np.zeros((32, 32), np.float32)
+  elif damage == 'mlp-of-another-shape':
+    state[block + 'mlp.c_proj.weight'] = np.zeros((32, 48), np.float32)
+  elif damage == 'missing-key':
+    del state[block + 'ln_2.bias']
+  elif damage == 'unknown-key':
+    state[block + 'ls_1.gamma'] = np.ones(32, np.float32)
+  elif damage == 'text-not-tensor':
+    state['logit_scale'] = 'text'
+  return state
+
+
+@pytest.mark.parametrize('damage, message', [
+    ('patch-embedding-2d', r'visual\.conv1\.weight has shape \(32, 768\), expected 4'),
+    ('positions-of-another-width', r'positional_embedding has shape \(5, 40\), expected '
+                                   r'\(tokens, 32\)'),
+    ('positions-no-square', r'positional_embedding holds 7 positions'),
+    ('in-proj-not-packed', r'in_proj_weight has shape \(32, 32\), expected the query'),
+    ('mlp-of-another-shape', r'mlp\.c_proj\.weight has shape \(32, 48\)'),
+    ('missing-key', r"missing \['backbone\.blocks\.0\.ln2\.bias'\]"),
+    ('unknown-key', r"unexpected \['visual\.transformer\.resblocks\.0\.ls_1\.gamma'\]"),
+    ('text-not-tensor', r"'logit_scale' holds str, expected a tensor"),
+])
+def test_a_damaged_tower_is_refused_naming_the_file_and_the_key(open_clip_file, damage,
+                                                                 message):
+  model, path = open_clip_file
+  state = {k: v.numpy() for k, v in model.state_dict().items()}
+  abstract = _model('clip_vit_test', 32, abstract=True)
+  with pytest.raises(torch_io.CheckpointError, match=f'^{re.escape(path)}: .*{message}'):
+    torch_io.load_into(abstract, path, _damaged(state, damage))
+
+
+@pytest.mark.slow
+def test_full_size_siglip_base_computes_theirs(tmp_path):
+  """transformers' SigLIP base/16 at 224 px (SiglipVisionConfig's defaults, siglip_b16),
+  random weights, through its model.safetensors."""
+  transformers = reference_libraries.import_transformers()
+  reference = _randomise(transformers.SiglipVisionModel(transformers.SiglipVisionConfig()), 0)
+  reference.eval().save_pretrained(str(tmp_path))
+  _, loaded, ours = _ours('siglip_b16', str(tmp_path / 'model.safetensors'), 224, train=False)
+  assert loaded == torch_io.Loaded('hugging_face', 'backbone')
+  images = _images(224)
+  got = ours(images)
+  with torch.no_grad():
+    outputs = reference(pixel_values=images)
+  _check('HF SigLIP base 224 px pooled', got['global'], outputs.pooler_output)
+  _check('HF SigLIP base 224 px tokens', got['tokens'],
          _tokens_as_map(outputs.last_hidden_state, 0))

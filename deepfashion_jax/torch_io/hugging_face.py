@@ -64,21 +64,21 @@ def matches(content) -> bool:
   return _prefix(common.without_module_prefix(content)) is not None
 
 
-def _tower(arrays: dict, projection: int, path: str) -> vit_towers.Tower:
-  """What the tower's arrays (keys without the prefix) hold."""
-  width, patch = vit_towers.patch_embedding(arrays, _PATCH, path)
-  class_token = 'embeddings.class_embedding' in arrays
-  key = 'embeddings.position_embedding.weight'
-  tokens = vit_towers.shape(arrays, key, 2, path)[0]
+def _tower(arrays: dict, prefix: str, projection: int, path: str) -> vit_towers.Tower:
+  """What the tower's arrays (keys starting with `prefix`) hold."""
+  width, patch = vit_towers.patch_embedding(arrays, prefix + _PATCH, path)
+  class_token = prefix + 'embeddings.class_embedding' in arrays
   kind = 'CLIP' if class_token else 'SigLIP'
+  key = prefix + 'encoder.layers.0.mlp.fc1.weight'
   return vit_towers.Tower(
       f'a Hugging Face {kind}', kind, patch_size=patch, width=width,
-      depth=vit_towers.depth(arrays, r'encoder\.layers\.(\d+)\.'),
-      mlp_dim=vit_towers.shape(arrays, 'encoder.layers.0.mlp.fc1.weight', 2, path)[0],
-      grid=vit_towers.grid(tokens, int(class_token), key, path),
-      patch_bias='embeddings.patch_embedding.bias' in arrays, class_token=class_token,
-      ln_pre='pre_layrnorm.weight' in arrays, map_head='head.probe' in arrays,
-      projection=projection)
+      depth=vit_towers.depth(arrays, re.escape(prefix) + r'encoder\.layers\.(\d+)\.'),
+      mlp_dim=vit_towers.shape(arrays, key, 2, path)[0],
+      grid=vit_towers.grid(arrays, prefix + 'embeddings.position_embedding.weight', width,
+                           int(class_token), path),
+      patch_bias=prefix + 'embeddings.patch_embedding.bias' in arrays,
+      class_token=class_token, ln_pre=prefix + 'pre_layrnorm.weight' in arrays,
+      map_head=prefix + 'head.probe' in arrays, projection=projection)
 
 
 def _target(key: str) -> tuple:
@@ -97,21 +97,23 @@ def _target(key: str) -> tuple:
   return ('(not in the backbone)', key)
 
 
-def _named(arrays: dict, tower: vit_towers.Tower, model: nnx.Module, path: str) -> dict:
+def _named(arrays: dict, prefix: str, tower: vit_towers.Tower, model: nnx.Module,
+           path: str) -> dict:
   """{key: (path in the backbone, array in PyTorch's layout)} for the tower's arrays."""
   named = {}
   for key, array in arrays.items():
-    if key == 'embeddings.class_embedding':
+    name = key[len(prefix):]
+    if name == 'embeddings.class_embedding':
       named[key] = (('class_token',), array.reshape(1, 1, -1))
-    elif key == 'embeddings.position_embedding.weight':
+    elif name == 'embeddings.position_embedding.weight':
       named[key] = (('position_embedding',),
                     vit_towers.position_embedding(array, tower, model))
-    elif key == 'head.probe':
+    elif name == 'head.probe':
       named[key] = (('map_head', 'probe'), array)
-    elif _HEAD_IN_PROJECTION.match(key):
+    elif _HEAD_IN_PROJECTION.match(name):
       named.update(vit_towers.unpacked(key, array, ('map_head', 'attention'), path))
-    elif key not in _BUFFERS:
-      named[key] = (_target(key), array)
+    elif name not in _BUFFERS:
+      named[key] = (_target(name), array)
   return named
 
 
@@ -121,15 +123,16 @@ def load(model: nnx.Module, content, path: str) -> common.Loaded:
   state = common.state_dict(content, path)
   prefix = _prefix(state)
   outer = prefix[:-len(_VISION_PREFIX)] if prefix.endswith(_VISION_PREFIX) else prefix
-  arrays = {k[len(prefix):]: np.asarray(v) for k, v in state.items()
-            if k.startswith(prefix) and k != outer + _PROJECTION}
-  projection = state.get(outer + _PROJECTION)
-  if projection is not None:
-    vit_towers.shape(state, outer + _PROJECTION, 2, path)
-  tower = _tower(arrays, 0 if projection is None else projection.shape[0], path)
+  projection_key = outer + _PROJECTION
+  arrays = {k: np.asarray(v) for k, v in state.items()
+            if k.startswith(prefix) and k != projection_key}
+  projection = 0
+  if projection_key in state:
+    projection = vit_towers.shape(state, projection_key, 2, path)[0]
+  tower = _tower(arrays, prefix, projection, path)
   vit_towers.check(model, tower, path)
-  named = _named(arrays, tower, model, path)
-  if projection is not None:
-    named[outer + _PROJECTION] = (('projection',), np.asarray(projection))
+  named = _named(arrays, prefix, tower, model, path)
+  if projection:
+    named[projection_key] = (('projection',), np.asarray(state[projection_key]))
   vit_towers.load(model, tower, named, path)
   return common.Loaded(NAME, 'backbone')

@@ -58,18 +58,20 @@ def matches(content) -> bool:
   return state is not None and _tower_prefix(state) is not None
 
 
-def _tower(arrays: dict, path: str) -> vit_towers.Tower:
-  """What the tower's arrays (keys without `visual.`) hold."""
-  width, patch = vit_towers.patch_embedding(arrays, 'conv1.weight', path)
-  tokens = vit_towers.shape(arrays, 'positional_embedding', 2, path)[0]
-  mlp_dim = vit_towers.shape(arrays, 'transformer.resblocks.0.mlp.c_fc.weight', 2, path)[0]
-  projection = vit_towers.shape(arrays, 'proj', 2, path)[1] if 'proj' in arrays else 0
+def _tower(arrays: dict, prefix: str, path: str) -> vit_towers.Tower:
+  """What the tower's arrays (keys starting with `prefix`) hold."""
+  width, patch = vit_towers.patch_embedding(arrays, prefix + 'conv1.weight', path)
+  key = prefix + 'transformer.resblocks.0.mlp.c_fc.weight'
+  mlp_dim = vit_towers.shape(arrays, key, 2, path)[0]
+  key = prefix + 'proj'
+  projection = vit_towers.shape(arrays, key, 2, path)[1] if key in arrays else 0
   return vit_towers.Tower(
       'an open_clip', 'CLIP', patch_size=patch, width=width,
-      depth=vit_towers.depth(arrays, r'transformer\.resblocks\.(\d+)\.'), mlp_dim=mlp_dim,
-      grid=vit_towers.grid(tokens, 1, 'positional_embedding', path),
-      patch_bias='conv1.bias' in arrays, class_token=True, ln_pre='ln_pre.weight' in arrays,
-      map_head=False, projection=projection)
+      depth=vit_towers.depth(arrays, re.escape(prefix) + r'transformer\.resblocks\.(\d+)\.'),
+      mlp_dim=mlp_dim, grid=vit_towers.grid(arrays, prefix + 'positional_embedding', width, 1,
+                                            path),
+      patch_bias=prefix + 'conv1.bias' in arrays, class_token=True,
+      ln_pre=prefix + 'ln_pre.weight' in arrays, map_head=False, projection=projection)
 
 
 def _target(key: str) -> tuple:
@@ -88,22 +90,24 @@ def _target(key: str) -> tuple:
   return ('(not in the backbone)', key)
 
 
-def _named(arrays: dict, tower: vit_towers.Tower, model: nnx.Module, path: str) -> dict:
+def _named(arrays: dict, prefix: str, tower: vit_towers.Tower, model: nnx.Module,
+           path: str) -> dict:
   """{key: (path in the backbone, array in PyTorch's layout)} for the tower's arrays."""
   named = {}
   for key, array in arrays.items():
-    if key == 'class_embedding':
+    name = key[len(prefix):]
+    if name == 'class_embedding':
       named[key] = (('class_token',), array.reshape(1, 1, -1))
-    elif key == 'positional_embedding':
+    elif name == 'positional_embedding':
       named[key] = (('position_embedding',),
                     vit_towers.position_embedding(array, tower, model))
-    elif key == 'proj':
+    elif name == 'proj':
       named[key] = (('projection',), vit_towers.linear_weight(array))
-    elif _IN_PROJECTION.match(key):
-      attention = ('blocks', int(_IN_PROJECTION.match(key).group(1)), 'attention')
+    elif _IN_PROJECTION.match(name):
+      attention = ('blocks', int(_IN_PROJECTION.match(name).group(1)), 'attention')
       named.update(vit_towers.unpacked(key, array, attention, path))
     else:
-      named[key] = (_target(key), array)
+      named[key] = (_target(name), array)
   return named
 
 
@@ -111,8 +115,8 @@ def load(model: nnx.Module, content, path: str) -> common.Loaded:
   """Loads the image tower into the backbone, its text tower left out."""
   state = common.state_dict(_state(content), path)
   prefix = _tower_prefix(state)
-  arrays = {k[len(prefix):]: np.asarray(v) for k, v in state.items() if k.startswith(prefix)}
-  tower = _tower(arrays, path)
+  arrays = {k: np.asarray(v) for k, v in state.items() if k.startswith(prefix)}
+  tower = _tower(arrays, prefix, path)
   vit_towers.check(model, tower, path)
-  vit_towers.load(model, tower, _named(arrays, tower, model, path), path)
+  vit_towers.load(model, tower, _named(arrays, prefix, tower, model, path), path)
   return common.Loaded(NAME, 'backbone')

@@ -96,8 +96,13 @@ def depth(arrays: dict, pattern: str) -> int:
   return len({m.group(1) for m in map(re.compile(pattern).match, arrays) if m})
 
 
-def grid(tokens: int, prefix_tokens: int, key: str, path: str) -> int:
-  """The side of the square grid of patches a position embedding of `tokens` rows holds."""
+def grid(arrays: dict, key: str, width: int, prefix_tokens: int, path: str) -> int:
+  """The side of the square grid of patches that the position embedding arrays[key]
+  (tokens, width) holds, after `prefix_tokens` rows (the class token's)."""
+  tokens, found_width = shape(arrays, key, 2, path)
+  if found_width != width:
+    raise CheckpointError(f'{path}: {key} has shape {(tokens, found_width)}, expected '
+                          f'(tokens, {width}): the patch embedding is {width} wide')
   patches = tokens - prefix_tokens
   side = int(round(np.sqrt(max(patches, 0))))
   if patches < 1 or side * side != patches:
