@@ -17,6 +17,7 @@ N(1, 0.1^2) and biases N(0, 0.1^2), so that a wrong mapping shows. Each comparis
 prints its largest difference and value (-s).
 """
 
+import functools
 import re
 
 from flax import nnx
@@ -74,18 +75,24 @@ def _images(side: int, seed: int = 0):
   return torch.randn(BATCH, 3, side, side, generator=torch.Generator().manual_seed(seed))
 
 
+@functools.cache
+def _abstract_model(backbone: str, side: int):
+  """(graph definition, variables' shapes) of FashionNet(backbone=...) for `side` px inputs,
+  traced once."""
+  return nnx.split(nnx.eval_shape(
+      lambda: fashion_net.FashionNet(backbone=backbone, image_size=side, rngs=nnx.Rngs(0))))
+
+
 def _model(backbone: str, side: int, abstract: bool = False):
   """FashionNet(backbone=...) for `side` px inputs: abstract (shapes only: a refusal comes
   before any value is written), or with every variable drawn from N(0, 1) by NumPy (its own
   initialisers, run eagerly, compile one random draw per shape: seconds on 2 cores)."""
-  model = nnx.eval_shape(lambda: fashion_net.FashionNet(backbone=backbone, image_size=side,
-                                                        rngs=nnx.Rngs(0)))
+  graphdef, shapes = _abstract_model(backbone, side)
   if abstract:
-    return model
-  graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, shapes)
   rng = np.random.default_rng(0)
   draw = lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32), s.dtype)
-  return nnx.merge(graphdef, jax.tree.map(draw, state))
+  return nnx.merge(graphdef, jax.tree.map(draw, shapes))
 
 
 @nnx.jit
