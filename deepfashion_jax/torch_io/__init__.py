@@ -5,6 +5,9 @@ runs) and hands it to the first family in `FAMILIES` that recognises it:
 - `liu_lu`: a state dict of Liu & Lu 2018's WholeNetwork: the whole
   FashionNet(backbone='vgg16', heads='liu_lu', landmarks='attention');
 - `baseline`: the PyTorch baseline's `epoch_N.pth`: the whole model;
+- `torchvision_vit`, `timm_vit`: a torchvision or timm ViT state dict: the backbone only
+  (`vit_common` has what the ViT families share: the architecture checked, the position
+  embedding resampled to the model's grid);
 - `torchvision`: a torchvision ResNet or VGG-16(-BN) state dict: the backbone only, the
   ImageNet start.
 Any may come from nn.DataParallel (every key prefixed `module.`) and from any device. A
@@ -34,7 +37,9 @@ from flax import nnx
 from deepfashion_jax.torch_io import baseline
 from deepfashion_jax.torch_io import liu_lu
 from deepfashion_jax.torch_io import reader
+from deepfashion_jax.torch_io import timm_vit
 from deepfashion_jax.torch_io import torchvision
+from deepfashion_jax.torch_io import torchvision_vit
 from deepfashion_jax.torch_io.common import Loaded
 from deepfashion_jax.torch_io.errors import CheckpointError
 
@@ -42,6 +47,8 @@ from deepfashion_jax.torch_io.errors import CheckpointError
 FAMILIES = (
     liu_lu,  # before the baseline: their state dict may sit under 'model' too
     baseline,
+    torchvision_vit,
+    timm_vit,
     torchvision,  # last: any state dict
 )
 
