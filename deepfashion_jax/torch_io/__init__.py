@@ -9,10 +9,13 @@ return {name: array} for a state dict. It hands what it read to the first family
 - `liu_lu`: a state dict of Liu & Lu 2018's WholeNetwork: the whole
   FashionNet(backbone='vgg16', heads='liu_lu', landmarks='attention');
 - `baseline`: the PyTorch baseline's `epoch_N.pth`: the whole model;
+- `torchvision_vit`, `timm_vit`: a torchvision or timm ViT state dict: the backbone only
+  (`vit_common` has what the ViT families share: the architecture checked, the position
+  embedding resampled to the model's grid);
 - `open_clip`: an open_clip CLIP model's state dict (OpenAI's CLIP, LAION's, ...): its
   image tower into a CLIP ViT backbone;
 - `hugging_face`: a Hugging Face transformers CLIP or SigLIP model (or vision model): its
-  image tower into a CLIP or SigLIP ViT backbone (`vit_towers` has what these two share);
+  image tower into a CLIP or SigLIP ViT backbone;
 - `torchvision`: a torchvision ResNet or VGG-16(-BN) state dict: the backbone only, the
   ImageNet start.
 Any may come from nn.DataParallel (every key prefixed `module.`) and from any device. A
@@ -45,7 +48,9 @@ from deepfashion_jax.torch_io import liu_lu
 from deepfashion_jax.torch_io import open_clip
 from deepfashion_jax.torch_io import reader
 from deepfashion_jax.torch_io import safetensors_file
+from deepfashion_jax.torch_io import timm_vit
 from deepfashion_jax.torch_io import torchvision
+from deepfashion_jax.torch_io import torchvision_vit
 from deepfashion_jax.torch_io.common import Loaded
 from deepfashion_jax.torch_io.errors import CheckpointError
 
@@ -53,6 +58,8 @@ from deepfashion_jax.torch_io.errors import CheckpointError
 FAMILIES = (
     liu_lu,  # before the baseline: their state dict may sit under 'model' too
     baseline,
+    torchvision_vit,
+    timm_vit,
     open_clip,
     hugging_face,
     torchvision,  # last: any state dict
