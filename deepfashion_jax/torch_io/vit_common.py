@@ -51,7 +51,19 @@ def check_architecture(model: nnx.Module, held: vit.Architecture, what: str, pat
             'no backbone here has that architecture')
   raise CheckpointError(
       f'{path} holds {describe(what, held)}; the configured backbone is '
-      f'{backbones.BACKBONES[name].title} (config.model.backbone={name!r}): {advice}')
+      f'{backbones.BACKBONES[name].title} (config.model.backbone={name!r}): {advice}'
+      f'{_differences(held, architecture)}')
+
+
+def _differences(held: vit.Architecture, architecture: vit.Architecture | None) -> str:
+  """'; the file's tower differs in: width 768 (the backbone's: 32), ...'; '' when the
+  backbone is no ViT."""
+  if architecture is None:
+    return ''
+  mine, theirs = (dataclasses.asdict(_unsized(a)) for a in (held, architecture))
+  return '; the file\'s tower differs in: ' + ', '.join(
+      f'{field} {mine[field]!r} (the backbone\'s: {theirs[field]!r})'
+      for field in mine if mine[field] != theirs[field])
 
 
 def split_packed(prefix: tuple, weight: np.ndarray, bias: np.ndarray | None) -> dict:
