@@ -321,28 +321,29 @@ def test_a_clip_tower_is_refused_by_a_siglip_backbone_naming_the_flag(open_clip_
   _, path = open_clip_file
   _refused('siglip_test', path, re.escape(
       'holds an open_clip ViT 32 wide, 2 deep, patch 16; the configured backbone is SigLIP '
-      "ViT (shrunk, for tests), 32 wide, 2 deep, patch 16 (config.model.backbone="
-      "'siglip_test'): patch_bias False (the backbone: True); class_token True (the "
-      'backbone: False); ln_pre True (the backbone: False); attention_pooling False (the '
-      'backbone: True); projection 24 (the backbone: 0): '
-      'set --config.model.backbone=clip_vit_test'))
+      "ViT (shrunk, for tests) (config.model.backbone='siglip_test'): set "
+      "--config.model.backbone=clip_vit_test to load it; the file's tower differs in: "
+      "patch_bias False (the backbone's: True), class_token True (the backbone's: False), "
+      "ln_pre True (the backbone's: False), activation 'quick_gelu' (the backbone's: "
+      "'gelu_tanh'), norm_eps 1e-05 (the backbone's: 1e-06), pool 'token' (the backbone's: "
+      "'map'), projection 24 (the backbone's: 0)") + '$')
 
 
 def test_a_siglip_tower_is_refused_by_a_clip_backbone(hf_files):
   _, path = hf_files['SiglipModel']
   _refused('clip_vit_test', path, re.escape(
-      "holds a Hugging Face SigLIP ViT 32 wide, 2 deep, patch 16; the configured backbone is "
-      'CLIP ViT (shrunk, for tests), 32 wide, 2 deep, patch 16 '
-      "(config.model.backbone='clip_vit_test'): ") + '.*'
-      + re.escape('set --config.model.backbone=siglip_test'))
+      'holds a Hugging Face SigLIP ViT 32 wide, 2 deep, patch 16; the configured backbone is '
+      "CLIP ViT (shrunk, for tests) (config.model.backbone='clip_vit_test'): set "
+      '--config.model.backbone=siglip_test to load it; ') + '.*'
+      + re.escape("class_token False (the backbone's: True)"))
 
 
 def test_a_tower_is_refused_by_a_backbone_that_is_no_vit(hf_files):
   _, path = hf_files['CLIPModel']
   _refused('resnet18', path, re.escape(
       'holds a Hugging Face CLIP ViT 32 wide, 2 deep, patch 16; the configured backbone is '
-      "ResNet-18 (config.model.backbone='resnet18'), not a Vision Transformer: "
-      'set --config.model.backbone=clip_vit_test'))
+      "ResNet-18 (config.model.backbone='resnet18'): "
+      'set --config.model.backbone=clip_vit_test to load it') + '$')
 
 
 def _open_clip_b16_state() -> dict:
@@ -372,20 +373,19 @@ def test_a_full_size_tower_is_refused_by_a_shrunk_backbone_naming_both():
   path = 'ViT-B-16/open_clip_pytorch_model.bin'
   _refused('clip_vit_test', path, re.escape(
       'holds an open_clip ViT 768 wide, 12 deep, patch 16; the configured backbone is CLIP '
-      "ViT (shrunk, for tests), 32 wide, 2 deep, patch 16 (config.model.backbone="
-      "'clip_vit_test'): width 768 (the backbone: 32); depth 12 (the backbone: 2); mlp_dim "
-      '3072 (the backbone: 64); projection 512 (the backbone: 24): '
-      'set --config.model.backbone=clip_vit_b16'), content=_open_clip_b16_state())
+      "ViT (shrunk, for tests) (config.model.backbone='clip_vit_test'): set "
+      "--config.model.backbone=clip_vit_b16 to load it; the file's tower differs in: width "
+      "768 (the backbone's: 32), depth 12 (the backbone's: 2), mlp_dim 3072 (the backbone's: "
+      "64), projection 512 (the backbone's: 24)") + '$', content=_open_clip_b16_state())
 
 
 def test_a_siglip_tower_without_its_pooling_head_is_refused_saying_so(hf_files):
-  """No backbone fits it: no flag is suggested."""
+  """No backbone fits it: none is suggested."""
   _, path = hf_files['SiglipVisionModel']
   content = {k: v for k, v in torch_io.read(path).items() if not k.startswith('head.')}
   _refused('siglip_test', path, re.escape(
-      "(config.model.backbone='siglip_test'): attention_pooling False (the backbone: True)")
-      + '$', content=content)
-
+      "(config.model.backbone='siglip_test'): no backbone here has that architecture; the "
+      "file's tower differs in: pool 'mean' (the backbone's: 'map')") + '$', content=content)
 
 
 def _damaged(state: dict, damage: str) -> dict:
@@ -415,7 +415,7 @@ def _damaged(state: dict, damage: str) -> dict:
     ('patch-embedding-2d', r'visual\.conv1\.weight has shape \(32, 768\), expected 4'),
     ('positions-of-another-width', r'positional_embedding has shape \(5, 40\), expected '
                                    r'\(tokens, 32\)'),
-    ('positions-no-square', r'positional_embedding holds 7 positions'),
+    ('positions-no-square', r'positional_embedding has shape \(1, 7, 32\): expected'),
     ('in-proj-not-packed', r'in_proj_weight has shape \(32, 32\), expected the query'),
     ('mlp-of-another-shape', r'mlp\.c_proj\.weight has shape \(32, 48\)'),
     ('missing-key', r"missing \['backbone\.blocks\.0\.ln2\.bias'\]"),

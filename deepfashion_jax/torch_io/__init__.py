@@ -15,7 +15,8 @@ return {name: array} for a state dict. It hands what it read to the first family
 - `open_clip`: an open_clip CLIP model's state dict (OpenAI's CLIP, LAION's, ...): its
   image tower into a CLIP ViT backbone;
 - `hugging_face`: a Hugging Face transformers CLIP or SigLIP model (or vision model): its
-  image tower into a CLIP or SigLIP ViT backbone;
+  image tower into a CLIP or SigLIP ViT backbone (`clip_towers` has what these two share
+  beyond `vit_common`);
 - `torchvision`: a torchvision ResNet or VGG-16(-BN) state dict: the backbone only, the
   ImageNet start.
 Any may come from nn.DataParallel (every key prefixed `module.`) and from any device. A

@@ -19,8 +19,10 @@ import re
 from flax import nnx
 import numpy as np
 
+from deepfashion_jax.models import vit
+from deepfashion_jax.torch_io import clip_towers
 from deepfashion_jax.torch_io import common
-from deepfashion_jax.torch_io import vit_towers
+from deepfashion_jax.torch_io import vit_common
 
 NAME = 'hugging_face'
 _PATCH = 'embeddings.patch_embedding.weight'
@@ -28,7 +30,7 @@ _FIRST_BLOCK = 'encoder.layers.0.self_attn.q_proj.weight'
 _VISION_PREFIX = 'vision_model.'
 _PROJECTION = 'visual_projection.weight'
 _LAYER = re.compile(r'encoder\.layers\.(\d+)\.(.+)\.(\w+)$')
-_HEAD_IN_PROJECTION = re.compile(r'head\.attention\.in_proj_(?:weight|bias)$')
+_HEAD_IN_PROJECTION = re.compile(r'head\.attention\.in_proj_(weight|bias)$')
 # A layer's modules -> the backbone's, and whether each is a LayerNorm.
 _LAYER_MODULES = {
     'layer_norm1': (('ln1',), True), 'layer_norm2': (('ln2',), True),
@@ -64,55 +66,61 @@ def matches(content) -> bool:
   return _prefix(common.without_module_prefix(content)) is not None
 
 
-def _tower(arrays: dict, prefix: str, projection: int, path: str) -> vit_towers.Tower:
-  """What the tower's arrays (keys starting with `prefix`) hold."""
-  width, patch = vit_towers.patch_embedding(arrays, prefix + _PATCH, path)
-  class_token = prefix + 'embeddings.class_embedding' in arrays
-  kind = 'CLIP' if class_token else 'SigLIP'
+def _kind(arrays: dict, prefix: str) -> str:
+  """'CLIP' (a class token) or 'SigLIP' (none)."""
+  return 'CLIP' if prefix + 'embeddings.class_embedding' in arrays else 'SigLIP'
+
+
+def architecture_of(arrays: dict, prefix: str, projection: int,
+                    path: str) -> vit.Architecture:
+  """The tower the arrays (keys starting with `prefix`) hold; `projection`: the size of
+  the projection beside it (0: none)."""
+  width, patch = clip_towers.patch_embedding(arrays, prefix + _PATCH, path)
   key = prefix + 'encoder.layers.0.mlp.fc1.weight'
-  return vit_towers.Tower(
-      f'a Hugging Face {kind}', kind, patch_size=patch, width=width,
-      depth=vit_towers.depth(arrays, re.escape(prefix) + r'encoder\.layers\.(\d+)\.'),
-      mlp_dim=vit_towers.shape(arrays, key, 2, path)[0],
-      grid=vit_towers.grid(arrays, prefix + 'embeddings.position_embedding.weight', width,
-                           int(class_token), path),
+  mlp_dim = clip_towers.shape(arrays, key, 2, path)[0]
+  clip_towers.positions(arrays, prefix + 'embeddings.position_embedding.weight', width, path)
+  kind = _kind(arrays, prefix)
+  has_head = prefix + 'head.probe' in arrays
+  return clip_towers.architecture(
+      kind, patch_size=patch, width=width, mlp_dim=mlp_dim, projection=projection,
+      depth=vit_common.numbered(arrays, prefix + 'encoder.layers.'),
       patch_bias=prefix + 'embeddings.patch_embedding.bias' in arrays,
-      class_token=class_token, ln_pre=prefix + 'pre_layrnorm.weight' in arrays,
-      map_head=prefix + 'head.probe' in arrays, projection=projection)
+      class_token=kind == 'CLIP', ln_pre=prefix + 'pre_layrnorm.weight' in arrays,
+      pool='map' if has_head else 'token' if kind == 'CLIP' else 'mean')
 
 
-def _target(key: str) -> tuple:
-  """The backbone's variable a tower key fills (a path the backbone lacks, for a key it has
-  no variable for: load_variables lists it as unexpected)."""
-  layer = _LAYER.match(key)
+def _target(name: str) -> tuple:
+  """The backbone's variable a tower key (without its prefix) fills (a path the backbone
+  lacks, for a key it has no variable for: load_variables lists it as unexpected)."""
+  layer = _LAYER.match(name)
   if layer:
     number, module, leaf = layer.groups()
     if module in _LAYER_MODULES:
       target, is_norm = _LAYER_MODULES[module]
-      return ('blocks', int(number)) + target + (vit_towers.leaf(leaf, is_norm),)
-  module, _, leaf = key.rpartition('.')
+      return ('blocks', int(number)) + target + (clip_towers.leaf(leaf, is_norm),)
+  module, _, leaf = name.rpartition('.')
   if module in _TOP_MODULES:
     target, is_norm = _TOP_MODULES[module]
-    return target + (vit_towers.leaf(leaf, is_norm),)
-  return ('(not in the backbone)', key)
+    return target + (clip_towers.leaf(leaf, is_norm),)
+  return ('unknown', name)
 
 
-def _named(arrays: dict, prefix: str, tower: vit_towers.Tower, model: nnx.Module,
-           path: str) -> dict:
-  """{key: (path in the backbone, array in PyTorch's layout)} for the tower's arrays."""
+def _named(arrays: dict, prefix: str, model: nnx.Module, path: str) -> dict:
+  """{key: (path inside the backbone, array in torch's layout)} for the tower's arrays."""
   named = {}
   for key, array in arrays.items():
     name = key[len(prefix):]
+    packed = _HEAD_IN_PROJECTION.match(name)
     if name == 'embeddings.class_embedding':
       named[key] = (('class_token',), array.reshape(1, 1, -1))
     elif name == 'embeddings.position_embedding.weight':
       named[key] = (('position_embedding',),
-                    vit_towers.position_embedding(array, tower, model))
+                    vit_common.position_embedding(array, model, key, path))
     elif name == 'head.probe':
       named[key] = (('map_head', 'probe'), array)
-    elif _HEAD_IN_PROJECTION.match(name):
-      named.update(vit_towers.unpacked(key, array, ('map_head', 'attention'), path))
-    elif name not in _BUFFERS:
+    elif packed and packed.group(1) == 'weight':
+      named.update(clip_towers.unpacked(arrays, key, ('map_head', 'attention'), path))
+    elif not packed and name not in _BUFFERS:  # a packed bias is split with its weight
       named[key] = (_target(name), array)
   return named
 
@@ -128,11 +136,12 @@ def load(model: nnx.Module, content, path: str) -> common.Loaded:
             if k.startswith(prefix) and k != projection_key}
   projection = 0
   if projection_key in state:
-    projection = vit_towers.shape(state, projection_key, 2, path)[0]
-  tower = _tower(arrays, prefix, projection, path)
-  vit_towers.check(model, tower, path)
-  named = _named(arrays, prefix, tower, model, path)
+    projection = clip_towers.shape(state, projection_key, 2, path)[0]
+  kind = _kind(arrays, prefix)
+  what = f'a Hugging Face {kind} ViT'
+  clip_towers.check(model, architecture_of(arrays, prefix, projection, path), what, path)
+  named = _named(arrays, prefix, model, path)
   if projection:
     named[projection_key] = (('projection',), np.asarray(state[projection_key]))
-  vit_towers.load(model, tower, named, path)
+  clip_towers.load(model, kind, what, named, path)
   return common.Loaded(NAME, 'backbone')

@@ -17,10 +17,13 @@ import re
 from flax import nnx
 import numpy as np
 
+from deepfashion_jax.models import vit
+from deepfashion_jax.torch_io import clip_towers
 from deepfashion_jax.torch_io import common
-from deepfashion_jax.torch_io import vit_towers
+from deepfashion_jax.torch_io import vit_common
 
 NAME = 'open_clip'
+WHAT = 'an open_clip ViT'
 _PREFIX = 'visual.'
 _FIRST_BLOCK = 'transformer.resblocks.0.attn.in_proj_weight'
 _BLOCK = re.compile(r'transformer\.resblocks\.(\d+)\.(.+)\.(\w+)$')
@@ -30,7 +33,7 @@ _BLOCK_MODULES = {'ln_1': (('ln1',), True), 'ln_2': (('ln2',), True),
                   'mlp.c_fc': (('mlp', 'fc1'), False), 'mlp.c_proj': (('mlp', 'fc2'), False)}
 _TOP_MODULES = {'conv1': (('patch_embed',), False), 'ln_pre': (('ln_pre',), True),
                 'ln_post': (('norm',), True)}
-_IN_PROJECTION = re.compile(r'transformer\.resblocks\.(\d+)\.attn\.in_proj_(?:weight|bias)$')
+_IN_PROJECTION = re.compile(r'transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$')
 
 
 def _state(content):
@@ -58,55 +61,54 @@ def matches(content) -> bool:
   return state is not None and _tower_prefix(state) is not None
 
 
-def _tower(arrays: dict, prefix: str, path: str) -> vit_towers.Tower:
-  """What the tower's arrays (keys starting with `prefix`) hold."""
-  width, patch = vit_towers.patch_embedding(arrays, prefix + 'conv1.weight', path)
+def architecture_of(arrays: dict, prefix: str, path: str) -> vit.Architecture:
+  """The tower the arrays (keys starting with `prefix`) hold."""
+  width, patch = clip_towers.patch_embedding(arrays, prefix + 'conv1.weight', path)
   key = prefix + 'transformer.resblocks.0.mlp.c_fc.weight'
-  mlp_dim = vit_towers.shape(arrays, key, 2, path)[0]
+  mlp_dim = clip_towers.shape(arrays, key, 2, path)[0]
   key = prefix + 'proj'
-  projection = vit_towers.shape(arrays, key, 2, path)[1] if key in arrays else 0
-  return vit_towers.Tower(
-      'an open_clip', 'CLIP', patch_size=patch, width=width,
-      depth=vit_towers.depth(arrays, re.escape(prefix) + r'transformer\.resblocks\.(\d+)\.'),
-      mlp_dim=mlp_dim, grid=vit_towers.grid(arrays, prefix + 'positional_embedding', width, 1,
-                                            path),
+  projection = clip_towers.shape(arrays, key, 2, path)[1] if key in arrays else 0
+  clip_towers.positions(arrays, prefix + 'positional_embedding', width, path)
+  return clip_towers.architecture(
+      'CLIP', patch_size=patch, width=width, mlp_dim=mlp_dim, projection=projection,
+      depth=vit_common.numbered(arrays, prefix + 'transformer.resblocks.'),
       patch_bias=prefix + 'conv1.bias' in arrays, class_token=True,
-      ln_pre=prefix + 'ln_pre.weight' in arrays, map_head=False, projection=projection)
+      ln_pre=prefix + 'ln_pre.weight' in arrays)
 
 
-def _target(key: str) -> tuple:
-  """The backbone's variable a tower key fills (a path the backbone lacks, for a key it has
-  no variable for: load_variables lists it as unexpected)."""
-  block = _BLOCK.match(key)
+def _target(name: str) -> tuple:
+  """The backbone's variable a tower key (without its prefix) fills (a path the backbone
+  lacks, for a key it has no variable for: load_variables lists it as unexpected)."""
+  block = _BLOCK.match(name)
   if block:
     number, module, leaf = block.groups()
     if module in _BLOCK_MODULES:
       target, is_norm = _BLOCK_MODULES[module]
-      return ('blocks', int(number)) + target + (vit_towers.leaf(leaf, is_norm),)
-  module, _, leaf = key.rpartition('.')
+      return ('blocks', int(number)) + target + (clip_towers.leaf(leaf, is_norm),)
+  module, _, leaf = name.rpartition('.')
   if module in _TOP_MODULES:
     target, is_norm = _TOP_MODULES[module]
-    return target + (vit_towers.leaf(leaf, is_norm),)
-  return ('(not in the backbone)', key)
+    return target + (clip_towers.leaf(leaf, is_norm),)
+  return ('unknown', name)
 
 
-def _named(arrays: dict, prefix: str, tower: vit_towers.Tower, model: nnx.Module,
-           path: str) -> dict:
-  """{key: (path in the backbone, array in PyTorch's layout)} for the tower's arrays."""
+def _named(arrays: dict, prefix: str, model: nnx.Module, path: str) -> dict:
+  """{key: (path inside the backbone, array in torch's layout)} for the tower's arrays."""
   named = {}
   for key, array in arrays.items():
     name = key[len(prefix):]
+    packed = _IN_PROJECTION.match(name)
     if name == 'class_embedding':
       named[key] = (('class_token',), array.reshape(1, 1, -1))
     elif name == 'positional_embedding':
       named[key] = (('position_embedding',),
-                    vit_towers.position_embedding(array, tower, model))
+                    vit_common.position_embedding(array, model, key, path))
     elif name == 'proj':
-      named[key] = (('projection',), vit_towers.linear_weight(array))
-    elif _IN_PROJECTION.match(name):
-      attention = ('blocks', int(_IN_PROJECTION.match(name).group(1)), 'attention')
-      named.update(vit_towers.unpacked(key, array, attention, path))
-    else:
+      named[key] = (('projection',), clip_towers.linear_weight(array))
+    elif packed and packed.group(2) == 'weight':
+      attention = ('blocks', int(packed.group(1)), 'attention')
+      named.update(clip_towers.unpacked(arrays, key, attention, path))
+    elif not packed:  # a packed bias is split with its weight
       named[key] = (_target(name), array)
   return named
 
@@ -116,7 +118,6 @@ def load(model: nnx.Module, content, path: str) -> common.Loaded:
   state = common.state_dict(_state(content), path)
   prefix = _tower_prefix(state)
   arrays = {k: np.asarray(v) for k, v in state.items() if k.startswith(prefix)}
-  tower = _tower(arrays, prefix, path)
-  vit_towers.check(model, tower, path)
-  vit_towers.load(model, tower, _named(arrays, prefix, tower, model, path), path)
+  clip_towers.check(model, architecture_of(arrays, prefix, path), WHAT, path)
+  clip_towers.load(model, 'CLIP', WHAT, _named(arrays, prefix, model, path), path)
   return common.Loaded(NAME, 'backbone')
