@@ -193,6 +193,25 @@ def test_open_clip_tower_computes_theirs(open_clip_file, side, train):
   _check(f'open_clip {side} px {train=} tokens', got['tokens'], tokens_after_ln_post.numpy())
 
 
+
+def test_open_clip_safetensors_file_loads_as_its_torch_file(open_clip_file, tmp_path):
+  """open_clip_model.safetensors (the hub's other file): the same keys, read by the
+  safetensors reader; a training checkpoint ({'state_dict': {'module.visual.*': ...}}) too."""
+  model, path = open_clip_file
+  safetensors_torch = pytest.importorskip('safetensors.torch')
+  safetensors_path = str(tmp_path / 'open_clip_model.safetensors')
+  safetensors_torch.save_file(model.state_dict(), safetensors_path)
+  checkpoint_path = str(tmp_path / 'epoch_1.pt')
+  torch.save({'epoch': 1, 'state_dict': {f'module.{k}': v for k, v in
+                                         model.state_dict().items()}}, checkpoint_path)
+  images = _images(32)
+  expected = _ours('clip_vit_test', path, 32, train=False)[2](images)['global']
+  for other in (safetensors_path, checkpoint_path):
+    _, loaded, ours = _ours('clip_vit_test', other, 32, train=False)
+    assert loaded == torch_io.Loaded('open_clip', 'backbone')
+    np.testing.assert_array_equal(ours(images)['global'], expected)
+
+
 # Hugging Face ---------------------------------------------------------------------------
 
 def _hf_vision_config(kind: str, side: int, **fields):
