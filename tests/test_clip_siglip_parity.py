@@ -18,6 +18,7 @@ prints its largest difference and value (-s).
 """
 
 import functools
+import importlib
 import re
 
 from flax import nnx
@@ -455,8 +456,10 @@ def test_full_size_siglip_base_computes_theirs(tmp_path):
   """transformers' SigLIP base/16 at 224 px (SiglipVisionConfig's defaults, siglip_b16),
   random weights, through its model.safetensors."""
   transformers = reference_libraries.import_transformers()
-  reference = _randomise(transformers.SiglipVisionModel(transformers.SiglipVisionConfig()), 0)
-  reference.eval().save_pretrained(str(tmp_path))
+  initialization = importlib.import_module('transformers.initialization')
+  with initialization.no_init_weights():  # `_randomise` draws every weight
+    reference = transformers.SiglipVisionModel(transformers.SiglipVisionConfig())
+  _randomise(reference, 0).eval().save_pretrained(str(tmp_path))
   _, loaded, ours = _ours('siglip_b16', str(tmp_path / 'model.safetensors'), 224, train=False)
   assert loaded == torch_io.Loaded('hugging_face', 'backbone')
   images = _images(224)
