@@ -1,12 +1,13 @@
-"""The DeepFashion network: backbone features (a ResNet or VGG-16, `backbones.py`), a box
+"""The DeepFashion network: backbone features (a ResNet, VGG-16 or ViT, `backbones.py`), a box
 branch, local features pooled from the predicted box, and category and attribute heads
 (docs/baseline.md). The box branch, ROI-Align and the heads take the
 backbone's last map, its channels, side and stride from the backbone.
 
 Two options bring in Liu & Lu 2018's design (`landmarks.py`):
   landmarks='heatmaps': a landmark branch on the backbone's stride-8 map (`landmark_map`:
-    VGG-16's conv4_3, a ResNet's layer2) predicts one heatmap per landmark slot, trained
-    beside the other heads; the rest of the model is unchanged.
+    VGG-16's conv4_3, a ResNet's layer2, a ViT block's tokens repeated 2 x 2) predicts one
+    heatmap per landmark slot, trained beside the other heads; the rest of the model is
+    unchanged.
   landmarks='attention': the same, and the stride-8 map becomes (1 + A) * map, A the
     attention U-Net's output over the map and the heatmaps' maximum, before the rest of
     the backbone reads it.
@@ -107,6 +108,9 @@ class FashionNet(nnx.Module):
                        f'{normalization!r}')
     self.normalization = normalization
     self.backbone_name = backbone
+    # The backbone's options, kept as config.model names them.
+    self.drop_path, self.global_pool = drop_path, global_pool
+    self.landmark_block = landmark_block
     self.backbone = backbones.create(backbone, dtype=dtype, rngs=rngs, image_size=image_size,
                                      drop_path=drop_path, global_pool=global_pool,
                                      landmark_block=landmark_block)
