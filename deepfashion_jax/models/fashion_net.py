@@ -52,7 +52,8 @@ Heads = Literal['fashionnet', 'liu_lu']
 Landmarks = Literal['none', 'heatmaps', 'attention']
 # FashionNet's options that change no array but what the weights compute: a checkpoint
 # means something only with the values it was trained with (checkpoints.py).
-CHANGES_MEANING = ('roi_pool', 'roi_aligned', 'roi_sampling_ratio')
+CHANGES_MEANING = ('roi_pool', 'roi_aligned', 'roi_sampling_ratio', 'global_pool',
+                   'landmark_block')
 LIU_LU_HIDDEN = 1024  # their heads' hidden layer
 # Per-channel (mean, std) of x / 255: the baseline's (0.5, 0.5), or torchvision's ImageNet
 # statistics, which torchvision's pretrained backbones expect.
