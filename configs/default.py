@@ -72,6 +72,10 @@ def get_config():
   # landmark-driven attention); both read VGG-16's conv4_3 or a ResNet's layer2
   config.model.landmarks = 'none'
   config.model.drop_path = 0.0  # ConvNeXt, ViT: stochastic depth's rate in the last block
+  # ViT: the global feature: 'default' (the architecture's own: the class token for ViT and
+  # CLIP, the attention-pooling head for SigLIP), 'token', 'mean' (of the patch tokens), 'map'
+  config.model.global_pool = 'default'
+  config.model.landmark_block = 0  # ViT: the block the landmark branch reads (0: the middle one)
 
   config.loss = ml_collections.ConfigDict()  # losses.total_loss's keyword arguments
   config.loss.attribute = 'bce'  # 'bce', 'hinge' or 'two_way' (Liu & Lu's; heads='liu_lu')

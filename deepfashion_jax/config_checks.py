@@ -126,6 +126,7 @@ NUMBERS = {
                                          'axis, at most 64'),
     'model.dropout': _real('a rate in [0, 1)', 0, 1, high_open=True),
     'model.drop_path': _real('a rate in [0, 1)', 0, 1, high_open=True),
+    'model.landmark_block': _integer(0, 1024, '0 (the middle block) or a block number'),
     'loss.pos_weights_scale': _real('0 (no weighting) or a positive number', 0),
     'loss.beta': _WEIGHT,
     'loss.category_weight': _WEIGHT,
@@ -250,8 +251,10 @@ def check(config):
   check_numbers_and_kinds(config)  # first: the checks below compute with them
   # The registry's own check, so that a new backbone needs no line here.
   backbones.check_name(_get(config, 'model.backbone'), field='config.model.backbone')
+  # The backbone's own check reads the options and the input side (a ViT's patches).
   backbones.check_options(config.model.backbone,
-                          {f: _get(config, f'model.{f}') for f in backbones.OPTIONS})
+                          {f: _get(config, f'model.{f}') for f in backbones.OPTIONS},
+                          side=config.data.crop_size)
   # A pretrained name: registered, and for the configured backbone (nothing is downloaded).
   pretrained.check_backbone(config.init_from, config.model.backbone, field='config.init_from')
   for name, choices in _CHOICES.items():

@@ -47,9 +47,9 @@ def test_verbose_keeps_the_traceback_of_a_user_error(tmp_path):
     ('data.source', 'lmdb', "config.data.source='lmdb': expected one of ('folder', 'tfds')"),
     # A ResNet's depth alone, as --config.model.backbone=18 gives it, names no backbone.
     ('model.backbone', '18', "config.model.backbone='18': expected one of ('resnet18', "
-     "'resnet34', 'resnet50', 'resnet101', 'resnet152', 'vgg16', 'vgg16_bn')"),
+     "'resnet34', 'resnet50', 'resnet101', 'resnet152', 'vgg16', 'vgg16_bn', "),
     ('model.backbone', 'vgg19', "config.model.backbone='vgg19': expected one of ('resnet18', "
-     "'resnet34', 'resnet50', 'resnet101', 'resnet152', 'vgg16', 'vgg16_bn')"),
+     "'resnet34', 'resnet50', 'resnet101', 'resnet152', 'vgg16', 'vgg16_bn', "),
     ('warmup_steps', -1, 'config.warmup_steps=-1: expected 0 (off) or a number of steps'),
     ('data.crop', 'bbox', "config.data.crop='bbox': expected one of ('none', 'gt_box')"),
     ('data.crop_margin', -1.0, 'config.data.crop_margin=-1.0: expected pixels >= 0'),
@@ -110,8 +110,9 @@ def test_an_unknown_model_or_loss_field_stops_training_at_start(section, field, 
 # it means adaptive. NaN, the infinities, 2**64 and a fraction in an int field never are.
 ZERO_IS_LEGAL = {'seed', 'weight_decay', 'momentum', 'warmup_steps', 'grad_clip_norm',
                  'ema_decay', 'num_box_images', 'model.roi_sampling_ratio', 'model.dropout',
-                 'model.drop_path', 'loss.pos_weights_scale', 'loss.beta', 'loss.category_weight',
-                 'loss.attribute_weight', 'loss.two_way_negative_weight',
+                 'model.drop_path', 'model.landmark_block', 'loss.pos_weights_scale',
+                 'loss.beta', 'loss.category_weight', 'loss.attribute_weight',
+                 'loss.two_way_negative_weight',
                  'loss.landmark_weight', 'data.synthetic_images', 'data.synthetic_seed',
                  'data.crop_margin', 'data.processes'}
 ZERO_IS_NOT = {'batch_size', 'num_train_steps', 'learning_rate', 'adam_eps', 'decay_rate',

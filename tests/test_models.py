@@ -22,7 +22,7 @@ TORCHVISION_BACKBONE_PARAMETERS = {
     'resnet18': 11_689_512 - 513_000, 'resnet34': 21_797_672 - 513_000,
     'resnet50': 25_557_032 - 2_049_000, 'resnet101': 44_549_160 - 2_049_000,
     'resnet152': 60_192_808 - 2_049_000, 'vgg16': 138_357_544 - 123_642_856,
-    'vgg16_bn': 138_365_992 - 123_642_856}
+    'vgg16_bn': 138_365_992 - 123_642_856, 'vit_b16': 86_567_656 - 769_000}
 
 
 def _parameter_count(module):
@@ -31,7 +31,8 @@ def _parameter_count(module):
 
 @pytest.mark.parametrize('name', sorted(TORCHVISION_BACKBONE_PARAMETERS))
 def test_parameter_counts_equal_torchvision(name):
-  assert sorted(TORCHVISION_BACKBONE_PARAMETERS) == sorted(backbones.BACKBONES)
+  torchvision_names = {n for n in backbones.BACKBONES if n.startswith(('resnet', 'vgg'))}
+  assert torchvision_names <= set(TORCHVISION_BACKBONE_PARAMETERS) <= set(backbones.BACKBONES)
   model = nnx.eval_shape(lambda: backbones.create(name, dtype=jnp.float32, rngs=nnx.Rngs(0)))
   assert _parameter_count(model) == TORCHVISION_BACKBONE_PARAMETERS[name]
 

@@ -39,7 +39,7 @@ def test_the_reader_imports_nothing_from_the_project_but_its_error_type():
 
 def test_every_family_has_the_interface_load_into_uses():
   names = [family.NAME for family in torch_io.FAMILIES]
-  assert len(set(names)) == len(names) == 3, names
+  assert len(set(names)) == len(names) == 7, names
   assert names[-1] == 'torchvision'  # the plain state dict takes what the others leave
   for family in torch_io.FAMILIES:
     assert callable(family.matches) and callable(family.load), family.NAME

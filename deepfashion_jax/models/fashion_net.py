@@ -1,12 +1,13 @@
-"""The DeepFashion network: backbone features (a ResNet or VGG-16, `backbones.py`), a box
+"""The DeepFashion network: backbone features (a ResNet, VGG-16 or ViT, `backbones.py`), a box
 branch, local features pooled from the predicted box, and category and attribute heads
 (docs/baseline.md). The box branch, ROI-Align and the heads take the
 backbone's last map, its channels, side and stride from the backbone.
 
 Two options bring in Liu & Lu 2018's design (`landmarks.py`):
   landmarks='heatmaps': a landmark branch on the backbone's stride-8 map (`landmark_map`:
-    VGG-16's conv4_3, a ResNet's layer2) predicts one heatmap per landmark slot, trained
-    beside the other heads; the rest of the model is unchanged.
+    VGG-16's conv4_3, a ResNet's layer2, a ViT block's tokens repeated 2 x 2) predicts one
+    heatmap per landmark slot, trained beside the other heads; the rest of the model is
+    unchanged.
   landmarks='attention': the same, and the stride-8 map becomes (1 + A) * map, A the
     attention U-Net's output over the map and the heatmaps' maximum, before the rest of
     the backbone reads it.
@@ -40,6 +41,7 @@ from deepfashion_jax.models import backbones
 from deepfashion_jax.models import landmarks as landmarks_lib
 from deepfashion_jax.models import roi
 from deepfashion_jax.models import vgg
+from deepfashion_jax.models import vit
 
 BOX_CHANNELS = 32  # box_reduce's output channels (the baseline's)
 ROI_OUTPUT_SIZE = 3  # the local features' S x S bins pooled from the box (the baseline's)
@@ -50,7 +52,8 @@ Heads = Literal['fashionnet', 'liu_lu']
 Landmarks = Literal['none', 'heatmaps', 'attention']
 # FashionNet's options that change no array but what the weights compute: a checkpoint
 # means something only with the values it was trained with (checkpoints.py).
-CHANGES_MEANING = ('roi_pool', 'roi_aligned', 'roi_sampling_ratio')
+CHANGES_MEANING = ('roi_pool', 'roi_aligned', 'roi_sampling_ratio', 'global_pool',
+                   'landmark_block')
 LIU_LU_HIDDEN = 1024  # their heads' hidden layer
 # Per-channel (mean, std) of x / 255: the baseline's (0.5, 0.5), which SigLIP's weights
 # and timm's augreg ViTs expect too; torchvision's ImageNet statistics, which torchvision's
@@ -91,11 +94,13 @@ class FashionNet(nnx.Module):
                dropout: float = 0.0, heads: Heads = 'fashionnet',
                landmarks: Landmarks = 'none',
                drop_path: float = backbones.OPTIONS['drop_path'],
+               global_pool: vit.GlobalPool = backbones.OPTIONS['global_pool'],
+               landmark_block: int = backbones.OPTIONS['landmark_block'],
                # Not in config.model: from the data, the run, or the dataset's constants.
                image_size: int = 224, normalization: str = 'baseline',
                dtype: Any = jnp.float32, category_types=None, num_categories: int = 50,
                num_attributes: int = 1000, rngs: nnx.Rngs):
-    """The keyword arguments down to `landmarks` are config.model's fields, one for one
+    """The keyword arguments down to `landmark_block` are config.model's fields, one for one
     (`steps.create_model`); config_checks reads the Literal annotations' choices."""
     for name, value, kind in (('roi_pool', roi_pool, RoiPool), ('heads', heads, Heads),
                               ('landmarks', landmarks, Landmarks),
@@ -107,7 +112,14 @@ class FashionNet(nnx.Module):
                        f'{normalization!r}')
     self.normalization = normalization
     self.backbone_name = backbone
-    self.backbone = backbones.create(backbone, dtype=dtype, rngs=rngs, drop_path=drop_path)
+    # The backbone's options, kept as config.model names them.
+    self.drop_path, self.global_pool = drop_path, global_pool
+    self.landmark_block = landmark_block
+    self.backbone = backbones.create(backbone, dtype=dtype, rngs=rngs, image_size=image_size,
+                                     drop_path=drop_path, global_pool=global_pool,
+                                     landmark_block=landmark_block)
+    # A backbone with stochastic depth draws it from the step's key (`__call__`).
+    self.backbone_takes_rng = 'drop_path' in backbones.BACKBONES[backbone].options
     channels = self.backbone.out_features
     self.image_size = image_size
     self.feature_stride = self.backbone.stride  # input pixels per cell of the last map
@@ -210,7 +222,8 @@ class FashionNet(nnx.Module):
   def __call__(self, images, dropout_rng=None) -> dict:
     """images: (B, H, W, 3) uint8 (normalised here as `self.normalization` says), or floats
     already normalised;
-    dropout_rng: a key for the dropout on the joined features (training with dropout > 0)."""
+    dropout_rng: a key for the dropout on the joined features (training with dropout > 0)
+      and, folded in, for the backbone's stochastic depth (drop_path > 0)."""
     if images.dtype == jnp.uint8:
       images = normalize_images(images, self.dtype, self.normalization)
     found = {}
@@ -221,8 +234,13 @@ class FashionNet(nnx.Module):
         features, _ = self.landmark_attention(features, found['heatmaps'])
       return features
 
+    backbone_rng = {}
+    if self.backbone_takes_rng:
+      backbone_rng['dropout_rng'] = (None if dropout_rng is None else
+                                     jax.random.fold_in(dropout_rng, 1))
     backbone_outputs = self.backbone(images.astype(self.dtype),
-                                     at_landmark_map if self.landmarks != 'none' else None)
+                                     at_landmark_map if self.landmarks != 'none' else None,
+                                     **backbone_rng)
     features = backbone_outputs[self.backbone.final_map]
     outputs = {}
     if 'heatmaps' in found:
