@@ -1,6 +1,6 @@
-"""The DeepFashion network: backbone features (a ResNet or VGG-16, `backbones.py`), a box
-branch, local features pooled from the predicted box, and category and attribute heads
-(docs/baseline.md). The box branch, ROI-Align and the heads take the
+"""The DeepFashion network: backbone features (a ResNet, VGG-16 or ConvNeXt,
+`backbones.py`), a box branch, local features pooled from the predicted box, and category
+and attribute heads (docs/baseline.md). The box branch, ROI-Align and the heads take the
 backbone's last map, its channels, side and stride from the backbone.
 
 Two options bring in Liu & Lu 2018's design (`landmarks.py`):
@@ -207,7 +207,8 @@ class FashionNet(nnx.Module):
   def __call__(self, images, dropout_rng=None) -> dict:
     """images: (B, H, W, 3) uint8 (normalised here as `self.normalization` says), or floats
     already normalised;
-    dropout_rng: a key for the dropout on the joined features (training with dropout > 0)."""
+    dropout_rng: a key for the dropout on the joined features and the backbone's stochastic
+    depth (training with dropout or drop_path > 0)."""
     if images.dtype == jnp.uint8:
       images = normalize_images(images, self.dtype, self.normalization)
     found = {}
@@ -219,7 +220,8 @@ class FashionNet(nnx.Module):
       return features
 
     backbone_outputs = self.backbone(images.astype(self.dtype),
-                                     at_landmark_map if self.landmarks != 'none' else None)
+                                     at_landmark_map if self.landmarks != 'none' else None,
+                                     **self._backbone_rng(dropout_rng))
     features = backbone_outputs[self.backbone.final_map]
     outputs = {}
     if 'heatmaps' in found:
@@ -238,6 +240,14 @@ class FashionNet(nnx.Module):
     else:
       outputs.update(self._per_garment_type(joined))
     return outputs
+
+  def _backbone_rng(self, dropout_rng) -> dict:
+    """The backbone's `rng` keyword, for a backbone with stochastic depth (option
+    drop_path): a stream of its own, fold_in(dropout_rng, 1), while the dropout on the
+    joined features draws from dropout_rng itself."""
+    if 'drop_path' not in backbones.BACKBONES[self.backbone_name].options:
+      return {}
+    return {'rng': None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1)}
 
   def _liu_lu_outputs(self, features) -> dict:
     """Their heads on the last map: pool5, flattened in PyTorch's NCHW order (so that

@@ -5,8 +5,8 @@ runs) and hands it to the first family in `FAMILIES` that recognises it:
 - `liu_lu`: a state dict of Liu & Lu 2018's WholeNetwork: the whole
   FashionNet(backbone='vgg16', heads='liu_lu', landmarks='attention');
 - `baseline`: the PyTorch baseline's `epoch_N.pth`: the whole model;
-- `torchvision`: a torchvision ResNet or VGG-16(-BN) state dict: the backbone only, the
-  ImageNet start.
+- `torchvision`: a torchvision ResNet, VGG-16(-BN) or ConvNeXt state dict: the backbone
+  only, the ImageNet start.
 Any may come from nn.DataParallel (every key prefixed `module.`) and from any device. A
 file for another model than the configured one (its backbone, heads, pooling, input size or
 pixel normalisation) is refused with a CheckpointError that names each flag to set.
