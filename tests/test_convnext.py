@@ -182,11 +182,15 @@ def test_feature_sizes_are_the_floors_of_the_stem_and_the_downsamplers():
     ('test', 64, 'heatmaps'), ('test', 64, 'attention'), ('tiny', 224, 'none')])
 def test_fashion_net_stands_on_convnext(size, side, landmarks):
   """The box branch, ROI-Align on stage4 (stride 32), the heads on the global feature and
-  the local ones, and the landmark branch and attention on stage2 (stride 8); traced."""
+  the local ones, and the landmark branch and attention on stage2 (stride 8); traced in
+  training mode with drop path, which draws from the key FashionNet hands the backbone
+  (without one, nnx.Dropout raises)."""
   model = nnx.eval_shape(lambda: fashion_net.FashionNet(
-      backbone=f'convnext_{size}', image_size=side, landmarks=landmarks, rngs=nnx.Rngs(0)))
-  model.eval()
-  outputs = _shapes(model, jax.ShapeDtypeStruct((2, side, side, 3), jnp.uint8))
+      backbone=f'convnext_{size}', image_size=side, landmarks=landmarks, drop_path=0.5,
+      rngs=nnx.Rngs(0)))
+  model.train()
+  outputs = _shapes(model, jax.ShapeDtypeStruct((2, side, side, 3), jnp.uint8),
+                    jax.random.PRNGKey(0))
   assert outputs['box'].shape == (2, 4) and outputs['category_logits'].shape == (2, 50)
   assert outputs['attribute_logits'].shape == (2, 1000)
   assert model.feature_size == side // 32 and model.feature_stride == 32
