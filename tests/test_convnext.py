@@ -231,16 +231,23 @@ def test_a_file_of_another_backbone_is_refused_naming_file_and_field(tmp_path, h
     torch_io.load_into(model, path)
 
 
-def test_a_convnext_of_no_known_size_is_refused_saying_what_it_holds(tmp_path):
+@pytest.mark.parametrize('change, holds', [
+    ('a block fewer', '(1, 1, 1, 1) and channels (8, 16, 32, 64)'),
+    ('a scalar layer_scale', '(1, 1, 2, 1) and channels (None, 16, 32, 64)')])
+def test_a_convnext_of_no_known_size_is_refused_saying_what_it_holds(tmp_path, change,
+                                                                     holds):
   state = _keys_only('test')
-  state = {k: v for k, v in state.items() if not k.startswith('features.5.1.')}
+  if change == 'a block fewer':
+    state = {k: v for k, v in state.items() if not k.startswith('features.5.1.')}
+  else:
+    state['features.1.0.layer_scale'] = torch.tensor(1.0)
   path = str(tmp_path / 'odd.pth')
   torch.save(state, path)
   model = nnx.eval_shape(lambda: fashion_net.FashionNet(backbone='convnext_test',
                                                         image_size=64, rngs=nnx.Rngs(0)))
   with pytest.raises(torch_io.CheckpointError, match=re.escape(
-      f'{path}: the checkpoint holds a ConvNeXt with blocks per stage (1, 1, 1, 1) and '
-      'channels (8, 16, 32, 64), which no ConvNeXt here has')):
+      f'{path}: the checkpoint holds a ConvNeXt with blocks per stage {holds}, which no '
+      'ConvNeXt here has')):
     torch_io.load_into(model, path)
 
 

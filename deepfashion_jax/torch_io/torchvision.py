@@ -77,8 +77,8 @@ def _convnext_of(arrays: dict) -> str:
   for index in convnext.STAGE_INDICES:
     prefix = f'features.{index}.'
     blocks.append(len({n[len(prefix):].split('.')[0] for n in arrays if n.startswith(prefix)}))
-    layer_scale = arrays.get(f'{prefix}0.layer_scale')
-    channels.append(None if layer_scale is None else int(np.shape(layer_scale)[0]))
+    shape = np.shape(arrays.get(f'{prefix}0.layer_scale', ()))
+    channels.append(int(shape[0]) if shape else None)
   for size, architecture in convnext.ARCHITECTURES.items():
     if (architecture.blocks_per_stage, architecture.channels) == (tuple(blocks),
                                                                   tuple(channels)):
