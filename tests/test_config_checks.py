@@ -46,6 +46,7 @@ def test_verbose_keeps_the_traceback_of_a_user_error(tmp_path):
 @pytest.mark.parametrize('field,value,message', [
     ('data.source', 'lmdb', "config.data.source='lmdb': expected one of ('folder', 'tfds')"),
     # A ResNet's depth alone, as --config.model.backbone=18 gives it, names no backbone.
+    # (The list goes on with the other backbones.)
     ('model.backbone', '18', "config.model.backbone='18': expected one of ('resnet18', "
      "'resnet34', 'resnet50', 'resnet101', 'resnet152', 'vgg16', 'vgg16_bn', "),
     ('model.backbone', 'vgg19', "config.model.backbone='vgg19': expected one of ('resnet18', "

@@ -1,5 +1,5 @@
 """The Flax ResNets, VGG-16 and FashionNet: architecture, dtypes, heads and the
-box-gradient option."""
+box-gradient option. (ConvNeXt: test_convnext.py.)"""
 
 import re
 
@@ -17,12 +17,16 @@ from deepfashion_jax.models import vgg
 from deepfashion_jax.models import xla_cpu
 
 # torchvision's published parameter counts less the classifier: ResNet's fc (512 or
-# 2048 x 1000 + 1000), VGG's (25088 x 4096 + 4096, 4096 x 4096 + 4096, 4096 x 1000 + 1000).
+# 2048 x 1000 + 1000), VGG's (25088 x 4096 + 4096, 4096 x 4096 + 4096, 4096 x 1000 + 1000),
+# ConvNeXt's classifier.2 (768 or 1024 x 1000 + 1000). convnext_test has no published
+# model: test_convnext.py counts it against torchvision's ConvNeXt of its shape.
 TORCHVISION_BACKBONE_PARAMETERS = {
     'resnet18': 11_689_512 - 513_000, 'resnet34': 21_797_672 - 513_000,
     'resnet50': 25_557_032 - 2_049_000, 'resnet101': 44_549_160 - 2_049_000,
     'resnet152': 60_192_808 - 2_049_000, 'vgg16': 138_357_544 - 123_642_856,
-    'vgg16_bn': 138_365_992 - 123_642_856, 'vit_b16': 86_567_656 - 769_000}
+    'vgg16_bn': 138_365_992 - 123_642_856, 'vit_b16': 86_567_656 - 769_000,
+    'convnext_tiny': 28_589_128 - 769_000, 'convnext_small': 50_223_688 - 769_000,
+    'convnext_base': 88_591_464 - 1_025_000}
 
 
 def _parameter_count(module):
@@ -31,7 +35,8 @@ def _parameter_count(module):
 
 @pytest.mark.parametrize('name', sorted(TORCHVISION_BACKBONE_PARAMETERS))
 def test_parameter_counts_equal_torchvision(name):
-  torchvision_names = {n for n in backbones.BACKBONES if n.startswith(('resnet', 'vgg'))}
+  torchvision_names = {n for n in backbones.BACKBONES
+                       if n.startswith(('resnet', 'vgg', 'convnext')) and n != 'convnext_test'}
   assert torchvision_names <= set(TORCHVISION_BACKBONE_PARAMETERS) <= set(backbones.BACKBONES)
   model = nnx.eval_shape(lambda: backbones.create(name, dtype=jnp.float32, rngs=nnx.Rngs(0)))
   assert _parameter_count(model) == TORCHVISION_BACKBONE_PARAMETERS[name]

@@ -1,26 +1,34 @@
 """The backbones FashionNet stands on, by the names configs give them.
 
 `config.model.backbone` is one of BACKBONES: 'resnet18', 'resnet34', 'resnet50',
-'resnet101', 'resnet152', 'vgg16' or 'vgg16_bn', torchvision's names; the Vision
-Transformers 'vit_s16', 'vit_b16' (torchvision's and timm's ViT-S/16, ViT-B/16),
-'clip_vit_b16' (CLIP's image tower), 'siglip_b16' (SigLIP's), and their shrunk
-'vit_test', 'clip_vit_test', 'siglip_test' for tests and CPU demos (`vit.py`). Each backbone is an
+'resnet101', 'resnet152', 'vgg16', 'vgg16_bn', 'convnext_tiny', 'convnext_small' or
+'convnext_base', torchvision's names; the Vision Transformers 'vit_s16', 'vit_b16'
+(torchvision's and timm's ViT-S/16, ViT-B/16), 'clip_vit_b16' (CLIP's image tower) and
+'siglip_b16' (SigLIP's); and 'convnext_test', 'vit_test', 'clip_vit_test', 'siglip_test',
+shrunk variants for tests and CPU demos that have no published weights. Each backbone is an
 nnx.Module called on (B, H, W, 3) images that returns its intermediate feature maps by
 name, and under 'global' its (B, global_features) global feature (a ResNet's or VGG's: the
-mean of its last map), and says what FashionNet needs of its last one:
-  out_features      its channels (512 for ResNet-18/34 and VGG-16, 2048 for ResNet-50+);
-  final_map         its name ('layer4' for a ResNet, 'conv5_3' for VGG-16);
-  stride            input pixels per cell (32, 16): ROI-Align's spatial_scale is 1 / stride;
-  feature_size(s)   its side for an input side s (ceil(s / 32), floor(s / 16));
+mean of its last map; a ConvNeXt's: that mean through a LayerNorm; a ViT's: its class
+token, mean token or attention-pooled feature, `vit.py`), and says what FashionNet needs of
+its last one:
+  out_features      its channels (512 for ResNet-18/34 and VGG-16, 2048 for ResNet-50+,
+                    768 for ConvNeXt-T/S and ViT-B);
+  final_map         its name ('layer4' for a ResNet, 'conv5_3' for VGG-16, 'stage4');
+  stride            input pixels per cell (32, 16, 32, a ViT's 16): ROI-Align's
+                    spatial_scale is 1 / stride;
+  feature_size(s)   its side for an input side s (ceil(s / 32), floor(s / 16),
+                    floor(s / 32), s / 16);
 and of its stride-8 map, which the landmark branch reads (`landmarks.py`):
-  landmark_map      its name ('layer2', 'conv4_3'), landmark_features its channels;
-  global_features   the global feature's size (out_features for a ResNet or VGG).
+  landmark_map      its name ('layer2', 'conv4_3', 'stage2'), landmark_features its
+                    channels;
+  global_features   the global feature's size (out_features for all of them).
 Called with at_landmark_map=f, a backbone goes on from f(that map) instead of the map:
 the landmark-driven attention re-weights it there. A ViT's token map has stride 16: it
 offers the landmark branch the tokens of a middle block repeated 2 x 2 (stride 8), and
 reads f's result back as their 2 x 2 means (`vit.py`).
-A backbone that takes drop_path is also called with dropout_rng=, the key its stochastic
-depth draws from in training mode.
+A backbone that takes `drop_path` is also called with dropout_rng=KEY, the key its
+stochastic depth draws from in training mode (FashionNet's, folded in from the step's
+dropout key; None outside training).
 """
 
 import dataclasses
@@ -30,6 +38,7 @@ from typing import Any, Callable
 from flax import nnx
 
 from deepfashion_jax import errors
+from deepfashion_jax.models import convnext
 from deepfashion_jax.models import resnet
 from deepfashion_jax.models import vgg
 from deepfashion_jax.models import vit
@@ -77,6 +86,11 @@ BACKBONES = {
     'vgg16': Backbone('VGG-16', functools.partial(vgg.VGG16, batch_norm=False)),
     'vgg16_bn': Backbone('VGG-16-BN', functools.partial(vgg.VGG16, batch_norm=True)),
     **{name: _vit(name) for name in vit.ARCHITECTURES},
+    # convnext_test: convnext.ARCHITECTURES['test'], shrunk, without published weights.
+    **{f'convnext_{size}': Backbone(f'ConvNeXt-{title}',
+                                    functools.partial(convnext.ConvNeXt, size),
+                                    options=('drop_path',))
+       for size, title in (('tiny', 'T'), ('small', 'S'), ('base', 'B'), ('test', 'test'))},
 }
 
 

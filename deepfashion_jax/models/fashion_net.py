@@ -1,6 +1,6 @@
-"""The DeepFashion network: backbone features (a ResNet, VGG-16 or ViT, `backbones.py`), a box
-branch, local features pooled from the predicted box, and category and attribute heads
-(docs/baseline.md). The box branch, ROI-Align and the heads take the
+"""The DeepFashion network: backbone features (a ResNet, VGG-16, ConvNeXt or ViT,
+`backbones.py`), a box branch, local features pooled from the predicted box, and category
+and attribute heads (docs/baseline.md). The box branch, ROI-Align and the heads take the
 backbone's last map, its channels, side and stride from the backbone.
 
 Two options bring in Liu & Lu 2018's design (`landmarks.py`):

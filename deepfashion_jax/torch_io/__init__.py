@@ -17,8 +17,8 @@ return {name: array} for a state dict. It hands what it read to the first family
 - `hugging_face`: a Hugging Face transformers CLIP or SigLIP model (or vision model): its
   image tower into a CLIP or SigLIP ViT backbone (`clip_towers` has what these two share
   beyond `vit_common`);
-- `torchvision`: a torchvision ResNet or VGG-16(-BN) state dict: the backbone only, the
-  ImageNet start.
+- `torchvision`: a torchvision ResNet, VGG-16(-BN) or ConvNeXt state dict: the backbone
+  only, the ImageNet start.
 Any may come from nn.DataParallel (every key prefixed `module.`) and from any device. A
 file for another model than the configured one (its backbone, heads, pooling, input size or
 pixel normalisation) is refused with a CheckpointError that names each flag to set.

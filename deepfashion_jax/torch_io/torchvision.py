@@ -1,11 +1,16 @@
-"""torchvision's ResNet and VGG-16 / VGG-16-BN state dicts into the backbone: the ImageNet
-start (--config.init_from).
+"""torchvision's ResNet, VGG-16 / VGG-16-BN and ConvNeXt state dicts into the backbone: the
+ImageNet start (--config.init_from).
 
 A ResNet's keys are `conv1.weight`, `layer1.0.conv1.weight`, ... and its ImageNet classifier
-`fc.*`; a VGG's `features.<i>.weight`, ... and `classifier.*`. The classifiers are dropped;
-our backbones keep torchvision's module names (models/resnet.py, models/vgg.py), so every
-other key names the variable it fills. The baseline's backbone is torchvision's ResNet: its
-family reads it with `flax_path` and `check_backbone` too.
+`fc.*`; a VGG's `features.<i>.weight`, ... and `classifier.*`; a ConvNeXt's
+`features.<i>.<j>.block.<k>.weight`, `features.<i>.<j>.layer_scale`, ... and `classifier.0`
+(a LayerNorm, kept: it makes the global feature) and `classifier.2` (ImageNet's Linear).
+The ImageNet classifiers are dropped; our backbones keep torchvision's module names
+(models/resnet.py, models/vgg.py, models/convnext.py), so every other key names the
+variable it fills. A ConvNeXt's LayerNorms are the modules whose `weight` is 1-D (they keep
+no running statistics to tell them by), and its `layer_scale`, (C, 1, 1) for NCHW maps, is
+(C,) here. The baseline's backbone is torchvision's ResNet: its family reads it with
+`flax_path` and `check_backbone` too.
 """
 
 from absl import logging
@@ -13,13 +18,17 @@ from flax import nnx
 import numpy as np
 
 from deepfashion_jax.models import backbones
+from deepfashion_jax.models import convnext
 from deepfashion_jax.models import resnet
 from deepfashion_jax.models import vgg
 from deepfashion_jax.torch_io import common
 from deepfashion_jax.torch_io.errors import CheckpointError
 
 NAME = 'torchvision'
-_CLASSIFIERS = ('fc.', 'classifier.')  # ResNet's, VGG's: ImageNet's 1000 classes
+# The keys of ImageNet's 1000-class classifier, dropped: ResNet's, VGG's, and ConvNeXt's
+# Linear (its classifier.0, a LayerNorm, is the backbone's).
+_CLASSIFIERS = ('fc.', 'classifier.')
+_CONVNEXT_CLASSIFIER = ('classifier.2.',)
 
 
 def flax_path(name: str, norms: frozenset) -> tuple:
@@ -60,20 +69,44 @@ def _vgg_of(names) -> str:
   return 'vgg16_bn' if norms else 'vgg16'
 
 
-def backbone_of(names) -> str:
-  """The backbone (its name in backbones.BACKBONES: 'resnet50', 'vgg16_bn') that a set of
-  torchvision-style keys describes; CheckpointError when they describe none."""
-  names = set(names)
+def _convnext_of(arrays: dict) -> str:
+  """'convnext_tiny', '_small', '_base' or '_test', whichever ConvNeXt a torchvision state
+  dict describes: each stage's blocks (`features.<i>.<j>.*`) and channels (the length of
+  its first block's layer_scale; None where `arrays` holds no array for it)."""
+  blocks, channels = [], []
+  for index in convnext.STAGE_INDICES:
+    prefix = f'features.{index}.'
+    blocks.append(len({n[len(prefix):].split('.')[0] for n in arrays if n.startswith(prefix)}))
+    shape = np.shape(arrays.get(f'{prefix}0.layer_scale', ()))
+    channels.append(int(shape[0]) if shape else None)
+  for size, architecture in convnext.ARCHITECTURES.items():
+    if (architecture.blocks_per_stage, architecture.channels) == (tuple(blocks),
+                                                                  tuple(channels)):
+      return f'convnext_{size}'
+  raise CheckpointError(f'the checkpoint holds a ConvNeXt with blocks per stage '
+                        f'{tuple(blocks)} and channels {tuple(channels)}, which no ConvNeXt '
+                        f'here has ({", ".join(f"convnext_{s}" for s in convnext.ARCHITECTURES)})')
+
+
+def backbone_of(arrays) -> str:
+  """The backbone (its name in backbones.BACKBONES: 'resnet50', 'vgg16_bn', 'convnext_tiny')
+  that torchvision-style keys describe: `arrays` maps them to their arrays (a ConvNeXt's
+  size needs their shapes), or is the keys alone for a ResNet or VGG; CheckpointError when
+  they describe none."""
+  if any(n.endswith('.layer_scale') for n in arrays):
+    return _convnext_of(arrays if isinstance(arrays, dict) else dict.fromkeys(arrays))
+  names = set(arrays)
   if any(n.startswith('features.') for n in names):
     return _vgg_of(names)
   return f'resnet{_depth_of(names)}'
 
 
-def check_backbone(names, model: nnx.Module, path: str):
-  """Refuses a file whose backbone (from its torchvision-style keys) is not the configured
-  model's, naming both and the flag to set."""
+def check_backbone(arrays, model: nnx.Module, path: str) -> str:
+  """Refuses a file whose backbone (from its torchvision-style keys: `arrays`, as
+  `backbone_of` takes them) is not the configured model's, naming both and the flag to set;
+  returns the backbone's name."""
   try:
-    held = backbone_of(names)
+    held = backbone_of(arrays)
   except CheckpointError as e:
     raise CheckpointError(f'{path}: {e}') from None
   if held != model.backbone_name:
@@ -82,6 +115,7 @@ def check_backbone(names, model: nnx.Module, path: str):
         f'{path} holds a {title(held)} backbone; the configured model is '
         f'{title(model.backbone_name)} (config.model.backbone={model.backbone_name!r}): '
         f'set --config.model.backbone={held} to load it')
+  return held
 
 
 def matches(content) -> bool:
@@ -90,13 +124,32 @@ def matches(content) -> bool:
   return isinstance(content, dict)
 
 
+def _layer_norms(arrays: dict) -> frozenset:
+  """The LayerNorms among the modules a ConvNeXt's keys name: those whose weight is 1-D
+  (convolutions' and linear layers' are 4-D and 2-D)."""
+  return frozenset(n.rsplit('.', 1)[0] for n, a in arrays.items()
+                   if n.endswith('.weight') and a.ndim == 1)
+
+
+def _in_our_layout(name: str, array: np.ndarray) -> np.ndarray:
+  """A ConvNeXt's layer_scale, (C, 1, 1) to broadcast over NCHW maps, as our (C,); any
+  other array as it is (`common.load_variables` transposes kernels)."""
+  if name.endswith('.layer_scale') and array.ndim == 3 and array.shape[1:] == (1, 1):
+    return array.reshape(array.shape[0])
+  return array
+
+
 def load(model: nnx.Module, content, path: str) -> common.Loaded:
-  """Loads a torchvision ResNet or VGG-16(-BN) state dict into the backbone; its ImageNet
-  classifier (ResNet's `fc`, VGG's `classifier`) is dropped."""
+  """Loads a torchvision ResNet, VGG-16(-BN) or ConvNeXt state dict into the backbone; its
+  ImageNet classifier (ResNet's `fc`, VGG's `classifier`, ConvNeXt's `classifier.2`) is
+  dropped."""
   arrays = {k: np.asarray(v) for k, v in common.state_dict(content, path).items()
-            if not k.startswith(_CLASSIFIERS) and not k.endswith('num_batches_tracked')}
-  check_backbone(arrays, model, path)
-  norms = common.norm_modules(arrays)
+            if not k.endswith('num_batches_tracked')}
+  held = check_backbone(arrays, model, path)
+  is_convnext = held.startswith('convnext_')
+  dropped = _CONVNEXT_CLASSIFIER if is_convnext else _CLASSIFIERS
+  arrays = {k: _in_our_layout(k, v) for k, v in arrays.items() if not k.startswith(dropped)}
+  norms = common.norm_modules(arrays) | (_layer_norms(arrays) if is_convnext else frozenset())
   named = {k: (('backbone',) + flax_path(k, norms), v) for k, v in arrays.items()}
   common.load_variables(model, named, path, only_prefix=('backbone',))
   if model.normalization != 'imagenet':
