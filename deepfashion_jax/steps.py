@@ -24,6 +24,12 @@ micro-batches in order, as k smaller steps would: each micro-batch is normalised
 own statistics and updates the running ones in turn, so with batch-norm in training mode
 the gradient is close to, not equal to, a single big batch's. The reported metrics are the
 micro-batches' merged: the whole batch's.
+
+Fine-tuning (`create_optimizer`): config.layer_decay < 1 scales each backbone layer's
+updates by layer_decay ** (num_layers + 1 - layer) (the backbone's `layer_id`), and
+config.model.trainable='heads' freezes the backbone: FashionNet runs it in inference mode
+behind stop_gradient (`FashionNet.frozen_backbone`), so the step has no backward pass
+through it, and the optimiser gives it no update and keeps no state for it.
 """
 
 import dataclasses
