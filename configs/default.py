@@ -17,7 +17,12 @@ def get_config():
   config.adam_eps = 1e-8  # Adam's epsilon
   config.momentum = 0.9  # SGD momentum
   config.weight_decay = 0.0  # AdamW's decoupled decay / SGD's coupled L2 (baseline: none)
-  config.decay_norms_and_biases = False  # decay biases and batch-norm parameters too
+  # decay every parameter; by default 1-D ones (biases, norms, layer scales) and ViT
+  # position embeddings and class tokens are left out (steps.decayed_parameters)
+  config.decay_norms_and_biases = False
+  # < 1 (e.g. 0.65, BEiT's and MAE's fine-tuning): layer-wise learning-rate decay, the rate
+  # of a backbone layer k of n times layer_decay ** (n + 1 - k), the heads' untouched; 1: off
+  config.layer_decay = 1.0
   config.schedule = 'constant'  # 'constant' (the baseline's), 'cosine' or 'step_decay'
   config.decay_rate = 0.8  # 'step_decay': the rate's factor every decay_every_steps
   config.decay_every_steps = 13_077  # 'step_decay': an epoch of 209,222 images at batch 16
@@ -76,6 +81,9 @@ def get_config():
   # CLIP, the attention-pooling head for SigLIP), 'token', 'mean' (of the patch tokens), 'map'
   config.model.global_pool = 'default'
   config.model.landmark_block = 0  # ViT: the block the landmark branch reads (0: the middle one)
+  # 'all', or 'heads': the backbone frozen (a linear probe), in inference mode; the box
+  # branch, the heads and any landmark branch and attention train
+  config.model.trainable = 'all'
 
   config.loss = ml_collections.ConfigDict()  # losses.total_loss's keyword arguments
   config.loss.attribute = 'bce'  # 'bce', 'hinge' or 'two_way' (Liu & Lu's; heads='liu_lu')

@@ -105,6 +105,7 @@ NUMBERS = {
     'adam_eps': _real("a positive number (Adam's epsilon, e.g. 1e-8)", 0, low_open=True),
     'momentum': _real('a momentum in [0, 1)', 0, 1, high_open=True),
     'weight_decay': _real('0 (off) or a positive decay', 0),
+    'layer_decay': _real('a factor in (0, 1] (1: off, e.g. 0.65)', 0, 1, low_open=True),
     'decay_rate': _real('a factor in (0, 1]', 0, 1, low_open=True),
     'decay_every_steps': _STEP_COUNT,
     'warmup_steps': _integer(0, _MAX_STEPS, f'0 (off) or a number of steps (at most '
@@ -294,6 +295,7 @@ def check(config):
     raise errors.ConfigError('config.loss.pos_weights_scale weights the BCE loss; it has no '
                              f'meaning with config.loss.attribute={config.loss.attribute!r}')
   _check_liu_lu_parts(config)
+  check_fine_tuning(config)
   _check_profile_steps(config)
 
 
@@ -309,6 +311,23 @@ def _check_profile_steps(config):
     raise errors.ConfigError(f'config.profile_steps={window!r}: expected (0, 0) (off) or (a, b), '
                              'the steps a to b (both included) to trace, 1 <= a <= b, e.g. '
                              "--config.profile_steps='(10,15)'")
+
+
+def check_fine_tuning(config):
+  """A frozen backbone (config.model.trainable='heads') with what only trains a backbone:
+  layer-wise learning-rate decay, stochastic depth (the frozen backbone runs in inference
+  mode). The landmark branch and attention are not the backbone's: they train."""
+  if config.model.trainable != 'heads':
+    return
+  if config.layer_decay != 1:
+    raise errors.ConfigError(f'config.layer_decay={config.layer_decay} lowers the rates of the '
+                             "backbone's layers, which config.model.trainable='heads' freezes: "
+                             'leave config.layer_decay=1')
+  if config.model.drop_path != backbones.OPTIONS['drop_path']:
+    raise errors.ConfigError(f'config.model.drop_path={config.model.drop_path} drops blocks of '
+                             "the backbone in training; config.model.trainable='heads' runs it "
+                             'frozen, in inference mode: leave config.model.drop_path='
+                             f"{backbones.OPTIONS['drop_path']}")
 
 
 def _check_liu_lu_parts(config):

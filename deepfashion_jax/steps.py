@@ -24,6 +24,12 @@ micro-batches in order, as k smaller steps would: each micro-batch is normalised
 own statistics and updates the running ones in turn, so with batch-norm in training mode
 the gradient is close to, not equal to, a single big batch's. The reported metrics are the
 micro-batches' merged: the whole batch's.
+
+Fine-tuning (`create_optimizer`): config.layer_decay < 1 scales each backbone layer's
+updates by layer_decay ** (num_layers + 1 - layer) (the backbone's `layer_id`), and
+config.model.trainable='heads' freezes the backbone: FashionNet runs it in inference mode
+behind stop_gradient (`FashionNet.frozen_backbone`), so the step has no backward pass
+through it, and the optimiser gives it no update and keeps no state for it.
 """
 
 import dataclasses
@@ -44,6 +50,7 @@ from deepfashion_jax import metrics
 from deepfashion_jax import sharding
 from deepfashion_jax.data import device_transforms
 from deepfashion_jax.data import vocabulary
+from deepfashion_jax.models import backbones
 from deepfashion_jax.models import fashion_net
 from deepfashion_jax.models import xla_cpu
 
@@ -149,17 +156,46 @@ def warmup_steps(config) -> int:
   return longest
 
 
-def create_optimizer(config) -> optax.GradientTransformation:
+def create_optimizer(config, backbone: Optional[nnx.Module] = None
+                     ) -> optax.GradientTransformation:
   """Adam (the baseline's) or SGD with momentum, at `learning_rate(config)`; weight decay
-  (AdamW's decoupled decay with Adam, coupled L2 with SGD) on the kernels only unless
-  config.decay_norms_and_biases; the gradient's global norm clipped to
-  config.grad_clip_norm first when that is > 0."""
+  (AdamW's decoupled decay with Adam, coupled L2 with SGD) on `decayed_parameters` only
+  unless config.decay_norms_and_biases; the gradient's global norm clipped to
+  config.grad_clip_norm first when that is > 0.
+
+  config.layer_decay < 1: layer-wise learning-rate decay (BEiT's, MAE's and ConvNeXt's
+  fine-tuning): each parameter's update, its share of the weight decay included, times
+  `layer_scale` (`scaled_by_layer`), under the same schedule, warm-up and clipping.
+  config.model.trainable='heads': the backbone's parameters get no update, no weight decay
+  and no optimiser state (no moments): optax.multi_transform, the optimiser above for the
+  others and set_to_zero for them.
+  The state keeps today's structure with layer_decay 1 and trainable 'all', and whatever
+  layer_decay is (the scaling keeps no state): a run resumes with another layer_decay as
+  with another learning rate, and never with another trainable (checkpoints.py names it).
+
+  backbone: the model's backbone module (its shapes suffice), whose num_layers and
+  layer_id the layer decay reads; built from config.model (shapes only) when None.
+  """
   schedule = learning_rate(config)
-  mask = None if config.decay_norms_and_biases else _kernels_only
+  mask = None if config.decay_norms_and_biases else decayed_parameters
   optimizer = _base_optimizer(config, schedule, mask)
+  if config.layer_decay != 1.0:
+    backbone = abstract_backbone(config) if backbone is None else backbone
+    optimizer = scaled_by_layer(optimizer, functools.partial(layer_scale, config.layer_decay,
+                                                             backbone))
+  if config.model.trainable == 'heads':
+    optimizer = optax.multi_transform({TRAINED: optimizer, FROZEN: optax.set_to_zero()},
+                                      trained_or_frozen)
   if config.grad_clip_norm > 0:  # only then: the optimiser state keeps its old structure
     optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
   return optimizer
+
+
+def abstract_backbone(config) -> nnx.Module:
+  """config.model.backbone's module, shapes only (no weights are drawn)."""
+  options = {name: config.model[name] for name in backbones.OPTIONS}
+  return nnx.eval_shape(lambda: backbones.create(
+      config.model.backbone, dtype=DTYPES[config.dtype], rngs=nnx.Rngs(0), **options))
 
 
 def learning_rate(config) -> optax.ScalarOrSchedule:
@@ -194,10 +230,78 @@ def _base_optimizer(config, schedule, mask) -> optax.GradientTransformation:
                      optax.sgd(schedule, momentum=config.momentum))
 
 
-def _kernels_only(params):
-  """True for convolution and linear kernels; False for biases and batch-norm scales and
-  offsets (every 1-D parameter), which are usually left out of weight decay."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+# The parameters left out of weight decay by name, whatever their shape: a ViT's position
+# embeddings and class token (timm's no_weight_decay(): pos_embed, cls_token).
+NO_DECAY_NAMES = ('position_embedding', 'class_token')
+# The labels of `trained_or_frozen`: optax.multi_transform's groups.
+TRAINED, FROZEN = 'trained', 'frozen'
+BACKBONE = 'backbone'  # the backbone's attribute in FashionNet: its parameters' first key
+
+
+def parameter_path(key_path) -> tuple:
+  """A jax key path into a parameter tree as nnx.to_flat_state names the parameter:
+  ('backbone', 'layer1', 0, 'conv1', 'kernel'), without the `value` attribute of the
+  nnx.Variable that holds the array."""
+  names = []
+  for key in key_path:
+    if isinstance(key, jax.tree_util.DictKey):
+      names.append(key.key)
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      names.append(key.idx)
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      names.append(key.name)
+    else:  # FlattenedIndexKey
+      names.append(key.key)
+  if key_path and isinstance(key_path[-1], jax.tree_util.GetAttrKey) and names[-1] == 'value':
+    names.pop()
+  return tuple(names)
+
+
+def decayed_parameters(params):
+  """True for the parameters weight decay shrinks: kernels and embedding tables (2-D or
+  more). False for every parameter of fewer dimensions (biases, the scales and offsets of
+  batch and layer norms, ConvNeXt's layer scales: timm's and ConvNeXt's fine-tuning rule)
+  and for those named in NO_DECAY_NAMES whatever their shape."""
+  return jax.tree_util.tree_map_with_path(
+      lambda key_path, p: p.ndim > 1 and parameter_path(key_path)[-1] not in NO_DECAY_NAMES,
+      params)
+
+
+def trained_or_frozen(params):
+  """FROZEN for the backbone's parameters, TRAINED for the others (config.model.trainable
+  'heads': the box branch, the heads, a landmark branch and attention train)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda key_path, _: FROZEN if parameter_path(key_path)[:1] == (BACKBONE,) else TRAINED,
+      params)
+
+
+def layer_scale(layer_decay: float, backbone: nnx.Module, path: tuple) -> float:
+  """The factor of the learning rate of the parameter at `path` (`parameter_path`) of
+  FashionNet: layer_decay ** (num_layers + 1 - its layer), its layer being the backbone's
+  layer_id of it (0: the stem, num_layers: the last block); a parameter outside the
+  backbone is at num_layers + 1 (factor 1)."""
+  if path[:1] != (BACKBONE,):
+    return 1.0
+  layer = backbone.layer_id(path[1:])
+  if not 0 <= layer <= backbone.num_layers:
+    raise ValueError(f'{path}: layer {layer} is outside [0, {backbone.num_layers}]')
+  return float(layer_decay) ** (backbone.num_layers + 1 - layer)
+
+
+def scaled_by_layer(inner: optax.GradientTransformation,
+                    scale: Callable[[tuple], float]) -> optax.GradientTransformation:
+  """`inner` with each parameter's update multiplied by scale(its path): a learning rate
+  per parameter, applied after the rate, so that AdamW's decoupled decay is scaled with it
+  (as BEiT's per-layer parameter groups do) and SGD's momentum is not. The state is
+  inner's: the factors are constants of the compiled step."""
+
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda key_path, u: u * jnp.asarray(scale(parameter_path(key_path)), u.dtype), updates)
+    return scaled, state
+
+  return optax.GradientTransformation(inner.init, update)
 
 
 def _pos_weight(config, attributes) -> Optional[np.ndarray]:
@@ -215,7 +319,8 @@ def create_step_config(config, attributes=None) -> StepConfig:
   abstract_model = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(config.seed)))
   return StepConfig(
       graphdef=nnx.split(abstract_model, nnx.Param, nnx.BatchStat)[0],
-      optimizer=create_optimizer(config), crop_size=config.data.crop_size,
+      optimizer=create_optimizer(config, abstract_model.backbone),
+      crop_size=config.data.crop_size,
       loss=config.loss.to_dict(),
       attribute_types=None if attributes is None else np.asarray(attributes.types),
       pos_weight=None if attributes is None else _pos_weight(config, attributes),
@@ -230,23 +335,26 @@ def create_train_state(config, mesh, attributes=None):
   their positives for the BCE's pos_weight); None for a state that only predicts.
   """
   step_config = create_step_config(config, attributes)
-
-  def init():
-    model = create_model(config, nnx.Rngs(config.seed))
-    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    dynamic_scale = None
-    if config.dtype == 'float16':
-      dynamic_scale = dynamic_scale_lib.DynamicScale(
-          fin_steps=jnp.zeros((), jnp.int32), scale=jnp.asarray(INITIAL_LOSS_SCALE, jnp.float32))
-    # Its own stream: the parameters' initialisation used nnx.Rngs(seed).
-    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=step_config.optimizer.init(params), rng=rng,
-                       nonfinite_in_a_row=jnp.zeros((), jnp.int32), dynamic_scale=dynamic_scale)
-    return restart_ema(state) if config.ema_decay > 0 else state
-
+  init = functools.partial(initial_state, config, step_config)
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), jax.eval_shape(init))
   return step_config, jax.jit(init, out_shardings=shardings)()
+
+
+def initial_state(config, step_config: StepConfig) -> TrainState:
+  """The train state before the first step (`create_train_state` jits it; jax.eval_shape
+  of it gives its shapes without drawing a weight)."""
+  model = create_model(config, nnx.Rngs(config.seed))
+  _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  dynamic_scale = None
+  if config.dtype == 'float16':
+    dynamic_scale = dynamic_scale_lib.DynamicScale(
+        fin_steps=jnp.zeros((), jnp.int32), scale=jnp.asarray(INITIAL_LOSS_SCALE, jnp.float32))
+  # Its own stream: the parameters' initialisation used nnx.Rngs(seed).
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                     opt_state=step_config.optimizer.init(params), rng=rng,
+                     nonfinite_in_a_row=jnp.zeros((), jnp.int32), dynamic_scale=dynamic_scale)
+  return restart_ema(state) if config.ema_decay > 0 else state
 
 
 def restart_ema(state: TrainState) -> TrainState:

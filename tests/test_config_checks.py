@@ -55,6 +55,9 @@ def test_verbose_keeps_the_traceback_of_a_user_error(tmp_path):
     ('data.crop', 'bbox', "config.data.crop='bbox': expected one of ('none', 'gt_box')"),
     ('data.crop_margin', -1.0, 'config.data.crop_margin=-1.0: expected pixels >= 0'),
     ('decay_rate', 1.5, 'config.decay_rate=1.5: expected a factor in (0, 1]'),
+    ('layer_decay', 1.5, 'config.layer_decay=1.5: expected a factor in (0, 1] (1: off'),
+    ('model.trainable', 'backbone', "config.model.trainable='backbone': expected one of "
+     "('all', 'heads')"),
     ('grad_clip_norm', -1.0, 'config.grad_clip_norm=-1.0: expected 0 (off) or a positive'),
     ('decay_every_steps', 0, 'config.decay_every_steps=0: expected a positive integer'),
     ('grad_accum_steps', 3, 'config.batch_size=8 must be a multiple of '
@@ -94,6 +97,28 @@ def test_wrong_values_are_refused_in_process(field, value, message):
     config_checks.check(config)
 
 
+def test_a_frozen_backbone_refuses_what_only_trains_a_backbone():
+  """trainable='heads' with layer decay or stochastic depth, each one line naming the
+  field; with SGD, a landmark branch or the attention it is a configuration like another
+  (they are not the backbone: they train)."""
+  config = test_config.get_config()
+  config.model.trainable, config.layer_decay = 'heads', 0.65
+  with pytest.raises(errors.ConfigError, match=re.escape(
+      "config.layer_decay=0.65 lowers the rates of the backbone's layers, which "
+      "config.model.trainable='heads' freezes: leave config.layer_decay=1")):
+    config_checks.check(config)
+  config.layer_decay, config.model.drop_path = 1.0, 0.1  # as a ConvNeXt's or ViT's run
+  with pytest.raises(errors.ConfigError, match=re.escape(
+      'config.model.drop_path=0.1 drops blocks of the backbone in training; '
+      "config.model.trainable='heads' runs it frozen")):
+    config_checks.check_fine_tuning(config)
+  config.model.drop_path = 0.0
+  config.model.landmarks, config.data.crop_size = 'attention', 64
+  config_checks.check(config)
+  config.model.trainable, config.layer_decay, config.optimizer = 'all', 0.65, 'sgd'
+  config_checks.check(config)
+
+
 @pytest.mark.parametrize('section,field', [('model', 'foo'), ('loss', 'foo')])
 def test_an_unknown_model_or_loss_field_stops_training_at_start(section, field, tmp_path):
   """Before the workdir, the data or the model: the run fails naming the field."""
@@ -117,6 +142,7 @@ ZERO_IS_LEGAL = {'seed', 'weight_decay', 'momentum', 'warmup_steps', 'grad_clip_
                  'loss.landmark_weight', 'data.synthetic_images', 'data.synthetic_seed',
                  'data.crop_margin', 'data.processes'}
 ZERO_IS_NOT = {'batch_size', 'num_train_steps', 'learning_rate', 'adam_eps', 'decay_rate',
+               'layer_decay',
                'decay_every_steps', 'grad_accum_steps', 'max_nonfinite_in_a_row',
                'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                'keep_checkpoints', 'eval.batch_size', 'predict.temperature',
@@ -124,7 +150,8 @@ ZERO_IS_NOT = {'batch_size', 'num_train_steps', 'learning_rate', 'adam_eps', 'de
                'data.img_size', 'data.crop_size', 'data.canvas_size', 'data.threads',
                'data.max_image_bytes', 'data.max_image_pixels'}
 MINUS_ONE_IS_LEGAL = {'model.roi_sampling_ratio'}
-FRACTIONS = {'momentum', 'decay_rate', 'ema_decay', 'model.dropout', 'model.drop_path'}  # below 1
+FRACTIONS = {'momentum', 'decay_rate', 'ema_decay', 'layer_decay', 'model.dropout',
+             'model.drop_path'}  # at most 1
 NEVER_LEGAL = (float('nan'), float('inf'), -float('inf'), 1e39)  # 1e39: inf in float32
 
 

@@ -50,6 +50,8 @@ RoiPool = Literal['align', 'baseline_max']
 CategoryHead = Literal['single', 'per_garment_type']
 Heads = Literal['fashionnet', 'liu_lu']
 Landmarks = Literal['none', 'heatmaps', 'attention']
+# What training changes: every parameter, or all but the backbone's (`frozen_backbone`).
+Trainable = Literal['all', 'heads']
 # FashionNet's options that change no array but what the weights compute: a checkpoint
 # means something only with the values it was trained with (checkpoints.py).
 CHANGES_MEANING = ('roi_pool', 'roi_aligned', 'roi_sampling_ratio', 'global_pool',
@@ -96,17 +98,27 @@ class FashionNet(nnx.Module):
                drop_path: float = backbones.OPTIONS['drop_path'],
                global_pool: vit.GlobalPool = backbones.OPTIONS['global_pool'],
                landmark_block: int = backbones.OPTIONS['landmark_block'],
+               trainable: Trainable = 'all',
                # Not in config.model: from the data, the run, or the dataset's constants.
                image_size: int = 224, normalization: str = 'baseline',
                dtype: Any = jnp.float32, category_types=None, num_categories: int = 50,
                num_attributes: int = 1000, rngs: nnx.Rngs):
-    """The keyword arguments down to `landmark_block` are config.model's fields, one for one
-    (`steps.create_model`); config_checks reads the Literal annotations' choices."""
+    """The keyword arguments down to `trainable` are config.model's fields, one for one
+    (`steps.create_model`); config_checks reads the Literal annotations' choices.
+
+    trainable='heads': a frozen backbone (a linear probe, or heads trained on fixed
+    features): see `frozen_backbone`. Everything outside it (the box branch, the heads, a
+    landmark branch and attention) trains."""
     for name, value, kind in (('roi_pool', roi_pool, RoiPool), ('heads', heads, Heads),
                               ('landmarks', landmarks, Landmarks),
-                              ('category_head', category_head, CategoryHead)):
+                              ('category_head', category_head, CategoryHead),
+                              ('trainable', trainable, Trainable)):
       if value not in typing.get_args(kind):
         raise ValueError(f'{name} must be one of {typing.get_args(kind)}, got {value!r}')
+    if trainable == 'heads' and drop_path != backbones.OPTIONS['drop_path']:
+      raise ValueError(f"trainable='heads' runs the backbone in inference mode, without "
+                       f'stochastic depth: leave drop_path={backbones.OPTIONS["drop_path"]}')
+    self.trainable = trainable
     if normalization not in NORMALIZATIONS:
       raise ValueError(f'normalization must be one of {tuple(NORMALIZATIONS)}, got '
                        f'{normalization!r}')
@@ -191,6 +203,21 @@ class FashionNet(nnx.Module):
     self.attribute_hidden = linear(flat, LIU_LU_HIDDEN)
     self.attribute_classifier = linear(LIU_LU_HIDDEN, 2 * num_attributes)
 
+  def frozen_backbone(self) -> nnx.Module:
+    """A copy of the backbone for trainable='heads': in inference mode whatever the model's
+    (batch norm normalises with its running statistics and leaves them as they are; no
+    dropout or stochastic depth), its parameters behind jax.lax.stop_gradient.
+
+    On its parameters rather than its outputs, so that what is trained after it still gets
+    its gradient: the landmark attention re-weights the stride-8 map inside the backbone,
+    and its gradient comes back through the later stages, whose weights get none. Nothing
+    else that is differentiated (not the images) reaches the backbone, so without the
+    attention the backward pass has no part in it at all (XLA never sees one)."""
+    graphdef, params, rest = nnx.split(self.backbone, nnx.Param, ...)
+    frozen = nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, params), rest)
+    frozen.eval()
+    return frozen
+
   def predict_box(self, features):
     """The baseline's box branch; flattens in PyTorch's NCHW order so its weights map."""
     reduced = self.box_reduce(features)
@@ -234,13 +261,15 @@ class FashionNet(nnx.Module):
         features, _ = self.landmark_attention(features, found['heatmaps'])
       return features
 
-    backbone_rng = {}
-    if self.backbone_takes_rng:
+    backbone, backbone_rng = self.backbone, {}
+    if self.trainable == 'heads':
+      backbone = self.frozen_backbone()  # in inference mode: no stochastic depth
+    elif self.backbone_takes_rng:
       backbone_rng['dropout_rng'] = (None if dropout_rng is None else
                                      jax.random.fold_in(dropout_rng, 1))
-    backbone_outputs = self.backbone(images.astype(self.dtype),
-                                     at_landmark_map if self.landmarks != 'none' else None,
-                                     **backbone_rng)
+    backbone_outputs = backbone(images.astype(self.dtype),
+                                at_landmark_map if self.landmarks != 'none' else None,
+                                **backbone_rng)
     features = backbone_outputs[self.backbone.final_map]
     outputs = {}
     if 'heatmaps' in found:

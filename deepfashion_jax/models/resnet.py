@@ -163,6 +163,21 @@ class ResNet(nnx.Module):
     """layer4's side for an input side: each of the five stride-2 layers rounds up."""
     return -(-side // self.stride)
 
+  # Layer-wise learning-rate decay's depth (steps.py): one layer per stage, not per block.
+  # Per block (timm's fine grouping) ResNet-152 would have 50 layers and its stem a rate
+  # of decay ** 51 (1e-10 at 0.65): frozen in effect; per stage every depth has the same
+  # five groups, as ConvNeXt's official fine-tuning groups its blocks into 12.
+  num_layers = len(STAGES) - 1
+
+  def layer_id(self, path: tuple) -> int:
+    """The layer of the parameter at `path` inside this module (('layer3', 1, 'conv2',
+    'kernel')): 0 for the stem (conv1, bn1), k for stage layer<k>."""
+    if path[0] in ('conv1', 'bn1'):
+      return 0
+    if path[0] in STAGES[1:]:
+      return STAGES.index(path[0])
+    raise ValueError(f'{path}: not a parameter of a ResNet')
+
   def __call__(self, x, at_landmark_map=None) -> dict:
     """at_landmark_map: None, or a function of layer2's output whose result layer3 reads
     instead (the landmark attention); outputs['layer2'] is the map before it."""

@@ -108,6 +108,17 @@ class VGG16(nnx.Module):
     """conv5_3's side for an input side: the convolutions keep it, each pool floors it."""
     return side // self.stride
 
+  # Layer-wise learning-rate decay's depth (steps.py): one layer per block of convolutions,
+  # the first block (full resolution, before any pool) in the stem's place, 0.
+  num_layers = len(BLOCKS) - 1
+
+  def layer_id(self, path: tuple) -> int:
+    """The block (0 to 4) of the parameter at `path` inside this module (('features', 7,
+    'kernel')): the blocks that end before its index in `features`."""
+    if path[0] != 'features' or not 0 <= path[1] < len(self.features):
+      raise ValueError(f'{path}: not a parameter of VGG-16')
+    return sum(path[1] > end for end, _ in self.stage_indices)
+
   def __call__(self, x, at_landmark_map=None) -> dict:
     """at_landmark_map: None, or a function of conv4_3's output whose result the rest of
     the network reads instead (the landmark attention); outputs['conv4_3'] is the map
