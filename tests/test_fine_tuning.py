@@ -45,7 +45,7 @@ def _check_layer_ids(name):
   the forward pass first reads them, the ids never go down, from 0 to num_layers. Shapes
   only: nnx.eval_shape and a jaxpr of the forward pass at 224 px."""
   backbone = nnx.eval_shape(lambda: backbones.create(name, dtype=jnp.float32,
-                                                     rngs=nnx.Rngs(0)))
+                                                     rngs=nnx.Rngs(0), image_size=224))
   graphdef, params, rest = nnx.split(backbone, nnx.Param, ...)
   paths = [steps.parameter_path(key_path)
            for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
