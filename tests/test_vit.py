@@ -152,17 +152,15 @@ def test_position_embeddings_are_resampled_as_timm_does(old_grid, new_grid):
 
 
 @pytest.mark.slow  # a full ViT-B/16 built, saved and run by both
-def test_vit_b16_computes_what_torchvisions_vit_b_16_does():
+def test_vit_b16_computes_what_torchvisions_vit_b_16_does(tmp_path):
   torch = reference_libraries.import_torch()
   torchvision = reference_libraries.import_torchvision()
   architecture = vit.ARCHITECTURES['vit_b16']
   reference = _randomize(torchvision.models.vit_b_16(), 0)
-  import tempfile  # pylint: disable=g-import-not-at-top
-  with tempfile.TemporaryDirectory() as folder:
-    path = f'{folder}/vit_b_16.pth'
-    torch.save(reference.state_dict(), path)
-    model = fashion_net.FashionNet(backbone='vit_b16', image_size=224, rngs=nnx.Rngs(0))
-    torch_io.load_into(model, path)
+  path = str(tmp_path / 'vit_b_16.pth')
+  torch.save(reference.state_dict(), path)
+  model = fashion_net.FashionNet(backbone='vit_b16', image_size=224, rngs=nnx.Rngs(0))
+  torch_io.load_into(model, path)
   images = np.random.default_rng(0).normal(size=(1, 224, 224, 3)).astype(np.float32)
   with torch.no_grad():
     expected = _torchvision_tokens(reference, torch.from_numpy(images.transpose(0, 3, 1, 2)))
@@ -177,10 +175,10 @@ def test_vit_b16_computes_what_torchvisions_vit_b_16_does():
     assert error < 1e-4 * scale
 
 
-def _abstract_forward(name: str, side: int, dtype=jnp.float32):
+def _abstract_forward(name: str, side: int):
   """(the backbone's forward as a function of its state, its state as shapes)."""
-  backbone = nnx.eval_shape(lambda: backbones.create(name, dtype=dtype, rngs=nnx.Rngs(0),
-                                                     image_size=side))
+  backbone = nnx.eval_shape(lambda: backbones.create(name, dtype=jnp.float32,
+                                                     rngs=nnx.Rngs(0), image_size=side))
   graphdef, state = nnx.split(backbone)
   return (lambda state, images: nnx.merge(graphdef, state)(images)['global']), state
 
@@ -320,12 +318,13 @@ def test_files_of_another_backbone_are_refused_naming_what_they_hold(reference_f
 
 def test_a_train_step_of_a_vit_with_drop_path_runs(synthetic_folder):
   from tests import test_steps  # pylint: disable=g-import-not-at-top
+  batches_of = test_steps._batches  # pylint: disable=protected-access
   config = test_config.get_config()
   config.model.backbone = 'vit_test'
   config.model.drop_path = 0.1
   config.data.crop_size = 64
   config_checks.check(config)
-  index, batches = test_steps._batches(synthetic_folder[0], config, 1)  # pylint: disable=protected-access
+  index, batches = batches_of(synthetic_folder[0], config, 1)
   mesh = sharding.make_mesh(jax.devices()[:1])
   step_config, state = steps.create_train_state(config, mesh, index.attribute_facts())
   query = lambda params: np.array(

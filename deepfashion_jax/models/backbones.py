@@ -75,7 +75,7 @@ def _vit(name: str) -> Backbone:
   architecture, title = vit.ARCHITECTURES[name], _VIT_TITLES[name]
   return Backbone(
       title, functools.partial(vit.VisionTransformer, architecture, title=title),
-      _VIT_OPTIONS, sized=True,
+      _VIT_OPTIONS, sized=True,  # any drop_path rate fits (config_checks' NUMBERS)
       check=lambda side, drop_path=0.0, **options: vit.check_options(
           architecture, side, title=title, **options))
 
