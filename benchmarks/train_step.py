@@ -15,6 +15,9 @@ number of threads. After warm-up the two steps alternate, N times each; the medi
 Prints a table and writes jax_img_s and torch_img_s (and the step times) as JSON, with our
 step's flops_per_step (XLA's cost analysis), tflops_per_sec and, on a GPU whose peak
 deepfashion_jax/throughput.py lists, mfu.
+
+`benchmarks/backbones.py` times the same step (`config_step`, of the default recipe) for
+every backbone, beside their parameters and FLOPs, without the PyTorch side.
 """
 
 import argparse

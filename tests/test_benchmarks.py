@@ -196,6 +196,12 @@ def test_gpu_script_runs_shrunk_on_cpu(tmp_path):
     assert f'{prefix}_mfu' not in summary
   assert summary['resnet50_step_flops_per_step'] > summary['resnet18_step_flops_per_step']
   assert 'TFLOP/s' in completed.stdout and 'MFU' in completed.stdout
+  # The backbone table, last: ResNet-18 alone when shrunk.
+  table = json.loads((tmp_path / 'backbones.json').read_text())
+  assert (table['dtype'], table['image_size'], table['batch_size']) == ('bfloat16', 32, 2)
+  (row,) = table['rows']
+  assert (row['name'], row['errors']) == ('resnet18', [])
+  assert row['img_s'] > 0 and abs(row['flops_ratio'] - 1) < 0.1
 
 
 
