@@ -17,8 +17,9 @@
 # the package need not be installed on the GPU machine.
 #
 # --shrink makes everything tiny (64 px, batches of 8 / 4, a few steps; the backbone table
-# ResNet-18 alone, its step at 32 px) so that the script itself is tested on a CPU (tests/test_benchmarks.py). Packages missing on the machine can
-# travel as wheels in .whl/ (for a machine without a package index): they are installed first.
+# ResNet-18 alone, its step at 32 px) so that the script itself is tested on a CPU
+# (tests/test_benchmarks.py). Packages missing on the machine can travel as wheels in .whl/
+# (for a machine without a package index): they are installed first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
