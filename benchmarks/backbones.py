@@ -96,24 +96,28 @@ def parameter_count(module: nnx.Module) -> int:
   return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
-def abstract_backbone(name: str, dtype: str) -> nnx.Module:
-  """The backbone's module with shapes only: nothing is initialised."""
+def abstract_backbone(name: str, image_size: int, dtype: str) -> nnx.Module:
+  """The backbone's module for inputs of `image_size`, with shapes only: nothing is
+  initialised. A sized backbone (`Backbone.sized`: a ViT, whose position embeddings are
+  one per patch) is built for that side, as FashionNet builds it for its crop."""
+  sized = getattr(backbones.BACKBONES[name], 'sized', False)
+  side = dict(image_size=image_size) if sized else {}
   return nnx.eval_shape(lambda: backbones.create(name, dtype=steps.DTYPES[dtype],
-                                                 rngs=nnx.Rngs(0)))
+                                                 rngs=nnx.Rngs(0), **side))
 
 
 def parameters(name: str, dtype: str) -> dict:
   """Parameter counts of the backbone and of FashionNet on it (224 px, the default recipe)."""
   config = train_step.training_config(name, 1, PUBLISHED_SIZE, dtype)
   model = nnx.eval_shape(lambda: steps.create_model(config, nnx.Rngs(0)))
-  return dict(backbone_params=parameter_count(abstract_backbone(name, dtype)),
+  return dict(backbone_params=parameter_count(abstract_backbone(name, PUBLISHED_SIZE, dtype)),
               fashion_net_params=parameter_count(model))
 
 
 def forward_flops(name: str, image_size: int, dtype: str) -> dict:
   """XLA's FLOPs of the backbone's forward pass (eval mode) on one image of `image_size`."""
   start = time.perf_counter()
-  model = abstract_backbone(name, dtype)
+  model = abstract_backbone(name, image_size, dtype)
   model.eval()
   graphdef, state = nnx.split(model)
 
@@ -183,14 +187,21 @@ def settings(args) -> dict:
               cpu_count=os.cpu_count())
 
 
-COLUMNS = (  # (header, key, width, format[, scale])
-    ('name', 'name', 16, '{}'), ('title', 'title', 14, '{}'),
-    ('backbone M', 'backbone_params', 11, '{:.2f}', 1e-6),
-    ('FashionNet M', 'fashion_net_params', 13, '{:.2f}', 1e-6),
-    ('GFLOPs', 'gflops', 9, '{:.2f}'), ('published', 'published_gflops', 10, '{:.2f}'),
-    ('ratio', 'flops_ratio', 7, '{:.3f}'), ('img/s', 'img_s', 9, '{:.1f}'),
-    ('count s', 'flops_s', 8, '{:.1f}'), ('compile s', 'compile_s', 10, '{:.1f}'),
-)
+def columns(names: list) -> tuple:
+  """The table's columns, (header, key, width, format[, scale]); the first two as wide as
+  the names and titles."""
+  name_width = max(len(name) for name in names + ['name']) + 2
+  title_width = max(len(backbones.BACKBONES[name].title) for name in names) + 2
+  return (
+      ('name', 'name', name_width, '{}'), ('title', 'title', title_width, '{}'),
+      ('backbone M', 'backbone_params', 11, '{:.2f}', 1e-6),
+      ('FashionNet M', 'fashion_net_params', 13, '{:.2f}', 1e-6),
+      ('GFLOPs', 'gflops', 9, '{:.2f}'), ('published', 'published_gflops', 10, '{:.2f}'),
+      ('ratio', 'flops_ratio', 7, '{:.3f}'), ('img/s', 'img_s', 9, '{:.1f}'),
+      ('count s', 'flops_s', 8, '{:.1f}'), ('compile s', 'compile_s', 10, '{:.1f}'),
+  )
+
+
 LEFT_ALIGNED = ('name', 'title')
 
 
@@ -198,18 +209,18 @@ def _aligned(text: str, key: str, width: int) -> str:
   return f'{text:<{width}}' if key in LEFT_ALIGNED else f'{text:>{width}}'
 
 
-def print_header(result: dict):
+def print_header(result: dict, table: tuple):
   print(f"backbones: parameters in millions at 224 px; GFLOPs of one forward pass at "
         f"{result['flops_image_size']} px (published ones at {PUBLISHED_SIZE}); img/s of the "
         f"train step at {result['image_size']} px, batch {result['batch_size']}, "
         f"{result['dtype']}, median of {result['steps']}; seconds to count the FLOPs and to "
         f"build and compile the step; {result['device']} x {result['device_count']}")
-  print(''.join(_aligned(header, key, width) for header, key, width, *_ in COLUMNS))
+  print(''.join(_aligned(header, key, width) for header, key, width, *_ in table))
 
 
-def print_row(row: dict):
+def print_row(row: dict, table: tuple):
   cells = []
-  for _, key, width, fmt, *scale in COLUMNS:
+  for _, key, width, fmt, *scale in table:
     value = row.get(key)
     text = '-' if value is None else fmt.format(value * scale[0] if scale else value)
     cells.append(_aligned(text, key, width))
@@ -226,12 +237,12 @@ def main(argv=None) -> int:
     names = chosen_backbones(args.backbones)
   except errors.ConfigError as error:
     raise SystemExit(str(error)) from None
-  result = settings(args)
-  print_header(result)
+  result, table = settings(args), columns(names)
+  print_header(result, table)
   result['rows'] = []
   for name in names:
     result['rows'].append(measure_backbone(name, args))
-    print_row(result['rows'][-1])
+    print_row(result['rows'][-1], table)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(result, f, indent=1)
