@@ -243,9 +243,9 @@ def main(argv=None) -> int:
   for name in names:
     result['rows'].append(measure_backbone(name, args))
     print_row(result['rows'][-1], table)
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(result, f, indent=1)
+    if args.json:  # after every row: a run cut short keeps the rows it measured
+      with open(args.json, 'w') as f:
+        json.dump(result, f, indent=1)
   return 1 if any(row['errors'] for row in result['rows']) else 0
 
 
