@@ -4,17 +4,22 @@
 # on synthetic data through the real input pipeline of configs/resnet50_bf16.py and of
 # Liu & Lu's recipe (configs/landmark_attention.py: VGG-16 with landmark-driven
 # attention, float32, its batch of 16); prints images/s, TFLOP/s and MFU (where the GPU's
-# peak is listed in deepfashion_jax/throughput.py) for each and the device, and writes step_resnet18.json, step_resnet50.json, end_to_end.json,
-# landmark_attention.json and summary.json into OUT_DIR.
+# peak is listed in deepfashion_jax/throughput.py) for each and the device, and writes
+# step_resnet18.json, step_resnet50.json, end_to_end.json, landmark_attention.json and
+# summary.json into OUT_DIR. Last, every backbone side by side (benchmarks/backbones.py:
+# parameters, forward GFLOPs against the published figures, the train step's images/s at
+# 224 px, batch 64, bfloat16) into backbones.json; a backbone that fails there keeps its row
+# with its error, and the script then exits with status 1.
 #
 #   benchmarks/gpu.sh [--shrink] [OUT_DIR]        (OUT_DIR: $OUT, else benchmarks/out/gpu)
 #
 # It runs the benchmarks as modules from the repository root (python -m benchmarks.X), so
 # the package need not be installed on the GPU machine.
 #
-# --shrink makes everything tiny (64 px, batches of 8 / 4, a few steps) so that the script
-# itself is tested on a CPU (tests/test_benchmarks.py). Packages missing on the machine can
-# travel as wheels in .whl/ (for a machine without a package index): they are installed first.
+# --shrink makes everything tiny (64 px, batches of 8 / 4, a few steps; the backbone table
+# ResNet-18 alone, its step at 32 px) so that the script itself is tested on a CPU
+# (tests/test_benchmarks.py). Packages missing on the machine can travel as wheels in .whl/
+# (for a machine without a package index): they are installed first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,10 +40,12 @@ if (( shrink )); then
   e2e=(--steps 6 --warmup 2 --image_size 64 --synthetic_images 48 --threads 2
        --processes 0)
   recipe_batch=(--batch_size 8)
+  backbone_table=(--backbones resnet18 --image_size 32 --batch_size 2 --steps 1 --warmup 1)
 else
   image_size=224; batches="512 256 128"; steps=20; warmup=3
   e2e=(--steps 300 --warmup 30 --synthetic_images 4096)
   recipe_batch=()
+  backbone_table=(--image_size 224 --batch_size 64 --steps 10 --warmup 2)
 fi
 
 for backbone in resnet18 resnet50; do
@@ -97,3 +104,10 @@ for prefix, (_, result, _) in zip(('resnet18_step', 'resnet50_step', 'end_to_end
                   for key in ('flops_per_step', 'tflops_per_sec', 'mfu') if key in result})
 json.dump(summary, open(os.path.join(out, 'summary.json'), 'w'), indent=1)
 EOF
+
+# Every backbone (all of models/backbones.BACKBONES), last: its rows print as they come.
+if ! "$python" -m benchmarks.backbones "${backbone_table[@]}" --dtype bfloat16 \
+    --json "$out_dir/backbones.json"; then
+  echo "gpu.sh: a backbone failed in benchmarks/backbones.py (its row says why)" >&2
+  exit 1
+fi

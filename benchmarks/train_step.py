@@ -15,6 +15,9 @@ number of threads. After warm-up the two steps alternate, N times each; the medi
 Prints a table and writes jax_img_s and torch_img_s (and the step times) as JSON, with our
 step's flops_per_step (XLA's cost analysis), tflops_per_sec and, on a GPU whose peak
 deepfashion_jax/throughput.py lists, mfu.
+
+`benchmarks/backbones.py` times the same step (`config_step`, of the default recipe) for
+every backbone, beside their parameters and FLOPs, without the PyTorch side.
 """
 
 import argparse
@@ -79,21 +82,35 @@ def make_batch(batch_size: int, image_size: int, seed: int = 0) -> dict:
       skipped=np.zeros(batch_size, np.int32))
 
 
+def training_config(backbone: str, batch_size: int, image_size: int, dtype: str):
+  """The default recipe with `backbone`, at this batch, side (images that fill their canvas)
+  and activation dtype."""
+  config = default.get_config()
+  config.model.backbone = backbone
+  config.batch_size = batch_size
+  config.data.img_size = config.data.crop_size = image_size
+  config.data.canvas_size = image_size
+  config.dtype = dtype
+  return config
+
+
 def benchmark_config(args):
   """The default (baseline) recipe with the reference model's box pooling."""
-  config = default.get_config()
-  config.model.backbone = f'resnet{depth_of(args.backbone)}'  # a ResNet: torch's side is one
+  # A ResNet: torch's side is one.
+  config = training_config(f'resnet{depth_of(args.backbone)}', args.batch_size,
+                           args.image_size, args.dtype)
   config.model.roi_pool = 'baseline_max'
-  config.batch_size = args.batch_size
-  config.data.img_size = config.data.crop_size = args.image_size
-  config.data.canvas_size = args.image_size
-  config.dtype = args.dtype
   return config
 
 
 def jax_step(args, batch):
   """A function that runs one training step of this project and waits for it."""
-  config = benchmark_config(args)
+  return config_step(benchmark_config(args), batch)
+
+
+def config_step(config, batch):
+  """A function that runs one training step of `config`'s model on `batch` (`make_batch`)
+  and waits for it; its `flops` are the step's (XLA's count), its `holder` the state."""
   mesh = sharding.make_mesh()
   attributes = annotations.AttributeFacts(types=np.arange(NUM_ATTRIBUTES) % 5,
                                           train_positives=np.ones(NUM_ATTRIBUTES, np.int64),

@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 
+from flax import nnx
 import pytest
 
+from benchmarks import backbones as backbones_benchmark
 from benchmarks import compare_baseline
 from benchmarks import convolutions
 from benchmarks import train_step
@@ -44,6 +46,78 @@ def _leaves(params):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   return [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def test_backbones_counts_parameters_and_flops_against_the_published_figures(tmp_path, capsys):
+  # Lowering alone (no compile, no train step): ResNet-18's forward pass at 224 px is
+  # XLA's 3.37 GFLOPs against torchvision's 3.63 (2 x 1.814 G multiply-adds, which count
+  # the products with the convolutions' zero padding too).
+  out = tmp_path / 'backbones.json'
+  status = backbones_benchmark.main(['--backbones', 'resnet18,resnet50', '--skip_step',
+                                     '--json', str(out)])
+  assert status == 0
+  result = json.loads(out.read_text())
+  r18, r50 = result['rows']
+  assert (r18['name'], r18['title'], r18['errors']) == ('resnet18', 'ResNet-18', [])
+  assert r18['backbone_params'] == 11_176_512  # torchvision's 11,689,512 less fc's 513,000
+  assert r50['backbone_params'] == 23_508_032  # 25,557,032 less fc's 2,049,000
+  assert r18['fashion_net_params'] > r18['backbone_params']
+  for row in (r18, r50):
+    assert row['published_gflops'] > 0 and row['gflops'] > 0
+    assert abs(row['flops_ratio'] - 1) < 0.1, row
+  assert 'img_s' not in r18  # --skip_step
+  printed = capsys.readouterr().out
+  assert 'ResNet-18' in printed and 'published' in printed and '0.929' in printed
+
+
+class _TinyBackbone(nnx.Module):
+  """Two strided convolutions with the backbone interface (models/backbones.py)."""
+  out_features = global_features = landmark_features = 8
+  final_map, landmark_map, stride, num_layers = 'conv2', 'conv1', 16, 2
+
+  def __init__(self, *, dtype, rngs):
+    self.conv1 = nnx.Conv(3, 8, (3, 3), strides=8, dtype=dtype, rngs=rngs)
+    self.conv2 = nnx.Conv(8, 8, (3, 3), strides=2, dtype=dtype, rngs=rngs)
+
+  def feature_size(self, side):
+    return -(-side // 16)
+
+  def layer_id(self, path):
+    return {'conv1': 1, 'conv2': 2}[path[0]]
+
+  def __call__(self, images, at_landmark_map=None):
+    conv1 = self.conv1(images)
+    conv2 = self.conv2(conv1 if at_landmark_map is None else at_landmark_map(conv1))
+    return dict(conv1=conv1, conv2=conv2, **{'global': conv2.mean((1, 2))})
+
+
+def _broken_backbone(**_):
+  raise RuntimeError('no such weights')
+
+
+def test_backbones_times_the_train_step_and_keeps_a_failing_row(tmp_path, capsys, monkeypatch):
+  # Any backbone in BACKBONES gets a row; one that fails keeps it, with its error.
+  from deepfashion_jax.models import backbones  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(backbones.BACKBONES, 'tiny', backbones.Backbone('Tiny', _TinyBackbone))
+  monkeypatch.setitem(backbones.BACKBONES, 'broken',
+                      backbones.Backbone('Broken', _broken_backbone))
+  out = tmp_path / 'backbones.json'
+  status = backbones_benchmark.main(['--backbones', 'tiny,broken', '--image_size', '32',
+                                     '--batch_size', '2', '--steps', '2', '--json', str(out)])
+  assert status == 1  # a backbone failed
+  tiny, broken = json.loads(out.read_text())['rows']
+  assert tiny['errors'] == []
+  for key in ('backbone_params', 'fashion_net_params', 'gflops', 'flops_s', 'compile_s',
+              'step_s', 'img_s', 'flops_per_step'):
+    assert tiny[key] > 0, key
+  assert tiny['backbone_params'] == (3 * 3 * 3 * 8 + 8) + (3 * 3 * 8 * 8 + 8)
+  assert len(tiny['step_s_all']) == 2 and tiny['img_s'] == 2 / tiny['step_s']
+  assert 'published_gflops' not in tiny and 'flops_ratio' not in tiny
+  assert len(broken['errors']) == 3  # parameters, FLOPs, train step
+  assert all('RuntimeError: no such weights' in error for error in broken['errors'])
+  assert 'gflops' not in broken and 'img_s' not in broken
+  printed = capsys.readouterr().out
+  assert 'broken failed: train step: RuntimeError: no such weights' in printed
 
 
 @pytest.mark.parametrize('depth', [18, 50])
@@ -122,6 +196,12 @@ def test_gpu_script_runs_shrunk_on_cpu(tmp_path):
     assert f'{prefix}_mfu' not in summary
   assert summary['resnet50_step_flops_per_step'] > summary['resnet18_step_flops_per_step']
   assert 'TFLOP/s' in completed.stdout and 'MFU' in completed.stdout
+  # The backbone table, last: ResNet-18 alone when shrunk.
+  table = json.loads((tmp_path / 'backbones.json').read_text())
+  assert (table['dtype'], table['image_size'], table['batch_size']) == ('bfloat16', 32, 2)
+  (row,) = table['rows']
+  assert (row['name'], row['errors']) == ('resnet18', [])
+  assert row['img_s'] > 0 and abs(row['flops_ratio'] - 1) < 0.1
 
 
 
