@@ -57,6 +57,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from deepfashion_jax.models import layer_norm
+
 EPSILON = 1e-6  # every LayerNorm's, torchvision's
 LAYER_SCALE_INIT = 1e-6  # torchvision's default layer_scale
 STAGES = ('stage1', 'stage2', 'stage3', 'stage4')
@@ -80,17 +82,10 @@ ARCHITECTURES = {
 }
 
 
-class LayerNorm(nnx.LayerNorm):
-  """nn.LayerNorm over the last axis (the channels: torchvision's LayerNorm2d on NCHW maps
-  is this on NHWC ones), epsilon 1e-6, computed in float32 with the exact variance (torch's
-  two-pass one), returned in the input's dtype."""
-
-  def __init__(self, features: int, rngs: nnx.Rngs):
-    super().__init__(features, epsilon=EPSILON, dtype=jnp.float32, param_dtype=jnp.float32,
-                     use_fast_variance=False, rngs=rngs)
-
-  def __call__(self, x, *, mask=None):
-    return super().__call__(x, mask=mask).astype(x.dtype)
+def _layer_norm(features: int, rngs: nnx.Rngs) -> layer_norm.LayerNorm:
+  """nn.LayerNorm over the channels, epsilon 1e-6: torchvision's LayerNorm2d on NCHW maps is
+  this on NHWC ones."""
+  return layer_norm.LayerNorm(features, epsilon=EPSILON, rngs=rngs)
 
 
 class Permute(nnx.Module):
@@ -135,7 +130,7 @@ class CNBlock(nnx.Module):
         _conv(channels, channels, 7, padding=((3, 3), (3, 3)), feature_group_count=channels,
               dtype=dtype, rngs=rngs),
         Permute(),
-        LayerNorm(channels, rngs),
+        _layer_norm(channels, rngs),
         _linear(channels, 4 * channels, dtype=dtype, rngs=rngs),
         GELU(),
         _linear(4 * channels, channels, dtype=dtype, rngs=rngs),
@@ -170,18 +165,18 @@ class ConvNeXt(nnx.Module):
     self.size, self.drop_path = size, drop_path
     self.blocks_per_stage = depths
     layers = [nnx.List([_patchify(3, channels[0], 4, dtype=dtype, rngs=rngs),
-                        LayerNorm(channels[0], rngs)])]
+                        _layer_norm(channels[0], rngs)])]
     rates = _drop_path_rates(drop_path, sum(depths))
     for stage, (width, blocks) in enumerate(zip(channels, depths)):
       if stage > 0:
-        layers.append(nnx.List([LayerNorm(channels[stage - 1], rngs),
+        layers.append(nnx.List([_layer_norm(channels[stage - 1], rngs),
                                 _patchify(channels[stage - 1], width, 2, dtype=dtype,
                                           rngs=rngs)]))
       first = sum(depths[:stage])
       layers.append(nnx.List([CNBlock(width, rates[first + i], dtype=dtype, rngs=rngs)
                               for i in range(blocks)]))
     self.features = nnx.List(layers)
-    self.classifier = nnx.List([LayerNorm(channels[-1], rngs)])
+    self.classifier = nnx.List([_layer_norm(channels[-1], rngs)])
     self.out_features = self.global_features = channels[-1]
     self.landmark_features = channels[STAGES.index(self.landmark_map)]
     self.num_layers = 3 + -(-depths[2] // 3)

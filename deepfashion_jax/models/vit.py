@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepfashion_jax import errors
+from deepfashion_jax.models import layer_norm as layer_norm_lib
 
 Activation = Literal['gelu', 'quick_gelu', 'gelu_tanh']
 Pool = Literal['token', 'mean', 'map']
@@ -125,16 +126,9 @@ def check_options(architecture: Architecture, side=None, global_pool: str = 'def
         f'{architecture.patch_size}')
 
 
-class LayerNorm(nnx.LayerNorm):
-  """nnx.LayerNorm computed in float32 whatever the activations' dtype, returned in it."""
-
-  def __call__(self, x, *, mask=None):
-    return super().__call__(x.astype(jnp.float32), mask=mask).astype(x.dtype)
-
-
-def layer_norm(width: int, architecture: Architecture, rngs: nnx.Rngs) -> LayerNorm:
-  return LayerNorm(width, epsilon=architecture.norm_eps, dtype=jnp.float32,
-                   param_dtype=jnp.float32, rngs=rngs)
+def layer_norm(width: int, architecture: Architecture,
+               rngs: nnx.Rngs) -> layer_norm_lib.LayerNorm:
+  return layer_norm_lib.LayerNorm(width, epsilon=architecture.norm_eps, rngs=rngs)
 
 
 def _linear(n_in: int, n_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:

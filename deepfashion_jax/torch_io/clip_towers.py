@@ -14,9 +14,11 @@ nothing in the file tells them apart.
 """
 
 import dataclasses
+import re
 
 from absl import logging
 from flax import nnx
+
 import numpy as np
 
 from deepfashion_jax.models import fashion_net
@@ -44,6 +46,25 @@ def leaf(name: str, is_norm: bool) -> str:
   """A torch parameter's name ('weight', 'bias') as the Flax variable's: a LayerNorm's
   scale and bias, a linear layer's or convolution's kernel and bias."""
   return (vit_common.LAYER_NORM_LEAVES if is_norm else common.LEAVES).get(name, name)
+
+
+def target(name: str, block: re.Pattern, block_modules: dict, top_modules: dict) -> tuple:
+  """The backbone's variable a tower key (without its prefix) fills, from the layout's
+  tables: `block` matches a block's key as (number, module, leaf); `block_modules` and
+  `top_modules` map a module to (its path in the backbone, whether it is a LayerNorm). A
+  key no table has gives a path the backbone lacks, which load_variables lists as
+  unexpected."""
+  match = block.match(name)
+  if match:
+    number, module, leaf_name = match.groups()
+    if module in block_modules:
+      path, is_norm = block_modules[module]
+      return ('blocks', int(number)) + path + (leaf(leaf_name, is_norm),)
+  module, _, leaf_name = name.rpartition('.')
+  if module in top_modules:
+    path, is_norm = top_modules[module]
+    return path + (leaf(leaf_name, is_norm),)
+  return ('unknown', name)
 
 
 def shape(arrays: dict, key: str, ndim: int, path: str) -> tuple:

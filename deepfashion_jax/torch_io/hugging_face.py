@@ -89,22 +89,6 @@ def architecture_of(arrays: dict, prefix: str, projection: int,
       pool='map' if has_head else 'token' if kind == 'CLIP' else 'mean')
 
 
-def _target(name: str) -> tuple:
-  """The backbone's variable a tower key (without its prefix) fills (a path the backbone
-  lacks, for a key it has no variable for: load_variables lists it as unexpected)."""
-  layer = _LAYER.match(name)
-  if layer:
-    number, module, leaf = layer.groups()
-    if module in _LAYER_MODULES:
-      target, is_norm = _LAYER_MODULES[module]
-      return ('blocks', int(number)) + target + (clip_towers.leaf(leaf, is_norm),)
-  module, _, leaf = name.rpartition('.')
-  if module in _TOP_MODULES:
-    target, is_norm = _TOP_MODULES[module]
-    return target + (clip_towers.leaf(leaf, is_norm),)
-  return ('unknown', name)
-
-
 def _named(arrays: dict, prefix: str, model: nnx.Module, path: str) -> dict:
   """{key: (path inside the backbone, array in torch's layout)} for the tower's arrays."""
   named = {}
@@ -121,7 +105,7 @@ def _named(arrays: dict, prefix: str, model: nnx.Module, path: str) -> dict:
     elif packed and packed.group(1) == 'weight':
       named.update(clip_towers.unpacked(arrays, key, ('map_head', 'attention'), path))
     elif not packed and name not in _BUFFERS:  # a packed bias is split with its weight
-      named[key] = (_target(name), array)
+      named[key] = (clip_towers.target(name, _LAYER, _LAYER_MODULES, _TOP_MODULES), array)
   return named
 
 

@@ -76,22 +76,6 @@ def architecture_of(arrays: dict, prefix: str, path: str) -> vit.Architecture:
       ln_pre=prefix + 'ln_pre.weight' in arrays)
 
 
-def _target(name: str) -> tuple:
-  """The backbone's variable a tower key (without its prefix) fills (a path the backbone
-  lacks, for a key it has no variable for: load_variables lists it as unexpected)."""
-  block = _BLOCK.match(name)
-  if block:
-    number, module, leaf = block.groups()
-    if module in _BLOCK_MODULES:
-      target, is_norm = _BLOCK_MODULES[module]
-      return ('blocks', int(number)) + target + (clip_towers.leaf(leaf, is_norm),)
-  module, _, leaf = name.rpartition('.')
-  if module in _TOP_MODULES:
-    target, is_norm = _TOP_MODULES[module]
-    return target + (clip_towers.leaf(leaf, is_norm),)
-  return ('unknown', name)
-
-
 def _named(arrays: dict, prefix: str, model: nnx.Module, path: str) -> dict:
   """{key: (path inside the backbone, array in torch's layout)} for the tower's arrays."""
   named = {}
@@ -109,7 +93,7 @@ def _named(arrays: dict, prefix: str, model: nnx.Module, path: str) -> dict:
       attention = ('blocks', int(packed.group(1)), 'attention')
       named.update(clip_towers.unpacked(arrays, key, attention, path))
     elif not packed:  # a packed bias is split with its weight
-      named[key] = (_target(name), array)
+      named[key] = (clip_towers.target(name, _BLOCK, _BLOCK_MODULES, _TOP_MODULES), array)
   return named
 
 
