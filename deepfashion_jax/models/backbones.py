@@ -87,10 +87,10 @@ BACKBONES = {
     'vgg16_bn': Backbone('VGG-16-BN', functools.partial(vgg.VGG16, batch_norm=True)),
     **{name: _vit(name) for name in vit.ARCHITECTURES},
     # convnext_test: convnext.ARCHITECTURES['test'], shrunk, without published weights.
-    **{f'convnext_{size}': Backbone(f'ConvNeXt-{title}',
-                                    functools.partial(convnext.ConvNeXt, size),
+    **{f'convnext_{size}': Backbone(title, functools.partial(convnext.ConvNeXt, size),
                                     options=('drop_path',))
-       for size, title in (('tiny', 'T'), ('small', 'S'), ('base', 'B'), ('test', 'test'))},
+       for size, title in (('tiny', 'ConvNeXt-T'), ('small', 'ConvNeXt-S'),
+                           ('base', 'ConvNeXt-B'), ('test', 'ConvNeXt (shrunk, for tests)'))},
 }
 
 
