@@ -334,3 +334,23 @@ def test_a_train_step_of_a_vit_with_drop_path_runs(synthetic_folder):
       state, sharding.global_batch(batches[0], mesh))
   assert np.isfinite(float(metrics.compute()['loss']))
   assert not np.array_equal(query(state.params), before)
+
+
+@pytest.mark.parametrize('library, key, damaged', [
+    ('timm', 'pos_embed', 0.5),  # a scalar where (1, tokens, width) belongs
+    ('timm', 'blocks.0.attn.qkv.weight', np.zeros((32, 32), np.float32)),  # not packed
+    ('torchvision', 'conv_proj.weight', np.zeros((32, 3), np.float32)),
+    ('torchvision', 'encoder.layers.encoder_layer_0.self_attention.in_proj_bias',
+     np.zeros((95,), np.float32))])
+def test_a_damaged_file_is_refused_naming_the_key(library, key, damaged, reference_files,
+                                                  tmp_path):
+  """An array of the wrong shape is a CheckpointError naming the file and the key, not an
+  IndexError or a ValueError from splitting it."""
+  torch = reference_libraries.import_torch()
+  state = {k: v.detach().numpy() for k, v in torch.load(reference_files[library][1]).items()}
+  state[key] = np.asarray(damaged, np.float32)
+  path = _save(state, tmp_path / f'{library}.pth')
+  model = nnx.eval_shape(lambda: fashion_net.FashionNet(
+      backbone='vit_test', image_size=NATIVE, rngs=nnx.Rngs(0)))
+  with pytest.raises(torch_io.CheckpointError, match=re.escape(path) + '.*' + re.escape(key)):
+    torch_io.load_into(model, path)

@@ -67,20 +67,9 @@ def target(name: str, block: re.Pattern, block_modules: dict, top_modules: dict)
   return ('unknown', name)
 
 
-def shape(arrays: dict, key: str, ndim: int, path: str) -> tuple:
-  """The shape of arrays[key], which must have `ndim` dimensions; CheckpointError naming
-  the key otherwise, or when the file lacks it."""
-  if key not in arrays:
-    raise CheckpointError(f'{path}: it has no {key}, which a ViT image tower has')
-  found = np.shape(arrays[key])
-  if len(found) != ndim:
-    raise CheckpointError(f'{path}: {key} has shape {found}, expected {ndim} dimensions')
-  return found
-
-
 def patch_embedding(arrays: dict, key: str, path: str) -> tuple:
   """(width, patch size) from a patch convolution's weight (width, 3, p, p)."""
-  width, channels, height, side = shape(arrays, key, 4, path)
+  width, channels, height, side = vit_common.shape(arrays, key, 4, path)
   if channels != 3 or height != side:
     raise CheckpointError(f'{path}: {key} has shape {(width, channels, height, side)}, '
                           'expected (width, 3, patch, patch): square patches of RGB images')
@@ -89,28 +78,11 @@ def patch_embedding(arrays: dict, key: str, path: str) -> tuple:
 
 def positions(arrays: dict, key: str, width: int, path: str) -> np.ndarray:
   """The position embedding arrays[key], which must be (tokens, width)."""
-  tokens, found_width = shape(arrays, key, 2, path)
+  tokens, found_width = vit_common.shape(arrays, key, 2, path)
   if found_width != width:
     raise CheckpointError(f'{path}: {key} has shape {(tokens, found_width)}, expected '
                           f'(tokens, {width}): the patch embedding is {width} wide')
   return arrays[key]
-
-
-def unpacked(arrays: dict, weight_key: str, attention: tuple, path: str) -> dict:
-  """nn.MultiheadAttention's packed `in_proj_weight` (3D, D) at `weight_key` and its
-  `in_proj_bias` (3D,) -> {weight_key[query.kernel] ...: (the path of vit.Attention's part
-  under `attention`, its third)} (`vit_common.split_packed`)."""
-  weight = arrays[weight_key]
-  bias_key = weight_key[:-len('weight')] + 'bias'
-  bias = arrays.get(bias_key)
-  if weight.ndim != 2 or weight.shape[0] != 3 * weight.shape[1]:
-    raise CheckpointError(f'{path}: {weight_key} has shape {weight.shape}, expected the '
-                          'query, key and value projections packed: (3 x width, width)')
-  if bias is not None and bias.shape != weight.shape[:1]:
-    raise CheckpointError(f'{path}: {bias_key} has shape {bias.shape}, expected '
-                          f'{weight.shape[:1]}, as {weight_key} packs three projections')
-  return {f'{weight_key}[{target[-2]}.{target[-1]}]': (target, part)
-          for target, part in vit_common.split_packed(attention, weight, bias).items()}
 
 
 def linear_weight(projection: np.ndarray) -> np.ndarray:

@@ -77,7 +77,7 @@ def architecture_of(arrays: dict, prefix: str, projection: int,
   the projection beside it (0: none)."""
   width, patch = clip_towers.patch_embedding(arrays, prefix + _PATCH, path)
   key = prefix + 'encoder.layers.0.mlp.fc1.weight'
-  mlp_dim = clip_towers.shape(arrays, key, 2, path)[0]
+  mlp_dim = vit_common.shape(arrays, key, 2, path)[0]
   clip_towers.positions(arrays, prefix + 'embeddings.position_embedding.weight', width, path)
   kind = _kind(arrays, prefix)
   has_head = prefix + 'head.probe' in arrays
@@ -103,7 +103,7 @@ def _named(arrays: dict, prefix: str, model: nnx.Module, path: str) -> dict:
     elif name == 'head.probe':
       named[key] = (('map_head', 'probe'), array)
     elif packed and packed.group(1) == 'weight':
-      named.update(clip_towers.unpacked(arrays, key, ('map_head', 'attention'), path))
+      named.update(vit_common.unpacked(arrays, key, ('map_head', 'attention'), path))
     elif not packed and name not in _BUFFERS:  # a packed bias is split with its weight
       named[key] = (clip_towers.target(name, _LAYER, _LAYER_MODULES, _TOP_MODULES), array)
   return named
@@ -120,7 +120,7 @@ def load(model: nnx.Module, content, path: str) -> common.Loaded:
             if k.startswith(prefix) and k != projection_key}
   projection = 0
   if projection_key in state:
-    projection = clip_towers.shape(state, projection_key, 2, path)[0]
+    projection = vit_common.shape(state, projection_key, 2, path)[0]
   kind = _kind(arrays, prefix)
   what = f'a Hugging Face {kind} ViT'
   clip_towers.check(model, architecture_of(arrays, prefix, projection, path), what, path)

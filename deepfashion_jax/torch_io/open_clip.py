@@ -65,9 +65,9 @@ def architecture_of(arrays: dict, prefix: str, path: str) -> vit.Architecture:
   """The tower the arrays (keys starting with `prefix`) hold."""
   width, patch = clip_towers.patch_embedding(arrays, prefix + 'conv1.weight', path)
   key = prefix + 'transformer.resblocks.0.mlp.c_fc.weight'
-  mlp_dim = clip_towers.shape(arrays, key, 2, path)[0]
+  mlp_dim = vit_common.shape(arrays, key, 2, path)[0]
   key = prefix + 'proj'
-  projection = clip_towers.shape(arrays, key, 2, path)[1] if key in arrays else 0
+  projection = vit_common.shape(arrays, key, 2, path)[1] if key in arrays else 0
   clip_towers.positions(arrays, prefix + 'positional_embedding', width, path)
   return clip_towers.architecture(
       'CLIP', patch_size=patch, width=width, mlp_dim=mlp_dim, projection=projection,
@@ -91,7 +91,7 @@ def _named(arrays: dict, prefix: str, model: nnx.Module, path: str) -> dict:
       named[key] = (('projection',), clip_towers.linear_weight(array))
     elif packed and packed.group(2) == 'weight':
       attention = ('blocks', int(packed.group(1)), 'attention')
-      named.update(clip_towers.unpacked(arrays, key, attention, path))
+      named.update(vit_common.unpacked(arrays, key, attention, path))
     elif not packed:  # a packed bias is split with its weight
       named[key] = (clip_towers.target(name, _BLOCK, _BLOCK_MODULES, _TOP_MODULES), array)
   return named

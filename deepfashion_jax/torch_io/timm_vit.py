@@ -36,13 +36,16 @@ def matches(content) -> bool:
           and any(k.startswith('blocks.') and '.attn.qkv.' in k for k in keys))
 
 
-def architecture_of(arrays: dict) -> vit.Architecture:
-  """The ViT the keys describe (its heads and native side unknown: 0)."""
-  fc1 = arrays.get('blocks.0.mlp.fc1.weight', np.zeros((0, 0)))
+def architecture_of(arrays: dict, path: str) -> vit.Architecture:
+  """The ViT the keys describe (its heads and native side unknown: 0); CheckpointError
+  naming a key whose array has the wrong number of dimensions."""
+  fc1 = 'blocks.0.mlp.fc1.weight'
   return vit.Architecture(
-      patch_size=int(arrays['patch_embed.proj.weight'].shape[-1]),
-      width=int(arrays['pos_embed'].shape[-1]), depth=vit_common.numbered(arrays, 'blocks.'),
-      heads=0, mlp_dim=int(fc1.shape[0]), image_size=0,
+      patch_size=int(vit_common.shape(arrays, 'patch_embed.proj.weight', 4, path)[-1]),
+      width=int(vit_common.shape(arrays, 'pos_embed', 3, path)[-1]),
+      depth=vit_common.numbered(arrays, 'blocks.'), heads=0,
+      mlp_dim=int(vit_common.shape(arrays, fc1, 2, path)[0]) if fc1 in arrays else 0,
+      image_size=0,
       patch_bias='patch_embed.proj.bias' in arrays, class_token='cls_token' in arrays)
 
 
@@ -62,10 +65,8 @@ def named_arrays(arrays: dict, model: nnx.Module, path: str) -> dict:
   named = {}
   for key, array in arrays.items():
     if key.endswith('.attn.qkv.weight'):
-      prefix = ('blocks', int(key.split('.')[1]), 'attention')
-      bias = arrays.get(key.replace('.weight', '.bias'))
-      for target, part in vit_common.split_packed(prefix, array, bias).items():
-        named[f'{key}[{target[-2]}.{target[-1]}]'] = (target, part)
+      attention = ('blocks', int(key.split('.')[1]), 'attention')
+      named.update(vit_common.unpacked(arrays, key, attention, path))
     elif key.endswith('.attn.qkv.bias'):
       continue  # split with the weight
     elif key.startswith('patch_embed.proj.'):
@@ -88,6 +89,6 @@ def load(model: nnx.Module, content, path: str) -> common.Loaded:
   """Loads a timm ViT state dict into the backbone; its classifier is dropped."""
   arrays = {k: np.asarray(v) for k, v in common.state_dict(content, path).items()
             if not k.startswith(_CLASSIFIER)}
-  vit_common.check_architecture(model, architecture_of(arrays), WHAT, path)
+  vit_common.check_architecture(model, architecture_of(arrays, path), WHAT, path)
   vit_common.load_backbone(model, named_arrays(arrays, model, path), path)
   return common.Loaded(NAME, 'backbone')

@@ -39,13 +39,15 @@ def matches(content) -> bool:
           and {'conv_proj.weight', 'encoder.pos_embedding'} <= _keys(content))
 
 
-def architecture_of(arrays: dict) -> vit.Architecture:
-  """The ViT the keys describe (its heads and native side unknown: 0)."""
-  patch = arrays['conv_proj.weight']
-  fc1 = arrays.get(f'{_LAYERS}0.mlp.0.weight', np.zeros((0, 0)))
+def architecture_of(arrays: dict, path: str) -> vit.Architecture:
+  """The ViT the keys describe (its heads and native side unknown: 0); CheckpointError
+  naming a key whose array has the wrong number of dimensions."""
+  fc1 = f'{_LAYERS}0.mlp.0.weight'
   return vit.Architecture(
-      patch_size=int(patch.shape[-1]), width=int(arrays['encoder.pos_embedding'].shape[-1]),
-      depth=vit_common.numbered(arrays, _LAYERS), heads=0, mlp_dim=int(fc1.shape[0]),
+      patch_size=int(vit_common.shape(arrays, 'conv_proj.weight', 4, path)[-1]),
+      width=int(vit_common.shape(arrays, 'encoder.pos_embedding', 3, path)[-1]),
+      depth=vit_common.numbered(arrays, _LAYERS), heads=0,
+      mlp_dim=int(vit_common.shape(arrays, fc1, 2, path)[0]) if fc1 in arrays else 0,
       image_size=0, patch_bias='conv_proj.bias' in arrays,
       class_token='class_token' in arrays)
 
@@ -66,10 +68,8 @@ def named_arrays(arrays: dict, model: nnx.Module, path: str) -> dict:
   named = {}
   for key, array in arrays.items():
     if key.endswith('self_attention.in_proj_weight'):
-      prefix = ('blocks', int(key[len(_LAYERS):].split('.', 1)[0]), 'attention')
-      bias = arrays.get(key.replace('_weight', '_bias'))
-      for target, part in vit_common.split_packed(prefix, array, bias).items():
-        named[f'{key}[{target[-2]}.{target[-1]}]'] = (target, part)
+      attention = ('blocks', int(key[len(_LAYERS):].split('.', 1)[0]), 'attention')
+      named.update(vit_common.unpacked(arrays, key, attention, path))
     elif key.endswith('self_attention.in_proj_bias'):
       continue  # split with the weight
     elif key == 'conv_proj.weight' or key == 'conv_proj.bias':
@@ -92,7 +92,7 @@ def load(model: nnx.Module, content, path: str) -> common.Loaded:
   """Loads a torchvision ViT state dict into the backbone; its classifier is dropped."""
   arrays = {k: np.asarray(v) for k, v in common.state_dict(content, path).items()
             if not k.startswith(_CLASSIFIER)}
-  vit_common.check_architecture(model, architecture_of(arrays), WHAT, path)
+  vit_common.check_architecture(model, architecture_of(arrays, path), WHAT, path)
   vit_common.load_backbone(model, named_arrays(arrays, model, path), path)
   if model.normalization != 'imagenet':
     logging.warning('%s is a torchvision ViT: its ImageNet weights expect '

@@ -78,6 +78,34 @@ def split_packed(prefix: tuple, weight: np.ndarray, bias: np.ndarray | None) -> 
   return arrays
 
 
+def shape(arrays: dict, key: str, ndim: int, path: str) -> tuple:
+  """The shape of arrays[key], which must have `ndim` dimensions; CheckpointError naming
+  the key otherwise, or when the file lacks it."""
+  if key not in arrays:
+    raise CheckpointError(f'{path}: it has no {key}, which a ViT has')
+  found = np.shape(arrays[key])
+  if len(found) != ndim:
+    raise CheckpointError(f'{path}: {key} has shape {found}, expected {ndim} dimensions')
+  return found
+
+
+def unpacked(arrays: dict, weight_key: str, attention: tuple, path: str) -> dict:
+  """nn.MultiheadAttention's packed `in_proj_weight` (3D, D) at `weight_key` and its
+  `in_proj_bias` (3D,) -> {weight_key[query.kernel] ...: (the path of vit.Attention's part
+  under `attention`, its third)} (`split_packed`)."""
+  weight = arrays[weight_key]
+  bias_key = weight_key[:-len('weight')] + 'bias'
+  bias = arrays.get(bias_key)
+  if weight.ndim != 2 or weight.shape[0] != 3 * weight.shape[1]:
+    raise CheckpointError(f'{path}: {weight_key} has shape {weight.shape}, expected the '
+                          'query, key and value projections packed: (3 x width, width)')
+  if bias is not None and bias.shape != weight.shape[:1]:
+    raise CheckpointError(f'{path}: {bias_key} has shape {bias.shape}, expected '
+                          f'{weight.shape[:1]}, as {weight_key} packs three projections')
+  return {f'{weight_key}[{target[-2]}.{target[-1]}]': (target, part)
+          for target, part in split_packed(attention, weight, bias).items()}
+
+
 def position_embedding(array: np.ndarray, model: nnx.Module, key: str, path: str) -> np.ndarray:
   """The file's (1, prefix + g * g, D) position embedding (or (prefix + g * g, D)) resampled
   to the backbone's grid (`vit.resample_position_embedding`, the class token's row kept)."""
