@@ -11,6 +11,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from configs import test as test_config
+from deepfashion_jax.data import annotations
+from deepfashion_jax.data import pipeline
+from deepfashion_jax.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One CPU device whatever the caller's XLA_FLAGS: what these runs test does not depend on
@@ -78,3 +81,15 @@ def forbid_opening(monkeypatch, *paths):
 
   monkeypatch.setattr(builtins, 'open', guarded_open)
   monkeypatch.setattr(os, 'open', guarded_os_open)
+
+
+def train_batches(root, config, count):
+  """The folder's index and the first `count` training batches of `config` (one thread)."""
+  index = annotations.read_deepfashion(root)
+  source = sources.FolderSource(index, index.split_indices('train'))
+  options = pipeline.ImageOptions(img_size=config.data.img_size,
+                                  crop_size=config.data.crop_size)
+  dataset = pipeline.train_dataset(source, batch_size=config.batch_size, seed=0,
+                                   options=options)
+  iterator = pipeline.iterate(dataset, threads=1)
+  return index, [next(iterator) for _ in range(count)]

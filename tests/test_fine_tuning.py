@@ -18,10 +18,8 @@ from configs import test as test_config
 from deepfashion_jax import checkpoints
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
-from deepfashion_jax.data import annotations
-from deepfashion_jax.data import pipeline
-from deepfashion_jax.data import sources
 from deepfashion_jax.models import backbones
+from tests import helpers
 
 
 def _module_kind(name):
@@ -195,17 +193,6 @@ def test_weight_decay_leaves_out_norms_biases_embeddings_and_tokens(optimizer):
 # --- a frozen backbone ------------------------------------------------------------------
 
 
-def _batches(root, config, count):
-  index = annotations.read_deepfashion(root)
-  source = sources.FolderSource(index, index.split_indices('train'))
-  options = pipeline.ImageOptions(img_size=config.data.img_size,
-                                  crop_size=config.data.crop_size)
-  dataset = pipeline.train_dataset(source, batch_size=config.batch_size, seed=0,
-                                   options=options)
-  iterator = pipeline.iterate(dataset, threads=1)
-  return index, [next(iterator) for _ in range(count)]
-
-
 def _heads_config():
   config = test_config.get_config()
   config.model.trainable = 'heads'
@@ -219,7 +206,7 @@ def frozen_run(synthetic_folder):
   backbone's gradients are zeros that XLA never computes, whatever the micro-batches.)"""
   config = _heads_config()
   config.ema_decay = 0.8
-  index, batches = _batches(synthetic_folder[0], config, 2)
+  index, batches = helpers.train_batches(synthetic_folder[0], config, 2)
   mesh = sharding.make_mesh(jax.devices()[:1])
   facts = index.attribute_facts()
   # The test config's initial weights, whose initialisation the suite compiles anyway
@@ -278,7 +265,7 @@ def test_a_frozen_backbone_has_no_backward_pass(synthetic_folder):
   for trainable in ('all', 'heads'):
     config = test_config.get_config()
     config.model.trainable = trainable
-    index, batches = _batches(synthetic_folder[0], config, 1)
+    index, batches = helpers.train_batches(synthetic_folder[0], config, 1)
     step_config = steps.create_step_config(config, index.attribute_facts())
     state = jax.eval_shape(functools.partial(steps.initial_state, config, step_config))
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batches[0])

@@ -15,20 +15,8 @@ from deepfashion_jax import config_checks
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax.data import annotations
-from deepfashion_jax.data import pipeline
-from deepfashion_jax.data import sources
 from deepfashion_jax.models import xla_cpu
-
-
-def _batches(root, config, count):
-  index = annotations.read_deepfashion(root)
-  source = sources.FolderSource(index, index.split_indices('train'))
-  options = pipeline.ImageOptions(img_size=config.data.img_size,
-                                  crop_size=config.data.crop_size)
-  dataset = pipeline.train_dataset(source, batch_size=config.batch_size, seed=0,
-                                   options=options)
-  iterator = pipeline.iterate(dataset, threads=1)
-  return index, [next(iterator) for _ in range(count)]
+from tests import helpers
 
 
 def _train(config, index, batches, devices):
@@ -45,7 +33,7 @@ def _train(config, index, batches, devices):
 def test_the_loss_falls_on_a_repeated_batch(synthetic_folder):
   config = test_config.get_config()
   config.learning_rate = 1e-3
-  index, batches = _batches(synthetic_folder[0], config, 1)
+  index, batches = helpers.train_batches(synthetic_folder[0], config, 1)
   _, history = _train(config, index, batches * 8, jax.devices()[:1])
   losses = [h['loss'] for h in history]
   # (Recall of a type no image of the batch has a positive of is 0 / 0: not checked.)
@@ -93,7 +81,7 @@ def test_float16_skips_an_overflowing_step_and_halves_the_loss_scale(synthetic_f
   config.dtype = 'float16'
   config.loss.reduce_sum = False  # a mean attribute loss: fewer halvings to a finite step
   config.batch_size = 4  # float16 runs slowly on CPU
-  index, batches = _batches(synthetic_folder[0], config, 1)
+  index, batches = helpers.train_batches(synthetic_folder[0], config, 1)
   huge = lambda state: state.replace(dynamic_scale=state.dynamic_scale.replace(
       scale=jax.numpy.asarray(2.0 ** 100, jax.numpy.float32)))  # float16 gradients overflow
   before, after, computed = _one_step(config, index, batches[0], huge)
@@ -120,7 +108,7 @@ def test_float16_skips_an_overflowing_step_and_halves_the_loss_scale(synthetic_f
 
 def test_a_nonfinite_float32_step_changes_nothing_but_the_step(synthetic_folder):
   config = test_config.get_config()
-  index, batches = _batches(synthetic_folder[0], config, 1)
+  index, batches = helpers.train_batches(synthetic_folder[0], config, 1)
 
   def poisoned(state):  # a NaN box weight: the loss and every gradient are NaN
     params = jax.tree.map(lambda x: x, state.params)
@@ -136,7 +124,7 @@ def test_a_nonfinite_float32_step_changes_nothing_but_the_step(synthetic_folder)
 def test_dropout_draws_a_new_mask_each_step_and_the_same_one_on_a_restart(synthetic_folder):
   config = test_config.get_config()
   config.model.dropout = 0.5
-  index, batches = _batches(synthetic_folder[0], config, 1)
+  index, batches = helpers.train_batches(synthetic_folder[0], config, 1)
   at_step = lambda s: lambda state: state.replace(step=jax.numpy.asarray(s, jax.numpy.int32))
   losses = [float(_one_step(config, index, batches[0], at_step(s))[2]['loss'])
             for s in (3, 3, 4)]
@@ -145,7 +133,7 @@ def test_dropout_draws_a_new_mask_each_step_and_the_same_one_on_a_restart(synthe
 
 def test_a_state_made_for_prediction_only_refuses_to_evaluate(synthetic_folder):
   config = test_config.get_config()
-  index, batches = _batches(synthetic_folder[0], config, 1)
+  index, batches = helpers.train_batches(synthetic_folder[0], config, 1)
   mesh = sharding.make_mesh(jax.devices()[:1])
   step_config, state = steps.create_train_state(config, mesh)  # no attribute facts
   with pytest.raises(ValueError, match='it can only predict'):
@@ -267,7 +255,7 @@ def test_grad_clip_norm_scales_the_gradient_to_that_global_norm(clip, expected):
 
 def test_the_train_metrics_carry_the_gradient_parameter_and_update_norms(synthetic_folder):
   config = test_config.get_config()
-  index, batches = _batches(synthetic_folder[0], config, 1)
+  index, batches = helpers.train_batches(synthetic_folder[0], config, 1)
   before, after, computed = _one_step(config, index, batches[0], lambda state: state)
   norm = lambda tree: float(np.sqrt(sum(np.sum(np.square(x, dtype=np.float64))
                                         for x in jax.tree.leaves(tree))))
@@ -284,7 +272,7 @@ def test_the_ema_follows_its_recurrence_over_accumulated_steps_and_skips_nonfini
   for both options): still one optimiser step, one schedule step, per train step."""
   config = test_config.get_config()
   config.ema_decay, config.grad_accum_steps = 0.8, 2
-  index, batches = _batches(synthetic_folder[0], config, 3)
+  index, batches = helpers.train_batches(synthetic_folder[0], config, 3)
   mesh, state, train_step = _initial_state_and_step(config, index)
   host = lambda tree: jax.tree.map(np.asarray, tree)
   expected = host((state.params, state.batch_stats))
@@ -319,7 +307,7 @@ def test_accumulated_micro_batches_give_the_gradient_and_update_of_one_big_batch
   fall outside float32 tolerance (RESULTS.md, training tools)."""
   config = test_config.get_config()
   config.optimizer, config.momentum, config.learning_rate = 'sgd', 0.0, 0.1
-  index, batches = _batches(synthetic_folder[0], config, 1)
+  index, batches = helpers.train_batches(synthetic_folder[0], config, 1)
   mesh = sharding.make_mesh(jax.devices()[:1])
   step_config, state = steps.create_train_state(config, mesh, index.attribute_facts())
   batch = sharding.global_batch(batches[0], mesh)
