@@ -55,7 +55,7 @@ def _shrunk(module, backbone, data_dir):
   return config
 
 
-# In `make test-slow`: 25 to 80 s each on 2 cores (the frozen probe's the least). `make
+# In `make test-slow`: each compiles a train, an evaluation and a prediction step. `make
 # test` trains the shrunk backbones' steps (test_vit.py, test_fine_tuning.py) and runs the
 # same train, evaluate and predict functions on ResNet-18 (test_configs.py, test_predict.py).
 @pytest.mark.slow

@@ -145,7 +145,7 @@ def test_stages_and_global_feature_equal_torchvisions(shrunk, side, mode):
   _assert_parity(model, reference, side, mode)
 
 
-@pytest.mark.slow  # ~20 s: torchvision's and our full ConvNeXt-T at 224 px on CPU
+@pytest.mark.slow  # a full ConvNeXt-T at 224 px, run by torchvision and by us
 def test_full_size_convnext_tiny_equals_torchvisions(tmp_path):
   reference = _reference('tiny')
   path = str(tmp_path / 'convnext_tiny.pth')
@@ -399,7 +399,7 @@ def test_layer_ids_are_the_official_fine_tunings_groups(size, num_layers):
       assert layer == num_layers, path
 
 
-@pytest.mark.slow  # ~40 CPU-seconds, most of it compiling the heads, losses and optimiser
+@pytest.mark.slow  # compiles a whole train step: heads, losses and optimiser
 def test_a_convnext_fashion_net_train_step_runs_with_drop_path(synthetic_folder):
   """configs/test.py with backbone convnext_test and drop_path 0.2: one jitted step, its
   loss finite, every parameter of the backbone moved."""

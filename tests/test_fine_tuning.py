@@ -71,7 +71,7 @@ def test_layer_ids_cover_every_parameter_and_grow_with_depth(name):
   _check_layer_ids(name)
 
 
-@pytest.mark.slow  # ResNet-101 and -152 alone take 20 s to trace
+@pytest.mark.slow  # tracing every deep backbone (ResNet-101, -152) is long on CPU
 @pytest.mark.parametrize('name', sorted(set(backbones.BACKBONES) - set(_first_of_each_kind())))
 def test_layer_ids_of_every_registered_backbone(name):
   _check_layer_ids(name)

@@ -19,6 +19,7 @@ from deepfashion_jax import torch_io
 from deepfashion_jax.models import backbones
 from deepfashion_jax.models import fashion_net
 from deepfashion_jax.models import vit
+from tests import helpers
 from tests import reference_libraries
 
 SHRUNK = vit.ARCHITECTURES['vit_test']
@@ -317,14 +318,12 @@ def test_files_of_another_backbone_are_refused_naming_what_they_hold(reference_f
 
 
 def test_a_train_step_of_a_vit_with_drop_path_runs(synthetic_folder):
-  from tests import test_steps  # pylint: disable=g-import-not-at-top
-  batches_of = test_steps._batches  # pylint: disable=protected-access
   config = test_config.get_config()
   config.model.backbone = 'vit_test'
   config.model.drop_path = 0.1
   config.data.crop_size = 64
   config_checks.check(config)
-  index, batches = batches_of(synthetic_folder[0], config, 1)
+  index, batches = helpers.train_batches(synthetic_folder[0], config, 1)
   mesh = sharding.make_mesh(jax.devices()[:1])
   step_config, state = steps.create_train_state(config, mesh, index.attribute_facts())
   query = lambda params: np.array(

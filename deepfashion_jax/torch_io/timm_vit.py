@@ -52,11 +52,7 @@ def architecture_of(arrays: dict, path: str) -> vit.Architecture:
 def _block_path(key: str) -> tuple:
   """'blocks.3.mlp.fc1.weight' -> ('blocks', 3, 'mlp', 'fc1', 'kernel')."""
   _, index, rest = key.split('.', 2)
-  module, leaf = rest.rsplit('.', 1)
-  target = ('blocks', int(index)) + _BLOCK.get(module, tuple(module.split('.')))
-  if module in _NORMS:
-    return vit_common.layer_norm(target, leaf)
-  return target + (common.LEAVES.get(leaf, leaf),)
+  return vit_common.block_path(int(index), rest, _BLOCK, _NORMS)
 
 
 def named_arrays(arrays: dict, model: nnx.Module, path: str) -> dict:

@@ -55,11 +55,7 @@ def architecture_of(arrays: dict, path: str) -> vit.Architecture:
 def _block_path(key: str) -> tuple:
   """'encoder.layers.encoder_layer_3.mlp.0.weight' -> ('blocks', 3, 'mlp', 'fc1', 'kernel')."""
   index, rest = key[len(_LAYERS):].split('.', 1)
-  module, leaf = rest.rsplit('.', 1)
-  target = ('blocks', int(index)) + _BLOCK.get(module, tuple(module.split('.')))
-  if module in _NORMS:
-    return vit_common.layer_norm(target, leaf)
-  return target + (common.LEAVES.get(leaf, leaf),)
+  return vit_common.block_path(int(index), rest, _BLOCK, _NORMS)
 
 
 def named_arrays(arrays: dict, model: nnx.Module, path: str) -> dict:

@@ -138,3 +138,14 @@ def numbered(keys, prefix: str) -> int:
 
 def layer_norm(path: tuple, leaf: str) -> tuple:
   return path + (LAYER_NORM_LEAVES.get(leaf, leaf),)
+
+
+def block_path(index: int, rest: str, modules: dict, norms: tuple) -> tuple:
+  """Block `index`'s key without its block prefix ('mlp.fc1.weight') -> the path inside the
+  backbone (('blocks', index, 'mlp', 'fc1', 'kernel')), through the layout's table of
+  `modules` (its names -> ours) and its LayerNorms' names, `norms`."""
+  module, leaf = rest.rsplit('.', 1)
+  target = ('blocks', index) + modules.get(module, tuple(module.split('.')))
+  if module in norms:
+    return layer_norm(target, leaf)
+  return target + (common.LEAVES.get(leaf, leaf),)
