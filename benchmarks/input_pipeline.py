@@ -4,6 +4,8 @@ On the same files and cores:
   decode_ceiling_img_s  JPEG decoding alone (bytes already in memory), one core, tight loop
   pipeline_img_s        this project's grain pipeline, W decoding threads, training transforms,
                         batches of 32 (and, for comparison, W worker processes)
+  pipeline_1_thread_img_s  the same with one decoding thread, against one core's ceiling:
+                        the pipeline's rate per host core, `per_core_images_per_second`
   tfds_pipeline_img_s   the same pipeline reading the prepared TFDS (ArrayRecord) dataset
   torch_baseline_img_s  torch DataLoader, W workers, what the baseline does per image (PIL
                         open, RGB, resize 256, random 224 crop, flip, to float, normalise)
@@ -11,13 +13,21 @@ The pipeline's host part decodes and pads; resize, crop and flip run in the jitt
 the accelerator. That device part is timed here too (`device_part_img_s`, on this machine's
 JAX device) and reported apart.
 
-  python -m benchmarks.input_pipeline [--data_dir DIR] [--workers 2] [--json OUT]
+The synthetic files are flat drawings (`--texture flat`) or the same drawings coded like
+photographs (`--texture photo`, `synthetic.photographic`): DeepFashion's 10-25 KB. The JSON's
+`per_core_images_per_second_realistic` is the one-thread rate on photo files, what a host
+core feeds an accelerator. Either way the file costs of both kinds (bytes and decode time per
+image, the same drawings, decoded interleaved) are printed first.
+
+  python -m benchmarks.input_pipeline [--data_dir DIR] [--texture photo] [--workers 2]
+      [--threads_only] [--json OUT]
 
 It is a library caller of the pipeline, as a script or a notebook is: it parses no absl
 flags, and the grain worker processes start all the same.
 """
 
 import argparse
+import io
 import json
 import os
 import tempfile
@@ -48,6 +58,34 @@ def decode_ceiling(files, seconds=3.0):
       transforms.decode_image(blob)
     count += len(blobs)
   return count / (time.perf_counter() - start)
+
+
+def file_costs(count=48, repeats=5):
+  """Bytes and decode milliseconds per image of the same drawings written flat and as
+  photos, decoded alternately (median of `repeats`), as the synthetic writer saves them."""
+  blobs = {texture: [] for texture in synthetic.TEXTURES}
+  for i in range(count):
+    seed = np.random.SeedSequence(i)
+    drawn = synthetic.draw_image(np.random.default_rng(seed), i % 46,
+                                 synthetic.VISIBLE_TEXTURES[i % 5])
+    images = dict(flat=drawn.image, photo=synthetic.photographic(
+        np.random.default_rng(seed.spawn(1)[0]), drawn.image))
+    for texture, image in images.items():
+      out = io.BytesIO()
+      image.save(out, format='JPEG', quality=synthetic.JPEG_QUALITY[texture])
+      blobs[texture].append(out.getvalue())
+  times = {texture: [] for texture in blobs}
+  for _ in range(repeats):
+    for texture, texture_blobs in blobs.items():
+      start = time.perf_counter()
+      for blob in texture_blobs:
+        transforms.decode_image(blob)
+      times[texture].append((time.perf_counter() - start) / count)
+  return {texture: dict(kb_per_image=float(np.median([len(b) for b in blobs[texture]])) / 1e3,
+                        kb_p5_p95=[float(np.percentile([len(b) for b in blobs[texture]], q))
+                                   / 1e3 for q in (5, 95)],
+                        decode_ms_per_image=float(np.median(times[texture])) * 1e3)
+          for texture in blobs}
 
 
 def time_batches(iterator, batches, warmup=3):
@@ -121,7 +159,12 @@ def main(argv=None):
                       '--images synthetic images)')
   parser.add_argument('--images', type=int, default=512,
                       help='synthetic images to write without --data_dir')
+  parser.add_argument('--texture', default='flat', choices=synthetic.TEXTURES,
+                      help='the synthetic files: flat drawings or coded like photographs')
   parser.add_argument('--workers', type=int, default=2)
+  parser.add_argument('--threads_only', action='store_true',
+                      help='only the ceiling and the threaded pipeline (no processes, TFDS, '
+                      'torch or device rows)')
   parser.add_argument('--batches', type=int, default=80)
   parser.add_argument('--decode_seconds', type=float, default=3.0,
                       help='how long the decode ceiling is measured')
@@ -132,16 +175,27 @@ def main(argv=None):
     root = args.data_dir
     if not root:
       root = os.path.join(scratch, 'deepfashion')
-      synthetic.write_synthetic_deepfashion(root, num_images=args.images, seed=0)
+      synthetic.write_synthetic_deepfashion(root, num_images=args.images, seed=0,
+                                            texture=args.texture)
     index = annotations.read_deepfashion(root)
     files = [os.path.join(index.image_dir(), p) for p in index.image_paths]
     cores = min(args.workers, os.cpu_count())
-    figures = dict(images=len(files), workers=args.workers, cores_used=cores)
+    figures = dict(images=len(files), workers=args.workers, cores_used=cores,
+                   texture=args.texture if not args.data_dir else 'files',
+                   file_costs=file_costs(count=min(48, args.images)))
+    figures['kb_per_image'] = float(np.mean([os.path.getsize(f) for f in files])) / 1e3
     figures['decode_ceiling_img_s'] = decode_ceiling(files[:256], args.decode_seconds)
     # W workers: W decoding threads in one process (the default layout), and for
     # comparison W worker processes of one thread each.
     folder_source = sources.FolderSource(index, np.arange(len(index)))
+    figures['pipeline_1_thread_img_s'], _ = pipeline_rate(folder_source, args.batches, 1)
     figures['pipeline_img_s'], batch = pipeline_rate(folder_source, args.batches, args.workers)
+    figures['per_core_images_per_second'] = figures['pipeline_1_thread_img_s']
+    if figures['texture'] == 'photo':
+      figures['per_core_images_per_second_realistic'] = figures['pipeline_1_thread_img_s']
+    if args.threads_only:
+      report(figures, cores, args)
+      return figures
     figures['pipeline_processes_img_s'], _ = pipeline_rate(folder_source, args.batches, 1,
                                                            args.workers)
     # The same pipeline reading the prepared TFDS dataset (ArrayRecord) instead of files.
@@ -151,17 +205,37 @@ def main(argv=None):
                                                       args.batches, args.workers)
     figures['torch_baseline_img_s'] = torch_rate(files, args.workers, args.batches)
     figures['device_part_img_s'], figures['device'] = device_part_rate(batch)
-
-  ceiling = figures['decode_ceiling_img_s'] * cores
   figures['pipeline_vs_torch'] = figures['pipeline_img_s'] / figures['torch_baseline_img_s']
+  report(figures, cores, args)
+  return figures
+
+
+def report(figures, cores, args):
+  """Prints the table (and writes the JSON): every row measured in this run."""
+  ceiling = figures['decode_ceiling_img_s'] * cores
   figures['pipeline_vs_decode_ceiling'] = figures['pipeline_img_s'] / ceiling
-  print(f'input pipeline, {len(files)} images, {args.workers} workers on {cores} cores, '
+  figures['pipeline_1_thread_vs_decode_ceiling'] = (figures['pipeline_1_thread_img_s']
+                                                    / figures['decode_ceiling_img_s'])
+  print(f'{"file cost (same drawings)":<34}{"KB/img":>10}{"p5-p95 KB":>14}{"decode ms/img":>15}')
+  for texture, cost in figures['file_costs'].items():
+    low, high = cost['kb_p5_p95']
+    print(f'{texture + f" (JPEG quality {synthetic.JPEG_QUALITY[texture]})":<34}'
+          f'{cost["kb_per_image"]:>10.1f}{f"{low:.0f}-{high:.0f}":>14}'
+          f'{cost["decode_ms_per_image"]:>15.3f}')
+  print()
+  print(f'input pipeline, {figures["images"]} images ({figures["texture"]}, '
+        f'{figures["kb_per_image"]:.1f} KB each), {args.workers} workers on {cores} cores, '
         f'batches of {BATCH}')
   print(f'{"measure":<34}{"img/s":>10}')
   print(f'{"decode ceiling, one core":<34}{figures["decode_ceiling_img_s"]:>10.0f}')
   print(f'{f"decode ceiling x {cores} cores":<34}{ceiling:>10.0f}')
+  print(f'{"pipeline, 1 thread":<34}{figures["pipeline_1_thread_img_s"]:>10.0f}'
+        f'   {figures["pipeline_1_thread_vs_decode_ceiling"]:.0%} of one core\'s ceiling')
   print(f'{f"pipeline, {args.workers} threads":<34}{figures["pipeline_img_s"]:>10.0f}'
         f'   {figures["pipeline_vs_decode_ceiling"]:.0%} of ceiling (target >= 45%)')
+  if args.threads_only:
+    write_json(figures, args)
+    return
   print(f'{f"pipeline, {args.workers} processes":<34}{figures["pipeline_processes_img_s"]:>10.0f}'
         f'   (grain worker processes instead of threads)')
   print(f'{f"pipeline, TFDS source, {args.workers} threads":<34}'
@@ -170,6 +244,10 @@ def main(argv=None):
         f'   pipeline is {figures["pipeline_vs_torch"]:.1f}x (target >= 3x)')
   print(f'{"device part (resize/crop/flip)":<34}{figures["device_part_img_s"]:>10.0f}'
         f'   on {figures["device"]}, inside the jitted step')
+  write_json(figures, args)
+
+
+def write_json(figures, args):
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(figures, f, indent=2)

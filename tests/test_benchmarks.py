@@ -155,20 +155,41 @@ def test_convolutions_time_every_part_on_both_sides(tmp_path):
 
 def test_input_pipeline_runs_as_its_command_line_says(tmp_path):
   # `python -m benchmarks.input_pipeline` with its default worker count (two grain worker
-  # processes among the layouts) in a plain process that parses no absl flags, at toy sizes.
+  # processes among the layouts) in a plain process that parses no absl flags, at toy sizes,
+  # on the photo-like files (the flat ones take the same path).
   pytest.importorskip('torch')
   out = tmp_path / 'input_pipeline.json'
   completed = subprocess.run(
       [sys.executable, '-m', 'benchmarks.input_pipeline', '--images', '48', '--batches', '1',
-       '--decode_seconds', '0.05', '--json', str(out)],
+       '--decode_seconds', '0.05', '--texture', 'photo', '--json', str(out)],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
   result = json.loads(out.read_text())
   assert (result['images'], result['workers']) == (48, 2)
   for key in ('decode_ceiling_img_s', 'pipeline_img_s', 'pipeline_processes_img_s',
-              'tfds_pipeline_img_s', 'torch_baseline_img_s', 'device_part_img_s'):
+              'tfds_pipeline_img_s', 'torch_baseline_img_s', 'device_part_img_s',
+              'pipeline_1_thread_img_s', 'per_core_images_per_second_realistic'):
     assert result[key] > 0, key
   assert 'pipeline, 2 processes' in completed.stdout
+  assert result['texture'] == 'photo' and 10 < result['kb_per_image'] < 25
+  costs = result['file_costs']
+  assert costs['photo']['kb_per_image'] < costs['flat']['kb_per_image']
+  assert all(cost['decode_ms_per_image'] > 0 for cost in costs.values())
+
+
+def test_loop_overhead_times_the_loop_beside_the_bare_step(tmp_path):
+  # `python -m benchmarks.loop_overhead` shrunk: a few steps of the tiny model, one repeat.
+  out = tmp_path / 'loop_overhead.json'
+  completed = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.loop_overhead', '--steps', '12', '--log_every', '4',
+       '--repeats', '1', '--batch_size', '2', '--json', str(out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+  result = json.loads(out.read_text())
+  for key in ('bare_cpu_ms', 'bare_wall_ms', 'loop_cpu_ms', 'loop_wall_ms'):
+    assert result[key] > 0, key
+  assert result['overhead_ms'] == result['loop_cpu_ms'] - result['bare_cpu_ms']
+  assert 'loop overhead (host CPU)' in completed.stdout
 
 
 @pytest.mark.slow

@@ -166,13 +166,14 @@ def _fit(record: dict, image: np.ndarray, options: ImageOptions) -> Fitted:
 
 def _example(record: dict, fitted: Fitted, crop: transforms.Crop, valid: bool,
              skipped: int) -> dict:
-  """One example of the image as it fits in the canvas, cut by `crop` (in its pixels)."""
-  landmarks, landmark_visible = transforms.crop_landmarks(
-      record['landmark_xy'], record['landmark_visibility'], crop, fitted.scale)
+  """One example of the image as it fits in the canvas, cut by `crop` (in its pixels).
+
+  Its box and landmarks stay in the canvas's pixels here: `Collate` converts a whole
+  batch's into its crops' coordinates at once.
+  """
   return dict(image=fitted.image, window=fitted.window, region=crop.region, flip=crop.flip,
-              bbox=transforms.crop_box(fitted.bbox, crop),
-              box_valid=valid and transforms.box_area(fitted.bbox) > 0,
-              landmarks=landmarks, landmark_visible=landmark_visible & valid,
+              canvas_bbox=fitted.bbox, scale=fitted.scale, landmark_xy=record['landmark_xy'],
+              landmark_visibility=record['landmark_visibility'],
               category=record['category'], category_type=record['category_type'],
               attribute_positive_bits=record['attribute_positive_bits'],
               attribute_unknown_bits=record['attribute_unknown_bits'],
@@ -230,40 +231,49 @@ class EvalExample(grain.transforms.Map):
     blank = Fitted(np.zeros((1, 1, 3), np.uint8), np.array([0, 0, 1, 1], np.float32),
                    transforms.whole_image(1, 1), np.ones(2))
     example = _example(record, blank, crop, valid=False, skipped=skipped)
-    example['index'] = -1
-    example['landmarks'] = np.zeros_like(example['landmarks'])
+    example['index'] = -1  # Collate zeroes the landmarks of examples not valid
     return example
 
 
 class Collate:
-  """Stacks examples into a batch; images go straight into one zeroed canvas array.
+  """Stacks examples into a batch; images go straight into one canvas array.
 
   Copying each image once into the batch's canvas, rather than padding it to a canvas of
-  its own and then stacking, saves two full-canvas copies per image on the host; labels
-  are converted once per batch rather than once per example.
+  its own and then stacking, saves two full-canvas copies per image on the host; only the
+  canvas around each image is zeroed (not the whole canvas first, then the image over it);
+  labels are converted, and boxes and landmarks taken into their crops' coordinates, once
+  per batch rather than once per example.
   """
 
   def __init__(self, canvas_size: int, num_attributes: int):
     self.canvas_size, self.num_attributes = canvas_size, num_attributes
 
   def __call__(self, examples: list) -> dict:
-    canvas = np.zeros((len(examples), self.canvas_size, self.canvas_size, 3), np.uint8)
+    canvas = np.empty((len(examples), self.canvas_size, self.canvas_size, 3), np.uint8)
     for i, example in enumerate(examples):
       height, width = example['image'].shape[:2]
       canvas[i, :height, :width] = example['image']
+      canvas[i, :height, width:] = 0
+      canvas[i, height:] = 0
     stack = lambda key, dtype=None: np.array([e[key] for e in examples], dtype)
     unpack = lambda key: np.unpackbits(stack(key + '_bits'), axis=1,
                                        count=self.num_attributes).view(bool)
-    return dict(canvas=canvas, window=stack('window', np.int32), region=stack('region'),
-                flip=stack('flip', bool), bbox=stack('bbox'),
-                box_valid=stack('box_valid', bool),
-                landmarks=stack('landmarks', np.float32),
-                landmark_visible=stack('landmark_visible', bool),
+    region, flip, valid = stack('region'), stack('flip', bool), stack('valid', bool)
+    canvas_bbox = stack('canvas_bbox')
+    landmarks, landmark_visible = transforms.crop_landmarks_batch(
+        stack('landmark_xy'), stack('landmark_visibility'), region, flip, stack('scale'))
+    landmarks[~valid] = 0.0
+    box_area = (np.maximum(canvas_bbox[:, 2] - canvas_bbox[:, 0], 0)
+                * np.maximum(canvas_bbox[:, 3] - canvas_bbox[:, 1], 0))
+    return dict(canvas=canvas, window=stack('window', np.int32), region=region,
+                flip=flip, bbox=transforms.crop_boxes(canvas_bbox, region, flip),
+                box_valid=valid & (box_area > 0),
+                landmarks=landmarks, landmark_visible=landmark_visible & valid[:, None],
                 category=stack('category', np.int32),
                 category_type=stack('category_type', np.int32),
                 attribute_positive=unpack('attribute_positive'),
                 attribute_unknown=unpack('attribute_unknown'),
-                index=stack('index', np.int32), valid=stack('valid', bool),
+                index=stack('index', np.int32), valid=valid,
                 skipped=stack('skipped', np.int32))
 
 

@@ -14,7 +14,14 @@ and hem corners, `landmark_points`). The texture attributes named in `VISIBLE_TE
 painted in the garment's fill; all other attributes are random, sparse and skewed, with
 unknowns, as in the real lists. `--quirks` adds the real release's hazards for robustness tests.
 
+The drawing is flat: filled shapes on a noisy gradient. `--texture=photo` writes the same
+drawings (the same lists, boxes and landmarks) with a photograph's structure added over
+them: shading at several scales and film grain, saved at a web photo's JPEG quality, so that
+a file's size (10-25 KB, as DeepFashion's) and its decode time are those of a photograph
+(benchmarks/input_pipeline.py --texture=photo measures both beside the flat files').
+
   python -m deepfashion_jax.data.synthetic --root DIR --num_images N --seed S [--quirks]
+      [--texture flat|photo]
 """
 
 import dataclasses
@@ -40,6 +47,12 @@ PARTITION_FRACTIONS = (209222 / 289222, 40000 / 289222, 40000 / 289222)
 # The real release has no image of these four categories; --quirks does the same.
 EMPTY_CATEGORIES = ('Cape', 'Nightdress', 'Shirtdress', 'Sundress')
 QUIRKS = ('grayscale', 'cmyk', 'truncated', 'png_as_jpg', 'missing')
+# How the pixels are finished (`photographic`); the lists are the same either way.
+TEXTURES = ('flat', 'photo')
+JPEG_QUALITY = dict(flat=90, photo=80)
+# Photo shading: (cells across the image, amplitude in grey levels), coarse to fine.
+_SHADING_SCALES = ((4, 10.0), (10, 8.0), (25, 6.0), (60, 4.0))
+_GRAIN = 1.5  # grey levels: luminance grain; the colour grain is half of it
 
 _ATTRIBUTE_WORDS = (
     ('abstract', 'animal', 'argyle', 'baroque', 'bird', 'camo', 'check', 'chevron', 'cross',
@@ -290,6 +303,27 @@ def _texture(rng, texture: str, width: int, height: int):
   return Image.fromarray(fill)
 
 
+def photographic(rng, image: Image.Image) -> Image.Image:
+  """The image with a photograph's structure over it: smooth random shading at several
+  scales (light, folds, fabric) and per-pixel grain.
+
+  A JPEG's decode time follows its entropy-coded size and its spectrum: flat fills code to
+  almost nothing, white noise to the most. Shading spread over the scales, with a little
+  grain, codes like a photograph; the shapes, colours and textures drawn stay visible
+  (amplitudes of a few grey levels, far below the garment's contrast with its background).
+  """
+  width, height = image.size
+  shade = np.zeros((height, width), np.float32)
+  for cells, amplitude in _SHADING_SCALES:
+    coarse = rng.standard_normal((cells, cells), dtype=np.float32) * amplitude
+    shade += np.asarray(Image.fromarray(coarse, mode='F').resize((width, height),
+                                                                  Image.BICUBIC))
+  shade += rng.standard_normal((height, width), dtype=np.float32) * _GRAIN
+  pixels = np.asarray(image, np.float32) + shade[..., None]
+  pixels += rng.standard_normal((height, width, 3), dtype=np.float32) * (_GRAIN / 2)
+  return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
 @dataclasses.dataclass
 class DrawnGarment:
   image: Image.Image
@@ -460,14 +494,19 @@ def _attributes(rng, texture_index: int, num_attributes: int, popularity: np.nda
 
 
 def write_synthetic_deepfashion(root: str, num_images: int, seed: int = 0,
-                                quirks: bool = False) -> dict:
+                                quirks: bool = False, texture: str = 'flat') -> dict:
   """Writes a complete synthetic DeepFashion folder under `root`; returns a summary.
+
+  texture: 'flat' (drawn shapes) or 'photo' (the same drawings, `photographic`, at
+  JPEG_QUALITY['photo']); the lists are the same either way.
 
   With `quirks`, also: the four categories of the real release without images get none;
   one grayscale, one CMYK and one truncated JPEG, one PNG saved as `.jpg`, one listed image
   whose file is missing, and one of the release's known-unreadable images (a file of
   garbage, listed as the real one is). The summary's 'quirks' maps each to its list path.
   """
+  if texture not in TEXTURES:
+    raise ValueError(f'texture={texture!r}: expected one of {TEXTURES}')
   rng = np.random.default_rng(seed)
   attribute_names, attribute_types = attribute_vocabulary()
   names = list(vocabulary.CATEGORY_NAMES)
@@ -475,7 +514,7 @@ def write_synthetic_deepfashion(root: str, num_images: int, seed: int = 0,
              if not (quirks and names[c] in EMPTY_CATEGORIES)]
   categories = np.sort(rng.permutation(np.resize(allowed, num_images)), kind='stable')
   image_paths = _product_folders(rng, categories)
-  textures = rng.integers(0, len(VISIBLE_TEXTURES), num_images)
+  fills = rng.integers(0, len(VISIBLE_TEXTURES), num_images)
   visible = np.zeros(len(attribute_names), bool)
   visible[:len(VISIBLE_TEXTURES)] = True
   popularity = 1.0 / (rng.permutation(len(attribute_names)) + 5.0)
@@ -483,16 +522,18 @@ def write_synthetic_deepfashion(root: str, num_images: int, seed: int = 0,
   image_dir = os.path.join(root, 'Img')
   bboxes, landmarks, values = [], [], []
   image_seeds = np.random.SeedSequence(seed).spawn(num_images)
-  for path, category, texture, image_seed in zip(image_paths, categories, textures,
-                                                 image_seeds):
+  for path, category, fill, image_seed in zip(image_paths, categories, fills, image_seeds):
     image_rng = np.random.default_rng(image_seed)
-    drawn = draw_image(image_rng, int(category), VISIBLE_TEXTURES[texture])
+    drawn = draw_image(image_rng, int(category), VISIBLE_TEXTURES[fill])
+    image = drawn.image
+    if texture == 'photo':  # from a generator of its own: the labels stay the flat folder's
+      image = photographic(np.random.default_rng(image_seed.spawn(1)[0]), image)
     file_path = os.path.join(image_dir, path)
     os.makedirs(os.path.dirname(file_path), exist_ok=True)
-    drawn.image.save(file_path, format='JPEG', quality=90)
+    image.save(file_path, format='JPEG', quality=JPEG_QUALITY[texture])
     bboxes.append(drawn.bbox)
     landmarks.append(drawn.landmarks)
-    values.append(_attributes(image_rng, int(texture), len(attribute_names), popularity,
+    values.append(_attributes(image_rng, int(fill), len(attribute_names), popularity,
                               visible))
 
   contents = ListContents(image_paths=image_paths, category=categories,
@@ -561,13 +602,16 @@ def _define_flags():
   flags.DEFINE_integer('seed', 0, 'Seed: the same seed writes the same folder.')
   flags.DEFINE_bool('quirks', False, 'Add the real release\'s hazards (bad files, empty '
                     'classes).')
+  flags.DEFINE_enum('texture', 'flat', TEXTURES, 'flat: drawn shapes; photo: the same '
+                    'drawings coded like photographs (size and decode time).')
 
 
 def main(argv):
   del argv
   if not FLAGS.root:
     raise app.UsageError('--root is required')
-  summary = write_synthetic_deepfashion(FLAGS.root, FLAGS.num_images, FLAGS.seed, FLAGS.quirks)
+  summary = write_synthetic_deepfashion(FLAGS.root, FLAGS.num_images, FLAGS.seed, FLAGS.quirks,
+                                        FLAGS.texture)
   print(annotations.read_deepfashion(FLAGS.root).summary())
   if summary['quirks']:
     print('quirks: ' + ', '.join(f'{k} {v}' for k, v in summary['quirks'].items()))

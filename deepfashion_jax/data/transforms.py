@@ -281,6 +281,46 @@ def crop_landmarks(xy: np.ndarray, visibility: np.ndarray, crop: Crop,
   return points.astype(np.float32), visible
 
 
+def crop_boxes(bboxes: np.ndarray, regions: np.ndarray, flips: np.ndarray) -> np.ndarray:
+  """`crop_box` of a batch at once, the same float32 operations: (B, 4) pixel boxes, (B, 4)
+  crop regions and (B,) flips -> (B, 4) boxes in [0, 1] coordinates of their crops.
+
+  The pipeline converts a batch's boxes and landmarks here, in its collation, rather than
+  per example: a dozen NumPy calls per batch instead of per image (benchmarks/RESULTS.md).
+  """
+  regions = np.asarray(regions, np.float32)
+  x0, y0, x1, y1 = (regions[:, i:i + 1] for i in range(4))
+  scale = np.concatenate([x1 - x0, y1 - y0] * 2, axis=1)
+  boxes = (np.asarray(bboxes, np.float32) - np.concatenate([x0, y0, x0, y0], axis=1)) / scale
+  boxes = np.clip(boxes, 0.0, 1.0)
+  mirrored = np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], axis=1)
+  return np.where(np.asarray(flips, bool)[:, None], mirrored, boxes)
+
+
+def crop_landmarks_batch(xy: np.ndarray, visibility: np.ndarray, regions: np.ndarray,
+                         flips: np.ndarray, scales: np.ndarray):
+  """`crop_landmarks` of a batch at once, the same float64 operations: xy (B, 8, 2),
+  visibility (B, 8), regions (B, 4), flips (B,), scales (B, 2) -> landmarks (B, 8, 2)
+  float32 and landmark_visible (B, 8) bool."""
+  visibility = np.asarray(visibility)
+  regions = np.asarray(regions, np.float64)
+  corner, size = regions[:, None, :2], regions[:, None, 2:] - regions[:, None, :2]
+  centres = (np.asarray(xy, np.float64) + 0.5) * np.asarray(scales, np.float64)[:, None, :]
+  points = (centres - corner) / size
+  inside = ((points >= 0) & (points <= 1)).all(axis=2)
+  visible = (visibility == landmark_slots.VISIBLE) & inside
+  absent = visibility == landmark_slots.ABSENT
+  points = np.clip(points, 0.0, 1.0)
+  order = list(landmark_slots.FLIP_ORDER)
+  flips = np.asarray(flips, bool)
+  mirrored = np.stack([1 - points[:, order, 0], points[:, order, 1]], axis=2)
+  points = np.where(flips[:, None, None], mirrored, points)
+  visible = np.where(flips[:, None], visible[:, order], visible)
+  absent = np.where(flips[:, None], absent[:, order], absent)
+  points[absent] = 0.0
+  return points.astype(np.float32), visible
+
+
 def resize_crop_flip(image: np.ndarray, crop: Crop, out_size: int,
                      window: np.ndarray | None = None) -> np.ndarray:
   """The crop's pixels by PIL's bilinear resampling: the baseline's resize, crop and flip,
