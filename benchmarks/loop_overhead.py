@@ -13,9 +13,12 @@ work per step:
 Each is timed per step in the main thread's CPU time (the host's work: what would delay
 the next dispatch on a GPU) and in wall time (on CPU the device is these same cores, so
 the wall time includes the device's work, which the loop waits for LAG steps late). The
-difference in CPU time is the loop's overhead, printed beside 2% of a ResNet-50 bfloat16 step on
-an H200 (`--reference_step_ms`, 40 ms at batch 256 by default: 256 images / (2,470 img/s
-x 2.5), the A100 anchor scaled to an H200) so that it reads as a share of a GPU step.
+difference in CPU time is the loop's overhead (on CPU it also holds device work the main
+thread does while it waits for a step's metrics), so the loop's own parts are timed alone
+too, on a finished step: fetching and marking a batch, its device_put, copying a step's
+metrics to the host and merging them. Both are printed beside 2% of a ResNet-50 bfloat16
+step on an H200 (`--reference_step_ms`, 40 ms at batch 256 by default: 256 images /
+(2,470 img/s x 2.5), the A100 anchor scaled to an H200), to read as a share of a GPU step.
 Evaluation and checkpointing, which run every few thousand steps, are left out (stubbed):
 each step's time is its period between two consecutive dispatches, median over the steps
 after the first few.
@@ -104,8 +107,9 @@ def build(config, workdir: str):
   training_data = dataclasses.replace(training_data, train_batches=ReadyBatches(batches))
   manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
   writer = metric_writers.create_default_writer(workdir, just_logging=True)
-  run = train._Run(config, workdir, mesh, steps.jit_steps(step_config, mesh),  # pylint: disable=protected-access
-                   training_data, manager, writer, step_config)
+  run = train._Run(  # pylint: disable=protected-access
+      config, workdir, mesh, steps.jit_steps(step_config, mesh), training_data, manager,
+      writer, step_config)
   return run, state, batches
 
 
@@ -127,13 +131,39 @@ def loop_period_ms(run, state) -> float:
 def bare_period_ms(run, state, batch, count: int) -> float:
   """Median (wall, CPU) ms per step of the jitted step alone, on one batch already on the
   device."""
-  batch = sharding.global_batch(train._StopSignals(processes=1).mark(batch), run.mesh)  # pylint: disable=protected-access
+  stop = train._StopSignals(processes=1)  # pylint: disable=protected-access
+  batch = sharding.global_batch(stop.mark(batch), run.mesh)
   stamps = []
   for _ in range(count):
     stamps.append(stamp())
     state, metrics = run.steps.train(state, batch)
   jax.block_until_ready(metrics)
   return median_periods_ms(stamps)
+
+
+def parts_ms(run, state, batches, count: int = 50) -> dict:
+  """Median host ms of each of the loop's own parts per step, timed alone on a finished
+  step (nothing waits for the device): what the loop adds to the step's dispatch."""
+  stop = train._StopSignals(processes=1)  # pylint: disable=protected-access
+  ready = ReadyBatches(batches)
+  batch = sharding.global_batch(stop.mark(batches[0]), run.mesh)
+  state, metrics = run.steps.train(state, batch)
+  jax.block_until_ready(metrics)
+  host_metrics = sharding.local_copy(metrics)
+  parts = dict(
+      fetch_and_mark=lambda: stop.mark(next(ready))['skipped'].sum(),
+      device_put=lambda: sharding.global_batch(stop.mark(batches[0]), run.mesh),
+      metrics_copy=lambda: sharding.local_copy(metrics),
+      metrics_merge=lambda: host_metrics.merge(host_metrics))
+  times = {}
+  for name, part in parts.items():
+    samples = []
+    for _ in range(count):
+      start = time.perf_counter()
+      part()
+      samples.append(time.perf_counter() - start)
+    times[name] = 1e3 * statistics.median(samples)
+  return times
 
 
 def fresh_copy(state):
@@ -163,6 +193,7 @@ def main(argv=None):
     for _ in range(args.repeats):
       bare.append(bare_period_ms(run, fresh_copy(state), batches[0], args.steps))
       loop.append(loop_period_ms(run, fresh_copy(state)))
+    parts = parts_ms(run, fresh_copy(state), batches)
   figures = dict(backbone=args.backbone, image_size=args.image_size,
                  batch_size=args.batch_size, steps=args.steps, log_every=args.log_every,
                  device=str(jax.devices()[0]), reference_step_ms=args.reference_step_ms)
@@ -171,6 +202,8 @@ def main(argv=None):
     figures[f'{name}_cpu_ms'] = statistics.median(cpu for _, cpu in runs)
     figures[f'{name}_runs_ms'] = runs
   figures['overhead_ms'] = figures['loop_cpu_ms'] - figures['bare_cpu_ms']
+  figures['parts_ms'] = parts
+  figures['parts_total_ms'] = sum(parts.values())
   figures['overhead_share_of_reference'] = figures['overhead_ms'] / args.reference_step_ms
   print(f'training loop host overhead, {args.backbone} at {args.image_size} px, batch '
         f'{args.batch_size}, {args.steps} steps x {args.repeats} (median), on '
@@ -181,6 +214,11 @@ def main(argv=None):
   print(f'{"loop overhead (host CPU)":<34}{figures["overhead_ms"]:>12.3f}   '
         f'{figures["overhead_share_of_reference"]:.1%} of a {args.reference_step_ms:g} ms '
         f'H200 ResNet-50 bf16 step (target < 2%: {0.02 * args.reference_step_ms:.2f} ms)')
+  print(f'{"parts of the loop, each alone":<34}{"host ms":>12}')
+  for name, value in parts.items():
+    print(f'  {name:<32}{value:>12.3f}')
+  print(f'  {"total":<32}{figures["parts_total_ms"]:>12.3f}   '
+        f'{figures["parts_total_ms"] / args.reference_step_ms:.1%} of the H200 step')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(figures, f, indent=2)

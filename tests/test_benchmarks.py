@@ -177,6 +177,7 @@ def test_input_pipeline_runs_as_its_command_line_says(tmp_path):
   assert all(cost['decode_ms_per_image'] > 0 for cost in costs.values())
 
 
+@pytest.mark.slow  # compiling the tiny model's train step is ~25 CPU-seconds of it
 def test_loop_overhead_times_the_loop_beside_the_bare_step(tmp_path):
   # `python -m benchmarks.loop_overhead` shrunk: a few steps of the tiny model, one repeat.
   out = tmp_path / 'loop_overhead.json'
