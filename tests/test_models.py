@@ -292,7 +292,8 @@ def test_convolution_gradients_are_lax_convolutions(size, in_features, kernel, s
     np.testing.assert_array_equal(grads[0][0], grads[1][0])
 
 
-def test_backbone_convolutions_take_the_custom_gradient():
+def test_backbone_convolutions_take_the_custom_gradient(monkeypatch):
+  monkeypatch.setenv(xla_cpu.SWITCH, '1')  # whatever the suite runs with
   conv = resnet.conv(4, 5, 3, 2, jnp.bfloat16, nnx.Rngs(0))
   x = jnp.ones((2, 8, 8, 4), jnp.bfloat16)
   assert 'custom_vjp_call' in str(jax.make_jaxpr(conv)(x))

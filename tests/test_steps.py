@@ -156,9 +156,10 @@ def test_pos_weight_follows_the_training_split(synthetic_folder):
 
 
 
-def test_cpu_steps_compile_with_xla_convolutions():
+def test_cpu_steps_compile_with_xla_convolutions(monkeypatch):
   # The options must be known to the installed XLA (else training silently runs ~2x
   # slower on CPU), and must not change what a convolution's gradients compute.
+  monkeypatch.setenv(xla_cpu.SWITCH, '1')  # whatever the suite runs with
   mesh = sharding.make_mesh(jax.devices()[:1])
   options = xla_cpu.compiler_options(mesh)
   assert options == xla_cpu.CPU_COMPILER_OPTIONS

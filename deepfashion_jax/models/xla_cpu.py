@@ -4,6 +4,17 @@ The model's three pieces compute what lax's plain forms do, bit for bit unless s
 otherwise. The figures, and the attempts that did not pay, are in benchmarks/RESULTS.md
 ("Train step against PyTorch" and its "Small maps").
 
+One switch, `workarounds_on`, turns them all on or off: on where the platform is CPU,
+off elsewhere, where each function below is lax's plain form and the steps compile with
+XLA's defaults. The environment variable DEEPFASHION_JAX_XLA_CPU_WORKAROUNDS=0 turns them
+off on CPU too, so that a CPU runs the program a GPU runs (tests/test_gpu_path.py checks
+it computes the same); 1, or unset, leaves them on for CPU. An environment variable, not
+a config field: the model is built and called without a config (conversion, export, the
+benchmarks, the tests), and a variable reaches all of them, and the processes they start.
+It is read when a function is traced, not when it runs: a function jitted before the
+variable changed keeps the program it was traced with (jax.jit caches traces by their
+arguments' shapes only), so code that flips it within one process must jit afresh.
+
 - `compiler_options(mesh)`: on CPU meshes, convolutions by XLA's own (Eigen) kernels, not
   YNNPACK's, whose weight gradients are several times slower and run on one core.
 - `conv_general_dilated` (`_conv_nhwc`'s gradient, CPU only): XLA:CPU fuses the weight
@@ -20,6 +31,7 @@ otherwise. The figures, and the attempts that did not pay, are in benchmarks/RES
 """
 
 import functools
+import os
 from typing import Optional
 
 from absl import logging
@@ -28,6 +40,28 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+SWITCH = 'DEEPFASHION_JAX_XLA_CPU_WORKAROUNDS'
+
+
+def workarounds_on(platform: Optional[str] = None) -> bool:
+  """Whether this module's workarounds apply on `platform` (default: JAX's default
+  backend, the one a jitted function without placement runs on): on CPU unless
+  DEEPFASHION_JAX_XLA_CPU_WORKAROUNDS=0. The one place the switch is read."""
+  value = os.environ.get(SWITCH, '')
+  if value not in ('', '0', '1'):
+    raise ValueError(f'{SWITCH}={value!r}: expected 1 or unset (on where the platform is '
+                     'CPU) or 0 (off everywhere: the plain lax program a GPU runs)')
+  on = (platform or jax.default_backend()) == 'cpu' and value != '0'
+  if value == '0':
+    _say_off_once()
+  return on
+
+
+@functools.cache
+def _say_off_once():
+  logging.info('XLA:CPU workarounds off (%s=0): the plain lax program, as on a GPU', SWITCH)
+
 
 # XLA:CPU (jaxlib 0.10) convolutions by XLA's own (Eigen) kernels: YNNPACK for dots and
 # reductions only.
@@ -50,16 +84,18 @@ def _cpu_compiler_options() -> Optional[dict]:
 
 
 def compiler_options(mesh) -> Optional[dict]:
-  """The XLA options the steps compile with on this mesh's platform."""
-  return _cpu_compiler_options() if mesh.devices.flat[0].platform == 'cpu' else None
+  """The XLA options the steps compile with on this mesh's platform: XLA's defaults (None)
+  with the workarounds off."""
+  return _cpu_compiler_options() if workarounds_on(mesh.devices.flat[0].platform) else None
 
 
 def unroll_loops() -> bool:
   """Whether the steps' loops (gradient accumulation's scan over micro-batches) should be
   unrolled: on CPU, where XLA runs a loop's body many times slower than the same code
-  unrolled (benchmarks/RESULTS.md). Elsewhere the loop stays rolled, so that one
-  micro-batch's activations at a time are live, which is what accumulation is for."""
-  return jax.default_backend() == 'cpu'
+  unrolled (benchmarks/RESULTS.md). Elsewhere, or with the workarounds off, the loop stays
+  rolled, so that one micro-batch's activations at a time are live, which is what
+  accumulation is for."""
+  return workarounds_on()
 
 
 # ------------------------------------------------------------- convolutions' gradients
@@ -70,13 +106,15 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, preferred_element_type=None, out_sharding=None):
-  """lax.conv_general_dilated; a plain NHWC convolution gets `_conv_nhwc`'s gradient."""
-  plain = (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  """lax.conv_general_dilated; with the workarounds on, a plain NHWC convolution gets
+  `_conv_nhwc`'s gradient."""
+  custom_gradient = (workarounds_on()
+           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
            and lhs_dilation in (None, (1, 1)) and rhs_dilation in (None, (1, 1))
            and feature_group_count == 1 and out_sharding is None
            and not isinstance(padding, str))
-  if not plain:
+  if not custom_gradient:
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, precision=precision,
@@ -89,7 +127,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 def _conv_nhwc(x, kernel, strides, padding, precision, preferred_element_type):
   """An NHWC x HWIO convolution (lax's) whose gradients, on CPU, XLA computes faster.
 
-  On other platforms the gradients are lax's. On CPU:
+  Used only with the workarounds on; even then, lowered for another platform (a CPU
+  process exporting for a GPU) the gradients are lax's. On CPU:
   - Weight gradient: XLA:CPU computes it as a convolution that wants x as (C, H, W, B),
     and fuses that transpose into the loop that makes x (batch norm, residual add, ReLU),
     which then reads every input in transposed order. Here the transpose runs inside a
@@ -196,7 +235,8 @@ DENSE_MAX_OUTPUT_PIXELS = 4
 
 class Conv(nnx.Conv):
   """nnx.Conv (same parameters), computed as a matrix product when its output map has at
-  most DENSE_MAX_OUTPUT_PIXELS pixels, where XLA:CPU's convolution is tens of times slower.
+  most DENSE_MAX_OUTPUT_PIXELS pixels, where XLA:CPU's convolution is tens of times slower
+  (with the workarounds on; else nnx.Conv's own).
 
   Each output pixel is a sum over the input pixels its window covers, so the convolution
   is x (B, H W C) @ M (H W C, Ho Wo O) with M's blocks the kernel's taps, or 0 where the
@@ -204,6 +244,8 @@ class Conv(nnx.Conv):
   """
 
   def __call__(self, inputs, out_sharding=None):
+    if not workarounds_on():
+      return super().__call__(inputs, out_sharding)
     _, height, width, _ = inputs.shape
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
     out_height, out_width = (_output_size(n, k, s, pad) for n, k, s, pad in zip(
@@ -245,17 +287,24 @@ def _dense_conv_matrix(kernel, in_size, strides, padding):
 
 # ------------------------------------------------------------------- the stem's max pool
 
-# Its value is lax.reduce_window's; its gradient is written out by stride phases instead of
-# reduce_window's select-and-scatter (four index arrays the size of the padded input). Same
-# result: each window's gradient goes to its first maximum in row-major order, as in XLA's
-# select-and-scatter and PyTorch's max_pool2d.
+# Its value is lax.reduce_window's; with the workarounds on, its gradient is written out by
+# stride phases instead of reduce_window's select-and-scatter (four index arrays the size of
+# the padded input). Same result: each window's gradient goes to its first maximum in
+# row-major order, as in XLA's select-and-scatter and PyTorch's max_pool2d.
 
 
-@jax.custom_vjp
 def max_pool_3x3_stride_2(x):
   """(B, H, W, C) -> (B, ceil(H / 2), ceil(W / 2), C), padding 1 on every side."""
-  return lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), lax.max, (1, 3, 3, 1),
-                           (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return _max_pool_by_phases(x) if workarounds_on() else _reduce_window_max(x)
+
+
+def _reduce_window_max(x):
+  # A Python scalar: lax then knows the reduction (reduce_window_max), and its gradient.
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                           ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+_max_pool_by_phases = jax.custom_vjp(_reduce_window_max)
 
 
 def _stride_2_phases(x):
@@ -269,7 +318,7 @@ def _stride_2_phases(x):
 
 
 def _max_pool_forward(x):
-  return max_pool_3x3_stride_2.fun(x), x
+  return _reduce_window_max(x), x
 
 
 def _max_pool_backward(x, grad):
@@ -301,4 +350,4 @@ def _max_pool_backward(x, grad):
   return (padded[:, 1:1 + h, 1:1 + w],)
 
 
-max_pool_3x3_stride_2.defvjp(_max_pool_forward, _max_pool_backward)
+_max_pool_by_phases.defvjp(_max_pool_forward, _max_pool_backward)
