@@ -188,7 +188,6 @@ def test_resnet_step_with_the_workarounds_off_equals_the_step_with_them_on(resne
   assert 'stablehlo.case' in on_program and 'stablehlo.case' not in off_program
 
 
-@pytest.mark.slow  # a third compilation of the step: make test's time
 def test_a_bfloat16_step_with_the_workarounds_off_is_the_float32_one_to_bfloat16s_rounding(
     resnet_steps):
   """The GPU's program as it runs there (XLA's default options) with bfloat16 activations,
@@ -250,7 +249,6 @@ def _vgg_and_landmark_branch(value):
     return jax.tree.map(np.asarray, compiled(params, x, cotangents))
 
 
-@pytest.mark.slow  # two compilations of VGG-16's gradients: make test's time
 def test_vgg_and_the_landmark_branch_with_the_workarounds_off_equal_them_on():
   on, off = _vgg_and_landmark_branch(ON), _vgg_and_landmark_branch(OFF)
   _assert_close(on[0], off[0], FLOAT32_TOLERANCE, 'outputs')
@@ -259,7 +257,6 @@ def test_vgg_and_the_landmark_branch_with_the_workarounds_off_equal_them_on():
 
 # -------------------------------------------------------------------------- end to end
 
-@pytest.mark.slow  # the train and evaluation steps compiled: make test's time
 @pytest.mark.usefixtures('shrunk_resnet')
 def test_training_resumes_with_the_workarounds_off(synthetic_folder, tmp_path, monkeypatch,
                                                   caplog):

@@ -109,11 +109,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   """lax.conv_general_dilated; with the workarounds on, a plain NHWC convolution gets
   `_conv_nhwc`'s gradient."""
   custom_gradient = (workarounds_on()
-           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-           and lhs_dilation in (None, (1, 1)) and rhs_dilation in (None, (1, 1))
-           and feature_group_count == 1 and out_sharding is None
-           and not isinstance(padding, str))
+                     and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+                     == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+                     and lhs_dilation in (None, (1, 1)) and rhs_dilation in (None, (1, 1))
+                     and feature_group_count == 1 and out_sharding is None
+                     and not isinstance(padding, str))
   if not custom_gradient:
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
