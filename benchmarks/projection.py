@@ -272,10 +272,12 @@ def _row_cells(row: dict, table: tuple) -> str:
   return ''.join(cells)
 
 
-def _mfu_and_cores(row: dict, per_core) -> str:
-  cores = row.get('host_cores')
-  return (_cell(row.get('mfu_img_s'), '{:,.0f}', 16)
-          + _cell(cores, '{:.1f}', 14, NOT_MEASURED if not per_core else '-'))
+def _mfu_img_s_cell(row: dict) -> str:
+  return _cell(row.get('mfu_img_s'), '{:,.0f}', 16)
+
+
+def _cores_cell(row: dict, per_core) -> str:
+  return _cell(row.get('host_cores'), '{:.1f}', 14, '-' if per_core else NOT_MEASURED)
 
 
 def _name_width(names) -> int:
@@ -316,7 +318,8 @@ def print_projection_row(row: dict, result: dict, names: list):
     print(f"{name}failed: {row['error']}", flush=True)
     return
   print(f"{name}{_row_cells(row, PROJECTION_COLUMNS)}"
-        f"{_mfu_and_cores(row, result['pipeline_rate'])}{row['count_s']:>9.1f}", flush=True)
+        f"{_mfu_img_s_cell(row)}{_cores_cell(row, result['pipeline_rate'])}"
+        f"{row['count_s']:>9.1f}", flush=True)
 
 
 def print_anchor(figures: dict, device: str):
@@ -343,9 +346,8 @@ def print_side_by_side(result: dict):
   for row in result['rows']:
     print(f"{row['name']:<{name_width}}{row['what']:<15}{row['batch_size']:>6}"
           f"{row['image_size']:>5}{_row_cells(row, SIDE_BY_SIDE_COLUMNS[:1])}"
-          f"{_cell(row.get('mfu_img_s'), '{:,.0f}', 16)}"
-          f"{_row_cells(row, SIDE_BY_SIDE_COLUMNS[1:])}"
-          f"{_cell(row.get('host_cores'), '{:.1f}', 14, '-' if result['pipeline_rate'] else NOT_MEASURED)}")
+          f"{_mfu_img_s_cell(row)}{_row_cells(row, SIDE_BY_SIDE_COLUMNS[1:])}"
+          f"{_cores_cell(row, result['pipeline_rate'])}")
   print_anchor(result['anchor'], result['device'])
 
 

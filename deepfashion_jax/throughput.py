@@ -137,8 +137,7 @@ def train_step_cost(train, step_config: steps_lib.StepConfig, state, batch) -> d
   docstring and `compiled_cost`), each None when XLA's cost analysis has none; with
   gradient accumulation no bytes (the scan's body is counted once, and the step without
   it is counted before fusion). `train` is `steps.jit_steps(...).train`: it is compiled
-  here for (state, batch), as its first call would compile it. `state` and `batch` may be
-  jax.ShapeDtypeStructs (with their shardings): the count needs no values."""
+  here for (state, batch), as its first call would compile it."""
   start = time.perf_counter()
   cost = compiled_cost(train.lower(state, batch))
   if step_config.grad_accum_steps > 1:  # XLA counts the scan's body once: count k = 1
