@@ -63,7 +63,7 @@ NOT_MEASURED = 'not measured'
 # A published rate to hold the table against.
 ANCHOR = dict(
     what="NVIDIA's PyTorch ResNet-50 v1.5, mixed precision (AMP), one A100 80GB",
-    img_s=2470.0, device_kind='NVIDIA A100-SXM4-80GB', dtype='bfloat16',
+    img_s=2470.0, device_kind='NVIDIA A100-SXM4-80GB', dtype='bfloat16', image_size=224,
     source=('NVIDIA/DeepLearningExamples, PyTorch/Classification/ConvNets/resnet50v1.5/'
             'README.md, "Training performance: NVIDIA DGX A100 (8x A100 80GB)", 1 GPU '
             '(pytorch-21.03 NGC container)'))
@@ -138,8 +138,8 @@ def pipeline_rate(args):
 
 
 def anchor(resnet50_flops_per_image, peak_flops: float) -> dict:
-  """ANCHOR, with the MFU its rate makes at our ResNet-50 step's FLOPs per image (None
-  without them), and the img/s that MFU would give at `peak_flops`."""
+  """ANCHOR, with the MFU its rate makes at our ResNet-50 step's FLOPs per image at 224 px
+  (None without them), and the img/s that MFU would give at `peak_flops`."""
   figures = dict(ANCHOR)
   if resnet50_flops_per_image:
     anchor_peak = throughput.peak_flops_per_sec(ANCHOR['device_kind'], ANCHOR['dtype'])
@@ -257,7 +257,7 @@ SIDE_BY_SIDE_COLUMNS = (
     ('roofline img/s', 'roofline_img_s', 15, '{:,.0f}', 1),
     ('measured img/s', 'img_s', 15, '{:,.1f}', 1),
     ('measured MFU', 'mfu', 13, '{:.1%}', None),
-    ('measured/roofline', 'measured_over_roofline', 18, '{:.2f}', None),
+    ('measured/roofline', 'measured_over_roofline', 18, '{:.2g}', None),
 )
 
 
@@ -354,8 +354,10 @@ def print_side_by_side(result: dict):
 # --- the command line -----------------------------------------------------------------
 
 def _resnet50_flops_per_image(rows: list):
+  """A ResNet-50 row's FLOPs per image at the anchor's side, or None."""
   for row in rows:
-    if row['name'] == 'resnet50' and row.get('flops'):
+    if (row['name'], row['image_size']) == ('resnet50', ANCHOR['image_size']) and row.get(
+        'flops'):
       return row['flops'] / row['batch_size']
   return None
 

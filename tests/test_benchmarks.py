@@ -215,7 +215,7 @@ def test_gpu_script_runs_shrunk_on_cpu(tmp_path):
     assert projected_row['roofline_img_s'] > projected_row['img_s'] > 0
     assert projected_row['mfu_img_s'] > 0 and projected_row['measured_over_roofline'] > 0
   assert projected['rows'][0]['flops'] == summary['resnet18_step_flops_per_step']
-  assert projected['anchor']['mfu'] > 0
+  assert 'mfu' not in projected['anchor']  # no ResNet-50 at the anchor's 224 px
   for column in ('roofline img/s', 'img/s @40% MFU', 'measured img/s', 'measured MFU',
                  'measured/roofline', 'host cores', 'not measured', 'anchor: '):
     assert column in completed.stdout, column

@@ -120,4 +120,14 @@ def test_an_unlisted_measuring_device_is_projected_on_an_h200(tmp_path):
   assert (result['device'], result['measured_device']) == ('NVIDIA H200', 'cpu')
   (row,) = result['rows']
   assert row['host_cores'] is None and row['mfu'] is None
-  assert result['anchor']['mfu'] == pytest.approx(2470 * 1e11 / 8 / 312e12)
+  assert 'mfu' not in result['anchor']  # 64 px: not the anchor's side, no MFU made up
+
+
+def test_the_anchor_mfu_is_made_at_our_resnet50_at_224_px(tmp_path):
+  _write(tmp_path / 'step_resnet50.json', dict(
+      backbone='resnet50', batch_size=256, image_size=224, dtype='bfloat16',
+      device='NVIDIA H200', jax_img_s=5000.0, flops_per_step=6.2e12))
+  assert projection.main(['--measured', str(tmp_path)]) == 0
+  mfu = projection.measured_projection(projection.parse_args(['--measured', str(tmp_path)]),
+                                       None, '')['anchor']['mfu']
+  assert mfu == pytest.approx(2470 * 6.2e12 / 256 / 312e12)
