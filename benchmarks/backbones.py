@@ -152,6 +152,7 @@ def train_step_speed(name: str, args) -> dict:
   figures.update(throughput.flops_figures(run.flops, 1 / median,
                                           throughput.device_peak(args.dtype),
                                           jax.device_count()))
+  figures.update(train_step.cost_figures(run))  # bytes accessed, for the projection
   return figures
 
 

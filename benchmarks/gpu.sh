@@ -9,9 +9,13 @@
 # summary.json into OUT_DIR. Last, every backbone side by side (benchmarks/backbones.py:
 # parameters, forward GFLOPs against the published figures, the train step's images/s at
 # 224 px, batch 64, bfloat16) into backbones.json; a backbone that fails there keeps its row
-# with its error, and the script then exits with status 1.
+# with its error, and the script exits with status 1 at its end. Last, each train step it
+# timed beside its roofline projection (benchmarks/projection.py: roofline img/s, img/s at
+# 40% MFU, measured img/s and MFU, measured / roofline; host cores to feed it when
+# PIPELINE_JSON names benchmarks/input_pipeline.py's --json) into projection.json.
 #
-#   benchmarks/gpu.sh [--shrink] [OUT_DIR]        (OUT_DIR: $OUT, else benchmarks/out/gpu)
+#   [PIPELINE_JSON=FILE] benchmarks/gpu.sh [--shrink] [OUT_DIR]
+#                                                (OUT_DIR: $OUT, else benchmarks/out/gpu)
 #
 # It runs the benchmarks as modules from the repository root (python -m benchmarks.X), so
 # the package need not be installed on the GPU machine.
@@ -105,9 +109,19 @@ for prefix, (_, result, _) in zip(('resnet18_step', 'resnet50_step', 'end_to_end
 json.dump(summary, open(os.path.join(out, 'summary.json'), 'w'), indent=1)
 EOF
 
-# Every backbone (all of models/backbones.BACKBONES), last: its rows print as they come.
+# Every backbone (all of models/backbones.BACKBONES): its rows print as they come.
+backbones_failed=0
 if ! "$python" -m benchmarks.backbones "${backbone_table[@]}" --dtype bfloat16 \
     --json "$out_dir/backbones.json"; then
   echo "gpu.sh: a backbone failed in benchmarks/backbones.py (its row says why)" >&2
-  exit 1
+  backbones_failed=1
 fi
+
+# Last, every step timed above beside its roofline projection (benchmarks/projection.py:
+# from XLA's FLOPs and bytes of the very step timed, nothing compiled again), on this
+# device's peaks, an H200's where throughput.py does not list them.
+pipeline=()
+if [[ -n "${PIPELINE_JSON:-}" ]]; then pipeline=(--pipeline_json "$PIPELINE_JSON"); fi
+"$python" -m benchmarks.projection --measured "$out_dir" "${pipeline[@]}" \
+    --json "$out_dir/projection.json"
+exit "$backbones_failed"

@@ -13,8 +13,8 @@ number of threads. After warm-up the two steps alternate, N times each; the medi
       --steps 10 [--dtype float32] [--no_torch] [--json OUT]
 
 Prints a table and writes jax_img_s and torch_img_s (and the step times) as JSON, with our
-step's flops_per_step (XLA's cost analysis), tflops_per_sec and, on a GPU whose peak
-deepfashion_jax/throughput.py lists, mfu.
+step's flops_per_step and bytes_accessed_per_step (XLA's cost analysis), tflops_per_sec
+and, on a GPU whose peak deepfashion_jax/throughput.py lists, mfu.
 
 `benchmarks/backbones.py` times the same step (`config_step`, of the default recipe) for
 every backbone, beside their parameters and FLOPs, without the PyTorch side.
@@ -108,14 +108,19 @@ def jax_step(args, batch):
   return config_step(benchmark_config(args), batch)
 
 
+def attribute_facts() -> annotations.AttributeFacts:
+  """Made-up attribute facts for the step's metrics and pos_weight: what a dataset's would
+  be, without one."""
+  return annotations.AttributeFacts(types=np.arange(NUM_ATTRIBUTES) % 5,
+                                    train_positives=np.ones(NUM_ATTRIBUTES, np.int64),
+                                    train_images=2)
+
+
 def config_step(config, batch):
   """A function that runs one training step of `config`'s model on `batch` (`make_batch`)
   and waits for it; its `flops` are the step's (XLA's count), its `holder` the state."""
   mesh = sharding.make_mesh()
-  attributes = annotations.AttributeFacts(types=np.arange(NUM_ATTRIBUTES) % 5,
-                                          train_positives=np.ones(NUM_ATTRIBUTES, np.int64),
-                                          train_images=2)
-  step_config, state = steps.create_train_state(config, mesh, attributes)
+  step_config, state = steps.create_train_state(config, mesh, attribute_facts())
   train_step = steps.jit_steps(step_config, mesh).train
   device_batch = sharding.global_batch(batch, mesh)
   holder = {'state': state}
@@ -125,9 +130,18 @@ def config_step(config, batch):
     jax.block_until_ready((holder['state'], batch_metrics))
 
   run.holder = holder  # the current state, for tests
-  # Compiles the step (its first call reuses the executable) and counts its FLOPs.
-  run.flops = throughput.train_step_flops(train_step, step_config, state, device_batch)
+  # Compiles the step (its first call reuses the executable) and counts its FLOPs and
+  # bytes accessed.
+  run.cost = throughput.train_step_cost(train_step, step_config, state, device_batch)
+  run.flops = run.cost['flops']
   return run
+
+
+def cost_figures(run) -> dict:
+  """bytes_accessed_per_step of a `config_step` run where XLA counted them (the compiled
+  step's, after fusion: the roofline projection's, benchmarks/projection.py)."""
+  bytes_accessed = run.cost['bytes_accessed']
+  return {} if bytes_accessed is None else dict(bytes_accessed_per_step=bytes_accessed)
 
 
 def torch_inputs(images: np.ndarray):
@@ -223,6 +237,7 @@ def measure(args) -> dict:
   result.update(throughput.flops_figures(runners['jax'].flops, 1 / result['jax_step_s'],
                                          throughput.device_peak(args.dtype),
                                          jax.device_count()))
+  result.update(cost_figures(runners['jax']))
   return result
 
 

@@ -1,6 +1,8 @@
 """How hard training works the devices: images per second between logs (`Throughput`),
 the train step's FLOPs, the TFLOP/s they make, model FLOPs utilisation (MFU) against the
-device's peak, and a profiler trace of chosen steps (config.profile_steps).
+device's peak, and a profiler trace of chosen steps (config.profile_steps). The devices'
+memory bandwidths and the step's bytes accessed (XLA's count) are here too, for the
+roofline projection of benchmarks/projection.py.
 
 FLOPs per step come from XLA's cost analysis of the compiled train step, counted once at
 the first step: `train_step_flops` lowers and compiles the jitted step on the first batch,
@@ -40,16 +42,33 @@ PEAK_TFLOPS = (
 )
 _PRECISION = {'bfloat16': 'bf16', 'float16': 'bf16', 'float32': 'tf32'}
 
+# HBM bandwidth per device in TB/s (10^12 bytes/s), the vendors' spec sheets, looked up as
+# PEAK_TFLOPS is; None: not listed.
+PEAK_HBM_TBPS = (
+    ('NVL', None),
+    ('H100 PCIe', 2.0),
+    ('H100', 3.35),  # SXM, HBM3
+    ('H200', 4.8),  # SXM, HBM3e
+    ('A100-SXM4-80GB', 2.039),
+    ('A100 80GB PCIe', 1.935),
+    ('A100', 1.555),  # the 40 GB SXM4 and PCIe
+)
+
+
+def _listed(table, device_kind: str):
+  """The value of `table`'s first entry whose substring is in `device_kind`; None when
+  there is none."""
+  for substring, value in table:
+    if substring in device_kind:
+      return value
+  return None
+
 
 def peak_flops_per_sec(device_kind: str, dtype: str) -> Optional[float]:
   """One device's dense peak FLOP/s for config.dtype's matmuls, or None when unknown (a
   device not in PEAK_TFLOPS, a CPU, or float32 with jax_default_matmul_precision set to
   full float32, whose peak the table does not hold)."""
-  for substring, peaks in PEAK_TFLOPS:
-    if substring in device_kind:
-      break
-  else:
-    return None
+  peaks = _listed(PEAK_TFLOPS, device_kind)
   if peaks is None or dtype not in _PRECISION:
     return None
   if dtype == 'float32' and str(jax.config.jax_default_matmul_precision).lower() in (
@@ -58,50 +77,83 @@ def peak_flops_per_sec(device_kind: str, dtype: str) -> Optional[float]:
   return peaks[_PRECISION[dtype]] * 1e12
 
 
-def _flops(cost_analysis) -> Optional[float]:
-  """The 'flops' of a cost analysis (a dict, or a list of one per program in older jax);
-  None when there is none or it is not positive."""
+def peak_bytes_per_sec(device_kind: str) -> Optional[float]:
+  """One device's HBM bandwidth in bytes/s (PEAK_HBM_TBPS), or None when not listed."""
+  tbps = _listed(PEAK_HBM_TBPS, device_kind)
+  return None if tbps is None else tbps * 1e12
+
+
+def _figure(cost_analysis, key: str = 'flops') -> Optional[float]:
+  """The `key` ('flops', 'bytes accessed') of a cost analysis (a dict, or a list of one
+  per program in older jax); None when there is none or it is not positive."""
   if isinstance(cost_analysis, (list, tuple)):
     cost_analysis = cost_analysis[0] if cost_analysis else None
   if not cost_analysis:
     return None
-  flops = cost_analysis.get('flops')
-  return float(flops) if flops is not None and flops > 0 else None
+  value = cost_analysis.get(key)
+  return float(value) if value is not None and value > 0 else None
+
+
+def compiled_cost(lowered) -> dict:
+  """flops and bytes_accessed of a lowered jitted call over all devices: its compiled
+  executable's cost analysis (one device's program) times the device count; each None
+  when XLA gives none. Bytes accessed are the compiled program's: after fusion, so what
+  the compiling platform's fusions read and write, not what another platform's would."""
+  compiled = lowered.compile()
+  try:
+    cost = compiled.cost_analysis()
+  except NotImplementedError:
+    cost = None
+  count = jax.device_count()
+  figures = {name: _figure(cost, key) for name, key in (('flops', 'flops'),
+                                                        ('bytes_accessed', 'bytes accessed'))}
+  return {name: None if value is None else value * count for name, value in figures.items()}
 
 
 def compiled_flops(lowered) -> Optional[float]:
-  """The FLOPs of a lowered jitted call over all devices: its compiled executable's cost
-  analysis (one device's program) times the device count; None when XLA gives none."""
-  compiled = lowered.compile()
-  try:
-    flops = _flops(compiled.cost_analysis())
-  except NotImplementedError:
-    return None
-  return None if flops is None else flops * jax.device_count()
+  """The FLOPs of a lowered jitted call over all devices (`compiled_cost`)."""
+  return compiled_cost(lowered)['flops']
+
+
+def lowered_cost(lowered) -> dict:
+  """flops and bytes_accessed of a lowered jitted call, counted before compiling: the
+  program as written, before any platform's rewrites or fusions (so bytes are every op's
+  operands and result); each None where XLA cannot count before compiling (GPU plugins)."""
+  cost = lowered.cost_analysis()
+  return dict(flops=_figure(cost, 'flops'), bytes_accessed=_figure(cost, 'bytes accessed'))
 
 
 def uncompiled_flops(lowered) -> Optional[float]:
   """The FLOPs of a lowered jitted call, counted before compiling where XLA can (CPU: the
-  whole program, within 0.1% of the compiled count for a train step; for the backbones'
-  forward passes 0.04% (VGG-16) to 3.3% (ResNet-152) under it); GPU plugins cannot, and it
-  is compiled (`compiled_flops`)."""
-  return _flops(lowered.cost_analysis()) or compiled_flops(lowered)
+  whole program, within 0.1% of the compiled count for a ResNet train step; for the
+  backbones' forward passes 0.04% (VGG-16) to 3.3% (ResNet-152) under it; a ConvNeXt-T
+  train step 2.4 times under it, XLA:CPU rewriting the depthwise convolutions' gradients);
+  GPU plugins cannot, and it is compiled (`compiled_flops`)."""
+  return lowered_cost(lowered)['flops'] or compiled_flops(lowered)
 
 
-def train_step_flops(train, step_config: steps_lib.StepConfig, state, batch) -> Optional[float]:
-  """The FLOPs of one train step on the global `batch` (see the module's docstring), or
-  None when XLA's cost analysis has none. `train` is `steps.jit_steps(...).train`: it is
-  compiled here for (state, batch), as its first call would compile it."""
+def train_step_cost(train, step_config: steps_lib.StepConfig, state, batch) -> dict:
+  """flops and bytes_accessed of one train step on the global `batch` (see the module's
+  docstring and `compiled_cost`), each None when XLA's cost analysis has none; with
+  gradient accumulation no bytes (the scan's body is counted once, and the step without
+  it is counted before fusion). `train` is `steps.jit_steps(...).train`: it is compiled
+  here for (state, batch), as its first call would compile it."""
   start = time.perf_counter()
-  flops = compiled_flops(train.lower(state, batch))
+  cost = compiled_cost(train.lower(state, batch))
   if step_config.grad_accum_steps > 1:  # XLA counts the scan's body once: count k = 1
     plain = dataclasses.replace(step_config, grad_accum_steps=1)
     lowered = jax.jit(functools.partial(steps_lib.train_step, plain)).lower(state, batch)
-    flops = uncompiled_flops(lowered)
+    cost = dict(flops=uncompiled_flops(lowered), bytes_accessed=None)
   logging.info('The train step: %s FLOPs per step (XLA cost analysis; compiled in %.1f s)',
-               'no count of' if flops is None else f'{flops:.4g}',
+               'no count of' if cost['flops'] is None else f"{cost['flops']:.4g}",
                time.perf_counter() - start)
-  return flops
+  return cost
+
+
+def train_step_flops(train, step_config: steps_lib.StepConfig, state, batch) -> Optional[float]:
+  """The FLOPs of one train step on the global `batch` (`train_step_cost`), or None when
+  XLA's cost analysis has none."""
+  return train_step_cost(train, step_config, state, batch)['flops']
 
 
 def flops_figures(flops_per_step: Optional[float], steps_per_sec: float,

@@ -224,6 +224,23 @@ def test_gpu_script_runs_shrunk_on_cpu(tmp_path):
   (row,) = table['rows']
   assert (row['name'], row['errors']) == ('resnet18', [])
   assert row['img_s'] > 0 and abs(row['flops_ratio'] - 1) < 0.1
+  # Each step timed beside its roofline projection, last; a CPU's peaks are not listed, so
+  # an H200's are used, from XLA:CPU's count of the very step timed (no compile again).
+  projected = json.loads((tmp_path / 'projection.json').read_text())
+  assert (projected['device'], projected['measured_device']) == ('NVIDIA H200', 'cpu')
+  assert [(r['name'], r['what'], r['batch_size'], r['image_size'])
+          for r in projected['rows']] == [('resnet18', 'train_step.py', 8, 64),
+                                          ('resnet50', 'train_step.py', 8, 64),
+                                          ('resnet18', 'backbones.py', 2, 32)]
+  for projected_row in projected['rows']:
+    assert projected_row['bytes_accessed'] > 0 and projected_row['mfu'] is None
+    assert projected_row['roofline_img_s'] > projected_row['img_s'] > 0
+    assert projected_row['mfu_img_s'] > 0 and projected_row['measured_over_roofline'] > 0
+  assert projected['rows'][0]['flops'] == summary['resnet18_step_flops_per_step']
+  assert 'mfu' not in projected['anchor']  # no ResNet-50 at the anchor's 224 px
+  for column in ('roofline img/s', 'img/s @40% MFU', 'measured img/s', 'measured MFU',
+                 'measured/roofline', 'host cores', 'not measured', 'anchor: '):
+    assert column in completed.stdout, column
 
 
 
