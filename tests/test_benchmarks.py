@@ -153,18 +153,25 @@ def test_convolutions_time_every_part_on_both_sides(tmp_path):
   assert all(value > 0 for value in result['totals'].values())
 
 
+def _run_benchmark(module: str, *args: str):
+  """`python -m benchmarks.MODULE ARGS` in a process of its own, which must succeed; its
+  completed process and the JSON it wrote (the path after --json)."""
+  completed = subprocess.run([sys.executable, '-m', f'benchmarks.{module}', *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300, check=False)
+  assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+  with open(args[args.index('--json') + 1]) as f:
+    return completed, json.load(f)
+
+
 def test_input_pipeline_runs_as_its_command_line_says(tmp_path):
   # `python -m benchmarks.input_pipeline` with its default worker count (two grain worker
   # processes among the layouts) in a plain process that parses no absl flags, at toy sizes,
   # on the photo-like files (the flat ones take the same path).
   pytest.importorskip('torch')
   out = tmp_path / 'input_pipeline.json'
-  completed = subprocess.run(
-      [sys.executable, '-m', 'benchmarks.input_pipeline', '--images', '48', '--batches', '1',
-       '--decode_seconds', '0.05', '--texture', 'photo', '--json', str(out)],
-      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-  assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-  result = json.loads(out.read_text())
+  completed, result = _run_benchmark(
+      'input_pipeline', '--images', '48', '--batches', '1', '--decode_seconds', '0.05',
+      '--texture', 'photo', '--json', str(out))
   assert (result['images'], result['workers']) == (48, 2)
   for key in ('decode_ceiling_img_s', 'pipeline_img_s', 'pipeline_processes_img_s',
               'tfds_pipeline_img_s', 'torch_baseline_img_s', 'device_part_img_s',
@@ -181,12 +188,9 @@ def test_input_pipeline_runs_as_its_command_line_says(tmp_path):
 def test_loop_overhead_times_the_loop_beside_the_bare_step(tmp_path):
   # `python -m benchmarks.loop_overhead` shrunk: a few steps of the tiny model, one repeat.
   out = tmp_path / 'loop_overhead.json'
-  completed = subprocess.run(
-      [sys.executable, '-m', 'benchmarks.loop_overhead', '--steps', '12', '--log_every', '4',
-       '--repeats', '1', '--batch_size', '2', '--json', str(out)],
-      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-  assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-  result = json.loads(out.read_text())
+  completed, result = _run_benchmark(
+      'loop_overhead', '--steps', '12', '--log_every', '4', '--repeats', '1',
+      '--batch_size', '2', '--json', str(out))
   for key in ('bare_cpu_ms', 'bare_wall_ms', 'loop_cpu_ms', 'loop_wall_ms'):
     assert result[key] > 0, key
   assert result['overhead_ms'] == result['loop_cpu_ms'] - result['bare_cpu_ms']
