@@ -27,7 +27,6 @@ flags, and the grain worker processes start all the same.
 """
 
 import argparse
-import io
 import json
 import os
 import tempfile
@@ -68,12 +67,8 @@ def file_costs(count=48, repeats=5):
     seed = np.random.SeedSequence(i)
     drawn = synthetic.draw_image(np.random.default_rng(seed), i % 46,
                                  synthetic.VISIBLE_TEXTURES[i % 5])
-    images = dict(flat=drawn.image, photo=synthetic.photographic(
-        np.random.default_rng(seed.spawn(1)[0]), drawn.image))
-    for texture, image in images.items():
-      out = io.BytesIO()
-      image.save(out, format='JPEG', quality=synthetic.JPEG_QUALITY[texture])
-      blobs[texture].append(out.getvalue())
+    for texture, texture_blobs in blobs.items():
+      texture_blobs.append(synthetic.jpeg(drawn.image, seed, texture))
   times = {texture: [] for texture in blobs}
   for _ in range(repeats):
     for texture, texture_blobs in blobs.items():

@@ -113,7 +113,7 @@ def build(config, workdir: str):
   return run, state, batches
 
 
-def loop_period_ms(run, state) -> float:
+def loop_period_ms(run, state) -> tuple:
   """Median (wall, CPU) ms per step of `train._train_loop`, evaluation and checkpoints
   stubbed."""
   stamps = []
@@ -128,7 +128,7 @@ def loop_period_ms(run, state) -> float:
   return median_periods_ms(stamps)
 
 
-def bare_period_ms(run, state, batch, count: int) -> float:
+def bare_period_ms(run, state, batch, count: int) -> tuple:
   """Median (wall, CPU) ms per step of the jitted step alone, on one batch already on the
   device."""
   stop = train._StopSignals(processes=1)  # pylint: disable=protected-access

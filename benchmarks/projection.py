@@ -6,8 +6,8 @@ benchmarks/train_step.py and benchmarks/backbones.py time it) at --image_size px
 --batch_size, --dtype, on shapes only (no weight is drawn), compiled on this machine:
   GFLOP/img      XLA's FLOPs of the step (forward, backward, update) per image, counted
                  before compiling where XLA can (CPU): the step as written, the same on
-                 every platform (XLA:CPU's compiled count of a ConvNeXt-T step is 2.4 times
-                 it: it rewrites the depthwise convolutions' gradients);
+                 every platform (XLA:CPU's compiled count adds its own rewrites, e.g. of
+                 depthwise convolutions' gradients);
   GB/step        XLA's bytes accessed of the compiled step: after THIS machine's fusions. On
                  a CPU they are XLA:CPU's program's, not a GPU's (other fusions), so the
                  memory time below is no forecast of a GPU's: gpu.sh's side by side uses
@@ -160,9 +160,8 @@ def _shapes(tree, shardings):
 def step_cost(name: str, args) -> dict:
   """flops and bytes_accessed of the default recipe's train step with backbone `name`, and
   the seconds the count took. The FLOPs are counted before compiling where XLA can (the
-  step as written: XLA:CPU's compiled count of a ConvNeXt is 2.4 times it, its depthwise
-  convolutions' gradients rewritten), the bytes after compiling (--cost lowered: before,
-  unfused). The state and batch are shapes: nothing is initialised."""
+  step as written, before XLA:CPU's rewrites), the bytes after compiling (--cost lowered:
+  before, unfused). The state and batch are shapes: nothing is initialised."""
   start = time.perf_counter()
   config = train_step.training_config(name, args.batch_size, args.image_size, args.dtype)
   mesh = sharding.make_mesh()

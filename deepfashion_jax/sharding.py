@@ -39,8 +39,8 @@ def local_copy(tree):
   process's devices, which the processes must then issue in the same order.
   """
   # device_get starts every copy before waiting for the first. Leaves, not tree.map: the
-  # training loop reads every step's metrics, and the tree of replicas (nnx Variables)
-  # built and taken apart again cost about a tenth of the copy's host time.
+  # training loop reads every step's metrics, and a tree of replicas (nnx Variables) built
+  # and taken apart again is host time on its path.
   leaves, treedef = jax.tree.flatten(tree)
   copies = jax.device_get([x.addressable_data(0) for x in leaves])
   return jax.tree.unflatten(treedef, copies)

@@ -125,10 +125,9 @@ def lowered_cost(lowered) -> dict:
 
 def uncompiled_flops(lowered) -> Optional[float]:
   """The FLOPs of a lowered jitted call, counted before compiling where XLA can (CPU: the
-  whole program, within 0.1% of the compiled count for a ResNet train step; for the
-  backbones' forward passes 0.04% (VGG-16) to 3.3% (ResNet-152) under it; a ConvNeXt-T
-  train step 2.4 times under it, XLA:CPU rewriting the depthwise convolutions' gradients);
-  GPU plugins cannot, and it is compiled (`compiled_flops`)."""
+  program as written, before XLA:CPU's rewrites, which add FLOPs to some gradients, e.g. a
+  ConvNeXt's depthwise ones; benchmarks/RESULTS.md); GPU plugins cannot, and it is
+  compiled (`compiled_flops`)."""
   return lowered_cost(lowered)['flops'] or compiled_flops(lowered)
 
 

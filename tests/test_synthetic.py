@@ -113,8 +113,8 @@ def test_the_same_seed_writes_the_same_folder(tmp_path):
 
 
 def test_photo_texture_codes_like_a_photograph_over_the_same_folder(tmp_path):
-  # The same drawings and lists as the flat folder, in files of DeepFashion's 10-25 KB
-  # (the flat ones are noise-heavy: their sizes run 17-37 KB), still parsed and batched.
+  # The same drawings and lists as the flat folder, in files of DeepFashion's 10-25 KB,
+  # still parsed and batched.
   flat, photo = str(tmp_path / 'flat'), str(tmp_path / 'photo')
   synthetic.write_synthetic_deepfashion(flat, num_images=16, seed=5)
   synthetic.write_synthetic_deepfashion(photo, num_images=16, seed=5, texture='photo')

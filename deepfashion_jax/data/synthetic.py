@@ -25,6 +25,7 @@ a file's size (10-25 KB, as DeepFashion's) and its decode time are those of a ph
 """
 
 import dataclasses
+import io
 import itertools
 import os
 from typing import Optional
@@ -324,6 +325,17 @@ def photographic(rng, image: Image.Image) -> Image.Image:
   return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+def jpeg(image: Image.Image, image_seed: np.random.SeedSequence, texture: str) -> bytes:
+  """The drawn `image` finished as `texture` ('photo': `photographic`, from a generator of
+  its own so that the labels drawn with `image_seed` stay the flat folder's) and coded as
+  the writer saves it."""
+  if texture == 'photo':
+    image = photographic(np.random.default_rng(image_seed.spawn(1)[0]), image)
+  out = io.BytesIO()
+  image.save(out, format='JPEG', quality=JPEG_QUALITY[texture])
+  return out.getvalue()
+
+
 @dataclasses.dataclass
 class DrawnGarment:
   image: Image.Image
@@ -525,12 +537,10 @@ def write_synthetic_deepfashion(root: str, num_images: int, seed: int = 0,
   for path, category, fill, image_seed in zip(image_paths, categories, fills, image_seeds):
     image_rng = np.random.default_rng(image_seed)
     drawn = draw_image(image_rng, int(category), VISIBLE_TEXTURES[fill])
-    image = drawn.image
-    if texture == 'photo':  # from a generator of its own: the labels stay the flat folder's
-      image = photographic(np.random.default_rng(image_seed.spawn(1)[0]), image)
     file_path = os.path.join(image_dir, path)
     os.makedirs(os.path.dirname(file_path), exist_ok=True)
-    image.save(file_path, format='JPEG', quality=JPEG_QUALITY[texture])
+    with open(file_path, 'wb') as f:
+      f.write(jpeg(drawn.image, image_seed, texture))
     bboxes.append(drawn.bbox)
     landmarks.append(drawn.landmarks)
     values.append(_attributes(image_rng, int(fill), len(attribute_names), popularity,
