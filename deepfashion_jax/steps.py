@@ -337,7 +337,8 @@ def create_train_state(config, mesh, attributes=None):
   step_config = create_step_config(config, attributes)
   init = functools.partial(initial_state, config, step_config)
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), jax.eval_shape(init))
-  return step_config, jax.jit(init, out_shardings=shardings)()
+  return step_config, jax.jit(init, out_shardings=shardings,
+                             compiler_options=xla_cpu.init_compiler_options(mesh))()
 
 
 def initial_state(config, step_config: StepConfig) -> TrainState:

@@ -91,10 +91,13 @@ def test_one_variable_switches_every_workaround_and_a_bad_value_is_named(monkeyp
     assert xla_cpu.workarounds_on() and xla_cpu.workarounds_on('cpu')
     assert not xla_cpu.workarounds_on('gpu')  # elsewhere off, whatever the variable
     assert xla_cpu.compiler_options(mesh) == xla_cpu.CPU_COMPILER_OPTIONS
+    assert xla_cpu.init_compiler_options(mesh) == dict(xla_cpu.CPU_COMPILER_OPTIONS,
+                                                       **xla_cpu.RUN_ONCE_COMPILER_OPTIONS)
     assert xla_cpu.unroll_loops()
   monkeypatch.setenv(xla_cpu.SWITCH, OFF)
   assert not xla_cpu.workarounds_on() and not xla_cpu.workarounds_on('cpu')
   assert xla_cpu.compiler_options(mesh) is None and not xla_cpu.unroll_loops()
+  assert xla_cpu.init_compiler_options(mesh) is None
   for value in ('yes', 'off', 'true', ' 0'):
     monkeypatch.setenv(xla_cpu.SWITCH, value)
     with pytest.raises(ValueError, match=f"{xla_cpu.SWITCH}='{value}'.*1 or unset.*0"):
