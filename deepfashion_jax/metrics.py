@@ -191,8 +191,9 @@ def batch_metrics(outputs, batch, losses, attribute_types) -> metrics.Collection
 
 
 def _reduced(name: str, reduce):
-  """A clu Metric holding one value per step, merged by `reduce`, a NumPy ufunc (add,
-  minimum, maximum, logical_or): the training loop merges the steps on the host."""
+  """A clu Metric holding one value per step, merged by `reduce` (jnp.add, minimum, maximum,
+  logical_or): the training loop merges the steps on the device, in a jitted function
+  (`steps.merge_train_metrics`); on NumPy values it merges them on the host the same way."""
 
   @flax.struct.dataclass
   class Reduced(metrics.Metric):
@@ -218,10 +219,10 @@ NORM_NAMES = ('grad_norm', 'param_norm', 'update_norm')
 _TRAINING_ONLY = dict(
     **{name: _named_average(name) for name in NORM_NAMES},
     loss_scale=metrics.LastValue.from_output('loss_scale'),
-    nonfinite_steps=_reduced('nonfinite_steps', np.add),
-    first_nonfinite_step=_reduced('first_nonfinite_step', np.minimum),
-    nonfinite_in_a_row=_reduced('nonfinite_in_a_row', np.maximum),
-    stop_requested=_reduced('stop_requested', np.logical_or))
+    nonfinite_steps=_reduced('nonfinite_steps', jnp.add),
+    first_nonfinite_step=_reduced('first_nonfinite_step', jnp.minimum),
+    nonfinite_in_a_row=_reduced('nonfinite_in_a_row', jnp.maximum),
+    stop_requested=_reduced('stop_requested', jnp.logical_or))
 
 
 def train_collection_class(names=None):

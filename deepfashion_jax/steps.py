@@ -117,6 +117,10 @@ class Steps:
   # breakdowns. Compiled only when called: training never pays for it.
   evaluate_examples: Callable
   predict: Callable  # (state, global batch) -> the model's inputs and outputs
+  # (running metrics, a step's metrics) -> the two merged (`merge_train_metrics`): the
+  # training loop accumulates the steps' metrics on the device with it. Donates nothing:
+  # the loop still holds a step's metrics after merging them (its stop flag).
+  merge_metrics: Callable
 
 
 def create_model(config, rngs: nnx.Rngs) -> fashion_net.FashionNet:
@@ -560,7 +564,8 @@ def eval_step(step_config: StepConfig, state: TrainState, batch: dict,
 
 def jit_steps(step_config: StepConfig, mesh) -> Steps:
   """The train, eval and predict steps compiled for the mesh: batch split on `data`,
-  state replicated and, for training, donated."""
+  state replicated and, for training, donated; and the merge of the train metrics, whose
+  inputs and output are replicated."""
   replicated = sharding.replicated(mesh)
   jit = functools.partial(jax.jit, out_shardings=replicated,
                           compiler_options=xla_cpu.compiler_options(mesh))
@@ -568,7 +573,15 @@ def jit_steps(step_config: StepConfig, mesh) -> Steps:
                evaluate=jit(functools.partial(eval_step, step_config)),
                evaluate_examples=jit(functools.partial(eval_step, step_config,
                                                        with_examples=True)),
-               predict=jit(functools.partial(predict_step, step_config)))
+               predict=jit(functools.partial(predict_step, step_config)),
+               merge_metrics=jit(merge_train_metrics))
+
+
+def merge_train_metrics(running, step_metrics):
+  """The training metrics of the steps in `running` and of one more step, merged as the
+  host would merge them (clu's `merge`: sums of totals and counts, the reduced values'
+  sums, minima, maxima and ORs, the loss scale of the newer step)."""
+  return running.merge(step_metrics)
 
 
 def predict_step(step_config: StepConfig, state: TrainState, batch: dict) -> dict:
