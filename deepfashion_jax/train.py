@@ -145,9 +145,10 @@ class _TrainMetrics:
   """The training metrics since the last log: merged on the device, read at a log or a stop.
 
   Each step's metrics (replicated global arrays) are merged into the running ones by a
-  jitted function (`steps.Steps.merge_metrics`), dispatched after the step like the step
-  itself: the host copies nothing per step, and copies the merged metrics from this
-  process's replica only at a log, or when stopping. With several processes each process
+  jitted function (`steps.Steps.merge_metrics`: packed into one array per dtype, for a
+  cheap dispatch), dispatched after the step like the step itself: the host copies nothing
+  per step, and copies the merged metrics from this process's replica only at a log, or
+  when stopping. With several processes each process
   also copies one leaf of each step, its stop_requested, LAG steps after the step (when the
   device has usually finished it, so that the host keeps dispatching ahead of the device):
   every process thus learns of any process's stop request after the same step, between logs
@@ -155,10 +156,11 @@ class _TrainMetrics:
 
   Why this cannot hang with several processes: the merge runs over every process's devices,
   so every process must call it the same number of times in the same order (evaluation's
-  merges once hung because they did not). Each calls it once after each train step but the
-  first after a log; the steps, the logs (`itstime` of the step number) and the stops (the
-  agreed flag, read at the same steps) are the same in every process, so the calls are too.
-  Reading is a copy from the local replica, no computation.
+  merges once hung because they did not). Each calls it once after each train step (the
+  first after a log with no running metrics: the same in every process); the steps, the
+  logs (`itstime` of the step number) and the stops (the agreed flag, read after the same
+  steps) are the same in every process, so the calls are too. Reading is a copy from the
+  local replica, no computation.
   """
 
   LAG = 2
@@ -166,13 +168,13 @@ class _TrainMetrics:
   def __init__(self, merge, stop_flags: bool):
     self._merge = merge  # steps.Steps.merge_metrics
     self._stop_flags = collections.deque() if stop_flags else None  # on the device, unread
-    self.running = None  # the steps since the last log, merged on the device
-    self.merged = None  # the same, copied to the host (at a log or a stop)
+    self._like = None  # a step's metrics: the structure the packed ones unpack to
+    self.running = None  # the steps since the last log, merged on the device, packed
+    self.merged = None  # the same, copied to the host and unpacked (at a log or a stop)
     self.stop_requested = False  # some process asked to stop in a step read so far
 
   def add(self, step_metrics):
-    self.running = (step_metrics if self.running is None
-                    else self._merge(self.running, step_metrics))
+    self.running, self._like = self._merge(self.running, step_metrics), step_metrics
     if self._stop_flags is not None:
       self._stop_flags.append(step_metrics.stop_requested.value)
 
@@ -181,7 +183,8 @@ class _TrainMetrics:
     metrics of every step (whose flags they hold)."""
     if keep == 0:
       if self.running is not None:
-        self.merged, self.running = sharding.local_copy(self.running), None
+        self.merged = steps.unpack_leaves(sharding.local_copy(self.running), self._like)
+        self.running = None
         self.stop_requested |= bool(self.merged.stop_requested.value)
       if self._stop_flags is not None:
         self._stop_flags.clear()
