@@ -11,16 +11,18 @@ work per step:
             window, the progress report, the metrics merged on the device (a second
             dispatch), the log (every `--log_every` steps: the merged metrics copied to the
             host) and the stop check
-  loop, host merge  the same loop with the metrics as it read them before: each step's
-            copied to the host LAG steps late and merged there (`HostMergedMetrics`)
+  loop, before  the same loop as it was before: every batch entry put on the devices as
+            an array of its own, each step's metrics copied to the host LAG steps late and
+            merged there (`HostMergedMetrics`)
 Each is timed per step in the main thread's CPU time (the host's work: what would delay
 the next dispatch on a GPU) and in wall time (on CPU the device is these same cores, so
 the wall time includes the device's work, which the loop waits for LAG steps late). The
 difference in CPU time is the loop's overhead (on CPU it also holds device work the main
 thread does while it waits for a step's metrics), so the loop's own parts are timed alone
-too, on a finished step: fetching and marking a batch, its device_put, the merge's
-dispatch, and what it replaced (copying a step's metrics to the host and merging them
-there), and what several processes add (copying a step's stop flag). Both are printed as a
+too, on a finished step: fetching and marking a batch, its device_put (packed,
+`train._device_entries`), the merge's dispatch, and what they replaced (the whole batch's
+device_put, copying a step's metrics to the host and merging them there), and what several
+processes add (copying a step's stop flag). Both are printed as a
 share of a ResNet-50 bfloat16 step on an H200 (`--reference_step_ms`, 15.6 ms at batch 256
 by default: 256 images at the 16,436 img/s that benchmarks/projection.py gives at 40% MFU),
 beside the target, 2% of it.
@@ -147,10 +149,10 @@ class HostMergedMetrics:
     return merged
 
 
-def loop_period_ms(run, state, host_merge: bool = False) -> tuple:
+def loop_period_ms(run, state, before: bool = False) -> tuple:
   """Median (wall, CPU) ms per step of `train._train_loop`, evaluation and checkpoints
-  stubbed; host_merge: with the metrics merged on the host as before
-  (`HostMergedMetrics`)."""
+  stubbed; before: as the loop was before (every batch entry put on the devices, the
+  metrics merged on the host: `HostMergedMetrics`)."""
   stamps = []
   run = dataclasses.replace(run, steps=dataclasses.replace(
       run.steps, train=timed(run.steps.train, stamps)))
@@ -158,8 +160,9 @@ def loop_period_ms(run, state, host_merge: bool = False) -> tuple:
     stack.enter_context(mock.patch.object(train, '_evaluate_and_report',
                                           lambda *args: {}))
     stack.enter_context(mock.patch.object(checkpoints, 'save', lambda *args, **kwargs: None))
-    if host_merge:
+    if before:
       stack.enter_context(mock.patch.object(train, '_TrainMetrics', HostMergedMetrics))
+      stack.enter_context(mock.patch.object(train, '_device_entries', lambda batch: batch))
     run.stop = stack.enter_context(train._StopSignals())  # pylint: disable=protected-access
     train._train_loop(run, state)  # pylint: disable=protected-access
   return median_periods_ms(stamps)
@@ -169,7 +172,7 @@ def bare_period_ms(run, state, batch, count: int) -> tuple:
   """Median (wall, CPU) ms per step of the jitted step alone, on one batch already on the
   device."""
   stop = train._StopSignals(processes=1)  # pylint: disable=protected-access
-  batch = sharding.global_batch(stop.mark(batch), run.mesh)
+  batch = sharding.global_batch(train._device_entries(stop.mark(batch)), run.mesh)  # pylint: disable=protected-access
   stamps = []
   for _ in range(count):
     stamps.append(stamp())
@@ -184,7 +187,7 @@ def parts_ms(run, state, batches, count: int = 50) -> dict:
   what the device merge replaced (BEFORE) and what several processes add (MULTI_PROCESS)."""
   stop = train._StopSignals(processes=1)  # pylint: disable=protected-access
   ready = ReadyBatches(batches)
-  batch = sharding.global_batch(stop.mark(batches[0]), run.mesh)
+  batch = sharding.global_batch(train._device_entries(stop.mark(batches[0])), run.mesh)  # pylint: disable=protected-access
   state, metrics = run.steps.train(state, batch)
   jax.block_until_ready(metrics)
   host_metrics = sharding.local_copy(metrics)
@@ -192,7 +195,9 @@ def parts_ms(run, state, batches, count: int = 50) -> dict:
   jax.block_until_ready(run.steps.merge_metrics(running, metrics))  # compiled
   parts = dict(
       fetch_and_mark=lambda: stop.mark(next(ready))['skipped'].sum(),
-      device_put=lambda: sharding.global_batch(stop.mark(batches[0]), run.mesh),
+      device_put=lambda: sharding.global_batch(
+          train._device_entries(stop.mark(batches[0])), run.mesh),  # pylint: disable=protected-access
+      device_put_whole_batch=lambda: sharding.global_batch(stop.mark(batches[0]), run.mesh),
       device_merge=lambda: run.steps.merge_metrics(running, metrics),
       metrics_copy=lambda: sharding.local_copy(metrics),
       host_merge=lambda: host_metrics.merge(host_metrics),
@@ -209,7 +214,7 @@ def parts_ms(run, state, batches, count: int = 50) -> dict:
 
 
 PARTS = ('fetch_and_mark', 'device_put', 'device_merge')  # the loop's, per step
-BEFORE = ('fetch_and_mark', 'device_put', 'metrics_copy', 'host_merge')  # the host merge's
+BEFORE = ('fetch_and_mark', 'device_put_whole_batch', 'metrics_copy', 'host_merge')
 MULTI_PROCESS = ('stop_flag_copy',)  # added per step with several processes
 
 
@@ -236,21 +241,21 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as workdir:
     config = tiny_config(workdir, args)
     run, state, batches = build(config, workdir)
-    bare, loop, host_merged = [], [], []
+    bare, loop, before = [], [], []
     for _ in range(args.repeats):  # interleaved: the machine's load falls on all three
       bare.append(bare_period_ms(run, fresh_copy(state), batches[0], args.steps))
       loop.append(loop_period_ms(run, fresh_copy(state)))
-      host_merged.append(loop_period_ms(run, fresh_copy(state), host_merge=True))
+      before.append(loop_period_ms(run, fresh_copy(state), before=True))
     parts = parts_ms(run, fresh_copy(state), batches)
   figures = dict(backbone=args.backbone, image_size=args.image_size,
                  batch_size=args.batch_size, steps=args.steps, log_every=args.log_every,
                  device=str(jax.devices()[0]), reference_step_ms=args.reference_step_ms)
-  for name, runs in (('bare', bare), ('loop', loop), ('loop_host_merge', host_merged)):
+  for name, runs in (('bare', bare), ('loop', loop), ('loop_before', before)):
     figures[f'{name}_wall_ms'] = statistics.median(wall for wall, _ in runs)
     figures[f'{name}_cpu_ms'] = statistics.median(cpu for _, cpu in runs)
     figures[f'{name}_runs_ms'] = runs
   figures['overhead_ms'] = figures['loop_cpu_ms'] - figures['bare_cpu_ms']
-  figures['overhead_host_merge_ms'] = figures['loop_host_merge_cpu_ms'] - figures['bare_cpu_ms']
+  figures['overhead_before_ms'] = figures['loop_before_cpu_ms'] - figures['bare_cpu_ms']
   figures['parts_ms'] = parts
   figures['parts_total_ms'] = sum(parts[name] for name in PARTS)
   figures['parts_before_total_ms'] = sum(parts[name] for name in BEFORE)
@@ -264,17 +269,17 @@ def main(argv=None):
         f'bf16 step (target < 2%: {0.02 * args.reference_step_ms:.2f} ms)')
   print(f'{"measure, per step":<36}{"host CPU ms":>12}{"wall ms":>10}{"share":>8}')
   for name, title in (('bare', 'bare jitted step'), ('loop', 'training loop'),
-                      ('loop_host_merge', 'training loop, host merge (before)')):
+                      ('loop_before', 'training loop before')):
     print(f'{title:<36}{figures[f"{name}_cpu_ms"]:>12.3f}{figures[f"{name}_wall_ms"]:>10.3f}')
   for name, title in (('overhead_ms', 'loop overhead (host CPU)'),
-                      ('overhead_host_merge_ms', 'loop overhead, host merge (before)')):
+                      ('overhead_before_ms', 'loop overhead before')):
     print(f'{title:<36}{figures[name]:>12.3f}{"":>10}{share(figures[name]):>8}')
   print(f'{"parts of the loop, each alone":<36}{"host ms":>12}')
   for name, value in parts.items():
     print(f'  {name:<34}{value:>12.3f}{"":>10}{share(value):>8}')
   for key, title in (('parts_total_ms', 'the loop now, one process'),
                      ('parts_multi_process_total_ms', 'the loop now, several processes'),
-                     ('parts_before_total_ms', 'before: host merge')):
+                     ('parts_before_total_ms', 'the loop before')):
     print(f'  {title:<34}{figures[key]:>12.3f}{"":>10}{share(figures[key]):>8}')
   if args.json:
     with open(args.json, 'w') as f:

@@ -358,7 +358,7 @@ def _train_loop(run: _Run, state) -> dict:
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = next(train_batches)
         skipped += int(batch['skipped'].sum())
-        batch = sharding.global_batch(run.stop.mark(batch), run.mesh)
+        batch = sharding.global_batch(_device_entries(run.stop.mark(batch)), run.mesh)
         if step == first:  # compiles the step (the call below reuses it), counts its FLOPs
           throughput.flops_per_step = throughput_lib.train_step_flops(
               run.steps.train, run.step_config, state, batch)
@@ -393,6 +393,13 @@ def _train_loop(run: _Run, state) -> dict:
     results = dict(results, **{f'train_{name}': value for name, value
                                in throughput.figures(throughput.steady()).items()})
   return results
+
+
+def _device_entries(batch: dict) -> sharding.PackedBatch:
+  """What the train step reads of a batch (`steps.HOST_ONLY` left out), packed into an
+  array per dtype: the host's cost of putting a batch on the devices is per array."""
+  return sharding.PackedBatch.pack({name: value for name, value in batch.items()
+                                    if name not in steps.HOST_ONLY})
 
 
 def _warn_if_outside(window, first: int, last: int):

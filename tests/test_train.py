@@ -268,6 +268,7 @@ class _StandInState(NamedTuple):
 def _stand_in_train_step(state, batch):
   """A jitted stand-in for the train step, cheap to compile: the training metrics of its
   batch's values, its step non-finite at _NONFINITE_STEPS."""
+  batch = sharding.unpacked(batch)  # as the loop packs it (train._device_entries)
   step = state.step + 1
   nonfinite = jnp.isin(step, jnp.asarray(_NONFINITE_STEPS))
   in_a_row = jnp.where(nonfinite, state.nonfinite_in_a_row + 1, 0)
