@@ -7,25 +7,24 @@ work per step:
             the device: dispatch alone (the device runs behind, asynchronously)
   loop      `train._train_loop` as training runs it, per step: the next batch from an
             iterator of ready batches (the pipeline's prefetch buffer), its skipped count,
-            the stop mark, device_put onto the mesh, the step's dispatch, the profiler
-            window, the progress report, the metrics merged on the device (a second
-            dispatch), the log (every `--log_every` steps: the merged metrics copied to the
-            host) and the stop check
-  loop, before  the same loop as it was before: every batch entry put on the devices as
-            an array of its own, each step's metrics copied to the host LAG steps late and
+            the stop mark, device_put onto the mesh (packed: `train._device_entries`), the
+            step's dispatch, the profiler window, the progress report, the metrics merged
+            on the device (a second dispatch), the log (every `--log_every` steps: the
+            merged metrics copied to the host) and the stop check
+  before    the same loop as it was before: every batch entry put on the devices as an
+            array of its own, each step's metrics copied to the host LAG steps late and
             merged there (`HostMergedMetrics`)
 Each is timed per step in the main thread's CPU time (the host's work: what would delay
 the next dispatch on a GPU) and in wall time (on CPU the device is these same cores, so
-the wall time includes the device's work, which the loop waits for LAG steps late). The
-difference in CPU time is the loop's overhead (on CPU it also holds device work the main
-thread does while it waits for a step's metrics), so the loop's own parts are timed alone
-too, on a finished step: fetching and marking a batch, its device_put (packed,
-`train._device_entries`), the merge's dispatch, and what they replaced (the whole batch's
-device_put, copying a step's metrics to the host and merging them there), and what several
-processes add (copying a step's stop flag). Both are printed as a
-share of a ResNet-50 bfloat16 step on an H200 (`--reference_step_ms`, 15.6 ms at batch 256
-by default: 256 images at the 16,436 img/s that benchmarks/projection.py gives at 40% MFU),
-beside the target, 2% of it.
+the wall time includes the device's work). The difference in CPU time is the loop's
+overhead (on CPU it also holds device work the main thread does while it waits for a
+step's metrics or the device's queue), so the loop's own parts are timed alone too, on a
+finished step: fetching and marking a batch, its packed device_put, the merge's dispatch;
+what they replaced (the whole batch's device_put, copying a step's metrics to the host and
+merging them there); and what several processes add (copying a step's stop flag). All are
+printed as shares of a ResNet-50 bfloat16 step on an H200 (`--reference_step_ms`, 15.6 ms
+at batch 256 by default: 256 images at the 16,436 img/s that benchmarks/projection.py
+gives at 40% MFU), beside the target, 2% of it.
 Evaluation and checkpointing, which run every few thousand steps, are left out (stubbed):
 each step's time is its period between two consecutive dispatches, median over the steps
 after the first few.

@@ -27,8 +27,9 @@ def global_batch(batch, mesh):
   training loop does this every step; benchmarks/loop_overhead.py).
   """
   sharding = NamedSharding(mesh, PartitionSpec('data'))
+  batch = batch if isinstance(batch, PackedBatch) else dict(batch)
   if jax.process_count() == 1:
-    return jax.device_put(dict(batch) if isinstance(batch, dict) else batch, sharding)
+    return jax.device_put(batch, sharding)
   return jax.tree.map(lambda value: jax.make_array_from_process_local_data(sharding, value),
                       batch)
 
