@@ -180,7 +180,7 @@ def bare_period_ms(run, state, batch, count: int) -> tuple:
   return median_periods_ms(stamps)
 
 
-def parts_ms(run, state, batches, count: int = 50) -> dict:
+def parts_ms(run, state, batches, count: int = 200) -> dict:
   """Median host ms of each of the loop's own parts per step, timed alone on a finished
   step (nothing waits for the device): what the loop adds to the step's dispatch (PARTS),
   what the device merge replaced (BEFORE) and what several processes add (MULTI_PROCESS)."""
@@ -201,15 +201,13 @@ def parts_ms(run, state, batches, count: int = 50) -> dict:
       metrics_copy=lambda: sharding.local_copy(metrics),
       host_merge=lambda: host_metrics.merge(host_metrics),
       stop_flag_copy=lambda: sharding.local_copy(metrics.stop_requested.value))
-  times = {}
-  for name, part in parts.items():
-    samples = []
-    for _ in range(count):
+  samples = {name: [] for name in parts}
+  for _ in range(count):  # interleaved: a burst of load on the shared cores hits them all
+    for name, part in parts.items():
       start = time.perf_counter()
       part()
-      samples.append(time.perf_counter() - start)
-    times[name] = 1e3 * statistics.median(samples)
-  return times
+      samples[name].append(time.perf_counter() - start)
+  return {name: 1e3 * statistics.median(times) for name, times in samples.items()}
 
 
 PARTS = ('fetch_and_mark', 'device_put', 'device_merge')  # the loop's, per step
