@@ -51,6 +51,8 @@ from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax import train
 
+# What the loop puts on the devices of a batch: its entries the step reads, packed.
+device_entries = train._device_entries  # pylint: disable=protected-access
 # 256 images / 16,436 img/s: the ResNet-50 bf16 step at 40% MFU on an H200
 # (benchmarks/projection.py, the GPU's program).
 REFERENCE_STEP_MS = 15.6
@@ -171,7 +173,7 @@ def bare_period_ms(run, state, batch, count: int) -> tuple:
   """Median (wall, CPU) ms per step of the jitted step alone, on one batch already on the
   device."""
   stop = train._StopSignals(processes=1)  # pylint: disable=protected-access
-  batch = sharding.global_batch(train._device_entries(stop.mark(batch)), run.mesh)  # pylint: disable=protected-access
+  batch = sharding.global_batch(device_entries(stop.mark(batch)), run.mesh)
   stamps = []
   for _ in range(count):
     stamps.append(stamp())
@@ -186,7 +188,7 @@ def parts_ms(run, state, batches, count: int = 200) -> dict:
   what the device merge replaced (BEFORE) and what several processes add (MULTI_PROCESS)."""
   stop = train._StopSignals(processes=1)  # pylint: disable=protected-access
   ready = ReadyBatches(batches)
-  batch = sharding.global_batch(train._device_entries(stop.mark(batches[0])), run.mesh)  # pylint: disable=protected-access
+  batch = sharding.global_batch(device_entries(stop.mark(batches[0])), run.mesh)
   state, metrics = run.steps.train(state, batch)
   jax.block_until_ready(metrics)
   host_metrics = sharding.local_copy(metrics)
@@ -195,7 +197,7 @@ def parts_ms(run, state, batches, count: int = 200) -> dict:
   parts = dict(
       fetch_and_mark=lambda: stop.mark(next(ready))['skipped'].sum(),
       device_put=lambda: sharding.global_batch(
-          train._device_entries(stop.mark(batches[0])), run.mesh),  # pylint: disable=protected-access
+          device_entries(stop.mark(batches[0])), run.mesh),
       device_put_whole_batch=lambda: sharding.global_batch(stop.mark(batches[0]), run.mesh),
       device_merge=lambda: run.steps.merge_metrics(running, metrics),
       metrics_copy=lambda: sharding.local_copy(metrics),

@@ -103,8 +103,9 @@ class _StopSignals:
   One process stops after the step during which it received the signal. Several must stop
   after the same step: each marks its rows of the next batch (`steps.STOP_REQUESTED`), the
   step ORs the marks into its metrics, and the processes read that flag (`_TrainMetrics`):
-  at once at a log step, `_TrainMetrics.LAG` steps late between them. So every process stops after the same step, at most LAG + 1 steps after the signal,
-  and no step waits for a round trip between the hosts.
+  at once at a log step, `_TrainMetrics.LAG` steps late between them. So every process
+  stops after the same step, at most LAG + 1 steps after the signal, and no step waits for
+  a round trip between the hosts.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -324,13 +324,15 @@ def test_the_loop_logs_the_metrics_merged_on_the_device_as_merged_on_the_host(
   run = train._Run(  # pylint: disable=protected-access
       config, str(tmp_path), mesh, dataclasses.replace(jitted, train=train_step),
       data.TrainingData(None, batches, None), _Manager(), _Writer(),
-      steps.StepConfig(None, None, 0, {}, None, None), train._StopSignals(processes))  # pylint: disable=protected-access
+      steps.StepConfig(None, None, 0, {}, None, None),
+      train._StopSignals(processes))  # pylint: disable=protected-access
   checked = {}
   monkeypatch.setattr(train, 'stop_if_diverged',
                       lambda config, computed, manager: checked.setdefault(len(checked), computed))
   monkeypatch.setattr(checkpoints, 'save', lambda *args, **kwargs: None)
   monkeypatch.setattr(train, '_evaluate_and_report', lambda *args: {})
-  train._train_loop(run, _StandInState(*jnp.zeros((2,), jnp.int32)))  # pylint: disable=protected-access
+  state = _StandInState(*jnp.zeros((2,), jnp.int32))
+  train._train_loop(run, state)  # pylint: disable=protected-access
 
   step_metrics = [sharding.local_copy(m) for m in train_step.outputs]
   for log, (first, last) in enumerate([(1, 4), (5, 8), (9, 10)]):
