@@ -38,10 +38,10 @@ def global_batch(batch, mesh):
 class PackedBatch:
   """A batch of rows as few arrays: the entries of each dtype flattened past their first
   axis and joined along the second, an entry alone in its dtype left as it is (the images:
-  no copy). Putting an array on the devices costs the host a fixed ~25 us whatever its size,
-  so the training batch's 13 entries go as 4 arrays, in well under half the host time
-  (benchmarks/loop_overhead.py). `unpack` gives the entries back, in a jitted step too (the
-  layout is the pytree's static part)."""
+  no copy). Putting an array on the devices costs the host a fixed time whatever its size,
+  so the training batch's 13 entries go as 4 arrays (benchmarks/loop_overhead.py times
+  both). `unpack` gives the entries back, in a jitted step too (the layout is the pytree's
+  static part)."""
 
   def __init__(self, groups: dict, layout: tuple):
     self.groups = groups  # dtype name -> (B, ...) array

@@ -591,8 +591,8 @@ def merge_train_metrics(running: Optional[dict], step_metrics) -> dict:
   (`pack_leaves`). running: the packed metrics of the steps before, None for the first.
 
   Packed, because each output array of a jitted call costs the host time at every call:
-  three outputs instead of the metrics' ~75 leaves take the merge's dispatch from about
-  0.15 to 0.04 ms (benchmarks/loop_overhead.py).
+  three outputs instead of the metrics' ~75 leaves are most of the dispatch's host time
+  saved (benchmarks/loop_overhead.py times the dispatch).
   """
   merged = (step_metrics if running is None
             else unpack_leaves(running, step_metrics).merge(step_metrics))

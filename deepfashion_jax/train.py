@@ -149,11 +149,11 @@ class _TrainMetrics:
   jitted function (`steps.Steps.merge_metrics`: packed into one array per dtype, for a
   cheap dispatch), dispatched after the step like the step itself: the host copies nothing
   per step, and copies the merged metrics from this process's replica only at a log, or
-  when stopping. With several processes each process
-  also copies one leaf of each step, its stop_requested, LAG steps after the step (when the
-  device has usually finished it, so that the host keeps dispatching ahead of the device):
-  every process thus learns of any process's stop request after the same step, between logs
-  too. With one process nothing is copied per step (the signal is the process's own).
+  when stopping. With several processes each process also copies one leaf of each step,
+  its stop_requested, LAG steps after the step (when the device has usually finished it,
+  so that the host keeps dispatching ahead of the device): every process thus learns of any
+  process's stop request after the same step, between logs too. With one process nothing
+  is copied per step (the signal is the process's own).
 
   Why this cannot hang with several processes: the merge runs over every process's devices,
   so every process must call it the same number of times in the same order (evaluation's
