@@ -190,9 +190,10 @@ def batch_metrics(outputs, batch, losses, attribute_types) -> metrics.Collection
 
 
 
-def _reduced(name: str, reduce):
-  """A clu Metric holding one value per step, merged by `reduce`, a NumPy ufunc (add,
-  minimum, maximum, logical_or): the training loop merges the steps on the host."""
+def _reduced(name: str, reduce: str):
+  """A clu Metric holding one value per step, merged by the ufunc named `reduce` (add,
+  minimum, maximum, logical_or): jax.numpy's on device arrays, as the training loop merges
+  the steps in a jitted function (`steps.merge_train_metrics`); NumPy's on host copies."""
 
   @flax.struct.dataclass
   class Reduced(metrics.Metric):
@@ -203,7 +204,8 @@ def _reduced(name: str, reduce):
       return cls(value=jnp.asarray(outputs[name]))
 
     def merge(self, other):
-      return type(self)(value=reduce(self.value, other.value))
+      on_host = isinstance(self.value, np.ndarray) and isinstance(other.value, np.ndarray)
+      return type(self)(value=getattr(np if on_host else jnp, reduce)(self.value, other.value))
 
     def compute(self):
       return self.value
@@ -218,10 +220,10 @@ NORM_NAMES = ('grad_norm', 'param_norm', 'update_norm')
 _TRAINING_ONLY = dict(
     **{name: _named_average(name) for name in NORM_NAMES},
     loss_scale=metrics.LastValue.from_output('loss_scale'),
-    nonfinite_steps=_reduced('nonfinite_steps', np.add),
-    first_nonfinite_step=_reduced('first_nonfinite_step', np.minimum),
-    nonfinite_in_a_row=_reduced('nonfinite_in_a_row', np.maximum),
-    stop_requested=_reduced('stop_requested', np.logical_or))
+    nonfinite_steps=_reduced('nonfinite_steps', 'add'),
+    first_nonfinite_step=_reduced('first_nonfinite_step', 'minimum'),
+    nonfinite_in_a_row=_reduced('nonfinite_in_a_row', 'maximum'),
+    stop_requested=_reduced('stop_requested', 'logical_or'))
 
 
 def train_collection_class(names=None):

@@ -32,6 +32,7 @@ behind stop_gradient (`FashionNet.frozen_backbone`), so the step has no backward
 through it, and the optimiser gives it no update and keeps no state for it.
 """
 
+import collections
 import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional
@@ -64,6 +65,9 @@ EMA_PREFIX = 'ema_'  # the evaluation metrics of the moving average (config.ema_
 # stop_requested, so that every process learns of a signal from the same step, without a
 # round trip between the hosts of its own (train.py).
 STOP_REQUESTED = 'stop_requested'
+# The batch entries the host reads and no step does: the training loop leaves them off the
+# devices (each array put there costs the host time; the unknowns are 1,000 bytes a row).
+HOST_ONLY = ('attribute_unknown', 'index', 'skipped')
 
 
 # float16 starts its loss scale at 2^15 and doubles it after 2,000 finite steps in a row.
@@ -117,6 +121,11 @@ class Steps:
   # breakdowns. Compiled only when called: training never pays for it.
   evaluate_examples: Callable
   predict: Callable  # (state, global batch) -> the model's inputs and outputs
+  # (running metrics or None, a step's metrics) -> the two merged, packed
+  # (`merge_train_metrics`): the training loop accumulates the steps' metrics on the device
+  # with it. Donates nothing: the loop still holds a step's metrics after merging them (its
+  # stop flag).
+  merge_metrics: Callable
 
 
 def create_model(config, rngs: nnx.Rngs) -> fashion_net.FashionNet:
@@ -506,8 +515,10 @@ def train_step(step_config: StepConfig, state: TrainState, batch: dict):
   With step_config.grad_accum_steps = k > 1, the batch is k micro-batches
   (`accumulated_gradients`; batch-norm statistics follow them in order) and still one
   optimiser step. With step_config.ema_decay > 0 the moving averages follow the new
-  weights.
+  weights. The batch: a dict of global arrays, or a `sharding.PackedBatch` of them (the
+  training loop's).
   """
+  batch = sharding.unpacked(batch)
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   backward = accumulated_gradients(step_config, state, batch, dropout_rng,
                                    step_config.grad_accum_steps)
@@ -561,7 +572,8 @@ def eval_step(step_config: StepConfig, state: TrainState, batch: dict,
 
 def jit_steps(step_config: StepConfig, mesh) -> Steps:
   """The train, eval and predict steps compiled for the mesh: batch split on `data`,
-  state replicated and, for training, donated."""
+  state replicated and, for training, donated; and the merge of the train metrics, whose
+  inputs and output are replicated."""
   replicated = sharding.replicated(mesh)
   jit = functools.partial(jax.jit, out_shardings=replicated,
                           compiler_options=xla_cpu.compiler_options(mesh))
@@ -569,7 +581,45 @@ def jit_steps(step_config: StepConfig, mesh) -> Steps:
                evaluate=jit(functools.partial(eval_step, step_config)),
                evaluate_examples=jit(functools.partial(eval_step, step_config,
                                                        with_examples=True)),
-               predict=jit(functools.partial(predict_step, step_config)))
+               predict=jit(functools.partial(predict_step, step_config)),
+               merge_metrics=jit(merge_train_metrics))
+
+
+def merge_train_metrics(running: Optional[dict], step_metrics) -> dict:
+  """The training metrics of the steps in `running` and of one more step, merged as the
+  host would merge them (clu's `merge`: sums of totals and counts, the reduced values'
+  sums, minima, maxima and ORs, the loss scale of the newer step), packed
+  (`pack_leaves`). running: the packed metrics of the steps before, None for the first.
+
+  Packed, because each output array of a jitted call costs the host time at every call:
+  three outputs instead of the metrics' ~75 leaves are most of the dispatch's host time
+  saved (benchmarks/loop_overhead.py times the dispatch).
+  """
+  merged = (step_metrics if running is None
+            else unpack_leaves(running, step_metrics).merge(step_metrics))
+  return pack_leaves(merged)
+
+
+def pack_leaves(tree) -> dict:
+  """dtype name -> the leaves of `tree` of that dtype, flattened and joined in leaf order."""
+  groups = {}
+  for leaf in jax.tree.leaves(tree):
+    groups.setdefault(jnp.dtype(leaf.dtype).name, []).append(jnp.ravel(leaf))
+  return {name: jnp.concatenate(leaves) for name, leaves in groups.items()}
+
+
+def unpack_leaves(packed: dict, like):
+  """`pack_leaves`' inverse: a tree shaped as `like` (whose leaves' shapes and dtypes alone
+  are read), of slices of `packed`'s arrays: traced arrays in a jitted function, NumPy
+  arrays on the host."""
+  leaves, treedef = jax.tree.flatten(like)
+  offsets, unpacked = collections.Counter(), []
+  for leaf in leaves:
+    name, size = jnp.dtype(leaf.dtype).name, int(np.prod(leaf.shape))
+    start = offsets[name]
+    unpacked.append(packed[name][start:start + size].reshape(leaf.shape))
+    offsets[name] += size
+  return jax.tree.unflatten(treedef, unpacked)
 
 
 def predict_step(step_config: StepConfig, state: TrainState, batch: dict) -> dict:

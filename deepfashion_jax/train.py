@@ -102,10 +102,10 @@ class _StopSignals:
 
   One process stops after the step during which it received the signal. Several must stop
   after the same step: each marks its rows of the next batch (`steps.STOP_REQUESTED`), the
-  step ORs the marks into its metrics, and the processes read them where they read the
-  metrics (`_TrainMetrics`): at once at a log step, `_TrainMetrics.LAG` steps late between
-  them. So every process stops after the same step, at most LAG + 1 steps after the signal,
-  and no step waits for a round trip between the hosts.
+  step ORs the marks into its metrics, and the processes read that flag (`_TrainMetrics`):
+  at once at a log step, `_TrainMetrics.LAG` steps late between them. So every process
+  stops after the same step, at most LAG + 1 steps after the signal, and no step waits for
+  a round trip between the hosts.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -143,36 +143,58 @@ class _StopSignals:
 
 
 class _TrainMetrics:
-  """The training metrics since the last log, merged on the host.
+  """The training metrics since the last log: merged on the device, read at a log or a stop.
 
-  Each step's metrics are replicated global arrays. Arithmetic on them would run as
-  computations over every process's devices, the pattern that hung evaluation's merges with
-  several processes (tests/test_multihost.py); so they are copied from this process's
-  replica and merged in NumPy. A step's metrics are copied LAG steps later, when the
-  device has usually finished it, so that the host keeps dispatching ahead of the device;
-  a log reads all of them.
+  Each step's metrics (replicated global arrays) are merged into the running ones by a
+  jitted function (`steps.Steps.merge_metrics`: packed into one array per dtype, for a
+  cheap dispatch), dispatched after the step like the step itself: the host copies nothing
+  per step, and copies the merged metrics from this process's replica only at a log, or
+  when stopping. With several processes each process also copies one leaf of each step,
+  its stop_requested, LAG steps after the step (when the device has usually finished it,
+  so that the host keeps dispatching ahead of the device): every process thus learns of any
+  process's stop request after the same step, between logs too. With one process nothing
+  is copied per step (the signal is the process's own).
+
+  Why this cannot hang with several processes: the merge runs over every process's devices,
+  so every process must call it the same number of times in the same order (evaluation's
+  merges once hung because they did not). Each calls it once after each train step (the
+  first after a log with no running metrics: the same in every process); the steps, the
+  logs (`itstime` of the step number) and the stops (the agreed flag, read after the same
+  steps) are the same in every process, so the calls are too. Reading is a copy from the
+  local replica, no computation.
   """
 
   LAG = 2
 
-  def __init__(self):
-    self.on_device = collections.deque()  # the newest steps' metrics, not read yet
-    self.merged = None  # the steps read since the last log, on the host
+  def __init__(self, merge, stop_flags: bool):
+    self._merge = merge  # steps.Steps.merge_metrics
+    self._stop_flags = collections.deque() if stop_flags else None  # on the device, unread
+    self._like = None  # a step's metrics: the structure the packed ones unpack to
+    self.running = None  # the steps since the last log, merged on the device, packed
+    self.merged = None  # the same, copied to the host and unpacked (at a log or a stop)
     self.stop_requested = False  # some process asked to stop in a step read so far
 
   def add(self, step_metrics):
-    self.on_device.append(step_metrics)
+    self.running, self._like = self._merge(self.running, step_metrics), step_metrics
+    if self._stop_flags is not None:
+      self._stop_flags.append(step_metrics.stop_requested.value)
 
   def read(self, keep: int = LAG):
-    """Copies and merges every step's metrics but the newest `keep`."""
-    while len(self.on_device) > keep:
-      step_metrics = sharding.local_copy(self.on_device.popleft())
-      self.stop_requested |= bool(step_metrics.stop_requested.value)
-      self.merged = (step_metrics if self.merged is None
-                     else self.merged.merge(step_metrics))
+    """Reads the stop flags of every step but the newest `keep`; keep=0 copies the merged
+    metrics of every step (whose flags they hold)."""
+    if keep == 0:
+      if self.running is not None:
+        self.merged = steps.unpack_leaves(sharding.local_copy(self.running), self._like)
+        self.running = None
+        self.stop_requested |= bool(self.merged.stop_requested.value)
+      if self._stop_flags is not None:
+        self._stop_flags.clear()
+      return
+    while self._stop_flags and len(self._stop_flags) > keep:
+      self.stop_requested |= bool(sharding.local_copy(self._stop_flags.popleft()))
 
   def take(self):
-    """Every step's metrics since the last log, merged; starts the next log's."""
+    """Every step's metrics since the last log, merged, on the host; starts the next log's."""
     self.read(keep=0)
     merged, self.merged = self.merged, None
     return merged
@@ -323,7 +345,8 @@ def _train_loop(run: _Run, state) -> dict:
   config, train_batches = run.config, run.data.train_batches
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=run.writer)
-  train_metrics, skipped, results = _TrainMetrics(), 0, {}
+  train_metrics = _TrainMetrics(run.steps.merge_metrics, stop_flags=run.stop.processes > 1)
+  skipped, results = 0, {}
   throughput = throughput_lib.Throughput(
       config.batch_size, int(state.step), peak_per_device=throughput_lib.device_peak(config.dtype))
   first = int(state.step) + 1
@@ -336,7 +359,7 @@ def _train_loop(run: _Run, state) -> dict:
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = next(train_batches)
         skipped += int(batch['skipped'].sum())
-        batch = sharding.global_batch(run.stop.mark(batch), run.mesh)
+        batch = sharding.global_batch(_device_entries(run.stop.mark(batch)), run.mesh)
         if step == first:  # compiles the step (the call below reuses it), counts its FLOPs
           throughput.flops_per_step = throughput_lib.train_step_flops(
               run.steps.train, run.step_config, state, batch)
@@ -371,6 +394,13 @@ def _train_loop(run: _Run, state) -> dict:
     results = dict(results, **{f'train_{name}': value for name, value
                                in throughput.figures(throughput.steady()).items()})
   return results
+
+
+def _device_entries(batch: dict) -> sharding.PackedBatch:
+  """What the train step reads of a batch (`steps.HOST_ONLY` left out), packed into an
+  array per dtype: the host's cost of putting a batch on the devices is per array."""
+  return sharding.PackedBatch.pack({name: value for name, value in batch.items()
+                                    if name not in steps.HOST_ONLY})
 
 
 def _warn_if_outside(window, first: int, last: int):

@@ -191,10 +191,16 @@ def test_loop_overhead_times_the_loop_beside_the_bare_step(tmp_path):
   completed, result = _run_benchmark(
       'loop_overhead', '--steps', '12', '--log_every', '4', '--repeats', '1',
       '--batch_size', '2', '--json', str(out))
-  for key in ('bare_cpu_ms', 'bare_wall_ms', 'loop_cpu_ms', 'loop_wall_ms'):
+  for key in ('bare_cpu_ms', 'bare_wall_ms', 'loop_cpu_ms', 'loop_wall_ms',
+              'loop_before_cpu_ms', 'loop_before_wall_ms'):
     assert result[key] > 0, key
   assert result['overhead_ms'] == result['loop_cpu_ms'] - result['bare_cpu_ms']
+  assert set(result['parts_ms']) == {'fetch_and_mark', 'device_put', 'device_put_whole_batch',
+                                     'device_merge', 'metrics_copy', 'host_merge',
+                                     'stop_flag_copy'}
+  assert result['reference_step_ms'] == 15.6
   assert 'loop overhead (host CPU)' in completed.stdout
+  assert 'training loop before' in completed.stdout
 
 
 @pytest.mark.slow

@@ -63,3 +63,25 @@ def test_a_batch_is_split_along_the_data_axis_and_a_replica_read_back():
   np.testing.assert_array_equal(np.asarray(placed), batch['x'])
   replica = jax.device_put(np.ones(3, np.float32), sharding.replicated(mesh))
   np.testing.assert_array_equal(sharding.local_copy({'r': replica})['r'], np.ones(3))
+
+
+def test_a_packed_batch_goes_as_one_array_per_dtype_and_unpacks_to_the_same_entries():
+  """The training loop's batch: the entries of one dtype joined (an entry alone in its dtype
+  left as it is), put on the mesh as those few arrays, and unpacked in a jitted step."""
+  rows = np.random.default_rng(0)
+  batch = dict(canvas=rows.integers(0, 255, (8, 5, 5, 3), np.uint8),
+               flip=rows.random(8) < 0.5, box=rows.random((8, 4), np.float32),
+               positive=rows.random((8, 7)) < 0.5, landmarks=rows.random((8, 3, 2), np.float32),
+               category=rows.integers(0, 50, 8, np.int32))
+  packed = sharding.PackedBatch.pack(batch)
+  assert {name: group.shape for name, group in packed.groups.items()} == {
+      'uint8': (8, 5, 5, 3), 'bool': (8, 8), 'float32': (8, 10), 'int32': (8,)}
+  assert packed.groups['uint8'] is batch['canvas']  # the images are not copied
+  placed = sharding.global_batch(packed, sharding.make_mesh())
+  assert len(jax.tree.leaves(placed)) == 4
+  unpacked = jax.jit(sharding.unpacked)(placed)
+  assert sorted(unpacked) == sorted(batch)
+  for name, value in batch.items():
+    assert unpacked[name].dtype == value.dtype, name
+    np.testing.assert_array_equal(np.asarray(unpacked[name]), value, err_msg=name)
+  assert sharding.unpacked(batch) is batch

@@ -1,6 +1,7 @@
 """The main job: exact resume, pre-emption, non-finite steps, failed saves, unwritable
 workdirs, and its throughput figure."""
 
+import dataclasses
 import glob
 import json
 import logging
@@ -9,15 +10,21 @@ import os
 import re
 import signal
 import subprocess
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from configs import test as test_config
 from deepfashion_jax import checkpoints
+from deepfashion_jax import data
 from deepfashion_jax import evaluate
+from deepfashion_jax import metrics
+from deepfashion_jax import sharding
+from deepfashion_jax import steps
 from deepfashion_jax import train
 from tests import helpers
 
@@ -246,3 +253,100 @@ def test_a_resumed_run_says_how_its_schedule_changed(caplog):
     train._say_if_the_schedule_changed(  # pylint: disable=protected-access
         config, dict(saved, num_train_steps=8), 3)
   assert not caplog.text
+
+
+# --- the loop's metrics, merged on the device --------------------------------------------
+
+_NONFINITE_STEPS = (3, 4, 7)  # of the stand-in step below: two in a row, then one
+
+
+class _StandInState(NamedTuple):
+  step: jax.Array
+  nonfinite_in_a_row: jax.Array
+
+
+def _stand_in_train_step(state, batch):
+  """A jitted stand-in for the train step, cheap to compile: the training metrics of its
+  batch's values, its step non-finite at _NONFINITE_STEPS."""
+  batch = sharding.unpacked(batch)  # as the loop packs it (train._device_entries)
+  step = state.step + 1
+  nonfinite = jnp.isin(step, jnp.asarray(_NONFINITE_STEPS))
+  in_a_row = jnp.where(nonfinite, state.nonfinite_in_a_row + 1, 0)
+  finite = ~nonfinite[None]
+  norm = batch['value'].sum() * step.astype(jnp.float32)
+  collection = metrics.train_collection_class(('loss', 'category_top1'))
+  return _StandInState(step, in_a_row), collection.single_from_model_output(
+      loss=(batch['value'], batch['valid']),
+      category_top1=(batch['value'] > 0.5, batch['valid']),
+      **{name: (jnp.where(finite, norm + i, 0.0), finite)
+         for i, name in enumerate(metrics.NORM_NAMES)},
+      loss_scale=step.astype(jnp.float32), nonfinite_steps=nonfinite.astype(jnp.int32),
+      first_nonfinite_step=jnp.where(nonfinite, step, metrics.NO_STEP).astype(jnp.int32),
+      nonfinite_in_a_row=in_a_row, stop_requested=jnp.any(batch[steps.STOP_REQUESTED]))
+
+
+class _Recorded:
+  """A jitted function that keeps what each call returned (and keeps its `lower`)."""
+
+  def __init__(self, function):
+    self.function, self.lower, self.outputs = function, function.lower, []
+
+  def __call__(self, *args):
+    state, step_metrics = self.function(*args)
+    self.outputs.append(step_metrics)
+    return state, step_metrics
+
+
+class _Writer:
+  def __init__(self):
+    self.scalars = {}
+
+  def write_scalars(self, step, scalars):
+    self.scalars.setdefault(step, {}).update(scalars)
+
+
+@pytest.mark.parametrize('processes', [1, 2])
+def test_the_loop_logs_the_metrics_merged_on_the_device_as_merged_on_the_host(
+    tmp_path, monkeypatch, processes):
+  """10 steps, logs at 4, 8 and 10 (float16: its non-finite steps are logged, not fatal).
+  Each log's values, the non-finite bookkeeping included, equal the host's merge of the
+  logged steps' metrics, bit for bit; with two processes (each step's stop flag read LAG
+  steps late) too."""
+  config = test_config.get_config()
+  config.dtype, config.num_train_steps, config.log_every_steps = 'float16', 10, 4
+  config.eval_every_steps = config.checkpoint_every_steps = 100
+  rows = np.random.default_rng(0)
+  batches = iter([dict(value=rows.random(8, np.float32), valid=rows.random(8) < 0.8,
+                       skipped=np.zeros(8, bool)) for _ in range(10)])
+  mesh = sharding.make_mesh()
+  train_step = _Recorded(jax.jit(_stand_in_train_step, out_shardings=sharding.replicated(mesh)))
+  jitted = steps.jit_steps(None, mesh)
+  run = train._Run(  # pylint: disable=protected-access
+      config, str(tmp_path), mesh, dataclasses.replace(jitted, train=train_step),
+      data.TrainingData(None, batches, None), _Manager(), _Writer(),
+      steps.StepConfig(None, None, 0, {}, None, None),
+      train._StopSignals(processes))  # pylint: disable=protected-access
+  checked = {}
+  monkeypatch.setattr(train, 'stop_if_diverged',
+                      lambda config, computed, manager: checked.setdefault(len(checked), computed))
+  monkeypatch.setattr(checkpoints, 'save', lambda *args, **kwargs: None)
+  monkeypatch.setattr(train, '_evaluate_and_report', lambda *args: {})
+  state = _StandInState(*jnp.zeros((2,), jnp.int32))
+  train._train_loop(run, state)  # pylint: disable=protected-access
+
+  step_metrics = [sharding.local_copy(m) for m in train_step.outputs]
+  for log, (first, last) in enumerate([(1, 4), (5, 8), (9, 10)]):
+    merged = step_metrics[first - 1]
+    for one in step_metrics[first:last]:
+      merged = merged.merge(one)
+    with np.errstate(invalid='ignore'):
+      expected = {k: float(np.asarray(v)) for k, v in merged.compute().items()}
+    assert checked[log] == expected
+    logged = run.writer.scalars[last]
+    assert {k: logged[f'train_{k}'] for k in ('loss', 'category_top1', 'grad_norm',
+                                              'nonfinite_steps', 'loss_scale')} == {
+        k: expected[k] for k in ('loss', 'category_top1', 'grad_norm', 'nonfinite_steps',
+                                 'loss_scale')}
+  bookkeeping = [(c['nonfinite_steps'], c['first_nonfinite_step'], c['nonfinite_in_a_row'])
+                 for c in checked.values()]
+  assert bookkeeping == [(2, 3, 2), (1, 7, 1), (0, metrics.NO_STEP, 0)]
