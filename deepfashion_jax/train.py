@@ -19,6 +19,10 @@ name); weights loaded by config.init_from restart the average.
 Each train log also carries the train step's FLOPs, the TFLOP/s achieved and, on a GPU
 whose peak is listed, MFU (throughput.py); config.profile_steps=(a, b) writes a
 jax.profiler trace of steps a to b (both included) into WORKDIR/profile.
+
+Every metric and the learning rate go to TensorBoard and metrics.jsonl (a row per log and
+per evaluation); the terminal gets a progress bar, a line of headline figures per log and
+per evaluation, and a summary at the end (console.py).
 """
 
 import collections
@@ -415,14 +419,15 @@ def _write_train_metrics(run: _Run, step: int, train_metrics, speed: dict,
   stop_if_diverged(run.config, computed, run.manager)
   scalars = {f'train_{k}': v for k, v in computed.items() if k not in _BOOKKEEPING}
   scalars['train_learning_rate'] = learning_rate_of_step(run.config, step)
+  # The writer is asynchronous: it is handed dicts that nothing changes afterwards.
   run.writer.write_scalars(step, scalars)
   run.writer.write_scalars(step, speed)  # TensorBoard's names, without train_
-  scalars.update({f'train_{k}': v for k, v in speed.items()})
+  row = dict(scalars, **{f'train_{k}': v for k, v in speed.items()})
   if jax.process_index() == 0:
-    evaluate.append_jsonl(run.workdir, step, scalars)
-  logging.info('%s', console.headline(step, run.config.num_train_steps, scalars,
+    evaluate.append_jsonl(run.workdir, step, row)
+  logging.info('%s', console.headline(step, run.config.num_train_steps, row,
                                       progress.eta_seconds(step)))
-  progress.logged(scalars.get('train_loss', float('nan')))
+  progress.logged(row.get('train_loss', float('nan')))
 
 
 def learning_rate_of_step(config, step: int) -> float:
