@@ -235,12 +235,14 @@ def summary(workdir: str, split: str, evaluations: list, best_metric: str,
                  f'{_evaluation_figures(final)}')
     best = _best(evaluations, best_metric) if best_metric else None
     if best is not None:
-      lines.append(f"  best {best_metric} at step {best['step']}: "
+      kept = 'kept' if best['step'] in kept_steps else 'not saved'
+      lines.append(f"  best {best_metric} at step {best['step']} (checkpoint {kept}): "
                    f'{_evaluation_figures(best)}')
   steps_kept = ', '.join(map(str, kept_steps)) or 'none'
+  report = os.path.join(workdir, f'report_{split}_{max(first - 1, last)}.html')
   lines += [f'  checkpoints: {checkpoint_dir} (steps {steps_kept})',
-            f'  every metric: {os.path.join(workdir, "metrics.jsonl")} and '
+            f'  every metric: {os.path.join(workdir, METRICS_JSONL)} and '
             f'tensorboard --logdir {workdir}',
             f'  report: python main.py --config=... --workdir={workdir} --mode=evaluate '
-            f'writes {os.path.join(workdir, f"report_{split}_{max(first - 1, last)}.html")} with its figures']
+            f'writes {report} with its figures']
   return '\n'.join(lines)

@@ -76,7 +76,7 @@ def test_the_run_ends_on_a_summary(short_run):
   summary = stdout.strip().splitlines()
   assert summary[0].startswith('Trained steps 1 to 3 in ')
   assert summary[1].startswith('  last evaluation (step 3, val): loss ')
-  assert summary[2].startswith('  best category_top3 at step 3: loss ')
+  assert summary[2].startswith('  best category_top3 at step 3 (checkpoint kept): loss ')
   assert summary[3] == f'  checkpoints: {workdir}/checkpoints (steps 2, 3)'
   assert f'{workdir}/metrics.jsonl' in summary[4] and f'--logdir {workdir}' in summary[4]
   assert f'--mode=evaluate writes {workdir}/report_val_3.html' in summary[5]
