@@ -4,10 +4,10 @@ where the metrics are, the progress bar on a terminal only, and predict's bar la
 
 import glob
 import io
+import json
 import logging
 import os
 import re
-import subprocess
 
 import matplotlib
 import numpy as np
@@ -104,7 +104,6 @@ def test_the_learning_rate_and_every_train_metric_are_logged(short_run):
 
 
 def _jsonl(workdir):
-  import json  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
 
