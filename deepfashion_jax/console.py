@@ -30,8 +30,10 @@ KNOWN_NOISE = (
     ('jax/_src/xla_bridge.py', "Unable to initialize backend 'tpu'"),
     # A save between evaluations has no metrics to rank by config.best_metric: by design.
     ('orbax/checkpoint/checkpoint_manager.py', 'Requested `tracked_metric`; did not provide'),
-    # evaluate, predict and export open the checkpoints read-only on purpose.
+    # evaluate, predict and export open the checkpoints read-only on purpose; orbax says so,
+    # and that it turns off the options of saving (which it defaults on) one by one.
     ('orbax/checkpoint/checkpoint_manager.py', 'Given directory is read only'),
+    ('orbax/checkpoint/checkpoint_manager.py', 'CheckpointManagerOptions.read_only=True, setting'),
     # clu's ReportProgress sends its progress note to the platform, which on a machine of
     # one's own is this log line every minute: the progress bar and the log lines say it.
     ('clu/platform/local.py', 'Setting work unit notes'),
