@@ -39,7 +39,7 @@ KNOWN_NOISE = (
     ('clu/platform/local.py', 'Setting work unit notes'),
 )
 
-# What TensorFlow's C++ code prints on stderr as it loads (twice: two libraries), before its
+# What TensorFlow's C++ code prints on stderr as it loads (the oneDNN note twice), before its
 # logging can be configured: TF_CPP_MIN_LOG_LEVEL does not reach it in TensorFlow 2.21.
 TENSORFLOW_IMPORT_NOISE = (
     'All log messages before absl::InitializeLog() is called are written to STDERR',
