@@ -15,7 +15,6 @@
       --num_processes=2 --process_id=0    # and =1 on the second host (docs/multihost.md)
 """
 
-import logging as python_logging
 import os
 import re
 import sys
@@ -25,6 +24,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from deepfashion_jax import console
+
+console.import_tensorflow_quietly()  # before the modules below import it, noisily
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from deepfashion_jax import config_checks
 from deepfashion_jax import convert_torch
 from deepfashion_jax import data
@@ -34,6 +38,7 @@ from deepfashion_jax import predict
 from deepfashion_jax import run_lock
 from deepfashion_jax import sharding
 from deepfashion_jax import train
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
@@ -71,16 +76,11 @@ def prepare(config, workdir: str):
     print('prepared', data.prepare_tfds(config, workdir))
 
 
-def _quiet_checkpointing_logs(record) -> bool:
-  """Orbax logs a dozen INFO lines per save; keep its warnings and errors only."""
-  return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_quiet_checkpointing_logs)
+  console.quiet_library_noise(logging.get_absl_handler())
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
   config, workdir = FLAGS.config, FLAGS.workdir

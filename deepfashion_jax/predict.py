@@ -102,11 +102,24 @@ def photo_outputs(options: ten_crop.Options, predict_step, state, photos: dict) 
                           options.temperature)
 
 
+# A probability above this is printed inside its bar, in white; others just after it.
+_LABEL_INSIDE_FROM = 0.75
+
+
 def _bars(axis, entries: list, title: str, colour: str):
+  """Horizontal bars of `entries`' probabilities, the highest on top, each with its
+  probability printed on it as a percentage."""
   names = [e['name'] for e in entries][::-1]
-  axis.barh(range(len(entries)), [e['probability'] for e in entries][::-1], color=colour)
+  probabilities = [e['probability'] for e in entries][::-1]
+  bars = axis.barh(range(len(entries)), probabilities, color=colour)
   axis.set_yticks(range(len(entries)), names, fontsize=8)
   axis.set_xlim(0, 1)
+  for bar, p in zip(bars, probabilities):
+    inside = p >= _LABEL_INSIDE_FROM
+    axis.text(p - 0.02 if inside else p + 0.02, bar.get_y() + bar.get_height() / 2,
+              f'{100 * p:.0f}%' if p >= 0.01 else '<1%', va='center',
+              ha='right' if inside else 'left', fontsize=7,
+              color='white' if inside else 'black')
   axis.set_title(title, fontsize=10)
   axis.tick_params(axis='x', labelsize=7)
 

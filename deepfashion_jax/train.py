@@ -19,14 +19,20 @@ name); weights loaded by config.init_from restart the average.
 Each train log also carries the train step's FLOPs, the TFLOP/s achieved and, on a GPU
 whose peak is listed, MFU (throughput.py); config.profile_steps=(a, b) writes a
 jax.profiler trace of steps a to b (both included) into WORKDIR/profile.
+
+Every metric and the learning rate go to TensorBoard and metrics.jsonl (a row per log and
+per evaluation); the terminal gets a progress bar, a line of headline figures per log and
+per evaluation, and a summary at the end (console.py).
 """
 
 import collections
+import contextlib
 import dataclasses
 import os
 import signal
 import tempfile
 import threading
+import time
 from typing import Any
 
 from absl import logging
@@ -37,6 +43,7 @@ import numpy as np
 
 from deepfashion_jax import checkpoints
 from deepfashion_jax import config_checks
+from deepfashion_jax import console
 from deepfashion_jax import convert_torch
 from deepfashion_jax import data
 from deepfashion_jax import evaluate
@@ -82,6 +89,7 @@ def _evaluate_and_report(run: _Run, state, step: int, skipped_in_training: int) 
                'evaluation, %d in this evaluation', step, skipped_in_training, skipped)
   results.update(skipped_images_train=skipped_in_training, skipped_images_eval=skipped)
   run.writer.write_scalars(step, {f'eval_{k}': v for k, v in results.items()})
+  logging.info('%s', console.evaluation_headline(step, run.config.eval.split, results))
   if run.config.num_box_images:
     run.writer.write_images(step, {'eval_boxes': _box_images(run, state,
                                                              run.config.num_box_images)})
@@ -318,18 +326,34 @@ def _resume_and_train(config, workdir: str) -> dict:
   if jax.process_index() == 0:  # what a stopped run logged after its checkpoint, to redo
     evaluate.drop_jsonl_rows_after(workdir, int(state.step))
 
-  writer = metric_writers.create_default_writer(workdir,
-                                                just_logging=jax.process_index() > 0)
+  # TensorBoard only: the console gets the headline figures (console.py), not every metric.
+  writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
+            if jax.process_index() == 0 else metric_writers.MultiWriter([]))
   if int(state.step) == 0:
     writer.write_hparams({k: v for k, v in config.items() if not hasattr(v, 'items')})
   run = _Run(config, workdir, mesh, steps.jit_steps(step_config, mesh), training_data,
              manager, writer, step_config)
+  started, first = time.perf_counter(), int(state.step) + 1
   try:
     with _StopSignals() as run.stop:
-      return _train_loop(run, state)
+      results = _train_loop(run, state)
   finally:  # what was logged and saved before an error or a signal is kept
     writer.flush()
     manager.wait_until_finished()
+  if jax.process_index() == 0:
+    _print_summary(run, first, time.perf_counter() - started, results)
+  return results
+
+
+def _print_summary(run: _Run, first: int, seconds: float, results: dict):
+  """The end of the run on stdout (`console.summary`): its evaluations as metrics.jsonl
+  holds them, every run in the workdir included."""
+  config = run.config
+  print(console.summary(
+      run.workdir, config.eval.split, console.evaluation_rows(run.workdir),
+      config.best_metric, str(run.manager.directory), sorted(run.manager.all_steps()),
+      (first, config.num_train_steps), seconds, results.get('train_images_per_sec')),
+        flush=True)
 
 
 def itstime(step: int, every_n_steps: int, total_steps: int) -> bool:
@@ -345,6 +369,8 @@ def _train_loop(run: _Run, state) -> dict:
   config, train_batches = run.config, run.data.train_batches
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=run.writer)
+  progress = console.Progress(int(state.step) + 1, config.num_train_steps,
+                              show_bar=jax.process_index() == 0)
   train_metrics = _TrainMetrics(run.steps.merge_metrics, stop_flags=run.stop.processes > 1)
   skipped, results = 0, {}
   throughput = throughput_lib.Throughput(
@@ -353,7 +379,7 @@ def _train_loop(run: _Run, state) -> dict:
   profile = throughput_lib.ProfileWindow(config.profile_steps,
                                          throughput_lib.profile_dir(run.workdir))
   _warn_if_outside(profile.window, first, config.num_train_steps)
-  with profile:  # stops a trace still running when the run ends or fails inside it
+  with profile, contextlib.closing(progress):  # profile: stops a trace still running
     for step in range(first, config.num_train_steps + 1):
       profile.before(step)
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
@@ -367,13 +393,14 @@ def _train_loop(run: _Run, state) -> dict:
       profile.after(step, state)
       train_metrics.add(step_metrics)
       report_progress(step)
+      progress.step_done(step)
       last = step == config.num_train_steps
       logged = itstime(step, config.log_every_steps, config.num_train_steps)
       train_metrics.read(keep=0 if logged else _TrainMetrics.LAG)
       stopping = run.stop.requested(train_metrics)
       if logged or stopping:
-        _write_train_metrics(run, step, train_metrics.take())
-        run.writer.write_scalars(step, throughput.figures(throughput.measure(step)))
+        _write_train_metrics(run, step, train_metrics.take(),
+                             throughput.figures(throughput.measure(step)), progress)
       evaluated = itstime(step, config.eval_every_steps, config.num_train_steps)
       if evaluated:
         with report_progress.timed('eval'):
@@ -411,10 +438,29 @@ def _warn_if_outside(window, first: int, last: int):
                     'trace (the window must start inside them)', window, first, last)
 
 
-def _write_train_metrics(run: _Run, step: int, train_metrics):
-  """Logs the training metrics merged since the last log, after checking their steps."""
+def _write_train_metrics(run: _Run, step: int, train_metrics, speed: dict,
+                         progress: console.Progress):
+  """Logs the training metrics merged since the last log, after checking their steps, with
+  the learning rate of `step` and the `speed` figures (`Throughput.figures`): every one in
+  TensorBoard and as a row of metrics.jsonl (named train_*), the headline ones on the
+  console."""
   with np.errstate(invalid='ignore'):  # nan, not a warning: a mean no step counted into
     computed = {k: float(v) for k, v in train_metrics.compute().items()}
   stop_if_diverged(run.config, computed, run.manager)
-  run.writer.write_scalars(step, {f'train_{k}': v for k, v in computed.items()
-                                  if k not in _BOOKKEEPING})
+  scalars = {f'train_{k}': v for k, v in computed.items() if k not in _BOOKKEEPING}
+  scalars['train_learning_rate'] = learning_rate_of_step(run.config, step)
+  # The writer is asynchronous: it is handed dicts that nothing changes afterwards.
+  run.writer.write_scalars(step, scalars)
+  run.writer.write_scalars(step, speed)  # TensorBoard's names, without train_
+  row = dict(scalars, **{f'train_{k}': v for k, v in speed.items()})
+  if jax.process_index() == 0:
+    evaluate.append_jsonl(run.workdir, step, row)
+  logging.info('%s', console.headline(step, run.config.num_train_steps, row,
+                                      progress.eta_seconds(step)))
+  progress.logged(row.get('train_loss', float('nan')))
+
+
+def learning_rate_of_step(config, step: int) -> float:
+  """The learning rate train step `step` (from 1) updated the weights with: the schedule
+  (`steps.learning_rate`) at the optimiser's count before that update, `step - 1`."""
+  return _rate_at(steps.learning_rate(config))(step - 1)

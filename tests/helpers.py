@@ -2,7 +2,6 @@
 a run saved."""
 
 import builtins
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from configs import test as test_config
+from deepfashion_jax import console
 from deepfashion_jax.data import annotations
 from deepfashion_jax.data import pipeline
 from deepfashion_jax.data import sources
@@ -45,8 +45,7 @@ def run_main(workdir: str, data_dir: str, *flags) -> subprocess.CompletedProcess
 
 def logged_evaluations(workdir: str) -> dict:
   """step -> the evaluation the run logged in metrics.jsonl at that step."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {line['step']: line for line in map(json.loads, f)}
+  return {row['step']: row for row in console.evaluation_rows(workdir)}
 
 
 def saved_state(workdir: str, step: int) -> dict:

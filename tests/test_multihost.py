@@ -112,7 +112,7 @@ def test_two_processes_preempted_and_resumed_equal_uninterrupted_ones(synthetic_
   log_0 = os.path.join(logs, 'first_0.log')
   # Process 1 alone is signalled once step 1 is logged (logs trail the steps a little);
   # both stop after the same step, 2 or 3, through the flag the step agrees on.
-  while '] [1] train_' not in _read(log_0) and time.time() < deadline:
+  while '] step 1/' not in _read(log_0) and time.time() < deadline:
     if any(p.poll() is not None for p, _ in first):
       break
     time.sleep(0.2)

@@ -3,7 +3,6 @@ workdirs, and its throughput figure."""
 
 import dataclasses
 import glob
-import json
 import logging
 import math
 import os
@@ -20,6 +19,7 @@ import pytest
 
 from configs import test as test_config
 from deepfashion_jax import checkpoints
+from deepfashion_jax import console
 from deepfashion_jax import data
 from deepfashion_jax import evaluate
 from deepfashion_jax import metrics
@@ -43,9 +43,8 @@ def _scalars(workdir):
 
 
 def _logged_steps(workdir) -> list:
-  """The steps of metrics.jsonl's rows, in order."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line)['step'] for line in f]
+  """The steps of metrics.jsonl's evaluation rows, in order."""
+  return [row['step'] for row in console.evaluation_rows(workdir)]
 
 
 def test_resumed_run_equals_uninterrupted_run_bit_for_bit(synthetic_folder, tmp_path,
@@ -98,7 +97,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(
                              env=helpers.ONE_DEVICE)
   try:
     for line in process.stderr:  # signal once step 4's training metrics are logged
-      if '] [4] train_' in line:
+      if '] step 4/30 | loss' in line:
         process.send_signal(signal.SIGTERM)
         break
     rest = process.stderr.read()
