@@ -284,13 +284,14 @@ def most_confused_with(counts: np.ndarray, names, top: int = CONFUSED_WITH_SHOWN
 
 def attribute_extremes(per_attribute: list, type_name: str,
                        n: int = EXTREME_ATTRIBUTES) -> tuple:
-  """(best, worst): the n attributes of the type with the highest and the lowest average
-  precision, among those with a positive (breakdown.per_attribute's objects); the worst
-  lowest first."""
+  """(best, worst): the n attributes of the type with the highest average precision, highest
+  first, and the n with the lowest that are not among those, lowest first; of the
+  attributes with a positive (breakdown.per_attribute's objects). Equal ones keep their
+  index order."""
   ranked = sorted((a for a in per_attribute
                    if a['type'] == type_name and a['average_precision'] is not None),
                   key=lambda a: -a['average_precision'])
-  return ranked[:n], ranked[::-1][:n]
+  return ranked[:n], ranked[n:][::-1][:n]
 
 
 def comparable_published(measured: dict) -> dict:
@@ -304,7 +305,7 @@ def comparable_published(measured: dict) -> dict:
 # What the printed table and the page group the metrics under, in order; a metric goes to
 # the first group whose test takes it.
 _GROUPS = (
-    ('category', lambda name: name.startswith('category_')),
+    ('category', lambda name: name.startswith('category_top')),
     ('attributes, over all 1,000 (published protocol)',
      lambda name: name.startswith('attr_recall_top') and name.count('_') == 2),
     ('attributes per type (top k within the type)', lambda name: name.startswith('attr_')),
@@ -337,7 +338,7 @@ _MEASURED_ROWS = (('data folder', 'data_dir'), ('partition', 'partition'), ('spl
 
 def _measured_section(measured: dict, config_text: str) -> str:
   rows = [[escape(label), escape(measured[key])] for label, key in _MEASURED_ROWS]
-  return ('<h2>What was measured</h2>' + table(['', ''], rows, sortable=False)
+  return ('<h2>What was measured</h2>' + table(['what', 'value'], rows, sortable=False)
           + '<details><summary>the run\'s config</summary><pre>' + escape(config_text)
           + '</pre></details>')
 
@@ -416,9 +417,10 @@ def _attribute_section(results: dict, per_attribute: list) -> str:
     best, worst = attribute_extremes(per_attribute, t)
     if not best:
       continue
-    parts.append(f'<h3>{escape(t)}</h3><div class="row">'
-                 + table(columns, [row(a) for a in best], caption='best')
-                 + table(columns, [row(a) for a in worst], caption='worst') + '</div>')
+    tables = table(columns, [row(a) for a in best], caption='best')
+    if worst:
+      tables += table(columns, [row(a) for a in worst], caption='worst')
+    parts.append(f'<h3>{escape(t)}</h3><div class="row">{tables}</div>')
   return '\n'.join(parts)
 
 
@@ -472,8 +474,8 @@ def _gallery_section(examples: dict, gallery: dict) -> str:
   for title, rows in (('most confidently wrong', confidently_wrong(*arguments)),
                       ('most confidently right', confidently_right(*arguments))):
     cards = [_card(examples, int(row), gallery) for row in rows]
-    parts.append(f'<h3>The {len(cards)} {title}</h3><div class="gallery">'
-                 + ('\n'.join(cards) or '<p class="muted">none</p>') + '</div>')
+    heading = f'The {len(cards)} {title}' if cards else f'{title}: none'
+    parts.append(f'<h3>{heading}</h3><div class="gallery">' + '\n'.join(cards) + '</div>')
   return '\n'.join(parts)
 
 
