@@ -12,10 +12,32 @@ fails (`breakdown.py`), and writes into the workdir:
   `per_garment_type`, `confusion_matrix` (counts), `most_confused_pairs` and
   `per_attribute` (breakdown.py's docstring says what each holds), and `data`: the folder
   and its lists' SHA-256, and whether the run was trained on those lists
-  (`trained_on.warn_if_other_data`);
+  (`trained_on.warn_if_other_data`),
+  and `measured` (`measured_facts`: the folder, partition, split, crop protocol, step,
+  weights, images scored and unreadable ones), which the printed table also heads;
 - `confusion_<split>_<step>.png`: the confusion matrix, rows normalised, 1000 x 1000
   pixels, also in TensorBoard as the image `eval_<split>_confusion` at the step;
-- with config.eval.checkpoint=all, each kept checkpoint's two files above, then
+- `examples_<split>_<step>.npz` (`write_examples`): one row per image of the split (the
+  padding of the last batch left out), for comparing runs image by image:
+    image (N,) str: the file, as the lists name it ('img/<Product>/img_XXXXXXXX.jpg',
+      relative to the folder's image directory): the image's identity across runs;
+    index (N,) int32: its row in the annotation index;
+    valid (N,) bool: False for an unreadable image (its other rows mean nothing);
+    category (N,) int32: the true category; category_logits (N, C) float32;
+    top5 (N, 5) int32: the five highest logits' categories, highest first (equal
+      logits: the lower index); correct (N,) bool: top5[:, 0] is the true category (and
+      the image valid);
+    region (N, 4) float32: x0, y0, x1, y1 of the crop the model saw, in pixels of the
+      image as it fits in a config.data.canvas_size canvas (`report.read_fitted_image`);
+    true_box (N, 4) float32, box_valid (N,) bool: the true box in [0, 1] coordinates of
+      the crop, and whether there is one; predicted_box (N, 4) float32, a model with a
+      box branch;
+    true_landmarks (N, 8, 2) float32, landmark_visible (N, 8) bool: the true landmarks
+      (crop coordinates, `landmark_slots.SLOT_NAMES` order); predicted_landmarks
+      (N, 8, 2) float32, a model with landmarks;
+- `report_<split>_<step>.html` (config.eval.report): the page of `report.evaluation_page`,
+  with config.eval.report_examples images in each of its two galleries;
+- with config.eval.checkpoint=all, each kept checkpoint's files above, then
   `eval_<split>_all.json` ({split, checkpoints: [{step, <HEADLINE_METRICS>}, ...]}, in step
   order, also printed as a table) and `eval_<split>_<metric>_vs_step.png` for each of
   HEADLINE_METRICS.
