@@ -199,8 +199,9 @@ def format_table(results: dict, title: str, measured: dict = None) -> str:
   (`measured_facts`) when given."""
   width = max(len(name) for name in results)
   lines = [title]
-  if measured:
+  if measured:  # which counts the unreadable images: not a metric
     lines += [f'  {label}: {measured[key]}' for label, key in MEASURED_LINES]
+    results = {k: v for k, v in results.items() if k != 'skipped_images_eval'}
   for group, members in report.metric_groups(results):
     lines.append(f'  {group}:')
     lines += [f'    {name:<{width}}  {value:.4f}' for name, value in members]
@@ -210,7 +211,8 @@ def format_table(results: dict, title: str, measured: dict = None) -> str:
 # What the printed table says was measured: (label, `measured_facts` key).
 MEASURED_LINES = (('data folder', 'data_dir'), ('partition', 'partition'),
                   ('crop protocol', 'crop_protocol'), ('weights', 'weights'),
-                  ('images scored', 'images_scored'))
+                  ('images scored', 'images_scored'),
+                  ('unreadable images left out', 'skipped_images'))
 
 
 def crop_protocol(data_config) -> str:
@@ -387,7 +389,8 @@ def write_report(workdir: str, named: str, measured: dict, results: dict, detail
                  attribute_names=list(names.attribute_names))
   text = report.evaluation_page(measured=measured, results=results, details=details,
                                 config_text=str(config), confusion_png=confusion_png,
-                                examples=examples, gallery=gallery)
+                                examples=examples, gallery=gallery,
+                                headline=HEADLINE_METRICS)
   path = os.path.join(workdir, f'report_{named}_{measured["step"]}.html')
   with open(path, 'w', encoding='utf-8') as f:
     f.write(text)

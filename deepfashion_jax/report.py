@@ -75,6 +75,7 @@ th[aria-sort=ascending]::after { content: ' \\25B2'; }
 .missing { width: 180px; height: 120px; display: flex; align-items: center;
            justify-content: center; background: #eee; color: #777; }
 .key span { display: inline-block; width: 1em; height: 0.6em; margin: 0 0.3em 0 1em; }
+details { margin: 0.4em 0; } summary { cursor: pointer; }
 pre { background: #f6f6f6; padding: 0.6em; overflow: auto; max-height: 30em; }
 """
 
@@ -348,10 +349,17 @@ def _style_of(name: str) -> str:
       'count' if name.startswith('skipped') else 'ratio')
 
 
-def _headline_section(results: dict, measured: dict) -> str:
+def _headline_section(results: dict, measured: dict, headline: tuple) -> str:
+  """The headline metrics beside the published figures (when comparable), then every
+  metric grouped, folded."""
   published = comparable_published(measured)
   methods = list(published)
-  parts = ['<h2>Metrics</h2>']
+  figures = lambda name, value: ([escape(name), Figure(value, _style_of(name))]
+                                 + [Figure(published[m].get(name)) for m in methods])
+  parts = ['<h2>Metrics</h2>',
+           table(['metric', 'this run', *methods],
+                 [figures(name, results[name]) for name in headline if name in results],
+                 sortable=False)]
   if published:
     parts.append('<p class="note">Measured the published way (official partition, test split, '
                  'images cut to their box): the published figures stand beside this run\'s '
@@ -362,13 +370,15 @@ def _headline_section(results: dict, measured: dict) -> str:
                  f'{escape(measured["crop"])}); the published table counts the official '
                  'partition\'s test split with images cut to their box '
                  '(configs/published_protocol.py, docs/protocols.md).</p>')
-  parts.append('<div class="row">')
-  for title, members in metric_groups(results):
-    rows = [[escape(name), Figure(value, _style_of(name))]
-            + [Figure(published[m].get(name)) for m in methods] for name, value in members]
+  parts.append('<details><summary>every metric, grouped as the printed table</summary>'
+               '<div class="row">')
+  metrics = {k: v for k, v in results.items() if k != 'skipped_images_eval'}  # measured's
+  for title, members in metric_groups(metrics):
     parts.append('<div>' + f'<h3>{escape(title)}</h3>'
-                 + table(['metric', 'this run', *methods], rows, sortable=False) + '</div>')
-  return '\n'.join(parts + ['</div>'])
+                 + table(['metric', 'this run', *methods],
+                         [figures(name, value) for name, value in members],
+                         sortable=False) + '</div>')
+  return '\n'.join(parts + ['</div></details>'])
 
 
 def _category_section(details: dict, category_names) -> str:
@@ -413,14 +423,14 @@ def _attribute_section(results: dict, per_attribute: list) -> str:
   row = lambda a: [escape(a['name']), Figure(a['average_precision']),
                    Figure(a['positives'], 'count'), Figure(a['recall_top3']),
                    Figure(a['recall_top5'])]
-  for t in type_names:
-    best, worst = attribute_extremes(per_attribute, t)
-    if not best:
-      continue
+  extremes = [(t, *attribute_extremes(per_attribute, t)) for t in type_names]
+  for shown, (t, best, worst) in enumerate(e for e in extremes if e[1]):
     tables = table(columns, [row(a) for a in best], caption='best')
     if worst:
       tables += table(columns, [row(a) for a in worst], caption='worst')
-    parts.append(f'<h3>{escape(t)}</h3><div class="row">{tables}</div>')
+    opened = '' if shown else ' open'  # the first type's; a click opens the others
+    parts.append(f'<details{opened}><summary><b>{escape(t)}</b>: the {len(best)} best and '
+                 f'{len(worst)} worst</summary><div class="row">{tables}</div></details>')
   return '\n'.join(parts)
 
 
@@ -480,19 +490,21 @@ def _gallery_section(examples: dict, gallery: dict) -> str:
 
 
 def evaluation_page(*, measured: dict, results: dict, details: dict, config_text: str,
-                    confusion_png: bytes, examples: dict, gallery: dict) -> str:
+                    confusion_png: bytes, examples: dict, gallery: dict,
+                    headline: tuple) -> str:
   """The report of one evaluation (the module's docstring lists what it holds).
 
   measured: what `_MEASURED_ROWS` names, and `crop`; results, details: the metrics and the
   breakdowns (breakdown.py); examples: the split's examples (steps.eval_step's);
   gallery: {count (examples per gallery), image_dir, image_paths (the index's), canvas_size,
-  category_names, attribute_names}.
+  category_names, attribute_names}; headline: the metrics shown first, beside the
+  published figures.
   """
   of_what = '' if measured['weights'] == 'raw' else ', moving average of the weights'
   title = f'Evaluation: {measured["split"]} split, step {measured["step"]}{of_what}'
   body = [f'<h1>{escape(title)}</h1>',
           _measured_section(measured, config_text),
-          _headline_section(results, measured),
+          _headline_section(results, measured, headline),
           _category_section(details, gallery['category_names']),
           _confusion_section(confusion_png),
           _attribute_section(results, details['per_attribute']),
