@@ -34,7 +34,7 @@ from deepfashion_jax.data import landmark_slots
 from deepfashion_jax.data import transforms
 from deepfashion_jax.data import vocabulary
 
-TRUE_COLOUR, PREDICTED_COLOUR = (0, 200, 0), (230, 0, 0)
+TRUE_COLOUR, PREDICTED_COLOUR = (0, 220, 0), (230, 0, 0)  # also training's figures
 CROP_COLOUR = (120, 120, 255)  # the part of the image the model saw, when not all of it
 THUMBNAIL_SIDE = 180  # pixels, the long side
 THUMBNAIL_QUALITY = 85
