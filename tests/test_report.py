@@ -104,3 +104,14 @@ def test_an_unreadable_file_is_a_placeholder_not_a_broken_image(tmp_path):
   assert shown.startswith('<img src="data:image/jpeg;base64,')
   missing = report.thumbnail(str(tmp_path), 'img/gone.jpg', 300, [0, 0, 40, 30])
   assert 'class="missing"' in missing and '<img' not in missing
+
+
+def test_visible_true_landmarks_and_every_predicted_one_are_dots_where_the_crop_puts_them():
+  image = np.full((100, 200, 3), 255, np.uint8)
+  true = np.array([[0.5, 0.5], [0.2, 0.2]])
+  picture = np.asarray(report.draw_example(
+      image, [100, 0, 200, 100], true_landmarks=true, landmark_visible=[True, False],
+      predicted_landmarks=np.array([[0.9, 0.1]]), side=100))
+  assert tuple(picture[25, 75]) == report.TRUE_COLOUR  # (150, 50) in the image
+  assert tuple(picture[10, 60]) == (255, 255, 255)  # the hidden one: (120, 20), not drawn
+  assert tuple(picture[5, 95]) == report.PREDICTED_COLOUR  # (190, 10)
