@@ -452,12 +452,11 @@ def _card(examples: dict, row: int, gallery: dict) -> str:
   true, predicted = int(examples['category'][row]), int(np.argmax(logits))
   names = gallery['category_names']
   path = str(gallery['image_paths'][int(examples['index'][row])])
-  drawn = {name: examples[key][row] for name, key in (
-      ('true_box', 'true_box'), ('predicted_box', 'predicted_box'),
-      ('true_landmarks', 'true_landmarks'), ('landmark_visible', 'landmark_visible'),
-      ('predicted_landmarks', 'predicted_landmarks')) if key in examples}
-  if 'predicted_landmarks' not in examples:
-    drawn.pop('true_landmarks', None), drawn.pop('landmark_visible', None)
+  # The true landmarks only beside predicted ones: a model without landmarks gets no dots.
+  drawn_names = ['true_box', 'predicted_box'] + (
+      ['true_landmarks', 'landmark_visible', 'predicted_landmarks']
+      if 'predicted_landmarks' in examples else [])
+  drawn = {name: examples[name][row] for name in drawn_names if name in examples}
   image = thumbnail(gallery['image_dir'], path, gallery['canvas_size'],
                     examples['region'][row], **drawn)
   attribute_scores = examples['attribute_logits'][row]
