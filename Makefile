@@ -48,8 +48,11 @@ $(NEWEST)/.dev: requirements.txt requirements-dev.txt requirements-references.tx
 	$(NEWEST_PY) -m pip install --quiet --no-deps -r requirements-references.txt
 	touch $@
 
+# Trains, then evaluates the newest checkpoint with its HTML report; the last line printed
+# is the report's path.
 demo: $(VENV)/.runtime
 	$(PY) main.py --config=configs/demo.py --workdir=$(WORKDIR)
+	$(PY) main.py --config=configs/demo.py --workdir=$(WORKDIR) --mode=evaluate
 
 test: $(VENV)/.dev
 	$(PY) $(PYTEST) -m "not slow" tests

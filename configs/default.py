@@ -49,6 +49,8 @@ def get_config():
   config.eval.batch_size = 64  # global evaluation batch
   config.eval.checkpoint = ''  # --mode=evaluate: '' newest, 'best', a step number, or 'all' kept
   config.eval.weights = 'raw'  # evaluate/predict: the trained 'raw' weights or their 'ema'
+  config.eval.report = True  # --mode=evaluate: also write report_<split>_<step>.html
+  config.eval.report_examples = 12  # the report's galleries: most confidently wrong, and right
 
   config.predict = ml_collections.ConfigDict()
   config.predict.ten_crop = True  # average ten crops (the baseline's), else one centre crop

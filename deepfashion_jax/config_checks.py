@@ -120,6 +120,8 @@ NUMBERS = {
     'keep_checkpoints': _STEP_COUNT,
     'num_box_images': _integer(0, _MAX_BATCH),
     'eval.batch_size': _integer(1, _MAX_BATCH),
+    'eval.report_examples': _integer(0, 1000, '0 (no galleries) or a number of images (at '
+                                     'most 1,000)'),
     'predict.temperature': _POSITIVE_REAL,
     'predict.top_k_attributes': _STEP_COUNT,
     'predict.batch_size': _integer(1, _MAX_BATCH),
@@ -154,7 +156,7 @@ NUMBERS = {
 # set of values are `_CHOICES`' and the Literal annotations').
 _BOOLEANS = ('decay_norms_and_biases', 'predict.ten_crop', 'export.ten_crop',
              'model.roi_aligned', 'model.box_gradient_into_roi', 'loss.reduce_sum',
-             'data.synthetic_quirks', 'data.random_flip', 'data.strict')
+             'data.synthetic_quirks', 'data.random_flip', 'data.strict', 'eval.report')
 _STRINGS = ('init_from', 'best_metric', 'eval.checkpoint', 'data.data_dir', 'data.cache_dir',
             'data.tfds_dir')
 

@@ -12,10 +12,32 @@ fails (`breakdown.py`), and writes into the workdir:
   `per_garment_type`, `confusion_matrix` (counts), `most_confused_pairs` and
   `per_attribute` (breakdown.py's docstring says what each holds), and `data`: the folder
   and its lists' SHA-256, and whether the run was trained on those lists
-  (`trained_on.warn_if_other_data`);
+  (`trained_on.warn_if_other_data`),
+  and `measured` (`measured_facts`: the folder, partition, split, crop protocol, step,
+  weights, images scored and unreadable ones), which the printed table also heads;
 - `confusion_<split>_<step>.png`: the confusion matrix, rows normalised, 1000 x 1000
   pixels, also in TensorBoard as the image `eval_<split>_confusion` at the step;
-- with config.eval.checkpoint=all, each kept checkpoint's two files above, then
+- `examples_<split>_<step>.npz` (`write_examples`): one row per image of the split (the
+  padding of the last batch left out), for comparing runs image by image:
+    image (N,) str: the file, as the lists name it ('img/<Product>/img_XXXXXXXX.jpg',
+      relative to the folder's image directory): the image's identity across runs;
+    index (N,) int32: its row in the annotation index;
+    valid (N,) bool: False for an unreadable image (its other rows mean nothing);
+    category (N,) int32: the true category; category_logits (N, C) float32;
+    top5 (N, 5) int32: the five highest logits' categories, highest first (equal
+      logits: the lower index); correct (N,) bool: top5[:, 0] is the true category (and
+      the image valid);
+    region (N, 4) float32: x0, y0, x1, y1 of the crop the model saw, in pixels of the
+      image as it fits in a config.data.canvas_size canvas (`report.read_fitted_image`);
+    true_box (N, 4) float32, box_valid (N,) bool: the true box in [0, 1] coordinates of
+      the crop, and whether there is one; predicted_box (N, 4) float32, a model with a
+      box branch;
+    true_landmarks (N, 8, 2) float32, landmark_visible (N, 8) bool: the true landmarks
+      (crop coordinates, `landmark_slots.SLOT_NAMES` order); predicted_landmarks
+      (N, 8, 2) float32, a model with landmarks;
+- `report_<split>_<step>.html` (config.eval.report): the page of `report.evaluation_page`,
+  with config.eval.report_examples images in each of its two galleries;
+- with config.eval.checkpoint=all, each kept checkpoint's files above, then
   `eval_<split>_all.json` ({split, checkpoints: [{step, <HEADLINE_METRICS>}, ...]}, in step
   order, also printed as a table) and `eval_<split>_<metric>_vs_step.png` for each of
   HEADLINE_METRICS.
@@ -30,6 +52,7 @@ change the rankings that average precision measures (a bfloat16 model's logits c
 already; breakdown.py says how ties count).
 """
 
+import io
 import json
 import math
 import os
@@ -50,6 +73,7 @@ from deepfashion_jax import breakdown
 from deepfashion_jax import checkpoints
 from deepfashion_jax import config_checks
 from deepfashion_jax import data
+from deepfashion_jax import report
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
 from deepfashion_jax.data import photos
@@ -99,7 +123,7 @@ def _one_pass(step, state, batches, mesh, description: str, with_examples: bool 
   return {name: float(value) for name, value in merged.compute().items()}, skipped, examples
 
 
-TRUE_COLOUR, PREDICTED_COLOUR = (0, 220, 0), (230, 0, 0)
+TRUE_COLOUR, PREDICTED_COLOUR = report.TRUE_COLOUR, report.PREDICTED_COLOUR
 
 
 def box_figure(images: np.ndarray, batch: dict, outputs: dict):
@@ -169,11 +193,53 @@ def draw_curve(steps_evaluated: list, values: list, metric: str, split: str, pat
   pyplot.close(figure)
 
 
-def format_table(results: dict, title: str) -> str:
-  """The metrics as an aligned two-column table."""
+def format_table(results: dict, title: str, measured: dict = None) -> str:
+  """The metrics as an aligned two-column table, grouped (`report.metric_groups`: category,
+  attributes, box, landmarks, the baseline's formulas, losses), under what was measured
+  (`measured_facts`) when given."""
   width = max(len(name) for name in results)
-  lines = [title] + [f'  {name:<{width}}  {value:.4f}' for name, value in results.items()]
+  lines = [title]
+  if measured:  # which counts the unreadable images: not a metric
+    lines += [f'  {label}: {measured[key]}' for label, key in MEASURED_LINES]
+    results = {k: v for k, v in results.items() if k != 'skipped_images_eval'}
+  for group, members in report.metric_groups(results):
+    lines.append(f'  {group}:')
+    lines += [f'    {name:<{width}}  {value:.4f}' for name, value in members]
   return '\n'.join(lines)
+
+
+# What the printed table says was measured: (label, `measured_facts` key).
+MEASURED_LINES = (('data folder', 'data_dir'), ('partition', 'partition'),
+                  ('crop protocol', 'crop_protocol'), ('weights', 'weights'),
+                  ('images scored', 'images_scored'),
+                  ('unreadable images left out', 'skipped_images'))
+
+
+def crop_protocol(data_config) -> str:
+  """In words, what each evaluated image became before the model saw it."""
+  if data_config.crop == 'gt_box':
+    first = f'cut to its true box (+{data_config.crop_margin:g} px a side), '
+  else:
+    first = 'the whole image, '
+  if data_config.eval_crop == 'resize':
+    then = f'resized to {data_config.crop_size} x {data_config.crop_size}'
+  else:
+    then = (f'resized to {data_config.img_size} x {data_config.img_size}, then its centre '
+            f'{data_config.crop_size} x {data_config.crop_size}')
+  return (f'{first}{then} (config.data.crop={data_config.crop}, '
+          f'eval_crop={data_config.eval_crop})')
+
+
+def measured_facts(data_config, split: str, step: int, weights: str, data_dir: str,
+                   images_scored: int, skipped: int) -> dict:
+  """What an evaluation measured: the JSON's `measured`, the printed table's head and the
+  report's first table."""
+  return dict(data_dir=data_dir, partition=data_config.partition, split=split,
+              crop=data_config.crop, eval_crop=data_config.eval_crop,
+              crop_margin=data_config.crop_margin, img_size=data_config.img_size,
+              crop_size=data_config.crop_size, canvas_size=data_config.canvas_size,
+              crop_protocol=crop_protocol(data_config), step=step, weights=weights,
+              images_scored=images_scored, skipped_images=skipped)
 
 
 def format_pairs(pairs: list) -> str:
@@ -279,36 +345,84 @@ def _row_step(line: bytes):
 
 def evaluate_with_breakdown(eval_examples_step, state, eval_data, mesh, names,
                             description: str = 'evaluating') -> tuple:
-  """(results, details) over `eval_data` (`data.EvalData`): the metrics with
-  skipped_images_eval and mean_attribute_average_precision, and the rest of
-  `breakdown.breakdown` (named by `names`, a `data.photos.OutputNames`)."""
+  """(results, details, examples) over `eval_data` (`data.EvalData`): the metrics with
+  skipped_images_eval and mean_attribute_average_precision, the rest of
+  `breakdown.breakdown` (named by `names`, a `data.photos.OutputNames`), and the split's
+  examples (`evaluate_with_examples`)."""
   results, skipped, examples = evaluate_with_examples(
       eval_examples_step, state, eval_data.eval_batches, mesh, description)
   details = breakdown.breakdown(examples, names.category_names, names.attribute_names,
                                 eval_data.attributes.types)
   results.update(skipped_images_eval=skipped, mean_attribute_average_precision=details.pop(
       'mean_attribute_average_precision'))
-  return results, details
+  return results, details, examples
 
 
-def report_checkpoint(workdir: str, split: str, step: int, results: dict, details: dict,
-                      category_names, writer, weights: str = 'raw'):
-  """Process 0: prints the table and the most confused pairs, writes the JSON and the
-  confusion PNG, and the PNG to TensorBoard (named `<split>_ema` for the moving average
-  of the weights)."""
+# The per-example arrays that EXAMPLES_FILE keeps: the examples' own, and those derived.
+_KEPT_EXAMPLES = ('index', 'valid', 'category', 'category_logits', 'region', 'true_box',
+                  'predicted_box', 'box_valid', 'true_landmarks', 'landmark_visible',
+                  'predicted_landmarks')
+
+
+def write_examples(workdir: str, named: str, step: int, examples: dict,
+                   image_paths) -> str:
+  """examples_<named>_<step>.npz: one row per image of the split (padding left out), the
+  keys the module's docstring lists."""
+  rows = np.flatnonzero(examples['index'] >= 0)
+  kept = {name: np.asarray(examples[name])[rows] for name in _KEPT_EXAMPLES
+          if name in examples}
+  logits = kept['category_logits']
+  kept.update(image=np.asarray(image_paths)[kept['index']].astype(str),
+              top5=np.argsort(-logits, axis=1, kind='stable')[:, :5].astype(np.int32),
+              correct=(np.argmax(logits, axis=1) == kept['category']) & kept['valid'])
+  path = os.path.join(workdir, f'examples_{named}_{step}.npz')
+  np.savez(path, **kept)
+  return path
+
+
+def write_report(workdir: str, named: str, measured: dict, results: dict, details: dict,
+                 examples: dict, confusion_png: bytes, config, eval_data, names) -> str:
+  """report_<named>_<step>.html (`report.evaluation_page`)."""
+  gallery = dict(count=config.eval.report_examples, image_dir=eval_data.image_dir,
+                 image_paths=eval_data.image_paths, canvas_size=config.data.canvas_size,
+                 category_names=list(names.category_names),
+                 attribute_names=list(names.attribute_names))
+  text = report.evaluation_page(measured=measured, results=results, details=details,
+                                config_text=str(config), confusion_png=confusion_png,
+                                examples=examples, gallery=gallery,
+                                headline=HEADLINE_METRICS)
+  path = os.path.join(workdir, f'report_{named}_{measured["step"]}.html')
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)
+  return path
+
+
+def report_checkpoint(workdir: str, config, eval_data, names, step: int, results: dict,
+                      details: dict, examples: dict, writer):
+  """Process 0: prints the table and the most confused pairs; writes the JSON, the
+  confusion PNG (also to TensorBoard), the examples file and, with config.eval.report, the
+  HTML report; each named `<split>_ema` for the moving average of the weights."""
   if jax.process_index() > 0:
     return
-  named = _named(split, weights)
+  split, weights = config.eval.split, config.eval.weights
+  named, measured = _named(split, weights), details['measured']
   of_what = '' if weights == 'raw' else ' (moving average of the weights)'
-  print(format_table(results, f'{split} split, checkpoint of step {step}{of_what}:'))
+  print(format_table(results, f'{split} split, checkpoint of step {step}{of_what}:', measured))
   print(format_pairs(details['most_confused_pairs']))
-  image = confusion_image(np.array(details['confusion_matrix']), category_names,
+  image = confusion_image(np.array(details['confusion_matrix']), names.category_names,
                           f'{split} split, step {step}{of_what}: rows normalised')
   writer.write_images(step, {f'eval_{named}_confusion': image[None]})
   picture = os.path.join(workdir, f'confusion_{named}_{step}.png')
-  Image.fromarray(image).save(picture)
-  print('written to', write_json(workdir, split, step, results, details, weights), 'and',
-        picture)
+  encoded = io.BytesIO()
+  Image.fromarray(image).save(encoded, 'PNG')
+  with open(picture, 'wb') as f:
+    f.write(encoded.getvalue())
+  written = [write_json(workdir, split, step, results, details, weights), picture,
+             write_examples(workdir, named, step, examples, eval_data.image_paths)]
+  print('written to', ', '.join(written))
+  if config.eval.report:
+    print('report:', write_report(workdir, named, measured, results, details, examples,
+                                  encoded.getvalue(), config, eval_data, names))
 
 
 def report_steps(workdir: str, split: str, evaluated: dict, weights: str = 'raw'):
@@ -352,11 +466,14 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     for _, step, step_config, state in restored:
       if eval_examples_step is None:  # shared by every restored state: compiled once
         eval_examples_step = steps.jit_steps(step_config, mesh).evaluate_examples
-      results, details = evaluate_with_breakdown(eval_examples_step, state, eval_data, mesh,
-                                                 names, f'evaluating step {step}')
+      results, details, examples = evaluate_with_breakdown(
+          eval_examples_step, state, eval_data, mesh, names, f'evaluating step {step}')
       details['data'] = evaluated_on
-      report_checkpoint(workdir, split, step, results, details, names.category_names, writer,
-                        config.eval.weights)
+      details['measured'] = measured_facts(
+          config.data, split, step, config.eval.weights, evaluated_on['path'],
+          int(examples['valid'].sum()), results['skipped_images_eval'])
+      report_checkpoint(workdir, config, eval_data, names, step, results, details, examples,
+                        writer)
       evaluated[step] = results
       del state  # freed before the next checkpoint is restored
   finally:

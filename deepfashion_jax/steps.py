@@ -564,10 +564,24 @@ def eval_step(step_config: StepConfig, state: TrainState, batch: dict,
                                         _attribute_types(step_config))
   if not with_examples:
     return batch_metrics
+  return batch_metrics, _examples(outputs, batch)
+
+
+def _examples(outputs: dict, batch: dict) -> dict:
+  """eval_step's examples: the logits (float32), the labels, `index` (the row in the
+  annotation index, -1 for padding: the image's identity), the crop `region` (in canvas
+  pixels, to draw on the image again), the true box and landmarks (crop coordinates) and,
+  where the model predicts them, its own (`predicted_box`, `predicted_landmarks`)."""
   examples = {name: outputs[name].astype(jnp.float32)
               for name in ('category_logits', 'attribute_logits')}
-  examples.update({name: batch[name] for name in ('category', 'attribute_positive', 'valid')})
-  return batch_metrics, examples
+  examples.update({name: batch[name] for name in ('category', 'attribute_positive', 'valid',
+                                                  'index', 'region', 'box_valid',
+                                                  'landmark_visible')})
+  examples.update(true_box=batch['bbox'], true_landmarks=batch['landmarks'])
+  for name in ('box', 'landmarks'):
+    if name in outputs:
+      examples[f'predicted_{name}'] = outputs[name].astype(jnp.float32)
+  return examples
 
 
 def jit_steps(step_config: StepConfig, mesh) -> Steps:

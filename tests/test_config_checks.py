@@ -140,7 +140,7 @@ ZERO_IS_LEGAL = {'seed', 'weight_decay', 'momentum', 'warmup_steps', 'grad_clip_
                  'loss.beta', 'loss.category_weight', 'loss.attribute_weight',
                  'loss.two_way_negative_weight',
                  'loss.landmark_weight', 'data.synthetic_images', 'data.synthetic_seed',
-                 'data.crop_margin', 'data.processes'}
+                 'data.crop_margin', 'data.processes', 'eval.report_examples'}
 ZERO_IS_NOT = {'batch_size', 'num_train_steps', 'learning_rate', 'adam_eps', 'decay_rate',
                'layer_decay',
                'decay_every_steps', 'grad_accum_steps', 'max_nonfinite_in_a_row',

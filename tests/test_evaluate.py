@@ -87,10 +87,42 @@ def test_evaluate_mode_writes_the_table_and_json(trained_run, quirky_folder, cap
   assert written['skipped_images_eval'] == logged['skipped_images_eval'] == bad_in_val
   images = sum(split == 'val' for split in split_of.values()) - bad_in_val
   _check_breakdowns(written, images)
+  _check_what_was_measured(written, printed, data_dir, images, bad_in_val)
+  _check_examples_file(os.path.join(workdir, 'examples_val_6.npz'), written, images, bad_in_val)
   assert 'most confused categories' in printed and 'confusion_val_6.png' in printed
   with Image.open(os.path.join(workdir, 'confusion_val_6.png')) as picture:
     assert picture.size == (1000, 1000)
   assert (6, 'eval_val_confusion') in _image_tags(workdir)
+
+
+def _check_what_was_measured(written: dict, printed: str, data_dir: str, images: int,
+                             skipped: int):
+  """The JSON and the printed table name the folder, partition, split, crop protocol, step,
+  weights and the images scored; the table groups the metrics, the baseline's apart."""
+  measured = written['measured']
+  assert {key: measured[key] for key in ('data_dir', 'partition', 'split', 'crop', 'step',
+                                         'weights', 'images_scored', 'skipped_images')} == dict(
+      data_dir=os.path.abspath(data_dir), partition='official', split='val', crop='none',
+      step=6, weights='raw', images_scored=images, skipped_images=skipped)
+  assert measured['crop_protocol'].startswith('the whole image, resized to 72 x 72')
+  for line in (f'data folder: {os.path.abspath(data_dir)}', 'partition: official',
+               f'images scored: {images}', "the baseline's formulas:", 'box:'):
+    assert line in printed, line
+  assert printed.index('category:') < printed.index('baseline_attr_recall_top3_texture')
+  assert 'report: ' in printed and 'report_val_6.html' in printed
+
+
+def _check_examples_file(path: str, written: dict, images: int, skipped: int):
+  """One row per image of the split (the unreadable ones not valid), named by its file;
+  the correct ones add up to the top-1 accuracy."""
+  with np.load(path) as examples:
+    assert set(examples) >= {'image', 'index', 'valid', 'category', 'category_logits', 'top5',
+                             'correct', 'true_box', 'predicted_box', 'box_valid', 'region'}
+    assert len(examples['image']) == images + skipped == examples['valid'].size
+    assert examples['valid'].sum() == images
+    assert all(name.startswith('img/') and name.endswith('.jpg') for name in examples['image'])
+    assert examples['correct'].sum() / images == pytest.approx(written['category_top1'])
+    assert (examples['top5'][:, 0] == examples['category_logits'].argmax(axis=1)).all()
 
 
 def _check_breakdowns(written: dict, images: int):
@@ -224,3 +256,64 @@ def test_resuming_on_other_lists_is_refused(trained_run, synthetic_folder):
   assert os.path.abspath(synthetic_folder[0]) in str(raised.value)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == kept
   assert trained_on.read(workdir) == record
+
+
+def _chromium_driver():
+  """Selenium's Chrome driver on the system's chromium and chromedriver (Debian's
+  `chromium` and `chromium-driver`, which .ci/run installs), headless; never
+  selenium-manager, which would download a browser."""
+  browser = shutil.which('chromium') or shutil.which('chromium-browser')
+  driver = shutil.which('chromedriver')
+  if not (browser and driver):
+    pytest.skip('no chromium and chromedriver on PATH: .ci/run installs them with apt '
+                '(packages chromium, chromium-driver) where it can')
+  webdriver = pytest.importorskip('selenium.webdriver')
+  options = webdriver.ChromeOptions()
+  options.binary_location = browser
+  for argument in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
+                   '--window-size=1280,2000'):
+    options.add_argument(argument)
+  return webdriver.Chrome(options=options, service=webdriver.ChromeService(driver))
+
+
+def _column(browser, table: int, column: int) -> list:
+  return browser.execute_script(
+      'var column = arguments[1];'
+      'return Array.from(document.querySelectorAll("table.sortable")[arguments[0]].tBodies[0]'
+      '.rows).map(function (r) { return r.cells[column].textContent; });', table, column)
+
+
+def test_the_report_opens_sorts_and_shows_every_image(trained_run, tmp_path, monkeypatch):
+  """The report of --mode=evaluate in a real browser: every image loaded, a click on the
+  per-category table's `images` header sorts it by images, most first; a screenshot saved."""
+  config, workdir, _ = trained_run
+  path = os.path.join(workdir, 'report_val_6.html')
+  if not os.path.isfile(path):  # this file's first test writes it; run alone, write it here
+    evaluate.evaluate_checkpoint(config, workdir)
+  monkeypatch.setenv('SE_OFFLINE', 'true')
+  browser = _chromium_driver()
+  try:
+    browser.get('file://' + path)
+    assert browser.title == 'Evaluation: val split, step 6'
+    images = browser.execute_script(
+        'return Array.from(document.images).map(function (i) {'
+        ' return [i.alt, i.complete && i.naturalWidth > 0]; });')
+    assert len(images) > 2 and all(loaded for _, loaded in images), images
+    assert not browser.find_elements('css selector', '.missing')  # every file was read
+    names_before = _column(browser, 0, 0)
+    assert names_before[:3] == ['Anorak', 'Blazer', 'Blouse']  # label order
+    header = browser.find_elements('css selector', 'table.sortable')[0].find_elements(
+        'css selector', 'th')[1]
+    assert header.text == 'images'
+    header.click()
+    counts = [int(text) for text in _column(browser, 0, 1)]
+    assert counts == sorted(counts, reverse=True) and _column(browser, 0, 0) != names_before
+    assert header.get_attribute('aria-sort') == 'descending'
+    header.click()
+    assert [int(text) for text in _column(browser, 0, 1)] == sorted(counts)
+    screenshot = tmp_path / 'report.png'
+    assert browser.save_screenshot(str(screenshot))
+    with Image.open(screenshot) as picture:
+      assert picture.size[0] > 1000
+  finally:
+    browser.quit()

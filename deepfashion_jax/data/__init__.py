@@ -49,6 +49,10 @@ class TrainingData:
 class EvalData:
   attributes: annotations.AttributeFacts
   eval_batches: EvalBatches
+  # The folder's images and every row's path in it ('img/...'): a batch's `index` names its
+  # examples' files, which the evaluation report reads again for its thumbnails.
+  image_dir: str = ''
+  image_paths: Any = None
 
 
 def load_index(config, workdir: str) -> annotations.DeepFashionIndex:
@@ -97,7 +101,8 @@ def create_datasets(config, workdir: str) -> TrainingData:
 def create_eval_data(config, workdir: str) -> EvalData:
   """The evaluation batches of config.eval.split."""
   index = load_index(config, workdir)
-  return EvalData(index.attribute_facts(), _eval_batches(config, index, workdir))
+  return EvalData(index.attribute_facts(), _eval_batches(config, index, workdir),
+                  index.image_dir(), index.image_paths)
 
 
 def create_photos(config, workdir: str, images: str, device_count: int) -> photos.Photos:
