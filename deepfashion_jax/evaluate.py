@@ -259,8 +259,10 @@ def format_steps_table(rows: list) -> str:
 
 
 def _json_values(results: dict) -> dict:
-  """NaN (a recall over no positive at all, say) becomes null: JSON has no NaN."""
-  return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in results.items()}
+  """NaN (a recall over no positive at all, say) and infinities (a training step's loss or
+  gradient norm that overflowed: TensorBoard keeps it) become null: JSON has neither."""
+  return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+          for k, v in results.items()}
 
 
 def _named(split: str, weights: str) -> str:

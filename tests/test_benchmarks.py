@@ -163,6 +163,7 @@ def _run_benchmark(module: str, *args: str):
     return completed, json.load(f)
 
 
+@pytest.mark.slow
 def test_input_pipeline_runs_as_its_command_line_says(tmp_path):
   # `python -m benchmarks.input_pipeline` with its default worker count (two grain worker
   # processes among the layouts) in a plain process that parses no absl flags, at toy sizes,

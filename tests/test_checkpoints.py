@@ -28,6 +28,7 @@ def _assert_equal_states(restored, saved):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(
     synthetic_folder, tmp_path, caplog):
   caplog.set_level(logging.INFO)

@@ -112,6 +112,7 @@ def test_the_published_protocol_cuts_to_the_box_and_decays_per_epoch():
   assert config.eval.split == 'test'
 
 
+@pytest.mark.slow
 def test_the_published_protocol_trains_and_evaluates_on_a_synthetic_folder(synthetic_folder,
                                                                           tmp_path):
   """Shrunk: 48 px (VGG-16's conv5_3 is 3 x 3), batches of 8, a learning-rate decay

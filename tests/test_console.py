@@ -54,6 +54,7 @@ def _expected_rates(config) -> dict:
   return rates
 
 
+@pytest.mark.slow
 def test_each_log_is_one_short_line_of_the_headline_figures(short_run):
   _, _, stderr, config = short_run
   rates = _expected_rates(config)
@@ -72,6 +73,7 @@ def test_each_log_is_one_short_line_of_the_headline_figures(short_run):
   assert 'train_attr_recall_top5_fabric' not in stderr  # the rest: TensorBoard, metrics.jsonl
 
 
+@pytest.mark.slow
 def test_the_run_ends_on_a_summary(short_run):
   workdir, stdout, _, _ = short_run
   summary = stdout.strip().splitlines()
@@ -83,6 +85,7 @@ def test_the_run_ends_on_a_summary(short_run):
   assert f'--mode=evaluate writes {workdir}/report_val_3.html' in summary[5]
 
 
+@pytest.mark.slow
 def test_no_library_noise_and_a_real_warning_kept(short_run):
   _, stdout, stderr, _ = short_run
   for noise in NOISE:
@@ -90,6 +93,7 @@ def test_no_library_noise_and_a_real_warning_kept(short_run):
   assert 'config.profile_steps=(10, 11): this run trains steps 1 to 3' in stderr
 
 
+@pytest.mark.slow
 def test_the_learning_rate_and_every_train_metric_are_logged(short_run):
   workdir, _, _, config = short_run
   rates = _expected_rates(config)

@@ -110,7 +110,8 @@ def _assert_same_content(ours, theirs, where='checkpoint'):
 # The baseline's default, ResNet-18, at its 224 px; ResNet-50's bottlenecks at 96 px (at 224 its
 # two forward passes cost make test 20 s).
 @pytest.mark.parametrize('depth, image_size, file_format', [
-    (18, 224, 'zip'), (50, 96, 'legacy'), (18, 96, 'zip'), (18, 96, 'legacy')])
+    pytest.param(18, 224, 'zip', marks=pytest.mark.slow), (50, 96, 'legacy'), (18, 96, 'zip'),
+    (18, 96, 'legacy')])
 def test_converted_baseline_computes_what_the_baseline_computes(tmp_path, depth, image_size,
                                                                 file_format):
   reference, path = _baseline_checkpoint(tmp_path, depth, -(-image_size // 32), file_format)
@@ -478,6 +479,7 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     torch_io.load_into(model, path)
 
 
+@pytest.mark.slow
 def test_convert_writes_a_checkpoint_that_holds_the_baseline(tmp_path, saves_as_on_a_gpu,
                                                              synthetic_folder):
   """A checkpoint as the baseline's users have them (PyTorch < 1.6's format, saved from a

@@ -178,6 +178,7 @@ def _model(**options):
                                 **options)
 
 
+@pytest.mark.slow
 def test_model_options_outputs():
   images = jnp.asarray(np.random.default_rng(5).integers(0, 255, (2, 64, 64, 3), np.uint8))
   plain = _model()(images)

@@ -148,7 +148,8 @@ def _assert_close(differences, what):
 # ---------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize('image_size, batch', [(64, 2), (224, 1)])
+@pytest.mark.parametrize('image_size, batch',
+                         [(64, 2), pytest.param(224, 1, marks=pytest.mark.slow)])
 def test_converted_whole_network_computes_theirs(tmp_path, image_size, batch):
   """At 64 px (conv4_3 8 x 8, pool5 2 x 2) and at their 224 px (28 x 28, 7 x 7)."""
   reference = _reference(image_size)

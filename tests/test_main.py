@@ -16,6 +16,7 @@ from deepfashion_jax.data import folder
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_describe_writes_synthetic_data_once_then_uses_the_cache(tmp_path):
   command = [sys.executable, os.path.join(ROOT, 'main.py'), '--config=configs/test.py',
              f'--workdir={tmp_path / "run"}', '--mode=describe']

@@ -174,6 +174,7 @@ def test_every_photo_gets_its_line_whatever_the_others_are(trained_workdir, phot
   np.testing.assert_allclose(sideways['box'], original['box'], atol=4.0)
 
 
+@pytest.mark.slow
 def test_centre_crop_temperature_and_the_per_garment_type_head(synthetic_folder, photos,
                                                                tmp_path):
   """A step-0 checkpoint with the per-garment-type head (as --mode=convert writes)."""

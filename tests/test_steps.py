@@ -121,6 +121,7 @@ def test_a_nonfinite_float32_step_changes_nothing_but_the_step(synthetic_folder)
   assert int(computed['first_nonfinite_step']) == 1 and float(computed['loss_scale']) == 1.0
 
 
+@pytest.mark.slow
 def test_dropout_draws_a_new_mask_each_step_and_the_same_one_on_a_restart(synthetic_folder):
   config = test_config.get_config()
   config.model.dropout = 0.5
@@ -266,6 +267,7 @@ def test_the_train_metrics_carry_the_gradient_parameter_and_update_norms(synthet
   assert computed['grad_norm'] > 0 and np.isfinite(computed['grad_norm'])
 
 
+@pytest.mark.slow
 def test_the_ema_follows_its_recurrence_over_accumulated_steps_and_skips_nonfinite_ones(
     synthetic_folder):
   """ema = d * ema + (1 - d) * new after each step, from the initial weights, for the

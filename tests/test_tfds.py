@@ -137,6 +137,7 @@ def test_preparing_says_how_long_it_takes(quirky_folder, tmp_path, caplog):
   assert any('left' in r.getMessage() and 'images/s' in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_training_reads_the_prepared_dataset(prepared, tmp_path):
   index, tfds_dir = prepared
   config = test_config.get_config()

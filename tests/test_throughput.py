@@ -109,6 +109,7 @@ def _backbone_step_flops(depth: int, image_size: int, batch_size: int) -> float:
   return 2 * batch_size * (3 * forward - stem)
 
 
+@pytest.mark.slow
 def test_a_run_logs_its_flops_and_traces_its_profile_window(synthetic_folder, tmp_path):
   """The tiny config (ResNet-18 at 72 px, batches of 8) traces steps 2 to 4 into
   WORKDIR/profile, and its FLOPs per step are the backbone's hand count and a little more

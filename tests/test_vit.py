@@ -317,6 +317,7 @@ def test_files_of_another_backbone_are_refused_naming_what_they_hold(reference_f
       torch_io.load_into(abstract(name), path)
 
 
+@pytest.mark.slow
 def test_a_train_step_of_a_vit_with_drop_path_runs(synthetic_folder):
   config = test_config.get_config()
   config.model.backbone = 'vit_test'
