@@ -185,7 +185,9 @@ class Progress:
     self.bar.close()
 
 
-METRICS_JSONL = 'metrics.jsonl'  # as evaluate.METRICS_JSONL, which writes it
+# Training's and evaluation's rows, one JSON object a line (evaluate.append_jsonl writes
+# them); named here, where the summary reads them, so that main.py's first import stays light.
+METRICS_JSONL = 'metrics.jsonl'
 
 
 def is_training_row(row: dict) -> bool:

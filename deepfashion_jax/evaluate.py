@@ -72,6 +72,7 @@ import tqdm
 from deepfashion_jax import breakdown
 from deepfashion_jax import checkpoints
 from deepfashion_jax import config_checks
+from deepfashion_jax import console
 from deepfashion_jax import data
 from deepfashion_jax import report
 from deepfashion_jax import sharding
@@ -282,7 +283,7 @@ def write_json(workdir: str, split: str, step: int, results: dict,
   return path
 
 
-METRICS_JSONL = 'metrics.jsonl'
+METRICS_JSONL = console.METRICS_JSONL
 
 
 def append_jsonl(workdir: str, step: int, results: dict):

@@ -369,13 +369,12 @@ def _train_loop(run: _Run, state) -> dict:
   config, train_batches = run.config, run.data.train_batches
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=run.writer)
-  progress = console.Progress(int(state.step) + 1, config.num_train_steps,
-                              show_bar=jax.process_index() == 0)
+  first = int(state.step) + 1
+  progress = console.Progress(first, config.num_train_steps, show_bar=jax.process_index() == 0)
   train_metrics = _TrainMetrics(run.steps.merge_metrics, stop_flags=run.stop.processes > 1)
   skipped, results = 0, {}
   throughput = throughput_lib.Throughput(
       config.batch_size, int(state.step), peak_per_device=throughput_lib.device_peak(config.dtype))
-  first = int(state.step) + 1
   profile = throughput_lib.ProfileWindow(config.profile_steps,
                                          throughput_lib.profile_dir(run.workdir))
   _warn_if_outside(profile.window, first, config.num_train_steps)
