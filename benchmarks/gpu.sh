@@ -14,8 +14,11 @@
 # 40% MFU, measured img/s and MFU, measured / roofline; host cores to feed it when
 # PIPELINE_JSON names benchmarks/input_pipeline.py's --json) into projection.json.
 #
-#   [PIPELINE_JSON=FILE] benchmarks/gpu.sh [--shrink] [OUT_DIR]
+#   [PIPELINE_JSON=FILE] [BACKBONES=resnet50,vit_b16] benchmarks/gpu.sh [--shrink] [OUT_DIR]
 #                                                (OUT_DIR: $OUT, else benchmarks/out/gpu)
+#
+# BACKBONES (comma-separated) limits the backbone table to those names; each compiles its own
+# train step, so all of them take several minutes on a GPU.
 #
 # It runs the benchmarks as modules from the repository root (python -m benchmarks.X), so
 # the package need not be installed on the GPU machine.
@@ -51,6 +54,7 @@ else
   recipe_batch=()
   backbone_table=(--image_size 224 --batch_size 64 --steps 10 --warmup 2)
 fi
+if [[ -n "${BACKBONES:-}" ]]; then backbone_table+=(--backbones "$BACKBONES"); fi
 
 for backbone in resnet18 resnet50; do
   fitted=0

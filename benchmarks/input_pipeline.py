@@ -39,7 +39,6 @@ from deepfashion_jax.data import device_transforms
 from deepfashion_jax.data import pipeline
 from deepfashion_jax.data import sources
 from deepfashion_jax.data import synthetic
-from deepfashion_jax.data import tfds_builder
 from deepfashion_jax.data import transforms
 
 BATCH = 32
@@ -194,6 +193,9 @@ def main(argv=None):
     figures['pipeline_processes_img_s'], _ = pipeline_rate(folder_source, args.batches, 1,
                                                            args.workers)
     # The same pipeline reading the prepared TFDS dataset (ArrayRecord) instead of files.
+    # Imported here: --threads_only runs where tensorflow-datasets is not installed (a GPU
+    # machine's image with JAX alone).
+    from deepfashion_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
     tfds_dir = os.path.join(scratch, 'tfds')
     tfds_builder.prepare(index, tfds_dir)
     figures['tfds_pipeline_img_s'], _ = pipeline_rate(sources.TfdsSource(tfds_dir, 'train'),

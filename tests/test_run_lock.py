@@ -51,10 +51,15 @@ def test_a_second_run_is_refused_at_once_naming_the_holder_and_a_killed_one_free
   naming it, and is free, though a child it forked (holding a copy of its descriptor, as a
   data worker would) lives on."""
   workdir = str(tmp_path / 'run')
+  # Its own process group (the holder's id), which its child shares: the group is killed at
+  # the end, never the child's id alone, which may name another process by then (after its
+  # 60 s the child exits and ids are reused; the test's own runs can outlast that on a busy
+  # machine).
   holder = subprocess.Popen([sys.executable, '-c', _HOLDER, workdir], cwd=helpers.ROOT,
-                            stdout=subprocess.PIPE, text=True, env=helpers.ONE_DEVICE)
+                            stdout=subprocess.PIPE, text=True, env=helpers.ONE_DEVICE,
+                            start_new_session=True)
   try:
-    pid, child = map(int, holder.stdout.readline().split())
+    pid, _ = map(int, holder.stdout.readline().split())
     assert pid == holder.pid
     refusal = _refused_names(workdir, pid)
     assert isinstance(refusal, errors.DeepFashionError) and isinstance(refusal, OSError)
@@ -75,8 +80,11 @@ def test_a_second_run_is_refused_at_once_naming_the_holder_and_a_killed_one_free
         run_lock.acquire(workdir)
   finally:
     holder.kill()
-    if 'child' in locals():
-      os.kill(child, signal.SIGKILL)
+    holder.wait(timeout=30)
+    try:
+      os.killpg(holder.pid, signal.SIGKILL)  # the child, if still there
+    except ProcessLookupError:
+      pass
 
 
 def test_in_one_process_the_lock_is_held_for_the_block_only(tmp_path):
