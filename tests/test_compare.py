@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -282,3 +283,85 @@ def test_a_comparison_of_saved_evaluations(synthetic_folder, tmp_path, capsys):
   with open(page_path, encoding='utf-8') as f:
     assert f.read().count('class="banner"') == 1
 
+
+
+# --------------------------------------------- a trained run against a converted baseline
+
+
+def test_the_config_to_evaluate_a_run_with_is_the_one_it_saved(tmp_path, caplog):
+  """The model and data fields of the newest checkpoint's config, the comparison's eval
+  section, its data folder when it names one (else the run's); a field this version lacks
+  is left out, named in a warning."""
+  from deepfashion_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  saved = helpers.tiny_config('/trained/on/this')
+  saved.model.roi_pool, saved.data.crop, saved.data.crop_size = 'baseline_max', 'gt_box', 96
+  saved.eval.split, saved.profile_steps = 'test', (1, 2)
+  saved.unlock()
+  saved.model.option_of_old = 3
+  workdir = str(tmp_path / 'run')
+  manager = checkpoints.create_manager(workdir)
+  for step in (2, 4):
+    saved.seed = step
+    checkpoints.save(manager, step, {'weights': np.zeros(2, np.float32)}, config=saved)
+  manager.wait_until_finished()
+  here = helpers.tiny_config('')
+  here.eval.report_examples = 5
+  with caplog.at_level(logging.WARNING):
+    config = compare.run_config(here, workdir)
+  assert (config.model.roi_pool, config.data.crop, config.data.crop_size) == (
+      'baseline_max', 'gt_box', 96)
+  assert (config.seed, config.profile_steps, config.data.data_dir) == (4, (1, 2),
+                                                                       '/trained/on/this')
+  assert config.eval.to_dict() == here.eval.to_dict() and 'option_of_old' not in config.model
+  assert 'model.option_of_old' in caplog.text and here.model.roi_pool == 'align'
+  here.data.data_dir = '/compared/on/this'
+  assert compare.run_config(here, workdir).data.data_dir == '/compared/on/this'
+
+
+
+def _converted_baseline(folder: str, workdir: str, tmp_path) -> str:
+  """--mode=convert's workdir of a baseline-format checkpoint ({'model', 'optim', 'epoch'},
+  the baseline's ResNet-18 at 72 px), converted on `folder`."""
+  torch = pytest.importorskip('torch')
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+  from deepfashion_jax import convert_torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  reference = torch_reference.FashionResnet(18, feature_size=3)
+  path = str(tmp_path / 'epoch_3.pth')
+  torch.save({'model': reference.state_dict(), 'optim': {}, 'epoch': 3}, path)
+  assert convert_torch.convert(helpers.tiny_config(folder), workdir, path) == 0
+  return workdir
+
+
+@pytest.mark.slow
+def test_a_trained_run_against_a_converted_baseline(trained_workdir, synthetic_folder,
+                                                    tmp_path):
+  """--mode=compare of a trained run and a converted baseline checkpoint, neither evaluated
+  before: each evaluated with its own saved config (the baseline's pooling and
+  normalisation), then compared; the JSON's figures are the evaluations'. (The pieces
+  without evaluating: test_a_comparison_of_saved_evaluations, test_the_config_to_evaluate_
+  a_run_with_is_the_one_it_saved.)"""
+  folder = synthetic_folder[0]
+  baseline = _converted_baseline(folder, str(tmp_path / 'baseline'), tmp_path)
+  trained = str(tmp_path / 'trained')
+  shutil.copytree(trained_workdir, trained, ignore=shutil.ignore_patterns('eval_*', 'examples_*'))
+  config = helpers.tiny_config(folder)
+  config.eval.report, config.eval.report_examples = False, 4
+  out = str(tmp_path / 'compared')
+  page_path = compare.compare_runs(config, out, [trained, baseline])
+  trained_step = max(int(name) for name in os.listdir(os.path.join(trained, 'checkpoints'))
+                     if name.isdigit())
+  with open(os.path.join(out, 'compare_val.json')) as f:
+    written = json.load(f)
+  _check_numbers_are_the_evaluations(written, [trained, baseline], [trained_step, 0])
+  measured = [run['measured'] for run in written['runs']]
+  assert measured[0]['crop_protocol'] == measured[1]['crop_protocol']
+  index = annotations.read_deepfashion(folder)
+  assert written['images_compared'] == len(index.split_indices('val'))
+  [pair] = written['pairs']
+  with open(page_path, encoding='utf-8') as f:
+    galleries = _galleries(f.read())
+  assert list(galleries.values()) == [
+      min(4, pair['first_right_second_wrong']), min(4, pair['first_wrong_second_right'])]
+  assert [heading.split(':')[0] for heading in galleries] == ['A right, B wrong',
+                                                              'B right, A wrong']
