@@ -228,10 +228,10 @@ def check_protocols(runs: list, allow_differences: bool) -> list:
   differences = protocol_differences(runs)
   if differences and not allow_differences:
     raise ProtocolError(
-        'these runs were not measured the same way, so their figures do not compare: '
-        + '; '.join(differences) + '. Evaluate them alike (--mode=evaluate with the same data '
-        'folder, partition, split and crop), or pass --allow_protocol_differences to compare '
-        'them anyway.')
+        '--workdirs: these runs were not measured the same way, so their figures do not '
+        'compare: ' + '; '.join(differences) + '. Evaluate them alike (--mode=evaluate with '
+        'the same data folder, partition, split and crop), or pass '
+        '--allow_protocol_differences to compare them anyway.')
   for line in differences:
     logging.warning('COMPARED DESPITE A DIFFERENT PROTOCOL: %s', line)
   return differences
@@ -394,16 +394,27 @@ def _image_dir(run: Run):
     return None
 
 
+# The runs' table, one row each: (label, what of a run's JSON entry (`_run_entry`) it shows).
+_RUN_ROWS = (
+    ('workdir', lambda entry: entry['workdir']),
+    ('evaluation', lambda entry: os.path.basename(entry['evaluation'])),
+    ('checkpoint step', lambda entry: entry['step']),
+    ('weights', lambda entry: entry['weights']),
+    ('images scored', lambda entry: entry['measured'].get('images_scored')),
+    ('unreadable images left out', lambda entry: entry['measured'].get('skipped_images')),
+    ('partition', lambda entry: entry['measured'].get('partition')),
+    ('split', lambda entry: entry['measured'].get('split')),
+    ('crop protocol', lambda entry: entry['measured'].get('crop_protocol')),
+)
+
+
 def _runs_section(runs: list, content: dict) -> str:
-  rows = [[escape(run.label), escape(entry['workdir']), Figure(entry['step'], 'count'),
-           escape(entry['weights']), Figure(entry['measured'].get('images_scored'), 'count'),
-           escape(entry['measured'].get('partition')),
-           escape(entry['measured'].get('crop_protocol')), escape(_data_folder(run)[1]),
-           escape(os.path.basename(entry['evaluation']))]
-          for run, entry in zip(runs, content['runs'])]
+  """What each run is and how it was measured, a column per run."""
+  rows = [[escape(label)] + [escape(shown(entry)) for entry in content['runs']]
+          for label, shown in _RUN_ROWS]
+  rows.append(['data folder'] + [escape(_data_folder(run)[1]) for run in runs])
   return ('<h2>The runs</h2>'
-          + report.table(['run', 'workdir', 'step', 'weights', 'images scored', 'partition',
-                          'crop protocol', 'data folder', 'evaluation'], rows, sortable=False)
+          + report.table(['', *(run.label for run in runs)], rows, sortable=False)
           + f'<p class="note"><b>{content["images_compared"]:,} images compared</b> image by '
           'image (paired by file: in every run\'s split and readable in each). The metrics '
           'below are each run\'s own evaluation over its whole split.</p>')
@@ -504,7 +515,8 @@ def _gallery_section(runs: list, aligned: list, paths: np.ndarray, pairs: list,
         ((runs[0], runs[other]), first_right, pair['first_right_second_wrong']),
         ((runs[other], runs[0]), second_right, pair['first_wrong_second_right'])):
       cards = [_pair_card(pair_runs, pair_examples, int(row), str(paths[row])) for row in rows]
-      heading = f'{right.label} right, {wrong.label} wrong: {len(cards)} of {total:,}'
+      heading = (f'{right.label} right, {wrong.label} wrong: '
+                 + (f'{len(cards)} of {total:,}' if cards else 'none'))
       parts.append(f'<h3>{escape(heading)}</h3><div class="gallery">' + '\n'.join(cards)
                    + '</div>')
   return '\n'.join(parts)

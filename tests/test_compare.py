@@ -41,7 +41,8 @@ def test_mcnemar_by_hand():
   large = compare.mcnemar(*_correctness(10, 30))
   assert large['chi_square'] == pytest.approx(9.025, rel=1e-12)
   assert large['test'] == 'chi-square, continuity corrected'
-  # P(chi2_1 > x) = P(|Z| > sqrt(x)) = erfc(sqrt(x / 2)), x = 9.025 (tables: between p = 0.005 at 7.88 and 0.001 at 10.83)
+  # P(chi2_1 > x) = P(|Z| > sqrt(x)) = erfc(sqrt(x / 2)); x = 9.025 lies between the
+  # tables' 7.88 (p = 0.005) and 10.83 (p = 0.001).
   assert large['p_value'] == large['chi_square_p_value'] == pytest.approx(0.0026631, rel=1e-4)
   even = compare.mcnemar(*_correctness(4, 4))
   assert (even['p_value'], even['chi_square']) == (1.0, 0.0)
