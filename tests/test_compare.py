@@ -233,26 +233,42 @@ def _galleries(page: str) -> dict:
   return {heading: body.count('class="card wide"') for heading, body in found}
 
 
-def test_a_comparison_of_saved_evaluations(synthetic_folder, tmp_path, capsys):
-  """Two runs' saved evaluations (nothing evaluated): the JSON's figures are theirs,
-  McNemar's counts the paired images, both galleries hold their images as both runs saw
-  them; runs of another partition are refused, and shown under a banner when allowed."""
+@pytest.fixture(scope='module')
+def saved_runs(synthetic_folder, tmp_path_factory) -> tuple:
+  """(A's workdir, B's, the validation split's files): two runs' evaluations of the
+  synthetic folder's validation split written as --mode=evaluate writes them (A's of steps
+  2 and 4, B's of step 6), no model in either. A is right on all but the first three
+  images, B on all but the first and the last two."""
   folder = synthetic_folder[0]
   index = annotations.read_deepfashion(folder)
-  paths = index.image_paths[index.split_indices('val')]
-  truth = index.category[index.split_indices('val')]
-  assert len(paths) >= 8
-  # A is right on all but the first three; B on all but the last two and the first one.
-  predicted_a = np.where(np.arange(len(truth)) < 3, (truth + 1) % 50, truth)
-  predicted_b = np.where((np.arange(len(truth)) >= len(truth) - 2) | (np.arange(len(truth)) == 0),
-                         (truth + 2) % 50, truth)
-  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  rows = index.split_indices('val')
+  assert len(rows) >= 8 and np.all(np.diff(rows) > 0)
+  paths, truth = index.image_paths[rows], index.category[rows]
+  position = np.arange(len(truth))
+  predicted_a = np.where(position < 3, (truth + 1) % 50, truth)
+  predicted_b = np.where((position >= len(truth) - 2) | (position == 0), (truth + 2) % 50,
+                         truth)
+  root = tmp_path_factory.mktemp('saved_runs')
+  a, b = str(root / 'a'), str(root / 'b')
   _write_evaluation(a, folder, 4, predicted_a, paths,
                     dict(category_top1=0.5, category_top3=0.75, bbox_iou=0.4))
   _write_evaluation(a, folder, 2, predicted_a, paths, dict(category_top1=0.1))  # older
   _write_evaluation(b, folder, 6, predicted_b, paths, dict(category_top1=0.625, bbox_iou=0.5))
+  return a, b, paths
+
+
+def _compare_config(folder: str):
   config = helpers.tiny_config(folder)
   config.eval.report_examples = 3
+  return config
+
+
+def test_a_comparison_of_saved_evaluations(saved_runs, synthetic_folder, tmp_path, capsys):
+  """Two runs' saved evaluations (nothing evaluated): the JSON's figures are theirs,
+  McNemar's counts the paired images, both galleries hold their images as both runs saw
+  them; runs of another partition are refused, and shown under a banner when allowed."""
+  a, b, paths = saved_runs
+  config = _compare_config(synthetic_folder[0])
   out = str(tmp_path / 'out')
   page_path = compare.compare_runs(config, out, [a, b])
   assert page_path == os.path.join(out, 'compare_val.html')
@@ -273,17 +289,54 @@ def test_a_comparison_of_saved_evaluations(synthetic_folder, tmp_path, capsys):
   assert f'{len(paths):,} images compared' in page and 'class="banner"' not in page
   assert 'McNemar A vs B: 2 only A right, 2 only B right' in capsys.readouterr().out
   # Another partition: refused, naming it; allowed, a banner.
-  with open(os.path.join(b, 'eval_val_6.json')) as f:
+  other = str(tmp_path / 'other')
+  shutil.copytree(b, other)
+  with open(os.path.join(other, 'eval_val_6.json')) as f:
     evaluation = json.load(f)
   evaluation['measured']['partition'] = 'random'
-  with open(os.path.join(b, 'eval_val_6.json'), 'w') as f:
+  with open(os.path.join(other, 'eval_val_6.json'), 'w') as f:
     json.dump(evaluation, f)
   with pytest.raises(compare.ProtocolError, match="measured.partition: 'official' in A"):
-    compare.compare_runs(config, out, [a, b])
-  compare.compare_runs(config, out, [a, b], allow_protocol_differences=True)
+    compare.compare_runs(config, out, [a, other])
+  compare.compare_runs(config, out, [a, other], allow_protocol_differences=True)
   with open(page_path, encoding='utf-8') as f:
     assert f.read().count('class="banner"') == 1
 
+
+def _sortable_cells(browser, column: int) -> list:
+  """The texts of a column of the page's sortable table, top to bottom."""
+  return browser.execute_script(
+      'var column = arguments[0];'
+      'return Array.from(document.querySelector("table.sortable").tBodies[0].rows)'
+      '.map(function (r) { return r.cells[column].textContent; });', column)
+
+
+def test_the_comparison_opens_in_a_browser(saved_runs, synthetic_folder, tmp_path,
+                                           monkeypatch):
+  """In a real browser: every image loaded, the per-category table sorted by B - A, and
+  sorted the other way by a click on its header."""
+  a, b, _ = saved_runs
+  page_path = compare.compare_runs(_compare_config(synthetic_folder[0]), str(tmp_path),
+                                   [a, b])
+  monkeypatch.setenv('SE_OFFLINE', 'true')
+  browser = helpers.chromium_driver()
+  try:
+    browser.get('file://' + page_path)
+    assert browser.title == 'Comparison: val split, A vs B'
+    loaded = browser.execute_script('return Array.from(document.images).map(function (i) {'
+                                    ' return i.complete && i.naturalWidth > 0; });')
+    assert len(loaded) == 8 and all(loaded)
+    categories = browser.find_elements('css selector', 'table.sortable')[0]
+    header = categories.find_elements('css selector', 'th')[4]
+    assert header.text == 'B − A'
+    changes = lambda: [float(text.split()[0]) for text in _sortable_cells(browser, 4)
+                       if text != '–']
+    assert changes() == sorted(changes(), reverse=True) and changes()[0] > 0
+    header.click()  # largest first: as it was
+    header.click()
+    assert changes() == sorted(changes()) and changes()[0] < 0
+  finally:
+    browser.quit()
 
 
 # --------------------------------------------- a trained run against a converted baseline
