@@ -516,7 +516,7 @@ def _gallery_section(runs: list, aligned: list, paths: np.ndarray, pairs: list,
         ((runs[other], runs[0]), second_right, pair['first_wrong_second_right'])):
       cards = [_pair_card(pair_runs, pair_examples, int(row), str(paths[row])) for row in rows]
       heading = (f'{right.label} right, {wrong.label} wrong: '
-                 + (f'{len(cards)} of {total:,}' if cards else 'none'))
+                 + (f'{len(cards)} of {total:,}' if total else 'none'))
       parts.append(f'<h3>{escape(heading)}</h3><div class="gallery">' + '\n'.join(cards)
                    + '</div>')
   return '\n'.join(parts)
