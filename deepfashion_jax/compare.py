@@ -7,7 +7,8 @@ reads each run's newest evaluation of config.eval.split with config.eval.weights
 says what they hold; `<named>` is `<split>` or `<split>_ema`). A run without one is
 evaluated first, its newest checkpoint through `evaluate.evaluate_checkpoint`, with the
 config saved in that checkpoint (its model, its crop; `run_config`), which writes the
-evaluation's files into that run's workdir. Then it writes into OUT:
+evaluation's files into that run's workdir; a run with a newer checkpoint than its newest
+evaluation gets a warning (`warn_if_stale`). Then it writes into OUT:
 - `compare_<named>.json` (`comparison`): the runs (label A, B, ... in --workdirs order,
   workdir, step, files read, measured facts); `protocol_differences`; `images_compared`;
   `headline`: each of evaluate.HEADLINE_METRICS with every run's value and its difference
@@ -137,6 +138,18 @@ def run_config(config, workdir: str):
   return evaluated
 
 
+def warn_if_stale(workdir: str, evaluated_step: int):
+  """A warning when the run holds a newer checkpoint than the evaluation compared: the
+  comparison is of the step evaluated, and says how to compare the newer one."""
+  if not os.path.isdir(os.path.join(workdir, checkpoints.CHECKPOINT_FOLDER)):
+    return
+  newest = checkpoints.create_manager(workdir, read_only=True).latest_step()
+  if newest is not None and newest > evaluated_step:
+    logging.warning('%s: comparing its evaluation of step %d; its newest checkpoint is of '
+                    'step %d (run --mode=evaluate there first to compare that one).',
+                    workdir, evaluated_step, newest)
+
+
 def ensure_evaluated(config, workdir: str):
   """Evaluates `workdir`'s newest checkpoint (`run_config`) when it has no saved
   evaluation of the configured split and weights. Every process: evaluation is collective."""
@@ -172,6 +185,7 @@ def load_run(config, workdir: str, label: str) -> Run:
   if missing:
     raise errors.DeepFashionError(f'{examples_path}: no {", ".join(missing)}; evaluate the '
                                   'run again with --mode=evaluate')
+  warn_if_stale(workdir, int(evaluation['measured']['step']))
   return Run(label, workdir, evaluation_path, evaluation, examples_path, examples)
 
 

@@ -303,6 +303,23 @@ def test_a_comparison_of_saved_evaluations(saved_runs, synthetic_folder, tmp_pat
     assert f.read().count('class="banner"') == 1
 
 
+def test_a_newer_checkpoint_than_the_evaluation_is_said(saved_runs, synthetic_folder,
+                                                        tmp_path, caplog):
+  """A run evaluated at step 6 that has since saved step 8: compared at 6, with a warning
+  naming both steps; a run without checkpoints (A) gets none."""
+  from deepfashion_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  a, b, _ = saved_runs
+  run = str(tmp_path / 'b')
+  shutil.copytree(b, run)
+  manager = checkpoints.create_manager(run)
+  checkpoints.save(manager, 8, {'weights': np.zeros(2, np.float32)})
+  manager.wait_until_finished()
+  with caplog.at_level(logging.WARNING):
+    compare.compare_runs(_compare_config(synthetic_folder[0]), str(tmp_path), [a, run])
+  assert (f'{run}: comparing its evaluation of step 6; its newest checkpoint is of step 8'
+          in caplog.text) and f'{a}:' not in caplog.text
+
+
 def _sortable_cells(browser, column: int) -> list:
   """The texts of a column of the page's sortable table, top to bottom."""
   return browser.execute_script(
