@@ -8,6 +8,8 @@
       --images=photo.jpg,more_photos/ --output_dir=predictions
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=export \\
       --output_dir=serving/deepfashion/1    # a TensorFlow SavedModel (docs/command_line.md)
+  python main.py --config=configs/demo.py --workdir=runs/compared --mode=compare \\
+      --workdirs=runs/demo,runs/other    # two runs' evaluations side by side
   python main.py --config=configs/demo.py --workdir=runs/demo --mode=describe
   python main.py --config=configs/default.py --workdir=DIR --mode=prepare \\
       --config.data.data_dir=/path/to/DeepFashion [--config.data.tfds_dir=OUT]
@@ -29,6 +31,7 @@ from deepfashion_jax import console
 console.import_tensorflow_quietly()  # before the modules below import it, noisily
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from deepfashion_jax import compare
 from deepfashion_jax import config_checks
 from deepfashion_jax import convert_torch
 from deepfashion_jax import data
@@ -44,11 +47,13 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and generated data.')
 flags.DEFINE_enum('mode', 'train',
-                  ['train', 'evaluate', 'convert', 'predict', 'export', 'describe', 'prepare'],
+                  ['train', 'evaluate', 'convert', 'predict', 'export', 'compare', 'describe',
+                   'prepare'],
                   'train: train and evaluate, resuming from the newest checkpoint; '
                   'evaluate: a checkpoint on config.eval.split; convert: a PyTorch checkpoint '
                   'into the workdir; predict: a checkpoint on your own photos; export: a '
-                  'checkpoint as a TensorFlow SavedModel for serving; describe: load '
+                  'checkpoint as a TensorFlow SavedModel for serving; compare: the '
+                  'evaluations of --workdirs side by side, written into --workdir; describe: load '
                   '(or write) the dataset and summarise it; prepare: write the dataset as '
                   'TFDS ArrayRecord files (config.data.tfds_dir) for config.data.source=tfds.')
 flags.DEFINE_string('torch_checkpoint', None, '--mode=convert: the .pth file to convert, or '
@@ -58,6 +63,11 @@ flags.DEFINE_string('images', None, '--mode=predict: comma-separated image files
 flags.DEFINE_string('output_dir', None, '--mode=predict: where predictions.jsonl and the '
                     'figures go; --mode=export: the SavedModel folder (saved_model.pb, '
                     'variables/).')
+flags.DEFINE_string('workdirs', None, '--mode=compare: the runs to compare, comma-separated '
+                    '(A,B[,C]), each against the first.')
+flags.DEFINE_bool('allow_protocol_differences', False, '--mode=compare: compare runs '
+                  'evaluated another way (partition, split, crop, data folder, images) with a '
+                  'warning and a banner on the page, instead of refusing them.')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0, where '
                     "JAX's coordinator listens (with --num_processes and --process_id).")
 flags.DEFINE_integer('num_processes', None, 'Multi-host: how many processes in all.')
@@ -107,6 +117,11 @@ def main(argv):
       raise app.UsageError('--mode=export needs --output_dir=DIR')
     from deepfashion_jax import export  # pylint: disable=g-import-not-at-top  (TensorFlow: slow)
     print('written to', export.export(config, workdir, FLAGS.output_dir))
+  elif FLAGS.mode == 'compare':
+    if not FLAGS.workdirs:
+      raise app.UsageError('--mode=compare needs --workdirs=A,B (the runs to compare)')
+    compare.compare_runs(config, workdir, compare.parse_workdirs(FLAGS.workdirs),
+                         FLAGS.allow_protocol_differences)
   elif FLAGS.mode == 'prepare':
     prepare(config, workdir)
   else:

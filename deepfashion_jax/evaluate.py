@@ -266,7 +266,7 @@ def _json_values(results: dict) -> dict:
           for k, v in results.items()}
 
 
-def _named(split: str, weights: str) -> str:
+def split_name(split: str, weights: str) -> str:
   """The files' and images' name for a split: `<split>`, or `<split>_ema` for the moving
   average of the weights (config.eval.weights='ema')."""
   return split if weights == 'raw' else f'{split}_{weights}'
@@ -276,7 +276,7 @@ def write_json(workdir: str, split: str, step: int, results: dict,
                details: dict = None, weights: str = 'raw') -> str:
   """eval_<split>_<step>.json (eval_<split>_ema_<step>.json for the moving average of the
   weights): the metrics, then `details` (the breakdowns) if given."""
-  path = os.path.join(workdir, f'eval_{_named(split, weights)}_{step}.json')
+  path = os.path.join(workdir, f'eval_{split_name(split, weights)}_{step}.json')
   with open(path, 'w') as f:
     json.dump(dict(step=step, split=split, weights=weights, **_json_values(results),
                    **(details or {})), f, indent=2, allow_nan=False)
@@ -408,7 +408,7 @@ def report_checkpoint(workdir: str, config, eval_data, names, step: int, results
   if jax.process_index() > 0:
     return
   split, weights = config.eval.split, config.eval.weights
-  named, measured = _named(split, weights), details['measured']
+  named, measured = split_name(split, weights), details['measured']
   of_what = '' if weights == 'raw' else ' (moving average of the weights)'
   print(format_table(results, f'{split} split, checkpoint of step {step}{of_what}:', measured))
   print(format_pairs(details['most_confused_pairs']))
@@ -432,7 +432,7 @@ def report_steps(workdir: str, split: str, evaluated: dict, weights: str = 'raw'
   """config.eval.checkpoint=all, process 0: the HEADLINE_METRICS of each step ({step:
   results}) as a table, eval_<split>_all.json, and one PNG per metric against the step
   (`<split>_ema` in the names for the moving average of the weights)."""
-  named = _named(split, weights)
+  named = split_name(split, weights)
   names = [name for name in HEADLINE_METRICS if name in next(iter(evaluated.values()))]
   rows = [dict(step=step, **{name: results[name] for name in names})
           for step, results in sorted(evaluated.items())]

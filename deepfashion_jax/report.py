@@ -1,5 +1,6 @@
 """HTML pages of evaluations: --mode=evaluate's report_<split>_<step>.html, and the pieces
-any other page of evaluations builds from (`page`, `table`, `thumbnail`, `gallery_card`).
+any other page of evaluations builds from (`page`, `table`, `thumbnail`, `gallery_card`,
+`side_by_side`, `banner`), such as --mode=compare's (compare.py).
 
 A page is one self-contained file: plain HTML, its CSS, a few lines of JavaScript that sort
 a table when its column header is clicked (numbers from the cells' `data-value`, largest
@@ -72,6 +73,11 @@ th[aria-sort=ascending]::after { content: ' \\25B2'; }
         font-size: 12px; background: #fafafa; }
 .card img { display: block; margin: 0 auto 4px; }
 .card .wrong { color: #b00; } .card .right { color: #070; }
+.card.wide { width: auto; max-width: 600px; }
+.side-by-side { display: flex; gap: 6px; } .side-by-side figure { margin: 0; }
+.side-by-side figcaption { text-align: center; font-weight: bold; }
+.banner { border: 3px solid #c00; background: #fde8e8; color: #800; padding: 0.6em 1em;
+          font-weight: bold; }
 .missing { width: 180px; height: 120px; display: flex; align-items: center;
            justify-content: center; background: #eee; color: #777; }
 .key span { display: inline-block; width: 1em; height: 0.6em; margin: 0 0.3em 0 1em; }
@@ -121,11 +127,17 @@ def page(title: str, body: str) -> str:
 
 def figure_text(value, style: str = 'ratio') -> str:
   """A figure as the pages show it: 'ratio' as a percentage, 'count' whole, 'number' with
-  four decimals; None (no figure: nothing to measure it on) as a dash."""
+  four decimals; a difference of two with its sign, 'ratio_change' in percentage points,
+  'number_change' with four decimals; None (no figure: nothing to measure it on) as a
+  dash."""
   if value is None or (isinstance(value, float) and np.isnan(value)):
     return '–'
   if style == 'ratio':
     return f'{100 * value:.1f}%'
+  if style == 'ratio_change':
+    return f'{100 * value:+.1f} pp'
+  if style == 'number_change':
+    return f'{value:+.4f}'
   if style == 'count':
     return f'{int(value):,}'
   return f'{value:.4f}'
@@ -226,16 +238,46 @@ def thumbnail(image_dir: str, path: str, canvas_size: int, region, **drawn) -> s
   arguments), embedded; a grey placeholder saying so when the file cannot be read."""
   image = read_fitted_image(image_dir, path, canvas_size)
   if image is None:
-    return f'<div class="missing">{escape(path)}<br>not readable</div>'
+    return missing_image(path)
   picture = draw_example(image, region, **drawn)
   return (f'<img src="{data_uri(picture)}" width="{picture.width}" height="{picture.height}" '
           f'alt="{escape(path)}" title="{escape(path)}">')
 
 
-def gallery_card(image_html: str, lines: list) -> str:
-  """A gallery card: an image (`thumbnail`) over lines of HTML."""
-  return ('<div class="card">' + image_html + ''.join(f'<div>{line}</div>' for line in lines)
-          + '</div>')
+def missing_image(path: str) -> str:
+  """A grey placeholder in an image's place, naming the file that could not be read."""
+  return f'<div class="missing">{escape(path)}<br>not readable</div>'
+
+
+def gallery_card(image_html: str, lines: list, wide: bool = False) -> str:
+  """A gallery card: an image (`thumbnail`) over lines of HTML; a wide one as wide as its
+  images (`side_by_side`)."""
+  kind = 'card wide' if wide else 'card'
+  return (f'<div class="{kind}">' + image_html
+          + ''.join(f'<div>{line}</div>' for line in lines) + '</div>')
+
+
+def side_by_side(labelled_images: list) -> str:
+  """[(label, image HTML), ...] in a row, each captioned by its label: one example as
+  several models saw it, for a wide `gallery_card`."""
+  return ('<div class="side-by-side">'
+          + ''.join(f'<figure>{image}<figcaption>{escape(label)}</figcaption></figure>'
+                    for label, image in labelled_images) + '</div>')
+
+
+def banner(text: str) -> str:
+  """A warning the reader cannot miss, at the top of a page (text, escaped here)."""
+  return f'<p class="banner" role="alert">{escape(text)}</p>'
+
+
+def drawn_arrays(examples: dict, row: int) -> dict:
+  """What `draw_example` draws of one example (`thumbnail`'s keyword arguments): the true
+  and predicted box and, only beside predicted ones, the true landmarks (a model without
+  landmarks gets no dots)."""
+  names = ['true_box', 'predicted_box'] + (
+      ['true_landmarks', 'landmark_visible', 'predicted_landmarks']
+      if 'predicted_landmarks' in examples else [])
+  return {name: examples[name][row] for name in names if name in examples}
 
 
 def colour_key() -> str:
@@ -344,7 +386,9 @@ def _measured_section(measured: dict, config_text: str) -> str:
           + '</pre></details>')
 
 
-def _style_of(name: str) -> str:
+def metric_style(name: str) -> str:
+  """How `figure_text` shows the metric `name`: losses and distances as numbers, counts
+  whole, the rest as percentages."""
   return 'number' if 'loss' in name or name.startswith(('bbox_l1', 'landmark_error')) else (
       'count' if name.startswith('skipped') else 'ratio')
 
@@ -354,7 +398,7 @@ def _headline_section(results: dict, measured: dict, headline: tuple) -> str:
   metric grouped, folded."""
   published = comparable_published(measured)
   methods = list(published)
-  figures = lambda name, value: ([escape(name), Figure(value, _style_of(name))]
+  figures = lambda name, value: ([escape(name), Figure(value, metric_style(name))]
                                  + [Figure(published[m].get(name)) for m in methods])
   parts = ['<h2>Metrics</h2>',
            table(['metric', 'this run', *methods],
@@ -452,13 +496,8 @@ def _card(examples: dict, row: int, gallery: dict) -> str:
   true, predicted = int(examples['category'][row]), int(np.argmax(logits))
   names = gallery['category_names']
   path = str(gallery['image_paths'][int(examples['index'][row])])
-  # The true landmarks only beside predicted ones: a model without landmarks gets no dots.
-  drawn_names = ['true_box', 'predicted_box'] + (
-      ['true_landmarks', 'landmark_visible', 'predicted_landmarks']
-      if 'predicted_landmarks' in examples else [])
-  drawn = {name: examples[name][row] for name in drawn_names if name in examples}
   image = thumbnail(gallery['image_dir'], path, gallery['canvas_size'],
-                    examples['region'][row], **drawn)
+                    examples['region'][row], **drawn_arrays(examples, row))
   attribute_scores = examples['attribute_logits'][row]
   top = np.argsort(-attribute_scores, kind='stable')[:TOP_ATTRIBUTES_SHOWN]
   positive = examples['attribute_positive'][row]

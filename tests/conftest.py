@@ -68,6 +68,20 @@ def synthetic_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def trained_workdir(synthetic_folder, tmp_path_factory):
+  """A workdir holding a tiny model (configs/test.py) trained for two steps on the
+  synthetic folder, evaluated and checkpointed at step 2. Tests read it; one that writes
+  into a workdir copies it first."""
+  from deepfashion_jax import train  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('trained_run'))
+  train.train_and_evaluate(helpers.tiny_config(synthetic_folder[0], num_train_steps=2,
+                                               eval_every_steps=2, checkpoint_every_steps=2),
+                           workdir)
+  return workdir
+
+
+@pytest.fixture(scope='session')
 def quirky_folder(tmp_path_factory):
   """A 70-image synthetic folder with the real release's hazards (--quirks)."""
   root = str(tmp_path_factory.mktemp('deepfashion_quirks'))

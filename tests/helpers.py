@@ -1,13 +1,15 @@
 """What the end-to-end tests share: running main.py on the tiny config, reading back what
-a run saved."""
+a run saved, opening a page in a headless browser."""
 
 import builtins
 import os
+import shutil
 import subprocess
 import sys
 
 import jax
 import orbax.checkpoint as ocp
+import pytest
 
 from configs import test as test_config
 from deepfashion_jax import console
@@ -92,3 +94,21 @@ def train_batches(root, config, count):
                                    options=options)
   iterator = pipeline.iterate(dataset, threads=1)
   return index, [next(iterator) for _ in range(count)]
+
+
+def chromium_driver():
+  """Selenium's Chrome driver on the system's chromium and chromedriver (Debian's
+  `chromium` and `chromium-driver`, which .ci/run installs), headless; never
+  selenium-manager, which would download a browser."""
+  browser = shutil.which('chromium') or shutil.which('chromium-browser')
+  driver = shutil.which('chromedriver')
+  if not (browser and driver):
+    pytest.skip('no chromium and chromedriver on PATH: .ci/run installs them with apt '
+                '(packages chromium, chromium-driver) where it can')
+  webdriver = pytest.importorskip('selenium.webdriver')
+  options = webdriver.ChromeOptions()
+  options.binary_location = browser
+  for argument in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
+                   '--window-size=1280,2000'):
+    options.add_argument(argument)
+  return webdriver.Chrome(options=options, service=webdriver.ChromeService(driver))

@@ -258,24 +258,6 @@ def test_resuming_on_other_lists_is_refused(trained_run, synthetic_folder):
   assert trained_on.read(workdir) == record
 
 
-def _chromium_driver():
-  """Selenium's Chrome driver on the system's chromium and chromedriver (Debian's
-  `chromium` and `chromium-driver`, which .ci/run installs), headless; never
-  selenium-manager, which would download a browser."""
-  browser = shutil.which('chromium') or shutil.which('chromium-browser')
-  driver = shutil.which('chromedriver')
-  if not (browser and driver):
-    pytest.skip('no chromium and chromedriver on PATH: .ci/run installs them with apt '
-                '(packages chromium, chromium-driver) where it can')
-  webdriver = pytest.importorskip('selenium.webdriver')
-  options = webdriver.ChromeOptions()
-  options.binary_location = browser
-  for argument in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
-                   '--window-size=1280,2000'):
-    options.add_argument(argument)
-  return webdriver.Chrome(options=options, service=webdriver.ChromeService(driver))
-
-
 def _column(browser, table: int, column: int) -> list:
   return browser.execute_script(
       'var column = arguments[1];'
@@ -291,7 +273,7 @@ def test_the_report_opens_sorts_and_shows_every_image(trained_run, tmp_path, mon
   if not os.path.isfile(path):  # this file's first test writes it; run alone, write it here
     evaluate.evaluate_checkpoint(config, workdir)
   monkeypatch.setenv('SE_OFFLINE', 'true')
-  browser = _chromium_driver()
+  browser = helpers.chromium_driver()
   try:
     browser.get('file://' + path)
     assert browser.title == 'Evaluation: val split, step 6'

@@ -15,7 +15,6 @@ from deepfashion_jax import errors
 from deepfashion_jax import predict
 from deepfashion_jax import sharding
 from deepfashion_jax import steps
-from deepfashion_jax import train
 from deepfashion_jax.data import annotations
 from deepfashion_jax.data import photos as photos_lib
 from deepfashion_jax.data import ten_crop as ten_crop_lib
@@ -31,16 +30,6 @@ def _config(data_dir):
   config.predict.batch_size = 2
   config.predict.top_k_attributes = 3
   return config
-
-
-@pytest.fixture(scope='module')
-def trained_workdir(synthetic_folder, tmp_path_factory):
-  """A workdir holding a tiny model trained for two steps on the synthetic folder."""
-  workdir = str(tmp_path_factory.mktemp('predict_run'))
-  config = _config(synthetic_folder[0])
-  config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps = 2, 2, 2
-  train.train_and_evaluate(config, workdir)
-  return workdir
 
 
 @pytest.fixture(scope='module')
