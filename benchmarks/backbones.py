@@ -4,7 +4,7 @@ against the published figure, and how fast FashionNet trains on it.
 For each backbone (all by default, those given with --backbones otherwise):
   parameters      millions, of the backbone alone and of the whole FashionNet (at 224 px);
   GFLOPs          the backbone's forward pass on one image of --flops_image_size (224) px,
-                  XLA's cost analysis (`throughput.uncompiled_flops`: counted before
+                  XLA's cost analysis (`throughput.counted_flops`: counted before
                   compiling where XLA can, else compiled), eval mode, in --dtype;
   published       the published forward figure at 224 px where there is one (PUBLISHED),
                   and measured / published;
@@ -125,7 +125,7 @@ def forward_flops(name: str, image_size: int, dtype: str) -> dict:
     return nnx.merge(graphdef, state)(images)
 
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  flops = throughput.uncompiled_flops(jax.jit(forward).lower(state, images))
+  flops = throughput.counted_flops(forward, state, images)
   if flops is None:
     raise RuntimeError("XLA's cost analysis gave no FLOPs")
   figures = dict(gflops=flops / 1e9, flops_s=time.perf_counter() - start)

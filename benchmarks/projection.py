@@ -173,11 +173,10 @@ def step_cost(name: str, args) -> dict:
   split = NamedSharding(mesh, PartitionSpec('data'))  # as sharding.global_batch splits it
   batch = _shapes(batch, {key: split for key in batch})
   lowered = train.lower(state, batch)
-  cost = throughput.lowered_cost(lowered)
-  if args.cost == 'compiled':  # the FLOPs as written where XLA counts them before compiling
-    compiled = throughput.compiled_cost(lowered)
-    cost = dict(flops=cost['flops'] or compiled['flops'],
-                bytes_accessed=compiled['bytes_accessed'])
+  cost = dict(throughput.lowered_cost(lowered), flops=throughput.counted_flops(
+      functools.partial(steps.train_step, step_config), state, batch, lowered=lowered))
+  if args.cost == 'compiled':  # the FLOPs as written, the bytes after fusion
+    cost['bytes_accessed'] = throughput.compiled_cost(lowered)['bytes_accessed']
   if not cost['flops']:
     raise RuntimeError("XLA's cost analysis gave no FLOPs")
   return dict(cost, count_s=time.perf_counter() - start)

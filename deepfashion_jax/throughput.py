@@ -4,23 +4,26 @@ device's peak, and a profiler trace of chosen steps (config.profile_steps). The 
 memory bandwidths and the step's bytes accessed (XLA's count) are here too, for the
 roofline projection of benchmarks/projection.py.
 
-FLOPs per step come from XLA's cost analysis of the compiled train step, counted once at
-the first step: `train_step_flops` lowers and compiles the jitted step on the first batch,
-and jax's call then finds that executable in its cache, so the step is not compiled twice
-(measured with jax 0.10: the call after it takes a step's time). A sharded step's
-executable is one device's program, so its count is multiplied by the device count: the
-whole global batch's FLOPs, the replicated optimiser update counted once per device. XLA
+FLOPs per step are XLA's count of the train step as written, before compiling (counted once,
+at the first step, from the trace the step's own compile uses): the same count on every
+platform. Never the compiled program's: XLA:CPU's rewrites add FLOPs to some gradients (a
+ConvNeXt's depthwise ones), and a GPU's compiled program calls cuDNN for its convolutions,
+whose FLOPs its cost analysis leaves out (on an H200, ResNet-50's train step counted 327
+GFLOP compiled against 12.3 TFLOP as written: an MFU 37 times too low). Where the devices
+cannot count before compiling (GPU plugins), the step is traced again on shapes alone and
+lowered for the host's CPU, where XLA counts it (`counted_flops`). The lowered program is the
+global one (before it is split over devices): its count is the whole global batch's. XLA
 counts a loop's body once, so with config.grad_accum_steps = k > 1 (a `lax.scan` over k
-micro-batches) the FLOPs are those of the same step without accumulation on the same
-global batch (measured: the same count as k = 1), lowered for the count alone and counted
-before compiling where XLA can (CPU), else compiled (GPU: one more compile at start).
+micro-batches) the FLOPs are those of the same step without accumulation on the same global
+batch (measured: the same count as k = 1). Bytes accessed, for the roofline projection of
+benchmarks/projection.py, are the compiled step's (after fusion; `compiled_cost`).
 """
 
 import dataclasses
 import functools
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from absl import logging
 import jax
@@ -110,39 +113,47 @@ def compiled_cost(lowered) -> dict:
   return {name: None if value is None else value * count for name, value in figures.items()}
 
 
-def compiled_flops(lowered) -> Optional[float]:
-  """The FLOPs of a lowered jitted call over all devices (`compiled_cost`)."""
-  return compiled_cost(lowered)['flops']
-
-
 def lowered_cost(lowered) -> dict:
   """flops and bytes_accessed of a lowered jitted call, counted before compiling: the
   program as written, before any platform's rewrites or fusions (so bytes are every op's
   operands and result); each None where XLA cannot count before compiling (GPU plugins)."""
-  cost = lowered.cost_analysis()
+  try:
+    cost = lowered.cost_analysis()
+  except NotImplementedError:  # jax's answer on a PJRT plugin (CUDA)
+    cost = None
   return dict(flops=_figure(cost, 'flops'), bytes_accessed=_figure(cost, 'bytes accessed'))
 
 
-def uncompiled_flops(lowered) -> Optional[float]:
-  """The FLOPs of a lowered jitted call, counted before compiling where XLA can (CPU: the
-  program as written, before XLA:CPU's rewrites, which add FLOPs to some gradients, e.g. a
-  ConvNeXt's depthwise ones; benchmarks/RESULTS.md); GPU plugins cannot, and it is
-  compiled (`compiled_flops`)."""
-  return lowered_cost(lowered)['flops'] or compiled_flops(lowered)
+def counted_flops(fun: Callable, *args, lowered=None) -> Optional[float]:
+  """The FLOPs of `fun(*args)` as written (see the module's docstring): from `lowered` (the
+  jitted call's own lowering, when the caller has it) or a lowering of `fun` on `args`
+  (arrays or jax.ShapeDtypeStructs, global shapes); where the devices cannot count before
+  compiling, `fun` lowered on the shapes alone for the host's CPU and counted there."""
+  flops = lowered_cost(lowered or jax.jit(fun).lower(*args))['flops']
+  if flops is None and jax.default_backend() != 'cpu':
+    host = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host),
+                          args)
+    flops = lowered_cost(jax.jit(fun).lower(*shapes))['flops']
+  return flops
 
 
 def train_step_cost(train, step_config: steps_lib.StepConfig, state, batch) -> dict:
   """flops and bytes_accessed of one train step on the global `batch` (see the module's
-  docstring and `compiled_cost`), each None when XLA's cost analysis has none; with
-  gradient accumulation no bytes (the scan's body is counted once, and the step without
-  it is counted before fusion). `train` is `steps.jit_steps(...).train`: it is compiled
-  here for (state, batch), as its first call would compile it."""
+  docstring), each None when XLA's cost analysis has none; with gradient accumulation no
+  bytes (the scan's body is counted once). `train` is `steps.jit_steps(...).train`: it is
+  compiled here for (state, batch), as its first call would compile it, and that call
+  reuses the executable."""
   start = time.perf_counter()
-  cost = compiled_cost(train.lower(state, batch))
+  lowered = train.lower(state, batch)
+  compiled = compiled_cost(lowered)
+  plain = dataclasses.replace(step_config, grad_accum_steps=1)
+  step = functools.partial(steps_lib.train_step, plain)
   if step_config.grad_accum_steps > 1:  # XLA counts the scan's body once: count k = 1
-    plain = dataclasses.replace(step_config, grad_accum_steps=1)
-    lowered = jax.jit(functools.partial(steps_lib.train_step, plain)).lower(state, batch)
-    cost = dict(flops=uncompiled_flops(lowered), bytes_accessed=None)
+    cost = dict(flops=counted_flops(step, state, batch), bytes_accessed=None)
+  else:
+    cost = dict(flops=counted_flops(step, state, batch, lowered=lowered),
+                bytes_accessed=compiled['bytes_accessed'])
   logging.info('The train step: %s FLOPs per step (XLA cost analysis; compiled in %.1f s)',
                'no count of' if cost['flops'] is None else f"{cost['flops']:.4g}",
                time.perf_counter() - start)

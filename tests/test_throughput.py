@@ -19,7 +19,27 @@ from tests import helpers
 
 def test_the_flops_of_a_matmul_are_its_hand_count():
   a, b = jnp.ones((8, 16)), jnp.ones((16, 4))
-  assert throughput.compiled_flops(jax.jit(jnp.matmul).lower(a, b)) == 2 * 8 * 16 * 4
+  assert throughput.counted_flops(jnp.matmul, a, b) == 2 * 8 * 16 * 4
+  assert throughput.compiled_cost(jax.jit(jnp.matmul).lower(a, b))['flops'] == 2 * 8 * 16 * 4
+
+
+def test_where_the_devices_cannot_count_the_host_cpu_counts_the_same_program(monkeypatch):
+  """As on a GPU (a PJRT plugin: jax raises NotImplementedError before compiling): the
+  function is lowered again on shapes placed on the host's CPU and counted there."""
+  a, b = jnp.ones((8, 16)), jnp.ones((16, 4))
+  counted = []
+  real = throughput.lowered_cost
+
+  def plugin_like(lowered):
+    counted.append(lowered)
+    if len(counted) == 1:  # the devices' own lowering: no count, as on a GPU
+      return dict(flops=None, bytes_accessed=None)
+    return real(lowered)
+
+  monkeypatch.setattr(throughput, 'lowered_cost', plugin_like)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert throughput.counted_flops(jnp.matmul, a, b) == 2 * 8 * 16 * 4
+  assert len(counted) == 2
 
 
 @pytest.mark.parametrize('device_kind, dtype, tflops', [
