@@ -29,9 +29,15 @@ $(VENV)/.runtime: requirements.txt pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+# pip byte-compiles what it installs one file at a time; compileall does it on every core
+# (TensorFlow, PyTorch and the references are tens of thousands of files). Like pip, it goes
+# on past a file that does not compile (some packages ship such files as test data).
+COMPILE = -m compileall -q -j 0
+
 $(VENV)/.dev: requirements.txt requirements-dev.txt requirements-references.txt pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -r requirements-dev.txt -e .
-	$(PY) -m pip install --quiet --no-deps -r requirements-references.txt
+	$(PY) -m pip install --quiet --no-compile -r requirements-dev.txt -e .
+	$(PY) -m pip install --quiet --no-compile --no-deps -r requirements-references.txt
+	$(PY) $(COMPILE) $(VENV)/lib >/dev/null || true
 	touch $(VENV)/.runtime $@
 
 # pyenv's python3.13 shim runs only where 3.13 is a selected version: when $(PYTHON313)
@@ -44,8 +50,9 @@ $(NEWEST_PY):
 
 # --upgrade: the newest releases that the requirements allow, also when the venv is old.
 $(NEWEST)/.dev: requirements.txt requirements-dev.txt requirements-references.txt pyproject.toml | $(NEWEST_PY)
-	$(NEWEST_PY) -m pip install --quiet --upgrade -r requirements-dev.txt -e .
-	$(NEWEST_PY) -m pip install --quiet --no-deps -r requirements-references.txt
+	$(NEWEST_PY) -m pip install --quiet --no-compile --upgrade -r requirements-dev.txt -e .
+	$(NEWEST_PY) -m pip install --quiet --no-compile --no-deps -r requirements-references.txt
+	$(NEWEST_PY) $(COMPILE) $(NEWEST)/lib >/dev/null || true
 	touch $@
 
 # Trains, then evaluates the newest checkpoint with its HTML report; the last line printed

@@ -8,8 +8,8 @@ FLOPs per step are XLA's count of the train step as written, before compiling (c
 at the first step, from the trace the step's own compile uses): the same count on every
 platform. Never the compiled program's: XLA:CPU's rewrites add FLOPs to some gradients (a
 ConvNeXt's depthwise ones), and a GPU's compiled program calls cuDNN for its convolutions,
-whose FLOPs its cost analysis leaves out (on an H200, ResNet-50's train step counted 327
-GFLOP compiled against 12.3 TFLOP as written: an MFU 37 times too low). Where the devices
+whose FLOPs its cost analysis leaves out (an MFU many times too low on an H200:
+benchmarks/RESULTS.md). Where the devices
 cannot count before compiling (GPU plugins), the step is traced again on shapes alone and
 lowered for the host's CPU, where XLA counts it (`counted_flops`). The lowered program is the
 global one (before it is split over devices): its count is the whole global batch's. XLA

@@ -264,18 +264,25 @@ def test_vgg_and_the_landmark_branch_with_the_workarounds_off_equal_them_on():
 def test_training_resumes_with_the_workarounds_off(synthetic_folder, tmp_path, monkeypatch,
                                                   caplog):
   """In this process (the variable is read at each trace; the shrunk ResNet is this
-  module's): 2 steps, then the same run resumed to 4, checkpoints and evaluation
-  included."""
+  module's): 2 steps, then the same run resumed to 4, checkpoints and evaluation included,
+  equal bit for bit to 4 steps in one run. (The CPU's own program resumes the same way, with
+  a moving average of the weights and the logs checked too: test_train.py, in
+  `make test-slow`.)"""
   caplog.set_level(logging.INFO)
   monkeypatch.setenv(xla_cpu.SWITCH, OFF)
-  data_dir, workdir = synthetic_folder[0], str(tmp_path / 'run')
+  data_dir = synthetic_folder[0]
+  split, straight = str(tmp_path / 'split'), str(tmp_path / 'straight')
   fields = dict(eval_every_steps=2, num_box_images=0)
-  train.train_and_evaluate(helpers.tiny_config(data_dir, num_train_steps=2, **fields), workdir)
+  train.train_and_evaluate(helpers.tiny_config(data_dir, num_train_steps=2, **fields), split)
   caplog.clear()
   metrics = train.train_and_evaluate(
-      helpers.tiny_config(data_dir, num_train_steps=4, **fields), workdir)
+      helpers.tiny_config(data_dir, num_train_steps=4, **fields), split)
   assert 'Resuming from the checkpoint of step 2' in caplog.text
-  saved = helpers.saved_state(workdir, 4)
+  train.train_and_evaluate(helpers.tiny_config(data_dir, num_train_steps=4, **fields), straight)
+  saved = helpers.saved_state(split, 4)
   assert int(saved['step']) == 4
   assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(saved['params']))
-  assert np.isfinite(metrics['loss']) and set(helpers.logged_evaluations(workdir)) == {2, 4}
+  for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(helpers.saved_state(straight, 4))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert np.isfinite(metrics['loss']) and set(helpers.logged_evaluations(split)) == {2, 4}
+  assert helpers.logged_evaluations(split)[4] == helpers.logged_evaluations(straight)[4]

@@ -106,6 +106,8 @@ def test_float16_skips_an_overflowing_step_and_halves_the_loss_scale(synthetic_f
     assert np.all(np.isfinite(y)) and not np.array_equal(x, y)
 
 
+# make test stops a run on a non-finite loss, keeping its last good checkpoint: test_train.py
+@pytest.mark.slow
 def test_a_nonfinite_float32_step_changes_nothing_but_the_step(synthetic_folder):
   config = test_config.get_config()
   index, batches = helpers.train_batches(synthetic_folder[0], config, 1)

@@ -47,6 +47,7 @@ def _logged_steps(workdir) -> list:
   return [row['step'] for row in console.evaluation_rows(workdir)]
 
 
+@pytest.mark.slow  # make test resumes the GPU's program bit for bit: test_gpu_path.py
 def test_resumed_run_equals_uninterrupted_run_bit_for_bit(synthetic_folder, tmp_path,
                                                           caplog):
   """In this process (the SIGTERM test below resumes in a new one). With a moving average
