@@ -9,11 +9,10 @@ at the first step, from the trace the step's own compile uses): the same count o
 platform. Never the compiled program's: XLA:CPU's rewrites add FLOPs to some gradients (a
 ConvNeXt's depthwise ones), and a GPU's compiled program calls cuDNN for its convolutions,
 whose FLOPs its cost analysis leaves out (an MFU many times too low on an H200:
-benchmarks/RESULTS.md). Where the devices
-cannot count before compiling (GPU plugins), the step is traced again on shapes alone and
-lowered for the host's CPU, where XLA counts it (`counted_flops`). The lowered program is the
-global one (before it is split over devices): its count is the whole global batch's. XLA
-counts a loop's body once, so with config.grad_accum_steps = k > 1 (a `lax.scan` over k
+benchmarks/RESULTS.md). Where the devices cannot count before compiling (GPU plugins), the
+step is traced again on shapes alone and lowered for the host's CPU, where XLA counts it
+(`counted_flops`). The lowered program is the global one (before it is split over
+devices): its count is the whole global batch's. XLA counts a loop's body once, so with config.grad_accum_steps = k > 1 (a `lax.scan` over k
 micro-batches) the FLOPs are those of the same step without accumulation on the same global
 batch (measured: the same count as k = 1). Bytes accessed, for the roofline projection of
 benchmarks/projection.py, are the compiled step's (after fusion; `compiled_cost`).
