@@ -4,8 +4,8 @@ against the published figure, and how fast FashionNet trains on it.
 For each backbone (all by default, those given with --backbones otherwise):
   parameters      millions, of the backbone alone and of the whole FashionNet (at 224 px);
   GFLOPs          the backbone's forward pass on one image of --flops_image_size (224) px,
-                  XLA's cost analysis (`throughput.counted_flops`: counted before
-                  compiling where XLA can, else compiled), eval mode, in --dtype;
+                  XLA's cost analysis before compiling (`throughput.counted_flops`; on
+                  the host's CPU where the devices cannot count), eval mode, in --dtype;
   published       the published forward figure at 224 px where there is one (PUBLISHED),
                   and measured / published;
   img/s           the real train step (`steps.create_train_state`, `steps.jit_steps`, as

@@ -483,8 +483,7 @@ def _category_section(runs: list, rows: list) -> str:
           + report.table(columns, cells, caption='per category'))
 
 
-def _example_image(run: Run, examples: dict, row: int, path: str) -> str:
-  image_dir = _image_dir(run)
+def _example_image(run: Run, image_dir, examples: dict, row: int, path: str) -> str:
   if image_dir is None:
     return report.missing_image(path)
   return report.thumbnail(image_dir, path, run.evaluation['measured']['canvas_size'],
@@ -505,10 +504,11 @@ def _category_name(run: Run, category: int) -> str:
   return categories[category]['name'] if 0 <= category < len(categories) else str(category)
 
 
-def _pair_card(pair_runs: tuple, pair_examples: tuple, row: int, path: str) -> str:
+def _pair_card(pair_runs: tuple, image_dirs: tuple, pair_examples: tuple, row: int,
+               path: str) -> str:
   """One image as both runs saw it, side by side, with the true category and each run's."""
-  images = [(run.label, _example_image(run, examples, row, path))
-            for run, examples in zip(pair_runs, pair_examples)]
+  images = [(run.label, _example_image(run, image_dir, examples, row, path))
+            for run, image_dir, examples in zip(pair_runs, image_dirs, pair_examples)]
   true = int(pair_examples[0]['category'][row])
   return report.gallery_card(report.side_by_side(images), [
       f'<b>{escape(os.path.dirname(path).split("/")[-1])}</b> '
@@ -523,12 +523,15 @@ def _gallery_section(runs: list, aligned: list, paths: np.ndarray, pairs: list,
   parts = ['<h2>Images one run gets right and the other wrong</h2>', report.colour_key(),
            '<p class="note">Each image drawn as each run saw it; those the wrong run was '
            'surest of first.</p>']
+  image_dirs = [_image_dir(run) for run in runs]  # looked up once, not per image
   for other, (pair, (first_right, second_right)) in enumerate(zip(pairs, shown), start=1):
     pair_runs, pair_examples = (runs[0], runs[other]), (aligned[0], aligned[other])
+    pair_dirs = (image_dirs[0], image_dirs[other])
     for (right, wrong), rows, total in (
         ((runs[0], runs[other]), first_right, pair['first_right_second_wrong']),
         ((runs[other], runs[0]), second_right, pair['first_wrong_second_right'])):
-      cards = [_pair_card(pair_runs, pair_examples, int(row), str(paths[row])) for row in rows]
+      cards = [_pair_card(pair_runs, pair_dirs, pair_examples, int(row), str(paths[row]))
+               for row in rows]
       heading = (f'{right.label} right, {wrong.label} wrong: '
                  + (f'{len(cards)} of {total:,}' if total else 'none'))
       parts.append(f'<h3>{escape(heading)}</h3><div class="gallery">' + '\n'.join(cards)

@@ -51,10 +51,8 @@ def test_a_second_run_is_refused_at_once_naming_the_holder_and_a_killed_one_free
   naming it, and is free, though a child it forked (holding a copy of its descriptor, as a
   data worker would) lives on."""
   workdir = str(tmp_path / 'run')
-  # Its own process group (the holder's id), which its child shares: the group is killed at
-  # the end, never the child's id alone, which may name another process by then (after its
-  # 60 s the child exits and ids are reused; the test's own runs can outlast that on a busy
-  # machine).
+  # Its own process group, which its child shares: the end kills the group, never the
+  # child's id alone, which another process may hold by then (the child exits on its own).
   holder = subprocess.Popen([sys.executable, '-c', _HOLDER, workdir], cwd=helpers.ROOT,
                             stdout=subprocess.PIPE, text=True, env=helpers.ONE_DEVICE,
                             start_new_session=True)

@@ -357,8 +357,7 @@ def iterate(dataset: grain.MapDataset, threads: int = 2, processes: int = 0,
   _check_count(processes, 'config.data.processes', minimum=0)
   _check_count(prefetch, 'prefetch')
   # grain reads at most prefetch_buffer_size elements (batches) at once, whatever
-  # num_threads says: a smaller buffer would leave threads idle (16 threads with the default
-  # 4 decoded at a quarter of their rate on a 16-core GPU host).
+  # num_threads says: a smaller buffer would leave threads idle.
   iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=threads, prefetch_buffer_size=max(prefetch, threads)))
   if processes > 0:
